@@ -1,0 +1,73 @@
+"""What a training stage receives: the plan, its run directory, the event writer,
+where to resume from, and how to tell that a stop was requested.
+
+The run directory layout (the contract between the UI and the trainer):
+
+    <runs>/<run id>/
+        plan.yaml        the plan, enough to reproduce the run
+        run.json         supervisor bookkeeping: pid, command, launch time, exit code / signal
+        events.jsonl     append-only events (see trainer/events.py)
+        stdout.log       everything the training process printed
+        STOP             present when a stop was requested (cooperative stop)
+        checkpoints/     checkpoint-<step>/ directories (HF Trainer layout)
+        output/          the final adapter or model, with its tokenizer
+        steps/           pipelines only: one run directory per step
+
+A stage module exposes `run(ctx) -> dict`; the dict has at least
+`status` ("finished" or "stopped"), optionally `reason`, `output_dir` and
+key metrics. Exceptions mean failure: the runner records `failed`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from advisor.plan import Plan
+from trainer.events import EventWriter
+
+STOP_FILE = "STOP"
+
+
+@dataclass
+class RunContext:
+    plan: Plan
+    """The validated plan."""
+    run_dir: Path
+    """This run's directory."""
+    events: EventWriter
+    """Writer for events.jsonl."""
+    resume_from: Path | None = None
+    """A checkpoint directory to continue from (None: start fresh)."""
+    rank: int = 0
+    """Process rank under `accelerate launch` (only rank 0 writes events)."""
+    _signalled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.plan.output) if self.plan.output else self.run_dir / "output"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def stop_requested(self) -> bool:
+        """True once the user asked to stop (STOP file or SIGTERM/SIGINT)."""
+        return self._signalled.is_set() or (self.run_dir / STOP_FILE).exists()
+
+    def install_signal_handlers(self) -> None:
+        """Turn SIGTERM/SIGINT into a cooperative stop request (main thread only)."""
+
+        def handler(signum, frame):
+            self._signalled.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def emit(self, event: str, step: int | None = None, **fields):
+        """Write an event (rank 0 only; other ranks stay silent)."""
+        if self.rank == 0:
+            return self.events.emit(event, step=step, **fields)
+        return None
