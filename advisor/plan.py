@@ -349,8 +349,9 @@ class Plan:
     hardware: HardwareSettings = field(default_factory=HardwareSettings)
 
     def __post_init__(self):
-        _choice("plan", "stage", self.stage, STAGES)
-        _choice("plan", "pipeline", self.pipeline, PIPELINES)
+        for name, allowed in (("stage", STAGES), ("pipeline", PIPELINES)):
+            if getattr(self, name) not in allowed:
+                raise PlanError(name, f"{getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.stage == "ppo" and self.method.method == "qlora" and self.preference.algorithm == "ppo":
             # TRL's PPO needs a separate value model; quantized policies are not supported there.
             raise PlanError("method.method", "PPO does not support QLoRA in TRL: use lora or full, or choose rloo/grpo")
