@@ -1,0 +1,376 @@
+"""Pure functions that turn run events (and planner numbers) into plotly figures.
+
+Every function here takes plain data (the dicts read from a run's
+`events.jsonl`, byte counts from the memory estimator, a dataset profile's
+histogram) and returns a `plotly.graph_objects.Figure`, or a small frozen
+dataclass of numbers for the page's text. Nothing here imports gradio or
+touches files, so each figure can be tested from a synthetic list of events.
+
+The event keys read here are the trainer's contract (trainer/events.py):
+`log` events carry the trainer's metric keys unchanged (`loss`,
+`learning_rate`, TRL's `rewards/margins`, `objective/kl`, ...), `eval` events
+carry `eval_loss`, `forgetting` events carry `baseline_loss`, `loss`,
+`degradation_pct` and `threshold_pct`, `alert` events carry a `message`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import plotly.graph_objects as go
+
+GB = 1e9
+"""Bytes per GB (decimal, as GPU vendors count)."""
+
+# Colours used consistently across the app's charts.
+COLORS = {
+    "loss": "#4f46e5",
+    "eval": "#f97316",
+    "lr": "#94a3b8",
+    "reward": "#16a34a",
+    "kl": "#dc2626",
+    "forgetting": "#7c3aed",
+    "baseline": "#64748b",
+    "threshold": "#dc2626",
+}
+
+#: Memory components in stacking order (bottom to top) with their colours.
+COMPONENT_COLORS = {
+    "weights": "#4f46e5",
+    "adapters": "#06b6d4",
+    "gradients": "#f59e0b",
+    "optimizer": "#ef4444",
+    "activations": "#10b981",
+    "logits": "#a855f7",
+    "reference": "#64748b",
+    "reward_model": "#0ea5e9",
+    "value_model": "#84cc16",
+    "generation": "#eab308",
+    "overhead": "#cbd5e1",
+}
+
+#: Keys that hold a reward-like number, most specific first (PPO, RLOO/GRPO, DPO, reward model).
+REWARD_KEYS = (
+    "objective/scores",
+    "objective/rlhf_reward",
+    "reward",
+    "rewards/margins",
+    "rewards/chosen",
+)
+#: Keys that hold a KL estimate to the reference model (PPO's own, or a sampled estimate for DPO).
+KL_KEYS = ("objective/kl", "kl", "sampled_kl", "kl_estimate", "kl/mean")
+
+
+def _base_layout(fig: go.Figure, title: str, x_title: str = "step", y_title: str = "") -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "x": 0.01, "font": {"size": 15}},
+        template="plotly_white",
+        height=330,
+        margin={"l": 50, "r": 20, "t": 60, "b": 40},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1.0},
+        hovermode="x unified",
+        # Keep the user's zoom and legend toggles when the chart is redrawn with new points.
+        uirevision="keep",
+    )
+    fig.update_xaxes(title_text=x_title)
+    if y_title:
+        fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def empty_figure(title: str, message: str) -> go.Figure:
+    """A blank chart with a centred note (e.g. "waiting for the first logged step")."""
+    fig = go.Figure()
+    _base_layout(fig, title)
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font={"size": 13, "color": "#64748b"})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def _series(events: Iterable[Mapping], kind: str | tuple[str, ...], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) for every event of `kind` that carries a numeric `key`."""
+    kinds = (kind,) if isinstance(kind, str) else kind
+    steps: list[int] = []
+    values: list[float] = []
+    for event in events:
+        if event.get("event") not in kinds:
+            continue
+        value = event.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            steps.append(int(event.get("step") or 0))
+            values.append(float(value))
+    return steps, values
+
+
+def _first_key(events: Sequence[Mapping], kinds: tuple[str, ...], keys: Sequence[str]) -> str | None:
+    """The first of `keys` that appears with a number in any event of `kinds`."""
+    for key in keys:
+        if _series(events, kinds, key)[0]:
+            return key
+    return None
+
+
+def loss_figure(events: Sequence[Mapping], title: str = "Loss") -> go.Figure:
+    """Training loss (every `log`), eval loss (`eval` events) and the learning rate on a second axis."""
+    train_steps, train_loss = _series(events, "log", "loss")
+    eval_steps, eval_loss = _series(events, "eval", "eval_loss")
+    lr_steps, lr = _series(events, "log", "learning_rate")
+    if not train_steps and not eval_steps:
+        return empty_figure(title, "Waiting for the first logged step...")
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=train_steps, y=train_loss, name="training loss", mode="lines+markers",
+                             marker={"size": 4}, line={"color": COLORS["loss"], "width": 2}))
+    if eval_steps:
+        fig.add_trace(go.Scatter(x=eval_steps, y=eval_loss, name="eval loss", mode="lines+markers",
+                                 marker={"size": 8, "symbol": "diamond"}, line={"color": COLORS["eval"], "width": 2}))
+    if lr_steps:
+        fig.add_trace(go.Scatter(x=lr_steps, y=lr, name="learning rate", mode="lines", yaxis="y2",
+                                 line={"color": COLORS["lr"], "width": 1.5, "dash": "dot"}))
+        fig.update_layout(yaxis2={"title": "learning rate", "overlaying": "y", "side": "right",
+                                  "showgrid": False, "exponentformat": "e", "rangemode": "tozero"})
+    _base_layout(fig, title, y_title="loss")
+    return fig
+
+
+def reward_kl_series(events: Sequence[Mapping]) -> dict:
+    """The reward and KL series of a preference run: {"reward_key", "kl_key", "reward": (steps, values),
+    "kl": (steps, values)}; a key is None when the run logs no such number."""
+    kinds = ("log", "sample", "kl", "eval")
+    reward_key = _first_key(events, ("log",), REWARD_KEYS) or _first_key(events, kinds, REWARD_KEYS)
+    kl_key = _first_key(events, kinds, KL_KEYS)
+    reward = _series(events, ("log",), reward_key) if reward_key else ([], [])
+    if reward_key and not reward[0]:
+        reward = _series(events, kinds, reward_key)
+    kl = _series(events, kinds, kl_key) if kl_key else ([], [])
+    return {"reward_key": reward_key, "kl_key": kl_key, "reward": reward, "kl": kl}
+
+
+def reward_kl_time_figure(events: Sequence[Mapping], title: str = "Reward and KL over time") -> go.Figure:
+    """Reward (left axis) and KL to the reference (right axis) against the step."""
+    series = reward_kl_series(events)
+    if not series["reward"][0] and not series["kl"][0]:
+        return empty_figure(title, "No reward or KL yet (preference stages log them: DPO, PPO).")
+    fig = go.Figure()
+    if series["reward"][0]:
+        fig.add_trace(go.Scatter(x=series["reward"][0], y=series["reward"][1], name=f"reward ({series['reward_key']})",
+                                 mode="lines+markers", marker={"size": 4}, line={"color": COLORS["reward"], "width": 2}))
+    if series["kl"][0]:
+        fig.add_trace(go.Scatter(x=series["kl"][0], y=series["kl"][1], name=f"KL ({series['kl_key']})", yaxis="y2",
+                                 mode="lines+markers", marker={"size": 5}, line={"color": COLORS["kl"], "width": 2}))
+        fig.update_layout(yaxis2={"title": "KL (nats)", "overlaying": "y", "side": "right", "showgrid": False})
+    _base_layout(fig, title, y_title="reward")
+    return fig
+
+
+def reward_vs_kl_figure(events: Sequence[Mapping], title: str = "Reward against KL") -> go.Figure:
+    """The trade-off frontier: one point per step that has both a reward and a KL, coloured by step.
+
+    Reward and KL may come from different events (DPO's sampled KL is measured every N steps):
+    each KL measurement is paired with the reward logged at the same step, or the latest one before it.
+    """
+    series = reward_kl_series(events)
+    reward_steps, rewards = series["reward"]
+    kl_steps, kls = series["kl"]
+    points: list[tuple[int, float, float]] = []
+    for kl_step, kl in zip(kl_steps, kls):
+        earlier = [(s, r) for s, r in zip(reward_steps, rewards) if s <= kl_step]
+        if earlier:
+            points.append((kl_step, kl, earlier[-1][1]))
+    if not points:
+        return empty_figure(title, "Needs both a reward and a KL measurement.")
+    steps, x, y = zip(*points)
+    fig = go.Figure(go.Scatter(
+        x=list(x), y=list(y), mode="lines+markers", name="reward vs KL",
+        text=[f"step {s}" for s in steps],
+        line={"color": "#cbd5e1", "width": 1},
+        marker={"size": 9, "color": list(steps), "colorscale": "Viridis", "showscale": True,
+                "colorbar": {"title": "step", "thickness": 12}},
+        hovertemplate="KL %{x:.4f}<br>reward %{y:.4f}<br>%{text}<extra></extra>",
+    ))
+    _base_layout(fig, title, x_title=f"KL ({series['kl_key']})", y_title=f"reward ({series['reward_key']})")
+    fig.update_layout(hovermode="closest", showlegend=False)
+    return fig
+
+
+def forgetting_figure(events: Sequence[Mapping], title: str = "Forgetting: original-domain loss") -> go.Figure:
+    """Original-domain loss against its baseline, with the alert threshold as a line."""
+    measured = [e for e in events if e.get("event") == "forgetting" and isinstance(e.get("loss"), (int, float))]
+    if not measured:
+        return empty_figure(title, "No forgetting measurement yet (the monitor runs before training and every N steps).")
+    steps = [int(e.get("step") or 0) for e in measured]
+    losses = [float(e["loss"]) for e in measured]
+    baseline = next((float(e["baseline_loss"]) for e in measured if isinstance(e.get("baseline_loss"), (int, float))), losses[0])
+    threshold_pct = next((float(e["threshold_pct"]) for e in reversed(measured)
+                          if isinstance(e.get("threshold_pct"), (int, float))), None)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=steps, y=losses, name="original-domain loss", mode="lines+markers",
+                             marker={"size": 7}, line={"color": COLORS["forgetting"], "width": 2},
+                             customdata=[e.get("degradation_pct") for e in measured],
+                             hovertemplate="loss %{y:.4f}<br>%{customdata:.1f}% above baseline<extra></extra>"))
+    x_span = [min(steps), max(max(steps), min(steps) + 1)]
+    fig.add_trace(go.Scatter(x=x_span, y=[baseline, baseline], name=f"baseline {baseline:.3f}", mode="lines",
+                             line={"color": COLORS["baseline"], "dash": "dash", "width": 1.5}, hoverinfo="skip"))
+    if threshold_pct is not None:
+        # The alert fires when loss > baseline x (1 + threshold%).
+        limit = baseline * (1.0 + threshold_pct / 100.0)
+        fig.add_trace(go.Scatter(x=x_span, y=[limit, limit], name=f"threshold +{threshold_pct:g}%", mode="lines",
+                                 line={"color": COLORS["threshold"], "dash": "dot", "width": 2}, hoverinfo="skip"))
+    _base_layout(fig, title, y_title="loss")
+    return fig
+
+
+def memory_figure(estimates: Mapping[str, Mapping[str, int]], gpu_bytes: int | None = None,
+                  gpu_label: str = "GPU", title: str = "Memory per GPU by component") -> go.Figure:
+    """Stacked bars: one bar per method ({"Full": {"weights": bytes, ...}, "LoRA": ...}), one colour per component.
+
+    `gpu_bytes` draws the chosen GPU's memory as a horizontal line.
+    """
+    if not estimates:
+        return empty_figure(title, "Pick a model to see its memory.")
+    methods = list(estimates)
+    components: list[str] = []
+    for parts in estimates.values():
+        for name in parts:
+            if name not in components:
+                components.append(name)
+    order = [c for c in COMPONENT_COLORS if c in components] + [c for c in components if c not in COMPONENT_COLORS]
+    fig = go.Figure()
+    for component in order:
+        values = [estimates[m].get(component, 0) / GB for m in methods]
+        if not any(values):
+            continue
+        fig.add_trace(go.Bar(x=methods, y=values, name=component.replace("_", " "),
+                             marker_color=COMPONENT_COLORS.get(component),
+                             hovertemplate="%{x}: %{y:.2f} GB<extra>" + component + "</extra>"))
+    totals = [sum(estimates[m].values()) / GB for m in methods]
+    fig.add_trace(go.Scatter(x=methods, y=totals, mode="text", text=[f"{t:.1f} GB" for t in totals],
+                             textposition="top center", showlegend=False, hoverinfo="skip"))
+    if gpu_bytes:
+        fig.add_hline(y=gpu_bytes / GB, line_dash="dash", line_color=COLORS["threshold"],
+                      annotation_text=f"{gpu_label}: {gpu_bytes / GB:.0f} GB", annotation_position="top left")
+    _base_layout(fig, title, x_title="", y_title="GB")
+    fig.update_layout(barmode="stack", hovermode="closest", height=380,
+                      yaxis={"range": [0, max(totals + [gpu_bytes / GB if gpu_bytes else 0]) * 1.18]})
+    return fig
+
+
+def token_histogram_figure(bin_edges: Sequence[float], counts: Sequence[int], recommended_seq_len: int | None = None,
+                           p95: float | None = None, title: str = "Tokens per example") -> go.Figure:
+    """The dataset's token-length histogram (`len(bin_edges) == len(counts) + 1`) with the recommended
+    sequence length (and the 95th percentile) as vertical lines."""
+    if not counts:
+        return empty_figure(title, "Pick or upload a dataset to see its token lengths.")
+    centers = [(bin_edges[i] + bin_edges[i + 1]) / 2 for i in range(len(counts))]
+    widths = [bin_edges[i + 1] - bin_edges[i] for i in range(len(counts))]
+    fig = go.Figure(go.Bar(x=centers, y=list(counts), width=widths, name="examples", marker_color=COLORS["loss"],
+                           hovertemplate="%{x:.0f} tokens: %{y} examples<extra></extra>"))
+    if p95 is not None:
+        fig.add_vline(x=p95, line_dash="dot", line_color=COLORS["baseline"], annotation_text=f"p95 {p95:.0f}",
+                      annotation_position="top left")
+    if recommended_seq_len:
+        fig.add_vline(x=recommended_seq_len, line_dash="dash", line_color=COLORS["eval"],
+                      annotation_text=f"sequence length {recommended_seq_len}", annotation_position="top right")
+    _base_layout(fig, title, x_title="tokens", y_title="examples")
+    fig.update_layout(hovermode="closest", showlegend=False, bargap=0.05, height=280)
+    return fig
+
+
+def overlay_figure(runs: Mapping[str, Sequence[Mapping]], metric: str = "loss", kind: str = "log",
+                   title: str | None = None) -> go.Figure:
+    """One line per run ({label: events}) of `metric` from events of `kind`, to compare runs."""
+    title = title or f"{metric} by run"
+    fig = go.Figure()
+    for label, events in runs.items():
+        steps, values = _series(events, kind, metric)
+        if steps:
+            fig.add_trace(go.Scatter(x=steps, y=values, name=label, mode="lines+markers", marker={"size": 4}))
+    if not fig.data:
+        return empty_figure(title, "Choose runs with logged points to compare them.")
+    _base_layout(fig, title, y_title=metric)
+    return fig
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a run stands, computed from its events."""
+
+    step: int
+    """Latest optimizer step seen in any event."""
+    max_steps: int | None
+    """Total steps (from `train_begin`), None until training has begun."""
+    fraction: float
+    """step / max_steps in [0, 1] (0 when the total is unknown)."""
+    elapsed_s: float
+    """Seconds since the run started (first event), up to `now` or the terminal event."""
+    eta_s: float | None
+    """Estimated seconds left, from the mean time per step since `train_begin`; None when unknown."""
+    last_loss: float | None
+    """Most recent training loss."""
+    state: str
+    """"starting", "training", or the terminal event kind (finished / failed / stopped)."""
+    reason: str | None
+    """Why a run ended (from the terminal event), when it says."""
+    stage: str | None
+    """Current pipeline stage, from the latest `stage` event."""
+
+
+def run_progress(events: Sequence[Mapping], now: float | None = None) -> RunProgress:
+    """Progress, elapsed time and time left from a run's events."""
+    now = time.time() if now is None else now
+    step = max((int(e.get("step") or 0) for e in events), default=0)
+    begin = next((e for e in reversed(events) if e.get("event") == "train_begin"), None)
+    max_steps = int(begin["max_steps"]) if begin and isinstance(begin.get("max_steps"), (int, float)) else None
+    terminal = next((e for e in reversed(events) if e.get("event") in ("finished", "failed", "stopped")), None)
+    start_time = float(events[0].get("time", now)) if events else now
+    end_time = float(terminal.get("time", now)) if terminal else now
+    eta = None
+    if begin and max_steps and not terminal:
+        begin_step = int(begin.get("step") or 0)
+        done = step - begin_step
+        if done > 0:
+            # Mean seconds per step since training began, times the steps left.
+            per_step = (now - float(begin.get("time", now))) / done
+            eta = max(0.0, per_step * (max_steps - step))
+    losses = _series(events, "log", "loss")[1]
+    state = terminal["event"] if terminal else ("training" if begin else "starting")
+    stage_event = next((e for e in reversed(events) if e.get("event") == "stage"), None)
+    fraction = min(1.0, step / max_steps) if max_steps else 0.0
+    if terminal and terminal["event"] == "finished":
+        fraction = 1.0
+    return RunProgress(
+        step=step,
+        max_steps=max_steps,
+        fraction=fraction,
+        elapsed_s=max(0.0, end_time - start_time),
+        eta_s=eta,
+        last_loss=losses[-1] if losses else None,
+        state=state,
+        reason=(terminal.get("reason") or terminal.get("error")) if terminal else None,
+        stage=(stage_event.get("stage") or stage_event.get("name")) if stage_event else None,
+    )
+
+
+def alert_messages(events: Sequence[Mapping]) -> list[str]:
+    """The plain-language message of every `alert` event, oldest first, prefixed with its step."""
+    messages = []
+    for event in events:
+        if event.get("event") == "alert":
+            text = event.get("message") or event.get("kind") or "alert"
+            messages.append(f"step {int(event.get('step') or 0)}: {text}")
+    return messages
+
+
+def format_duration(seconds: float | None) -> str:
+    """'1 h 05 min', '3 min 20 s', '12 s', or '-' when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"

@@ -1,0 +1,90 @@
+"""figures.py: charts built from synthetic event lists have the right traces and points."""
+
+from __future__ import annotations
+
+import figures
+
+
+def _log(step, **fields):
+    return {"event": "log", "time": 100.0 + step, "step": step, **fields}
+
+
+def test_loss_figure_has_training_eval_and_lr_traces():
+    events = [{"event": "started", "time": 100.0, "step": 0},
+              {"event": "train_begin", "time": 100.0, "step": 0, "max_steps": 4}]
+    events += [_log(s, loss=3.0 - 0.5 * s, learning_rate=1e-4 * s) for s in (1, 2, 3)]
+    events.append({"event": "eval", "time": 104.0, "step": 3, "eval_loss": 1.9})
+    fig = figures.loss_figure(events)
+    names = [t.name for t in fig.data]
+    assert names == ["training loss", "eval loss", "learning rate"]
+    assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == [2.5, 2.0, 1.5]
+    assert list(fig.data[1].y) == [1.9]
+    assert fig.data[2].yaxis == "y2"
+
+
+def test_loss_figure_without_points_is_a_waiting_note():
+    fig = figures.loss_figure([{"event": "started", "time": 1.0, "step": 0}])
+    assert len(fig.data) == 0
+    assert "Waiting" in fig.layout.annotations[0].text
+
+
+def test_reward_against_kl_pairs_each_kl_with_latest_reward():
+    # DPO: rewards every step, a sampled KL every 2 steps (in its own event kind).
+    events = [_log(s, **{"rewards/margins": 0.1 * s}) for s in (1, 2, 3, 4)]
+    events += [{"event": "sample", "time": 0.0, "step": s, "kl": 0.01 * s} for s in (0, 2, 4)]
+    over_time = figures.reward_kl_time_figure(events)
+    assert [t.name for t in over_time.data] == ["reward (rewards/margins)", "KL (kl)"]
+    frontier = figures.reward_vs_kl_figure(events)
+    # Step 0 has no reward yet, so only steps 2 and 4 are points.
+    assert list(frontier.data[0].x) == [0.02, 0.04]
+    assert [round(v, 6) for v in frontier.data[0].y] == [0.2, 0.4]
+
+
+def test_ppo_keys_are_preferred_for_reward_and_kl():
+    events = [_log(s, **{"objective/scores": 1.0 + s, "objective/kl": 0.5 * s, "objective/rlhf_reward": s})
+              for s in (1, 2)]
+    series = figures.reward_kl_series(events)
+    assert series["reward_key"] == "objective/scores" and series["kl_key"] == "objective/kl"
+    assert series["reward"] == ([1, 2], [2.0, 3.0])
+
+
+def test_forgetting_figure_draws_baseline_and_threshold():
+    events = [{"event": "forgetting", "time": 0.0, "step": s, "baseline_loss": 2.0, "loss": loss,
+               "degradation_pct": (loss / 2.0 - 1) * 100, "threshold_pct": 20.0}
+              for s, loss in ((0, 2.0), (10, 2.2), (20, 2.6))]
+    fig = figures.forgetting_figure(events)
+    assert [t.name for t in fig.data] == ["original-domain loss", "baseline 2.000", "threshold +20%"]
+    assert list(fig.data[0].y) == [2.0, 2.2, 2.6]
+    assert list(fig.data[2].y) == [2.4, 2.4]  # 2.0 x (1 + 20%)
+
+
+def test_memory_figure_stacks_components_per_method():
+    estimates = {"Full": {"weights": 2e9, "gradients": 2e9, "optimizer": 8e9},
+                 "LoRA": {"weights": 2e9, "adapters": 1e7, "optimizer": 8e7}}
+    fig = figures.memory_figure(estimates, gpu_bytes=int(24e9), gpu_label="RTX 4090")
+    bars = {t.name: list(t.y) for t in fig.data if t.type == "bar"}
+    assert bars["weights"] == [2.0, 2.0] and bars["gradients"] == [2.0, 0.0]
+    assert fig.layout.barmode == "stack"
+    totals = [t for t in fig.data if t.type == "scatter"][0]
+    assert list(totals.text) == ["12.0 GB", "2.1 GB"]
+
+
+def test_progress_and_time_left():
+    events = [{"event": "started", "time": 100.0, "step": 0},
+              {"event": "train_begin", "time": 110.0, "step": 0, "max_steps": 10},
+              _log(4, loss=1.0)]
+    progress = figures.run_progress(events, now=130.0)
+    # 4 steps in 20 s since train_begin: 5 s per step, 6 steps left.
+    assert (progress.step, progress.max_steps, progress.state) == (4, 10, "training")
+    assert progress.eta_s == 30.0 and progress.fraction == 0.4 and progress.elapsed_s == 30.0
+    stopped = figures.run_progress(events + [{"event": "stopped", "time": 140.0, "step": 4, "reason": "user"}], now=999)
+    assert stopped.state == "stopped" and stopped.eta_s is None and stopped.reason == "user"
+    assert figures.format_duration(3725) == "1 h 02 min" and figures.format_duration(75) == "1 min 15 s"
+
+
+def test_overlay_and_alerts():
+    runs = {"run a": [_log(1, loss=2.0), _log(2, loss=1.0)], "run b": [_log(1, loss=3.0)], "empty": []}
+    fig = figures.overlay_figure(runs)
+    assert [t.name for t in fig.data] == ["run a", "run b"]
+    alerts = figures.alert_messages([{"event": "alert", "step": 7, "message": "KL above 10 nats"}])
+    assert alerts == ["step 7: KL above 10 nats"]
