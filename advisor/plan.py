@@ -244,6 +244,11 @@ class ForgettingSettings:
     """Elastic weight consolidation strength (0: off)."""
     max_eval_examples: int = 64
     """Original-domain examples used per measurement."""
+    replay_data: str | None = None
+    """Original-domain text to replay and to estimate EWC's Fisher information on (bundled name or
+    file); None: the rows of `original_data` the monitor does not hold out."""
+    ewc_batches: int = 8
+    """Original-domain batches (of `training.micro_batch` examples) for EWC's Fisher estimate."""
 
     def __post_init__(self):
         _positive("forgetting", "eval_every", self.eval_every)
@@ -252,6 +257,9 @@ class ForgettingSettings:
         if not isinstance(self.ewc_lambda, (int, float)) or self.ewc_lambda < 0:
             raise PlanError("forgetting.ewc_lambda", f"must be 0 (off) or positive, got {self.ewc_lambda!r}")
         _positive("forgetting", "max_eval_examples", self.max_eval_examples)
+        _positive("forgetting", "ewc_batches", self.ewc_batches)
+        if self.replay_data is not None and (not isinstance(self.replay_data, str) or not self.replay_data.strip()):
+            raise PlanError("forgetting.replay_data", "is empty: name a bundled dataset or a file, or leave it unset")
 
 
 @dataclass(frozen=True)
