@@ -1,0 +1,458 @@
+"""The wizard's logic, without the wizard: widget values in, plans and table rows out.
+
+`app.py` holds only layout and event wiring. Everything it needs to decide is
+here, as pure functions that tests call directly:
+
+- `plan_from_widgets(values)`: THE one function turning the page's widget
+  values (a dict keyed by widget name, see `PLAN_WIDGETS`) into a validated
+  `Plan`. Both the memory preview and the launch button go through it, so what
+  you see estimated is what runs.
+- `apply_demo_limits(plan, limits)`: the public-demo policy (demo model only,
+  bounded steps), enforced on the server.
+- `*_rows(...)`: turn model specs, memory estimates, GPU fits, recommendations,
+  dataset profiles and run statuses into rows for the page's tables.
+- `train_command(plan)` / `plan_yaml(plan)`: the "Show as YAML / CLI" text.
+
+Pure Python: no gradio, torch or transformers.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+from advisor.errors import TunewiseError
+from advisor.plan import Plan, PlanError
+
+GB = 1e9
+"""Bytes per GB (decimal, as GPU vendors count)."""
+
+NO_GPU = "none"
+"""The GPU choice meaning "no GPU: demo on the CPU"."""
+
+#: The "stage or pipeline" choice: (label shown, value). A value is a stage name or "pipeline:<name>".
+GOAL_CHOICES = (
+    ("Supervised fine-tuning (SFT)", "sft"),
+    ("DPO on preference pairs", "dpo"),
+    ("Reward model on preference pairs", "rm"),
+    ("PPO against a reward model", "ppo"),
+    ("RLHF pipeline: SFT -> reward model -> PPO", "pipeline:rlhf"),
+    ("DPO pipeline: SFT -> DPO", "pipeline:dpo"),
+    ("Compare both pipelines side by side", "pipeline:compare"),
+)
+
+#: Task complexity choices (label, advisor value): the guide's rank table rows.
+TASK_CHOICES = (
+    ("Simple: classification", "classification"),
+    ("Medium: QA", "qa"),
+    ("Medium: summarization", "summarization"),
+    ("Complex: instruction following", "instruction"),
+    ("Maximum adaptation", "max"),
+)
+
+#: How far the task is from what the model saw in pretraining.
+DOMAIN_CHOICES = (("Close to pretraining", "close"), ("Somewhat different", "moderate"), ("Very different", "far"))
+
+#: What to favour when the two conflict.
+PRIORITY_CHOICES = (("Best quality", "quality"), ("Balanced", "balanced"), ("Least memory", "memory"))
+
+#: Widget name -> the plan setting it edits (dotted). `goal` is special (stage + pipeline)
+#: and `gpu` maps "none" to no GPU. Widget names are also the API's parameter names.
+PLAN_WIDGETS: dict[str, str] = {
+    "model": "model.name",
+    "dataset": "data.dataset",
+    "goal": "stage",
+    "gpu": "hardware.gpu",
+    "num_gpus": "hardware.num_gpus",
+    "method": "method.method",
+    "precision": "method.precision",
+    "optimizer": "method.optimizer",
+    "lora_rank": "method.lora_rank",
+    "lora_alpha": "method.lora_alpha",
+    "lora_targets": "method.lora_targets",
+    "lora_dropout": "method.lora_dropout",
+    "double_quant": "method.double_quant",
+    "gradient_checkpointing": "method.gradient_checkpointing",
+    "attn": "method.attn",
+    "shard": "hardware.shard",
+    "learning_rate": "training.learning_rate",
+    "warmup_ratio": "training.warmup_ratio",
+    "lr_scheduler": "training.lr_scheduler",
+    "epochs": "training.epochs",
+    "max_steps": "training.max_steps",
+    "micro_batch": "training.micro_batch",
+    "grad_accum": "training.grad_accum",
+    "seq_len": "training.seq_len",
+    "packing": "data.packing",
+    "replay_fraction": "forgetting.replay_fraction",
+    "ewc_lambda": "forgetting.ewc_lambda",
+    "forgetting_threshold": "forgetting.threshold_pct",
+    "stop_on_threshold": "forgetting.stop_on_threshold",
+    "beta": "preference.beta",
+    "kl_coef": "preference.kl_coef",
+}
+
+#: Widgets whose empty value means "not set" (None in the plan) rather than an error.
+OPTIONAL_WIDGETS = ("lora_alpha", "max_steps", "gpu")
+
+#: Human names for plan settings, used in messages and the recommendation table.
+LABELS = {
+    "method.method": "Method",
+    "method.lora_rank": "LoRA rank",
+    "method.lora_alpha": "LoRA alpha",
+    "method.lora_targets": "Target modules",
+    "method.lora_dropout": "LoRA dropout",
+    "method.precision": "Precision",
+    "method.optimizer": "Optimizer",
+    "method.gradient_checkpointing": "Gradient checkpointing",
+    "method.double_quant": "Double quantization",
+    "method.attn": "Attention",
+    "training.learning_rate": "Learning rate",
+    "training.warmup_ratio": "Warmup share",
+    "training.lr_scheduler": "LR schedule",
+    "training.epochs": "Epochs",
+    "training.max_steps": "Max steps",
+    "training.micro_batch": "Micro-batch",
+    "training.grad_accum": "Gradient accumulation",
+    "training.seq_len": "Sequence length",
+    "data.packing": "Packing",
+    "forgetting.replay_fraction": "Replay share",
+    "forgetting.ewc_lambda": "EWC strength",
+    "forgetting.threshold_pct": "Forgetting threshold %",
+    "forgetting.stop_on_threshold": "Stop on forgetting",
+    "forgetting.monitor": "Forgetting monitor",
+    "preference.beta": "DPO beta",
+    "preference.kl_coef": "PPO KL coefficient",
+    "hardware.shard": "Sharding",
+    "hardware.num_gpus": "GPUs",
+}
+
+
+def widget_for(dotted: str) -> str | None:
+    """The widget that edits plan setting `dotted` (None when the page has no widget for it)."""
+    for name, target in PLAN_WIDGETS.items():
+        if target == dotted:
+            return name
+    return None
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, tuple)) and not value)
+
+
+def _whole(value: Any) -> Any:
+    """Gradio Numbers arrive as floats (3.0): give the plan an int when the value is whole."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def plan_from_widgets(values: Mapping[str, Any], base: Plan | None = None) -> Plan:
+    """The plan the page describes. `values` maps widget names (`PLAN_WIDGETS`) to what the widgets hold;
+    missing names keep `base`'s setting (default: `Plan()`). Raises `PlanError` naming the setting."""
+    unknown = sorted(set(values) - set(PLAN_WIDGETS))
+    if unknown:
+        raise PlanError(unknown[0], f"is not a wizard field; known: {', '.join(PLAN_WIDGETS)}")
+    overrides: dict[str, Any] = {}
+    base = base or Plan()
+    for name, value in values.items():
+        dotted = PLAN_WIDGETS[name]
+        if name == "goal":
+            goal = str(value or "sft")
+            if goal.startswith("pipeline:"):
+                overrides["pipeline"] = goal.split(":", 1)[1]
+                overrides["stage"] = "sft"
+            else:
+                overrides["pipeline"] = "none"
+                overrides["stage"] = goal
+            continue
+        if name == "gpu":
+            if _blank(value) or value == NO_GPU:
+                overrides["hardware.device"] = "cpu"
+                overrides["hardware.gpu"] = None
+                continue
+            overrides["hardware.device"] = "auto"
+        if name == "max_steps" and (_blank(value) or value == 0):
+            # 0 or empty: run the epochs. with_overrides skips None, so clear it explicitly below.
+            overrides[dotted] = _CLEAR
+            continue
+        if name in OPTIONAL_WIDGETS and _blank(value):
+            overrides[dotted] = _CLEAR
+            continue
+        if _blank(value):
+            label = LABELS.get(dotted, name)
+            raise PlanError(dotted, f"{label} is empty: fill it in (or press Recommend again)")
+        if name == "lora_targets" and isinstance(value, (list, tuple)):
+            value = tuple(str(v) for v in value)
+        if name == "model" and isinstance(value, str):
+            value = value.strip()
+        overrides[dotted] = _whole(value)
+    data = base.to_dict()
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node[part]
+        node[parts[-1]] = None if value is _CLEAR else value
+    plan = Plan.from_dict(data)
+    if plan.hardware.gpu is None:
+        # Without a GPU the plan runs on the CPU: one process, no sharding.
+        if plan.hardware.num_gpus != 1 or plan.hardware.shard != "none":
+            plan = plan.with_overrides({"hardware.num_gpus": 1, "hardware.shard": "none", "hardware.cpu_offload": False})
+    return plan
+
+
+class _Clear:
+    """Marker: set this plan setting to None."""
+
+
+_CLEAR = _Clear()
+
+
+def widgets_from_plan(plan: Plan) -> dict[str, Any]:
+    """The widget values that show `plan` (the inverse of `plan_from_widgets`)."""
+    data = plan.to_dict()
+    values: dict[str, Any] = {}
+    for name, dotted in PLAN_WIDGETS.items():
+        if name == "goal":
+            values[name] = plan.stage if plan.pipeline == "none" else f"pipeline:{plan.pipeline}"
+            continue
+        node: Any = data
+        for part in dotted.split("."):
+            node = node[part]
+        if name == "gpu" and node is None:
+            node = NO_GPU
+        if name == "lora_targets":
+            node = list(node)
+        values[name] = node
+    return values
+
+
+# -- demo mode --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoLimits:
+    """What a public demo (a Hugging Face Space, or `--demo-mode`) lets a visitor run."""
+
+    max_steps: int = 40
+    """Training steps per run at most (longer plans are cut to this)."""
+    models: tuple[str, ...] = ("demo",)
+    """The only models that may be trained."""
+    keep_runs: int = 8
+    """Finished runs kept on disk; older ones are deleted when a new run starts."""
+    max_upload_bytes: int = 20_000_000
+    """Largest dataset file a visitor may upload."""
+
+
+def apply_demo_limits(plan: Plan, limits: DemoLimits) -> tuple[Plan, list[str]]:
+    """The plan a public demo will run, and notes on what was changed. Refuses (TunewiseError naming the
+    field) what the demo cannot do; cuts what it can bound (steps)."""
+    notes: list[str] = []
+    if plan.model.name.strip().lower() not in limits.models:
+        raise TunewiseError(
+            f"model.name: this public demo trains only the bundled demo model ({', '.join(limits.models)}), "
+            f"not {plan.model.name!r}. Pick 'demo' in step 1, or run Tunewise on your own machine "
+            "(pip install tunewise; python app.py) to train other models.",
+            field="model.name",
+        )
+    if plan.model.trust_remote_code:
+        raise TunewiseError("model.trust_remote_code: the public demo never runs a model's own code; turn it off.",
+                            field="model.trust_remote_code")
+    if plan.hardware.num_gpus != 1 or plan.hardware.shard != "none":
+        plan = plan.with_overrides({"hardware.num_gpus": 1, "hardware.shard": "none", "hardware.cpu_offload": False})
+        notes.append("the demo trains in one process on the CPU")
+    steps = plan.training.max_steps
+    if steps is None or steps > limits.max_steps:
+        plan = plan.with_overrides({"training.max_steps": limits.max_steps})
+        notes.append(f"training.max_steps cut to {limits.max_steps} (the public demo's limit)")
+    if plan.output is not None:
+        plan = Plan.from_dict({**plan.to_dict(), "output": None})
+        notes.append("output kept inside the run directory")
+    return plan, notes
+
+
+# -- the "Show as YAML / CLI" text --------------------------------------------------------------
+
+
+def plan_yaml(plan: Plan) -> str:
+    """The plan file the CLI takes (`tunewise train plan.yaml`)."""
+    return plan.to_yaml()
+
+
+def train_command(plan: Plan, plan_file: str = "plan.yaml", runs_dir: str | None = None) -> str:
+    """The exact commands that run this plan from a terminal: save the YAML as `plan_file`, then this."""
+    parts = ["tunewise", "train", plan_file]
+    if runs_dir:
+        parts += ["--runs-dir", runs_dir]
+    return shlex.join(parts)
+
+
+# -- table rows ----------------------------------------------------------------------------------
+
+
+def gb(num_bytes: float | int | None, digits: int = 2) -> str:
+    """Bytes as a GB string ("12.34"), "-" for None."""
+    if num_bytes is None:
+        return "-"
+    return f"{num_bytes / GB:.{digits}f}"
+
+
+def human_count(count: int | None) -> str:
+    """1234567 -> "1.23M", 7.2e9 -> "7.24B"."""
+    if count is None:
+        return "-"
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f}{suffix}"
+    return str(count)
+
+
+def memory_rows(estimates: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """(headers, rows) of the memory table: one row per component, one column per method, in GB.
+
+    `estimates` maps a method label ("Full", "LoRA", "QLoRA") to a MemoryEstimate-like object with
+    `components` (name -> bytes), `peak_allocated_bytes` and `total_bytes`.
+    """
+    methods = list(estimates)
+    components: list[str] = []
+    for estimate in estimates.values():
+        for name in estimate.components:
+            if name not in components:
+                components.append(name)
+    rows = []
+    for name in components:
+        rows.append([name.replace("_", " ")] + [gb(estimates[m].components.get(name, 0)) for m in methods])
+    rows.append(["peak allocated"] + [gb(estimates[m].peak_allocated_bytes) for m in methods])
+    rows.append(["total on the GPU"] + [gb(estimates[m].total_bytes) for m in methods])
+    return ["component (GB)"] + methods, rows
+
+
+def explanation_rows(estimate: Any) -> list[list[str]]:
+    """[component, how it was computed] for one estimate (its `explanations` mapping)."""
+    explanations = getattr(estimate, "explanations", None) or {}
+    return [[name.replace("_", " "), text] for name, text in explanations.items()]
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """One row of the GPU-fit table."""
+
+    gpu: str
+    memory_gb: float
+    method: str
+    fits: bool
+    max_micro_batch: int
+    max_seq_len: int
+    fix: str
+
+
+def fit_rows(fits: Iterable[FitRow]) -> tuple[list[str], list[list[Any]]]:
+    """(headers, rows) for the GPU-fit table."""
+    headers = ["GPU", "GB", "method", "fits", "max micro-batch", "max sequence", "cheapest fix"]
+    rows = [[f.gpu, f"{f.memory_gb:g}", f.method, "yes" if f.fits else "no",
+             f.max_micro_batch if f.max_micro_batch else "-", f.max_seq_len if f.max_seq_len else "-", f.fix or ""]
+            for f in fits]
+    return headers, rows
+
+
+def _display(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:.0e}" if 0 < abs(value) < 1e-3 else f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return "-" if value is None else str(value)
+
+
+def recommendation_rows(advice: Mapping[str, Any], current: Mapping[str, Any] | None = None) -> list[list[str]]:
+    """[setting, value, why] per recommended value. `advice` maps a dotted plan setting to an object with
+    `value`, `reason` and `rule` (B's Advice). When the page's current value (`current`, keyed by widget
+    name) differs from the advice, the row shows yours and says "set by you"."""
+    rows = []
+    current = current or {}
+    for dotted, item in advice.items():
+        value = getattr(item, "value", item)
+        reason = getattr(item, "reason", "") or ""
+        rule = getattr(item, "rule", "") or ""
+        overridden = bool(getattr(item, "overridden", False))
+        widget = widget_for(dotted)
+        if widget is not None and widget in current and not _same(current[widget], value):
+            value, overridden = current[widget], True
+        label = LABELS.get(dotted, dotted)
+        why = f"set by you (recommended: {_display(getattr(item, 'value', item))}, {reason})" if overridden else reason
+        if rule and not overridden:
+            why = f"{why} [{rule}]" if why else f"[{rule}]"
+        rows.append([label, _display(value), why])
+    return rows
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a or []) == list(b or [])
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return abs(float(a) - float(b)) <= 1e-12 + 1e-9 * abs(float(b))
+    if a in (None, "") and b in (None, ""):
+        return True
+    return a == b
+
+
+def profile_rows(profile: Any) -> list[list[str]]:
+    """[what, value] rows summarising a DatasetProfile for the page."""
+    tokens = profile.tokens
+    count_kind = "exact" if profile.tokens_exact else "approximate"
+    rows = [
+        ["format", profile.format],
+        ["examples", f"{profile.examples:,}"],
+        ["tokens per example (p50 / p95 / max)", f"{tokens.p50} / {tokens.p95} / {tokens.max} ({count_kind})"],
+        ["total tokens", human_count(profile.estimated_total_tokens)],
+        ["recommended sequence length", f"{profile.recommended_seq_len} ({profile.truncated_share:.1%} truncated)"],
+        ["packing", ("yes: " if profile.pack else "no: ") + profile.pack_reason],
+        ["token counts", profile.tokenizer],
+    ]
+    rows += [["warning", w] for w in profile.warnings]
+    return rows
+
+
+def run_row(run_id: str, status: Any, summary: Mapping[str, Any] | None = None) -> list[Any]:
+    """One row of the run history: id, what, state, step / total, last loss, forgetting %, started."""
+    summary = summary or {}
+    state = getattr(status, "state", "?")
+    exit_info = getattr(status, "exit_code", None)
+    signal_info = getattr(status, "signal", None)
+    if state == "failed" and signal_info:
+        state = f"failed (signal {signal_info})"
+    elif state == "failed" and exit_info not in (None, 0):
+        state = f"failed (exit {exit_info})"
+    step = getattr(status, "step", 0) or 0
+    max_steps = getattr(status, "max_steps", None)
+    loss = summary.get("loss")
+    forgetting = summary.get("degradation_pct")
+    return [
+        run_id,
+        summary.get("what", ""),
+        state,
+        f"{step}/{max_steps}" if max_steps else str(step),
+        f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+        f"{forgetting:+.1f}%" if isinstance(forgetting, (int, float)) else "-",
+        summary.get("started", ""),
+    ]
+
+
+RUN_HEADERS = ["run", "what", "status", "step", "last loss", "forgetting", "started"]
+
+
+def run_summary(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Key numbers of a run from its events: last loss, last eval loss, last forgetting degradation %."""
+    summary: dict[str, Any] = {}
+    for event in events:
+        kind = event.get("event")
+        if kind == "log" and isinstance(event.get("loss"), (int, float)):
+            summary["loss"] = event["loss"]
+        elif kind == "eval" and isinstance(event.get("eval_loss"), (int, float)):
+            summary["eval_loss"] = event["eval_loss"]
+        elif kind == "forgetting" and isinstance(event.get("degradation_pct"), (int, float)):
+            summary["degradation_pct"] = event["degradation_pct"]
+    return summary
