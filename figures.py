@@ -51,16 +51,21 @@ COMPONENT_COLORS = {
     "overhead": "#cbd5e1",
 }
 
-#: Keys that hold a reward-like number, most specific first (PPO, RLOO/GRPO, DPO, reward model).
+#: Keys that hold a reward-like number, most specific first: PPO's mean score, the mean reward of
+#: sampled completions (our `sample` events: the reward model's score, or DPO's implicit reward),
+#: PPO's KL-penalised reward, then DPO's logged implicit rewards. Same order as trainer/monitors.py.
 REWARD_KEYS = (
     "objective/scores",
-    "objective/rlhf_reward",
     "reward",
+    "objective/rlhf_reward",
     "rewards/margins",
     "rewards/chosen",
 )
-#: Keys that hold a KL estimate to the reference model (PPO's own, or a sampled estimate for DPO).
-KL_KEYS = ("objective/kl", "kl", "sampled_kl", "kl_estimate", "kl/mean")
+#: Keys that hold a KL to the reference, summed over the completion (TRL's `objective/kl`, or the
+#: sampled estimate in our `sample` events), then per-token variants.
+KL_KEYS = ("objective/kl", "kl_sequence", "kl", "sampled_kl", "kl_estimate")
+#: Event kinds that may carry reward or KL numbers.
+PREFERENCE_KINDS = ("log", "sample", "eval")
 
 
 def _base_layout(fig: go.Figure, title: str, x_title: str = "step", y_title: str = "") -> go.Figure:
@@ -138,15 +143,14 @@ def loss_figure(events: Sequence[Mapping], title: str = "Loss") -> go.Figure:
 
 def reward_kl_series(events: Sequence[Mapping]) -> dict:
     """The reward and KL series of a preference run: {"reward_key", "kl_key", "reward": (steps, values),
-    "kl": (steps, values)}; a key is None when the run logs no such number."""
-    kinds = ("log", "sample", "kl", "eval")
-    reward_key = _first_key(events, ("log",), REWARD_KEYS) or _first_key(events, kinds, REWARD_KEYS)
-    kl_key = _first_key(events, kinds, KL_KEYS)
-    reward = _series(events, ("log",), reward_key) if reward_key else ([], [])
-    if reward_key and not reward[0]:
-        reward = _series(events, kinds, reward_key)
-    kl = _series(events, kinds, kl_key) if kl_key else ([], [])
-    return {"reward_key": reward_key, "kl_key": kl_key, "reward": reward, "kl": kl}
+    "kl": (steps, values), "margins": (steps, values)}; a key is None when the run logs no such number.
+    `margins` is DPO's logged `rewards/margins` when the main reward is something else."""
+    reward_key = _first_key(events, PREFERENCE_KINDS, REWARD_KEYS)
+    kl_key = _first_key(events, PREFERENCE_KINDS, KL_KEYS)
+    reward = _series(events, PREFERENCE_KINDS, reward_key) if reward_key else ([], [])
+    kl = _series(events, PREFERENCE_KINDS, kl_key) if kl_key else ([], [])
+    margins = _series(events, "log", "rewards/margins") if reward_key != "rewards/margins" else ([], [])
+    return {"reward_key": reward_key, "kl_key": kl_key, "reward": reward, "kl": kl, "margins": margins}
 
 
 def reward_kl_time_figure(events: Sequence[Mapping], title: str = "Reward and KL over time") -> go.Figure:
@@ -162,6 +166,9 @@ def reward_kl_time_figure(events: Sequence[Mapping], title: str = "Reward and KL
         fig.add_trace(go.Scatter(x=series["kl"][0], y=series["kl"][1], name=f"KL ({series['kl_key']})", yaxis="y2",
                                  mode="lines+markers", marker={"size": 5}, line={"color": COLORS["kl"], "width": 2}))
         fig.update_layout(yaxis2={"title": "KL (nats)", "overlaying": "y", "side": "right", "showgrid": False})
+    if series["margins"][0]:
+        fig.add_trace(go.Scatter(x=series["margins"][0], y=series["margins"][1], name="DPO reward margin",
+                                 mode="lines", line={"color": COLORS["reward"], "width": 1.5, "dash": "dot"}))
     _base_layout(fig, title, y_title="reward")
     return fig
 
@@ -169,17 +176,23 @@ def reward_kl_time_figure(events: Sequence[Mapping], title: str = "Reward and KL
 def reward_vs_kl_figure(events: Sequence[Mapping], title: str = "Reward against KL") -> go.Figure:
     """The trade-off frontier: one point per step that has both a reward and a KL, coloured by step.
 
-    Reward and KL may come from different events (DPO's sampled KL is measured every N steps):
-    each KL measurement is paired with the reward logged at the same step, or the latest one before it.
+    A measurement that carries both (a `sample` event, a PPO `log`) is one point; otherwise each KL
+    is paired with the reward logged at the same step, or the latest one before it.
     """
     series = reward_kl_series(events)
-    reward_steps, rewards = series["reward"]
-    kl_steps, kls = series["kl"]
+    reward_key, kl_key = series["reward_key"], series["kl_key"]
     points: list[tuple[int, float, float]] = []
-    for kl_step, kl in zip(kl_steps, kls):
-        earlier = [(s, r) for s, r in zip(reward_steps, rewards) if s <= kl_step]
-        if earlier:
-            points.append((kl_step, kl, earlier[-1][1]))
+    if reward_key and kl_key:
+        for event in events:
+            kl, reward = event.get(kl_key), event.get(reward_key)
+            if event.get("event") in PREFERENCE_KINDS and isinstance(kl, (int, float)) and isinstance(reward, (int, float)):
+                points.append((int(event.get("step") or 0), float(kl), float(reward)))
+    if not points:
+        reward_steps, rewards = series["reward"]
+        for kl_step, kl in zip(*series["kl"]):
+            earlier = [r for s, r in zip(reward_steps, rewards) if s <= kl_step]
+            if earlier:
+                points.append((kl_step, kl, earlier[-1]))
     if not points:
         return empty_figure(title, "Needs both a reward and a KL measurement.")
     steps, x, y = zip(*points)

@@ -28,12 +28,22 @@ def test_loss_figure_without_points_is_a_waiting_note():
     assert "Waiting" in fig.layout.annotations[0].text
 
 
-def test_reward_against_kl_pairs_each_kl_with_latest_reward():
-    # DPO: rewards every step, a sampled KL every 2 steps (in its own event kind).
+def test_dpo_reward_and_kl_come_from_sample_events():
+    # DPO: implicit-reward margins every step; every 2 steps a `sample` event with the sampled KL and reward.
     events = [_log(s, **{"rewards/margins": 0.1 * s}) for s in (1, 2, 3, 4)]
-    events += [{"event": "sample", "time": 0.0, "step": s, "kl": 0.01 * s} for s in (0, 2, 4)]
+    events += [{"event": "sample", "time": 0.0, "step": s, "kl_sequence": 0.5 * s, "kl": 0.01 * s, "reward": 0.2 * s}
+               for s in (0, 2, 4)]
     over_time = figures.reward_kl_time_figure(events)
-    assert [t.name for t in over_time.data] == ["reward (rewards/margins)", "KL (kl)"]
+    assert [t.name for t in over_time.data] == ["reward (reward)", "KL (kl_sequence)", "DPO reward margin"]
+    assert list(over_time.data[1].x) == [0, 2, 4] and list(over_time.data[1].y) == [0.0, 1.0, 2.0]
+    frontier = figures.reward_vs_kl_figure(events)
+    assert list(frontier.data[0].x) == [0.0, 1.0, 2.0]
+    assert [round(v, 6) for v in frontier.data[0].y] == [0.0, 0.4, 0.8]
+
+
+def test_reward_against_kl_pairs_kl_with_latest_reward_when_logged_apart():
+    events = [_log(s, **{"rewards/margins": 0.1 * s}) for s in (1, 2, 3, 4)]
+    events += [{"event": "sample", "time": 0.0, "step": s, "kl_sequence": 0.01 * s} for s in (0, 2, 4)]
     frontier = figures.reward_vs_kl_figure(events)
     # Step 0 has no reward yet, so only steps 2 and 4 are points.
     assert list(frontier.data[0].x) == [0.02, 0.04]
