@@ -199,6 +199,8 @@ class TrainingSettings:
     """Evaluate every N steps (None: at the end only)."""
     save_steps: int | None = None
     """Checkpoint every N steps (None: at the end only)."""
+    keep_checkpoints: int | None = 2
+    """Keep only the newest N checkpoints in checkpoints/ (None: keep all; a resume uses the newest)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -211,7 +213,7 @@ class TrainingSettings:
         _fraction("training", "warmup_ratio", self.warmup_ratio, 0.0, 0.5)
         _choice("training", "lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _positive("training", "epochs", self.epochs)
-        for name in ("max_steps", "logging_steps", "eval_steps", "save_steps"):
+        for name in ("max_steps", "logging_steps", "eval_steps", "save_steps", "keep_checkpoints"):
             value = getattr(self, name)
             if value is not None:
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
