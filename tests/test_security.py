@@ -60,3 +60,35 @@ def test_plan_keeps_remote_code_off_by_default():
     assert Plan().model.trust_remote_code is False
     assert Plan.from_yaml("model:\n  name: demo\n").model.trust_remote_code is False
     assert Plan.from_yaml("model:\n  trust_remote_code: true\n").model.trust_remote_code is True
+
+
+def test_trust_remote_code_reaches_from_pretrained_only_when_the_plan_asks(make_plan, monkeypatch):
+    import transformers
+
+    from trainer import models
+
+    seen: dict[str, list] = {"model": [], "tokenizer": []}
+    real_model = transformers.AutoModelForCausalLM.from_pretrained.__func__
+    real_tokenizer = transformers.AutoTokenizer.from_pretrained.__func__
+
+    def spy_model(cls, *args, **kwargs):
+        seen["model"].append(kwargs.get("trust_remote_code", "absent"))
+        return real_model(cls, *args, **kwargs)
+
+    def spy_tokenizer(cls, *args, **kwargs):
+        seen["tokenizer"].append(kwargs.get("trust_remote_code", "absent"))
+        return real_tokenizer(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy_model))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(spy_tokenizer))
+
+    plan = make_plan()
+    assert plan.model.trust_remote_code is False
+    models.load_tokenizer(plan)
+    models.load_model(plan)
+    assert seen == {"model": [False], "tokenizer": [False]}
+
+    asked = make_plan(model__trust_remote_code=True)
+    models.load_tokenizer(asked)
+    models.load_model(asked)
+    assert seen == {"model": [False, True], "tokenizer": [False, True]}
