@@ -22,7 +22,8 @@ plan's `kl_limit` / `target_kl`. A DPO run's `sample` events carry it as
 `PreferenceMonitors` bundles the three for a plan; `MonitoredEvents` wraps a
 run's `EventWriter` so every event written is also fed to the monitors and
 alerts are written right after the event that caused them (an `alert`
-event: `monitor`, `message` in plain language, and the numbers). When the
+event: `kind` (kl_explosion, reward_hacking, mode_collapse), `message` in
+plain language, `action` (warn or stop) and the numbers). When the
 plan says `stop_on_alert`, a KL-explosion alert also requests a cooperative
 stop by creating the run's STOP file.
 
@@ -63,7 +64,8 @@ class Alert:
 
     def event_fields(self) -> dict:
         """Fields for `EventWriter.emit("alert", step=..., **fields)`."""
-        return {"monitor": self.monitor, "message": self.message, "stop": self.stop, **self.numbers}
+        return {"kind": self.monitor, "message": self.message, "action": "stop" if self.stop else "warn",
+                **self.numbers}
 
 
 def _number(value: Any) -> float | None:
@@ -340,7 +342,11 @@ class MonitoredEvents:
     def emit(self, event: str, step: int | None = None, **fields: Any) -> dict:
         record = self.inner.emit(event, step=step, **fields)
         if event in OBSERVED_EVENTS:
-            for alert in self.monitors.observe(int(record.get("step") or 0), record):
+            metrics = record
+            if event == "forgetting" and "loss" in record:
+                # The forgetting monitor's `loss` is the original-domain loss, not the training loss.
+                metrics = {"original_loss": record["loss"]}
+            for alert in self.monitors.observe(int(record.get("step") or 0), metrics):
                 self.alerts.append(alert)
                 self.inner.emit("alert", step=alert.step, **alert.event_fields())
                 if alert.stop and self.stop_file is not None:

@@ -3,11 +3,16 @@
 What every preference stage reports on held-out prompts, every
 `plan.preference.sample_every` steps:
 
-- `kl`: the mean over sampled completion tokens of log pi(y|x) - log pi_ref(y|x),
-  with y sampled from the policy pi (temperature 1). This is a Monte-Carlo
-  estimate of the per-token KL(pi || pi_ref); it is exactly 0 when the policy
-  equals the reference. `kl_sequence` is the same log-ratio summed over each
-  completion and averaged over completions (the scale of TRL's `objective/kl`).
+- `kl`: the per-token KL(pi || pi_ref) on completions y sampled from the policy
+  pi (temperature 1): at each sampled position t, the expectation over the next
+  token of log pi(.|x, y<t) - log pi_ref(.|x, y<t), averaged over positions.
+  It has the same expectation as the plain Monte-Carlo mean of
+  log pi(y_t) - log pi_ref(y_t) over the sampled tokens (reported as
+  `kl_logratio`), but averages the next token out exactly, so it is never
+  negative and far less noisy with a handful of samples. Both are exactly 0
+  when the policy equals the reference. `kl_sequence` is the per-position KL
+  summed over each completion, averaged over completions (the scale of TRL's
+  `objective/kl`, and of the plan's kl_limit / target_kl).
 - `reward`: the reward model's mean score of the samples when there is one,
   otherwise DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)) summed
   over the completion, averaged.
@@ -132,9 +137,12 @@ def sample_completions(policy, tokenizer, prompts: Sequence[Any], max_new_tokens
 
 @torch.no_grad()
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], batch_size: int = 8,
-                        with_entropy: bool = False):
-    """Per-token log-probabilities of each completion given its prompt (and, optionally, the model's
-    next-token entropy at those positions): one float32 tensor per completion."""
+                        with_entropy: bool = False, full: bool = False):
+    """Per-token log-probabilities of each completion given its prompt: one float32 tensor per completion.
+
+    `with_entropy`: also the model's next-token entropy at those positions. `full`: instead of the
+    sampled tokens' log-probs, the whole next-token log-distribution at each position ([tokens, vocab]).
+    """
     device = _device(model)
     logps, entropies = [], []
     for start in range(0, len(prompts), batch_size):
@@ -149,7 +157,10 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
             step_logits = logits[i, len(p) - 1: len(p) + len(c) - 1]
             log_probs = F.log_softmax(step_logits, dim=-1)
             target = torch.tensor(c, device=device)
-            logps.append(log_probs.gather(-1, target[:, None]).squeeze(-1).cpu())
+            if full:
+                logps.append(log_probs.cpu())
+            else:
+                logps.append(log_probs.gather(-1, target[:, None]).squeeze(-1).cpu())
             if with_entropy:
                 entropies.append(-(log_probs.exp() * log_probs).sum(-1).cpu())
     return (logps, entropies) if with_entropy else logps
@@ -189,16 +200,24 @@ def measure_policy(policy, tokenizer, prompts: Sequence[Any], *, reference=None,
     models = [policy, reference, reward_model]
     with eval_mode(*models):
         prompt_tokens, completions = sample_completions(policy, tokenizer, prompts, max_new_tokens, seed)
-        policy_logps, entropies = completion_logprobs(policy, prompt_tokens, completions, with_entropy=True)
+        policy_dists = completion_logprobs(policy, prompt_tokens, completions, full=True)
         with reference_of(policy, reference) as ref:
-            ref_logps = completion_logprobs(ref, prompt_tokens, completions)
-        log_ratios = [p - r for p, r in zip(policy_logps, ref_logps)]
+            ref_dists = completion_logprobs(ref, prompt_tokens, completions, full=True)
         tokens = sum(len(c) for c in completions)
-        kl = float(sum(lr.sum() for lr in log_ratios) / max(tokens, 1))
-        kl_sequence = float(sum(lr.sum() for lr in log_ratios) / max(len(log_ratios), 1))
+        # Per position: KL = sum_v pi(v) (log pi(v) - log pi_ref(v)); entropy = -sum_v pi(v) log pi(v).
+        position_kls = [(p.exp() * (p - r)).sum(-1).clamp(min=0.0) for p, r in zip(policy_dists, ref_dists)]
+        entropies = [-(p.exp() * p).sum(-1) for p in policy_dists]
+        # The sampled tokens' own log-ratio (the plain Monte-Carlo estimator).
+        log_ratios = [(p - r).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+                      for p, r, c in zip(policy_dists, ref_dists, completions)]
+        del policy_dists, ref_dists
+        kl = float(sum(k.sum() for k in position_kls) / max(tokens, 1))
+        kl_sequence = float(sum(k.sum() for k in position_kls) / max(len(position_kls), 1))
+        logratio_sequence = float(sum(lr.sum() for lr in log_ratios) / max(len(log_ratios), 1))
         fields = {
             "kl": kl,
             "kl_sequence": kl_sequence,
+            "kl_logratio": float(sum(lr.sum() for lr in log_ratios) / max(tokens, 1)),
             "distinct_1": distinct_n(completions, 1),
             "distinct_2": distinct_n(completions, 2),
             "entropy": float(sum(e.sum() for e in entropies) / max(tokens, 1)),
@@ -211,7 +230,8 @@ def measure_policy(policy, tokenizer, prompts: Sequence[Any], *, reference=None,
             fields["reward"] = sum(scores) / len(scores)
             fields["reward_source"] = "reward_model"
         else:
-            fields["reward"] = beta * kl_sequence
+            # DPO's implicit reward of the samples: beta * log pi(y|x) / pi_ref(y|x), averaged.
+            fields["reward"] = beta * logratio_sequence
             fields["reward_source"] = "implicit"
         if pairs:
             fields["heldout_accuracy"] = heldout_preference_accuracy(policy, tokenizer, pairs, reference)
@@ -271,3 +291,59 @@ def reward_model_accuracy(reward_model, tokenizer, pairs: Sequence[dict]) -> dic
         "heldout_margin": sum(margins) / len(margins) if margins else float("nan"),
         "heldout_pairs": len(margins),
     }
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class SampleCallback(_callback_base()):
+    """Every `every` steps (and at step 0 and the last step) sample the policy on held-out prompts and
+    emit a `sample` event: kl, kl_sequence, reward, reward_source, distinct_1, distinct_2, entropy,
+    completion_length, heldout_accuracy, examples.
+
+    `policy_of(model)` picks the policy out of what the trainer passes to callbacks (PPO wraps it
+    with its value model); `reference` is a frozen model, or None for the adapter-disabled policy.
+    """
+
+    def __init__(self, ctx, tokenizer, prompts, *, pairs=None, reference=None, reward_model=None, beta=0.1,
+                 policy_of=None, policy=None):
+        pref = ctx.plan.preference
+        self.ctx = ctx
+        self.tokenizer = tokenizer
+        self.prompts = list(prompts)[: pref.num_samples]
+        self.pairs = list(pairs or [])[: max(pref.num_samples, 8)]
+        self.reference = reference
+        self.reward_model = reward_model
+        self.beta = beta
+        self.every = pref.sample_every
+        self.max_new_tokens = pref.max_new_tokens
+        self.seed = ctx.plan.training.seed
+        self.policy_of = policy_of or (lambda model: model)
+        self.policy = policy
+        self.history: list[dict] = []
+        self._last_step: int | None = None
+
+    def measure(self, model, step: int) -> dict:
+        policy = self.policy if self.policy is not None else self.policy_of(model)
+        fields = measure_policy(policy, self.tokenizer, self.prompts, reference=self.reference,
+                                max_new_tokens=self.max_new_tokens, seed=self.seed, beta=self.beta,
+                                reward_model=self.reward_model, pairs=self.pairs)
+        self._last_step = step
+        self.history.append(dict(fields, step=step))
+        self.ctx.emit("sample", step=step, **fields)
+        return fields
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.prompts and self._last_step is None:
+            self.measure(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.prompts and state.global_step % self.every == 0 and self._last_step != state.global_step:
+            self.measure(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.prompts and self._last_step != state.global_step:
+            self.measure(model, state.global_step)
