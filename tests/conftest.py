@@ -1,0 +1,212 @@
+"""Shared pytest fixtures: a tiny model, tiny datasets, a runs folder, a plan factory.
+
+Everything here is built locally in a temporary directory (no network, no
+Hub), small enough that a training step on the CPU takes milliseconds:
+
+- `tiny_model_dir` (session): a random 2-layer Llama (hidden size 64, ~70k
+  parameters) saved with a byte-level BPE tokenizer whose chat template has
+  `{% generation %}` markers (so assistant-only loss works) and a pad token.
+- `tiny_data_dir` (session): small JSONL files in every format the trainer
+  reads: `text.jsonl`, `prompt_completion.jsonl`, `messages.jsonl`,
+  `preference.jsonl`, `original.jsonl` (original-domain text for the
+  forgetting monitor). The task is learnable in a few steps: the model
+  quickly memorises the repeated answer patterns, so losses fall.
+- `runs_dir`: an empty runs folder for this test, also set as
+  `$TUNEWISE_RUNS_DIR` so code using the default runs folder lands there.
+- `make_plan(**overrides)`: a `Plan` for the tiny model and data with small,
+  fast training settings; keyword overrides use dotted names with `__`
+  instead of dots, e.g. `make_plan(method__method="qlora",
+  training__max_steps=6)`, or pass a dict as `overrides={"method.method": ...}`.
+
+The builders are plain functions (`build_tiny_model`, `write_tiny_datasets`)
+so benchmarks and scripts can call them too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: A chat template with generation markers around assistant replies (what TRL's
+#: assistant_only_loss needs); the end-of-turn token sits inside the markers so the
+#: model learns to stop.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{% else %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+TINY_SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+_COLOURS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+_THINGS = ["apple", "sky", "leaf", "sun", "coal", "snow", "plum", "carrot"]
+
+
+def tiny_examples(count: int = 48, seed: int = 0) -> list[tuple[str, str]]:
+    """(question, answer) pairs: "What colour is the apple?" -> "The apple is red." (deterministic)."""
+    rng = random.Random(seed)
+    pairs = []
+    for index in range(count):
+        thing = _THINGS[index % len(_THINGS)]
+        colour = _COLOURS[index % len(_COLOURS)]
+        pairs.append((f"What colour is the {thing} number {rng.randint(1, 9)}?", f"The {thing} is {colour}."))
+    return pairs
+
+
+def write_tiny_datasets(directory: str | Path, count: int = 48) -> dict[str, Path]:
+    """Write one small JSONL file per format into `directory`; return {format: path}."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pairs = tiny_examples(count)
+    rows = {
+        "text": [{"text": f"{q} {a}"} for q, a in pairs],
+        "prompt_completion": [{"prompt": q, "completion": " " + a} for q, a in pairs],
+        "messages": [
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs
+        ],
+        "preference": [
+            {"prompt": q, "chosen": " " + a, "rejected": " " + a.replace("The", "No, the").replace(".", "?")}
+            for q, a in pairs
+        ],
+        "original": [{"text": f"The {t} lives in a small town near the {c} hills."} for t, c in zip(_THINGS, _COLOURS)] * 4,
+    }
+    paths = {}
+    for name, records in rows.items():
+        path = directory / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+        paths[name] = path
+    return paths
+
+
+def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+    """Save a random tiny Llama and its tokenizer to `directory` (about 0.3 MB); return the path."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = [f"{q} {a}" for q, a in tiny_examples(200)] + [
+        f"The {t} lives in a small town near the {c} hills. No, the {t} is {c}?" for t in _THINGS for c in _COLOURS
+    ]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=TINY_SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        unk_token=None,
+        model_max_length=256,
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama with tokenizer and chat template, built once per session."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """A folder with text / prompt_completion / messages / preference / original JSONL files."""
+    directory = tmp_path_factory.mktemp("tiny-data")
+    write_tiny_datasets(directory)
+    return directory
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch) -> Path:
+    """An empty runs folder for this test, also exported as $TUNEWISE_RUNS_DIR."""
+    path = tmp_path / "runs"
+    path.mkdir()
+    monkeypatch.setenv("TUNEWISE_RUNS_DIR", str(path))
+    return path
+
+
+def tiny_plan_dict(model_dir: Path, data_dir: Path) -> dict:
+    """The plan settings the tiny fixtures train with (fast, deterministic, CPU)."""
+    return {
+        "stage": "sft",
+        "model": {"name": str(model_dir)},
+        "data": {"dataset": str(Path(data_dir) / "messages.jsonl"), "eval_fraction": 0.0},
+        "method": {"method": "lora", "precision": "fp32", "lora_rank": 8, "lora_targets": ["all-linear"], "lora_dropout": 0.0},
+        "training": {
+            "learning_rate": 5e-3,
+            "warmup_ratio": 0.0,
+            "lr_scheduler": "constant",
+            "max_steps": 8,
+            "micro_batch": 4,
+            "grad_accum": 1,
+            "seq_len": 64,
+            "logging_steps": 1,
+            "seed": 0,
+        },
+        "forgetting": {"monitor": False, "original_data": str(Path(data_dir) / "original.jsonl")},
+        "hardware": {"device": "cpu"},
+    }
+
+
+@pytest.fixture
+def make_plan(tiny_model_dir, tiny_data_dir):
+    """Factory: `make_plan(training__max_steps=4, overrides={"method.method": "full"})` -> Plan."""
+    from advisor.plan import Plan
+
+    def factory(overrides: dict | None = None, **dunder) -> Plan:
+        plan = Plan.from_dict(tiny_plan_dict(tiny_model_dir, tiny_data_dir))
+        merged = {key.replace("__", "."): value for key, value in dunder.items()}
+        merged.update(overrides or {})
+        return plan.with_overrides(merged) if merged else plan
+
+    return factory
+
+
+@pytest.fixture(autouse=True)
+def _quiet_training_environment(monkeypatch):
+    """Keep tests offline and quiet: no Hub calls, no tokenizer fork warnings, fewer threads."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    if "OMP_NUM_THREADS" not in os.environ:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")

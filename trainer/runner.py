@@ -1,0 +1,222 @@
+"""The training process: `python -m trainer.runner RUN_DIR [--resume CHECKPOINT]`.
+
+Runs one plan inside its run directory and reports through events.jsonl:
+
+1. `started` (plan summary, pid, world size, Python and library versions);
+2. a pre-flight check of everything that is cheap to check before any model
+   is loaded (plan valid, model resolvable, dataset present and well formed
+   with the right columns, checkpoint to resume present, device and
+   precision usable, sequence length within the model's maximum), so a bad
+   plan fails in seconds with a `failed` event naming the problem;
+3. the stage (`trainer.stages.get_stage(plan.stage)`) or, for a pipeline,
+   `trainer.pipeline.run_pipeline(ctx)`;
+4. exactly one terminal event: `finished` (result metrics), `stopped` (with
+   the reason) or `failed` (the message; for a bug also the last traceback
+   lines; a user error carries `user_error: true` and no traceback).
+
+SIGTERM / SIGINT become a cooperative stop (the stage saves and returns
+"stopped"). Under `accelerate launch` every rank runs this; the rank comes
+from the environment and only rank 0 writes events. Each rank records its
+pid in `procs/rank<N>.pid` so the supervisor can signal (or, as a last
+resort, kill) every training process of a run.
+
+Exit codes: 0 finished or stopped, 1 failed (a bug or crash), 2 failed
+(a problem with the plan or its inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+from advisor.errors import TunewiseError
+from advisor.plan import Plan
+from trainer.context import RunContext
+from trainer.events import EVENTS_FILE, EventWriter
+
+PLAN_FILE = "plan.yaml"
+PROCS_DIR = "procs"
+TRACEBACK_LINES = 12
+
+#: The data each stage reads (see trainer.data.DATA_KINDS).
+STAGE_DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompts"}
+
+
+def rank_from_env() -> int:
+    """This process's global rank under torchrun / accelerate (0 when launched alone)."""
+    for name in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return 0
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux /proc); None elsewhere.
+
+    Together with the pid this identifies a process even after its pid is reused.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # Field 22 is starttime; the command name (field 2) may hold spaces, so split after its ")".
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _record_pid(run_dir: Path, rank: int) -> None:
+    procs = run_dir / PROCS_DIR
+    procs.mkdir(exist_ok=True)
+    record = {"pid": os.getpid(), "start_ticks": process_start_ticks(os.getpid()), "rank": rank}
+    (procs / f"rank{rank}.pid").write_text(json.dumps(record), encoding="utf-8")
+
+
+def _model_max_positions(resolved: str) -> int | None:
+    config_path = Path(resolved) / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def preflight(ctx: RunContext) -> None:
+    """Check what is cheap to check before loading any model; raise TunewiseError naming the problem."""
+    from trainer.data import check_dataset
+    from trainer.models import base_of_adapter, check_model, quantization_config, resolve_precision
+
+    plan = ctx.plan
+    if ctx.resume_from is not None and not (Path(ctx.resume_from) / "trainer_state.json").is_file():
+        raise TunewiseError(f"cannot resume: {ctx.resume_from} is not a checkpoint (no trainer_state.json)")
+    resolved = check_model(plan)
+    base = base_of_adapter(resolved) if Path(resolved).is_dir() else None
+    max_positions = _model_max_positions(base or resolved)
+    if max_positions is not None and plan.training.seq_len > max_positions:
+        raise TunewiseError(
+            f"training.seq_len: {plan.training.seq_len} is longer than the model's maximum of {max_positions} "
+            "tokens: lower it (the dataset profile recommends one)",
+            field="training.seq_len",
+        )
+    kind = STAGE_DATA_KIND[plan.stage] if plan.pipeline == "none" else "sft"
+    check_dataset(plan, kind)
+    precision = resolve_precision(plan)
+    quantization_config(plan, precision)  # QLoRA without bitsandbytes fails here
+    if plan.hardware.num_gpus > 1 and world_size_from_env() == 1:
+        ctx.emit(
+            "notice",
+            message=f"the plan asks for {plan.hardware.num_gpus} processes but this one runs alone "
+            "(start it with `tunewise launch` to get accelerate launch)",
+        )
+
+
+def _dispatch(ctx: RunContext) -> dict:
+    if ctx.plan.pipeline != "none":
+        from trainer.pipeline import run_pipeline
+
+        return run_pipeline(ctx)
+    from trainer.stages import get_stage
+
+    return get_stage(ctx.plan.stage)(ctx)
+
+
+def _terminal_fields(result: dict) -> dict:
+    return {key: value for key, value in result.items() if key not in ("status", "reason")}
+
+
+def run(run_dir: str | Path, resume: str | Path | None = None) -> int:
+    """Run the plan in `run_dir`, write its events, return the process exit code."""
+    run_dir = Path(run_dir).resolve()
+    rank = rank_from_env()
+    events = EventWriter(run_dir / EVENTS_FILE)
+
+    def emit(event: str, **fields):
+        if rank == 0:
+            events.emit(event, **fields)
+
+    _record_pid(run_dir, rank)
+    try:
+        plan = Plan.load(run_dir / PLAN_FILE)
+    except TunewiseError as exc:
+        emit("started", pid=os.getpid(), world_size=world_size_from_env(), **_versions())
+        emit("failed", error=str(exc), field=exc.field, user_error=True)
+        return 2
+
+    ctx = RunContext(plan=plan, run_dir=run_dir, events=events, resume_from=Path(resume) if resume else None, rank=rank)
+    try:
+        ctx.install_signal_handlers()
+    except ValueError:  # not the main thread (an in-process caller): stops go through the STOP file
+        pass
+    emit(
+        "started",
+        pid=os.getpid(),
+        world_size=world_size_from_env(),
+        summary=plan.summary(),
+        stage=plan.stage,
+        pipeline=plan.pipeline,
+        method=plan.method.method,
+        model=plan.model.name,
+        dataset=plan.data.dataset,
+        resume_from=str(resume) if resume else None,
+        host=platform.node(),
+        **_versions(),
+    )
+    try:
+        preflight(ctx)
+        result = _dispatch(ctx)
+    except TunewiseError as exc:
+        emit("failed", error=str(exc), field=exc.field, user_error=True)
+        return 2
+    except Exception as exc:  # a bug or a crash: report it with where it happened
+        lines = traceback.format_exc().rstrip().splitlines()[-TRACEBACK_LINES:]
+        emit("failed", error=f"{type(exc).__name__}: {exc}", traceback=lines, user_error=False)
+        if rank != 0:
+            traceback.print_exc()
+        return 1
+    result = dict(result or {})
+    if result.get("status") == "stopped":
+        emit("stopped", reason=result.get("reason") or "stop requested", **_terminal_fields(result))
+    else:
+        emit("finished", **_terminal_fields(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.runner", description="Run the plan in a run directory.")
+    parser.add_argument("run_dir", help="the run directory (holds plan.yaml)")
+    parser.add_argument("--resume", metavar="CHECKPOINT", help="a checkpoint directory to continue from")
+    args = parser.parse_args(argv)
+    return run(args.run_dir, args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

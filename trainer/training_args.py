@@ -1,0 +1,87 @@
+"""The plan's optimisation settings as `transformers.TrainingArguments` keywords, shared by every stage.
+
+Each stage builds its TRL config (SFTConfig, RewardConfig, DPOConfig, ...)
+from `training_kwargs(ctx, precision, has_eval)` plus its own fields, so the
+learning rate, schedule, batch shape, precision, optimizer, seed and the
+logging / eval / checkpoint intervals mean the same thing in every stage.
+
+Pure mapping: imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from advisor.plan import Plan
+from trainer.context import RunContext
+from trainer.models import Precision
+
+#: The plan's optimizer names -> transformers' `optim` names.
+OPTIMIZERS = {
+    "adamw": "adamw_torch",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+    "sgd": "sgd",
+    "adafactor": "adafactor",
+}
+
+
+def optimizer_name(plan: Plan) -> tuple[str, str | None]:
+    """transformers' optimizer name for the plan, and a note when it had to change (no bitsandbytes)."""
+    name = OPTIMIZERS[plan.method.optimizer]
+    if name in ("adamw_bnb_8bit", "paged_adamw_8bit"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return "adamw_torch", f"optimizer {plan.method.optimizer} needs bitsandbytes, which is not installed: using adamw"
+    return name, None
+
+
+def training_kwargs(ctx: RunContext, precision: Precision, has_eval: bool) -> dict:
+    """TrainingArguments keywords for the plan: every optimisation setting, mapped.
+
+    Checkpoints go to `ctx.checkpoints_dir` (checkpoint-<step>/), never reported
+    to external trackers; progress bars are off (events.jsonl is the progress
+    report). Without `save_steps` a checkpoint is written only when a stop is
+    requested (the final weights go to the output directory); without
+    `eval_steps` the stage evaluates once at the end.
+    """
+    plan = ctx.plan
+    training = plan.training
+    optim, _ = optimizer_name(plan)
+    kwargs = dict(
+        output_dir=str(ctx.checkpoints_dir),
+        learning_rate=training.learning_rate,
+        # transformers reads a float below 1 as a share of the total steps.
+        warmup_steps=float(training.warmup_ratio),
+        lr_scheduler_type=training.lr_scheduler,
+        num_train_epochs=float(training.epochs),
+        max_steps=training.max_steps if training.max_steps is not None else -1,
+        per_device_train_batch_size=training.micro_batch,
+        per_device_eval_batch_size=training.micro_batch,
+        gradient_accumulation_steps=training.grad_accum,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        optim=optim,
+        seed=training.seed,
+        data_seed=training.seed,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        use_cpu=precision.device == "cpu",
+        gradient_checkpointing=plan.method.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.method.gradient_checkpointing else None,
+        logging_strategy="steps",
+        logging_steps=training.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if training.save_steps else "no",
+        save_steps=training.save_steps or 500,
+        save_total_limit=training.keep_checkpoints,
+        eval_strategy="steps" if (has_eval and training.eval_steps) else "no",
+        eval_steps=training.eval_steps if (has_eval and training.eval_steps) else None,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+        # Under DDP only some LoRA parameters may be used in a step on tiny batches;
+        # with frozen bases, unused-parameter detection just costs time.
+        ddp_find_unused_parameters=False,
+    )
+    return kwargs
