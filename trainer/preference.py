@@ -230,97 +230,57 @@ def conversational(rows: list[dict], tokenizer) -> list[dict]:
 
 # -- settings -----------------------------------------------------------------------------------
 
-def uses_cpu(plan) -> bool:
-    import torch
+def trl_args(ctx, has_eval: bool, config_cls) -> dict:
+    """Keyword arguments for a TRL config class (RewardConfig, DPOConfig, PPOConfig, RLOOConfig,
+    GRPOConfig): trainer.training_args' mapping of the plan, so every stage reads it the same way,
+    keeping only the fields `config_cls` has."""
+    from trainer.models import resolve_precision
+    from trainer.training_args import training_kwargs
 
-    return plan.hardware.device == "cpu" or not torch.cuda.is_available()
-
-
-def model_dtype(plan):
-    """The dtype weights are loaded in: pure 16-bit for bf16/fp16 (fp32 for amp and fp32)."""
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.method.precision, torch.float32)
-
-
-def trl_args(plan, output_dir: Path, checkpoints_dir: Path) -> dict:
-    """Keyword arguments shared by RewardConfig, DPOConfig, PPOConfig, RLOOConfig and GRPOConfig."""
-    t = plan.training
-    optim = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
-             "sgd": "sgd", "adafactor": "adafactor"}[plan.method.optimizer]
-    args = dict(
-        output_dir=str(checkpoints_dir),
-        learning_rate=t.learning_rate,
-        warmup_steps=int(round((t.max_steps or 0) * t.warmup_ratio)) if t.max_steps else 0,
-        lr_scheduler_type=t.lr_scheduler,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.micro_batch,
-        per_device_eval_batch_size=t.micro_batch,
-        gradient_accumulation_steps=t.grad_accum,
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=optim,
-        gradient_checkpointing=plan.method.gradient_checkpointing,
-        bf16=plan.method.precision == "amp" and not uses_cpu(plan),
-        fp16=False,
-        use_cpu=uses_cpu(plan),
-        report_to=[],
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
-    if not t.max_steps and t.warmup_ratio:
-        args["warmup_ratio"] = t.warmup_ratio
-        args.pop("warmup_steps")
-    return args
+    args = training_kwargs(ctx, resolve_precision(ctx.plan), has_eval)
+    # TRL's preference collators need their own columns (prompt/chosen/rejected, chosen_ids, ...).
+    args["remove_unused_columns"] = False
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return {key: value for key, value in args.items() if key in known}
 
 
-def lora_config(plan, task_type: str):
-    """PEFT LoRA config from the plan (task_type CAUSAL_LM or SEQ_CLS)."""
-    from peft import LoraConfig
+def lora_config(plan, kind: str = "causal_lm"):
+    """PEFT LoRA config from the plan (kind causal_lm or seq_cls)."""
+    from trainer.models import lora_config as plan_lora_config
 
-    m = plan.method
-    targets = "all-linear" if tuple(m.lora_targets) == ("all-linear",) else list(m.lora_targets)
-    return LoraConfig(r=m.lora_rank, lora_alpha=m.alpha, lora_dropout=m.lora_dropout, target_modules=targets,
-                      task_type=task_type, bias="none")
+    return plan_lora_config(plan, kind)
 
 
 def load_base(path: Path | str, plan, kind: str = "causal_lm", trainable: bool = True):
-    """A causal LM or a one-logit sequence classifier in the plan's precision; 4-bit (or 8-bit) for QLoRA.
+    """A causal LM or one-logit classifier at `path`, in the precision this machine really uses
+    (trainer.models.resolve_precision), quantized for QLoRA, and without adapters.
 
-    For QLoRA the base is prepared for k-bit training when it will carry trainable adapters.
+    The preference stages hand LoRA to TRL as a `peft_config`, so TRL wraps a bare base and
+    computes the reference with the adapter disabled (no second copy, no "ref" adapter).
+    trainable=False: eval mode, gradients off (a reference, reward model, or frozen base).
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"dtype": model_dtype(plan), "trust_remote_code": plan.model.trust_remote_code}
-    if plan.model.revision and str(path) == plan.model.name:
-        kwargs["revision"] = plan.model.revision
-    if plan.method.method == "qlora":
-        from transformers import BitsAndBytesConfig
+    from trainer.models import _hub_kwargs, quantization_config, resolve_precision
 
-        compute = torch.bfloat16 if plan.method.precision != "fp16" else torch.float16
-        if plan.method.quant_bits == 4:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=plan.method.double_quant,
-                bnb_4bit_compute_dtype=compute)
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    precision = resolve_precision(plan)
+    kwargs: dict[str, Any] = dict(_hub_kwargs(plan, str(path)))
+    kwargs["dtype"] = precision.torch_dtype
     kwargs["attn_implementation"] = plan.method.attn
+    quant = quantization_config(plan, precision)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
+                                if precision.device == "cuda" else "cpu"}
     if kind == "seq_cls":
         model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    if plan.method.method == "qlora" and trainable:
+    if quant is not None and trainable:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.method.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.method.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     if not trainable:
         model.requires_grad_(False)
         model.eval()
@@ -328,12 +288,10 @@ def load_base(path: Path | str, plan, kind: str = "causal_lm", trainable: bool =
 
 
 def load_tokenizer_for(path: Path | str, plan, padding_side: str = "right"):
-    """The tokenizer saved with `path`, with a pad token (EOS when it has none)."""
-    from transformers import AutoTokenizer
+    """The tokenizer saved with `path` (its base's for an adapter), with a pad token."""
+    from trainer.models import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=plan.model.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(plan, model_name=str(path))
     tokenizer.padding_side = padding_side
     return tokenizer
 

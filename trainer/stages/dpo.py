@@ -95,11 +95,9 @@ def run(ctx) -> dict:
 
     t = plan.training
     config = DPOConfig(
-        **trl_args(plan, ctx.output_dir, ctx.checkpoints_dir),
+        **trl_args(ctx, eval_dataset is not None, DPOConfig),
         beta=plan.preference.beta,
         max_length=t.seq_len,
-        eval_strategy="steps" if (t.eval_steps and eval_dataset is not None) else "no",
-        eval_steps=t.eval_steps,
         precompute_ref_log_probs=False,
     )
     trainer_cls = _with_penalty(DPOTrainer, penalty_fn)
@@ -110,7 +108,7 @@ def run(ctx) -> dict:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(plan, "CAUSAL_LM") if use_adapter else None,
+        peft_config=lora_config(plan, "causal_lm") if use_adapter else None,
         # Forgetting first (its callback adds keys to the logs), then sampling, then events and stop.
         callbacks=forgetting_callbacks + [sampler] + callbacks_for(ctx),
     )
