@@ -52,7 +52,7 @@ TASK_CHOICES = (
 )
 
 #: How far the task is from what the model saw in pretraining.
-DOMAIN_CHOICES = (("Close to pretraining", "close"), ("Somewhat different", "moderate"), ("Very different", "far"))
+DOMAIN_CHOICES = (("Close to pretraining", "low"), ("Somewhat different", "medium"), ("Very different", "high"))
 
 #: What to favour when the two conflict.
 PRIORITY_CHOICES = (("Best quality", "quality"), ("Balanced", "balanced"), ("Least memory", "memory"))
@@ -309,30 +309,34 @@ def human_count(count: int | None) -> str:
     return str(count)
 
 
+METHOD_LABELS = {"full": "Full", "lora": "LoRA", "qlora": "QLoRA"}
+
+
 def memory_rows(estimates: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """(headers, rows) of the memory table: one row per component, one column per method, in GB.
 
-    `estimates` maps a method label ("Full", "LoRA", "QLoRA") to a MemoryEstimate-like object with
-    `components` (name -> bytes), `peak_allocated_bytes` and `total_bytes`.
+    `estimates` maps a method label ("Full", "LoRA", "QLoRA") to an `advisor.memory.MemoryEstimate`.
     """
     methods = list(estimates)
+    by_method = {m: dict(estimates[m].components) for m in methods}
     components: list[str] = []
-    for estimate in estimates.values():
-        for name in estimate.components:
+    for parts in by_method.values():
+        for name in parts:
             if name not in components:
                 components.append(name)
     rows = []
     for name in components:
-        rows.append([name.replace("_", " ")] + [gb(estimates[m].components.get(name, 0)) for m in methods])
+        rows.append([name.replace("_", " ")] + [gb(by_method[m].get(name, 0)) for m in methods])
     rows.append(["peak allocated"] + [gb(estimates[m].peak_allocated_bytes) for m in methods])
     rows.append(["total on the GPU"] + [gb(estimates[m].total_bytes) for m in methods])
-    return ["component (GB)"] + methods, rows
+    return ["component (GB per GPU)"] + methods, rows
 
 
 def explanation_rows(estimate: Any) -> list[list[str]]:
-    """[component, how it was computed] for one estimate (its `explanations` mapping)."""
-    explanations = getattr(estimate, "explanations", None) or {}
-    return [[name.replace("_", " "), text] for name, text in explanations.items()]
+    """[component, how it was computed] for one estimate, then how they combine into the peak."""
+    rows = [[name.replace("_", " "), text] for name, text in estimate.explanations.items()]
+    rows.append(["peak", estimate.peak_explanation])
+    return rows
 
 
 @dataclass(frozen=True)
@@ -361,31 +365,46 @@ def _display(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
-        return f"{value:.0e}" if 0 < abs(value) < 1e-3 else f"{value:g}"
+        return f"{value:.3g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(map(str, value))
     return "-" if value is None else str(value)
 
 
+#: Labels of advised values that are not a single plan widget.
+ADVICE_LABELS = {
+    "effective_batch": "Effective batch",
+    "total_steps": "Total steps",
+    "preference_method": "RLHF or DPO",
+    "forgetting_monitor": "Forgetting monitor",
+    "quant_bits": "QLoRA base bits",
+}
+
+
 def recommendation_rows(advice: Mapping[str, Any], current: Mapping[str, Any] | None = None) -> list[list[str]]:
-    """[setting, value, why] per recommended value. `advice` maps a dotted plan setting to an object with
-    `value`, `reason` and `rule` (B's Advice). When the page's current value (`current`, keyed by widget
-    name) differs from the advice, the row shows yours and says "set by you"."""
+    """[setting, value, why] per recommended value that applies. `advice` maps an advisor name (which is
+    the widget name for the settings the page edits) to an Advice (value, reason, rule, overridden). When
+    the page's current value (`current`, by widget name) differs from the advice, the row shows yours,
+    marked "set by you", with the recommendation beside it."""
     rows = []
     current = current or {}
-    for dotted, item in advice.items():
+    for name, item in advice.items():
         value = getattr(item, "value", item)
+        if value is None:
+            continue  # does not apply to this plan (e.g. a LoRA rank for full fine-tuning)
         reason = getattr(item, "reason", "") or ""
-        rule = getattr(item, "rule", "") or ""
         overridden = bool(getattr(item, "overridden", False))
-        widget = widget_for(dotted)
-        if widget is not None and widget in current and not _same(current[widget], value):
-            value, overridden = current[widget], True
-        label = LABELS.get(dotted, dotted)
-        why = f"set by you (recommended: {_display(getattr(item, 'value', item))}, {reason})" if overridden else reason
-        if rule and not overridden:
-            why = f"{why} [{rule}]" if why else f"[{rule}]"
-        rows.append([label, _display(value), why])
+        shown = value
+        if name in current and name in PLAN_WIDGETS and not _same(current[name], value):
+            shown, overridden = current[name], True
+        label = LABELS.get(PLAN_WIDGETS.get(name, ""), ADVICE_LABELS.get(name, name.replace("_", " ")))
+        if overridden and not _same(shown, value):
+            why = f"set by you (recommended {_display(value)}: {reason})"
+        elif overridden:
+            why = f"set by you: {reason}" if reason and not reason.startswith("set by you") else "set by you"
+        else:
+            why = reason
+        rows.append([label, _display(shown), why])
     return rows
 
 
@@ -456,3 +475,250 @@ def run_summary(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         elif kind == "forgetting" and isinstance(event.get("degradation_pct"), (int, float)):
             summary["degradation_pct"] = event["degradation_pct"]
     return summary
+
+
+# -- menus ------------------------------------------------------------------------------------------------
+
+#: Bundled datasets offered in the dataset menu (name -> what it is).
+BUNDLED_DATASETS = {
+    "demo-sft": "dates written out (chat SFT)",
+    "demo-preference": "dates, chosen vs rejected (DPO / reward model)",
+}
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """(label, value) for the model menu: the bundled demo model, then the catalogue."""
+    from advisor import specs
+
+    return [("demo (bundled offline model)", "demo")] + [(name, name) for name in specs.catalogue_names()]
+
+
+def gpu_choices() -> list[tuple[str, str]]:
+    """(label, value) for the GPU menu: no GPU first, then the known GPUs with their memory."""
+    from advisor import gpus
+
+    return [("No GPU: demo on the CPU", NO_GPU)] + [(f"{g.name} ({g.memory_gb:.0f} GB)", g.name) for g in gpus.GPUS]
+
+
+def dataset_choices() -> list[tuple[str, str]]:
+    """(label, value) for the dataset menu."""
+    return [(f"{name}: {what}", name) for name, what in BUNDLED_DATASETS.items()]
+
+
+def model_summary(name: str):
+    """(ModelSpec, ParamCounts) of a model name (ModelNotFound names the fix)."""
+    from advisor import specs
+
+    spec = specs.resolve_model(name)
+    return spec, specs.param_counts(spec)
+
+
+# -- the advice step ------------------------------------------------------------------------------------
+
+#: The plan widgets the advisor fills in (the others come from steps 1 and 2 or keep their values).
+ADVISED_WIDGETS = (
+    "method", "precision", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "double_quant",
+    "gradient_checkpointing", "attn", "shard", "learning_rate", "warmup_ratio", "epochs", "micro_batch",
+    "grad_accum", "seq_len", "packing", "replay_fraction", "ewc_lambda", "beta", "kl_coef",
+)
+
+#: Step-2 widgets that are advisor inputs, not plan settings.
+ADVISOR_ONLY_WIDGETS = ("task", "domain", "priority", "quantized_inference")
+
+
+@dataclass(frozen=True)
+class Advised:
+    """What the plan step shows after asking the advisor."""
+
+    plan: Plan
+    """The recommended plan (with the page's choices of model, data, goal and hardware)."""
+    values: dict
+    """Advice by advisor name (recommend.PLAN_FIELDS keys) -> Advice."""
+    target_choices: list
+    """Module names offered for LoRA targets (the architecture's real linear layers)."""
+    notes_markdown: str
+    """Memory verdict, warnings and notes as markdown."""
+
+
+def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
+           overrides: Mapping[str, Any] | None = None, max_steps: int | None = None) -> Advised:
+    """Ask the advisor for the page's model, data, goal and hardware (`values` by widget name: model,
+    dataset, goal, gpu, num_gpus, task, domain, priority, quantized_inference). `profile` is the dataset
+    profile's dict when known; `overrides` (widget name -> value) are kept as "set by you"."""
+    from advisor import recommend as rec_mod
+    from advisor import specs
+
+    goal = str(values.get("goal") or "sft")
+    stage, pipeline = ("sft", goal.split(":", 1)[1]) if goal.startswith("pipeline:") else (goal, "none")
+    gpu = values.get("gpu")
+    gpu = None if _blank(gpu) or gpu == NO_GPU else str(gpu)
+    examples = int(profile["examples"]) if profile and profile.get("examples") else 1000
+    tokens = None
+    if profile and profile.get("tokens", {}).get("estimated_total"):
+        tokens = int(profile["tokens"]["estimated_total"]) or None
+    seq_len = int(profile["recommended_seq_len"]) if profile and profile.get("recommended_seq_len") else None
+    inputs = rec_mod.AdvisorInputs(
+        model=str(values.get("model") or "demo").strip(),
+        examples=examples,
+        tokens=tokens,
+        task=str(values.get("task") or "instruction"),
+        domain_shift=str(values.get("domain") or "medium"),
+        gpu=gpu,
+        num_gpus=int(_whole(values.get("num_gpus") or 1)) if gpu else 1,
+        priority=str(values.get("priority") or "balanced"),
+        quantized_inference=bool(values.get("quantized_inference")),
+        stage=stage,
+        pipeline=pipeline,
+        seq_len=seq_len,
+    )
+    kept = {}
+    for name, value in (overrides or {}).items():
+        if name in rec_mod.PLAN_FIELDS and name in ADVISED_WIDGETS and not _blank(value):
+            kept[name] = tuple(value) if isinstance(value, list) else _whole(value)
+    recommendation = rec_mod.recommend(inputs, kept or None)
+    base = Plan()
+    if not _blank(values.get("dataset")):
+        base = base.with_overrides({"data.dataset": str(values["dataset"])})
+    if profile and "pack" in profile:
+        base = base.with_overrides({"data.packing": bool(profile["pack"])})
+    if max_steps:
+        base = base.with_overrides({"training.max_steps": max_steps})
+    plan = recommendation.to_plan(base, allow_unfit=True)
+    if gpu is None:
+        plan = plan.with_overrides({"hardware.device": "cpu"})
+    spec = specs.resolve_model(inputs.model)
+    choices: list[str] = []
+    for names in specs.target_module_sets(spec).values():
+        for module in names:
+            if module not in choices:
+                choices.append(module)
+    for module in specs.linear_layers(spec):
+        if module not in choices:
+            choices.append(module)
+    if "all-linear" not in choices:
+        choices.append("all-linear")
+    return Advised(plan, dict(recommendation.values), choices, notes_markdown(recommendation))
+
+
+def notes_markdown(recommendation: Any) -> str:
+    """The advisor's memory verdict, warnings and notes, as markdown for the plan step."""
+    lines = []
+    memory = recommendation.memory
+    if memory.checked:
+        if memory.fits:
+            lines.append(f"**Fits** {memory.gpu}: about {gb(memory.total_bytes)} GB per GPU for the recommended setup"
+                         + (f", up to micro-batch {memory.max_micro_batch}." if memory.max_micro_batch else "."))
+        else:
+            lines.append(f"**Does not fit** {memory.gpu}: needs {gb(memory.total_bytes)} GB per GPU. "
+                         + ("Closest fixes: " + "; ".join(memory.fixes) if memory.fixes else ""))
+    else:
+        lines.append(f"No GPU chosen: about {gb(memory.total_bytes)} GB for the recommended setup (not checked "
+                     "against a card; pick one in step 1 to size the plan for it).")
+    for warning in recommendation.warnings:
+        lines.append(f"- **Warning:** {warning}")
+    for note in recommendation.notes:
+        lines.append(f"- {note}")
+    return "\n".join(lines)
+
+
+# -- the plan step's memory and fit ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """Everything the plan step shows about a plan's memory."""
+
+    memory: tuple[list[str], list[list[Any]]]
+    """(headers, rows) of the Full / LoRA / QLoRA memory table."""
+    stacked: dict[str, dict[str, int]]
+    """Method label -> component -> bytes, for the stacked-bar chart."""
+    gpu_bytes: int | None
+    """The chosen GPU's memory (None: no GPU chosen)."""
+    gpu_label: str
+    """The chosen GPU in words."""
+    fit: tuple[list[str], list[list[Any]]]
+    """(headers, rows) of the GPU-fit table: the plan's setup on every known GPU."""
+    status_markdown: str
+    """One paragraph: what the plan needs and whether it fits the chosen GPU, or the cheapest fix."""
+    explanations: list[list[str]]
+    """How each component of the plan's own method was computed."""
+
+
+def plan_view(plan: Plan) -> PlanView:
+    """Memory of `plan` for full / LoRA / QLoRA, and how the plan's own setup fits every known GPU."""
+    import dataclasses
+
+    from advisor import gpus, memory, specs
+
+    spec = specs.resolve_model(plan.model.name)
+    setup = memory.setup_from_plan(plan)
+    estimates = {}
+    for method, label in METHOD_LABELS.items():
+        changes: dict[str, Any] = {"method": method}
+        if method == "qlora" and setup.precision == "fp32":
+            changes["precision"] = "bf16"  # QLoRA computes in 16 bit
+        if method == "qlora" and setup.stage == "ppo":
+            continue  # the plan refuses QLoRA for PPO
+        estimates[label] = memory.estimate(spec, dataclasses.replace(setup, **changes))
+    own = memory.estimate(spec, setup)
+    gpu = gpus.get_gpu(plan.hardware.gpu) if plan.hardware.gpu else None
+    if gpu is None and plan.hardware.gpu_memory_gb:
+        gpu = gpus.custom_gpu(plan.hardware.gpu_memory_gb)
+    rows = []
+    chosen_fit = None
+    for card in gpus.GPUS + ((gpu,) if gpu is not None and gpu not in gpus.GPUS else ()):
+        fit = memory.gpu_fit(spec, setup, int(card.memory_bytes))
+        if gpu is not None and card.name == gpu.name:
+            chosen_fit = fit
+        rows.append(FitRow(card.name + (" (yours)" if gpu is not None and card.name == gpu.name else ""),
+                           round(card.memory_bytes / GB, 1), METHOD_LABELS[setup.method], fit.fits,
+                           fit.max_micro_batch, fit.max_seq_len, fit.cheapest_fix or ""))
+    per_gpu = f" per GPU ({plan.hardware.num_gpus} GPUs, {plan.hardware.shard})" if plan.hardware.num_gpus > 1 else ""
+    need = (f"This plan ({METHOD_LABELS[setup.method]}, micro-batch {setup.micro_batch} x {setup.seq_len} tokens) "
+            f"needs **{gb(own.total_bytes)} GB**{per_gpu}: {gb(own.peak_allocated_bytes)} GB of tensors at the peak, "
+            f"plus the CUDA context and allocator slack.")
+    if gpu is None:
+        verdict = " No GPU chosen: it trains on the CPU here (the table below shows which GPUs would fit it)."
+    elif chosen_fit.fits:
+        verdict = (f" **It fits your {gpu.name}** ({gb(gpu.memory_bytes, 0)} GB) with {gb(chosen_fit.headroom_bytes)} GB "
+                   f"to spare; the largest micro-batch is {chosen_fit.max_micro_batch}.")
+    else:
+        verdict = (f" **It does not fit your {gpu.name}** ({gb(gpu.memory_bytes, 0)} GB). "
+                   + (chosen_fit.cheapest_fix or "Choose a larger GPU or a smaller model."))
+    if own.rough or spec.rough:
+        verdict += " *(Rough mode: the model's shape is guessed from its size.)*"
+    return PlanView(
+        memory=memory_rows(estimates),
+        stacked={label: dict(est.components) for label, est in estimates.items()},
+        gpu_bytes=int(gpu.memory_bytes) if gpu is not None else None,
+        gpu_label=gpu.name if gpu is not None else "",
+        fit=fit_rows(rows),
+        status_markdown=need + verdict,
+        explanations=explanation_rows(own),
+    )
+
+
+def guide_rows() -> tuple[list[str], list[list[Any]]]:
+    """(headers, rows): the guide's quick-reference table (7B / 13B / 70B, GB) beside our estimate."""
+    from advisor import memory
+
+    by_size: dict[str, dict[str, Any]] = {}
+    for row in memory.guide_table():
+        by_size.setdefault(row.size, {})[row.method] = row
+    headers = ["model", "Full: guide", "Full: ours", "LoRA: guide", "LoRA: ours", "QLoRA: guide", "QLoRA: ours"]
+    rows = []
+    for size, cells in by_size.items():
+        line = [f"{size} ({next(iter(cells.values())).model_id.split('/')[-1]})"]
+        for method in ("full", "lora", "qlora"):
+            cell = cells.get(method)
+            line += [gb(cell.guide_bytes, 0), gb(cell.estimate_bytes, 1)] if cell else ["-", "-"]
+        rows.append(line)
+    return headers, rows
+
+
+def guide_note() -> str:
+    """The sentence explaining why the guide's figures differ from ours, and what ours assume."""
+    from advisor import memory
+
+    return (memory.GUIDE_TABLE_NOTE + "\n\n*Ours: micro-batch 1, 512 tokens, sdpa attention; full fine-tuning "
+            "with mixed-precision AdamW, LoRA / QLoRA rank 16 on the attention projections in bf16.*")
