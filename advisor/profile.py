@@ -819,16 +819,17 @@ def _nice_width(span: int, max_bins: int) -> int:
 
 
 def histogram(lengths: Sequence[int], max_bins: int = 20) -> Histogram:
-    """Equal-width bins starting at 0 with a round width (1, 2, 5 x 10^k tokens)."""
+    """Equal-width bins with a round width (1, 2, 5 x 10^k tokens), from the shortest length (rounded down) to the longest."""
     if not lengths:
         return Histogram((0, 1), (0,))
     top = max(lengths)
-    width = _nice_width(top + 1, max_bins)
-    bins = top // width + 1
+    width = _nice_width(top - min(lengths) + 1, max_bins)
+    start = min(lengths) // width * width
+    bins = (top - start) // width + 1
     counts = [0] * bins
     for length in lengths:
-        counts[length // width] += 1
-    return Histogram(tuple(i * width for i in range(bins + 1)), tuple(counts))
+        counts[(length - start) // width] += 1
+    return Histogram(tuple(start + i * width for i in range(bins + 1)), tuple(counts))
 
 
 def seq_len_ladder(limit: int = 1 << 20) -> list[int]:

@@ -9,6 +9,7 @@ import pytest
 from advisor.errors import DatasetError
 from advisor.profile import (
     detect_format,
+    Histogram,
     histogram,
     normalize_record,
     percentile,
@@ -198,3 +199,4 @@ def test_seq_len_and_percentile_arithmetic():
     assert recommend_seq_len(700, None)[0] == 768
     assert recommend_seq_len(5000, 4096)[0] == 4096
     assert histogram([0, 5, 9, 10, 39]).edges[:3] == (0, 2, 4)
+    assert histogram([20, 21, 23]) == Histogram((20, 21, 22, 23, 24), (1, 1, 0, 1))

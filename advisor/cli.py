@@ -1,0 +1,350 @@
+"""The planning subcommands of `tunewise`: plan (memory), recommend (advice), profile (data).
+
+`register(subparsers)` adds them to the top-level parser in `cli.py`; each sets
+`func`, which prints a readable report (or JSON with `--json`) and returns the
+exit code. Bad input raises `TunewiseError`, which `cli.py` prints as
+`error: ...` with exit code 2. No torch import anywhere on this path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from advisor.errors import TunewiseError
+from advisor.plan import ATTENTIONS, METHODS, OPTIMIZERS, PRECISIONS, SHARDINGS, STAGES, Plan, PlanError
+
+GB = 1e9
+
+
+def _gb(num_bytes: int | float | None) -> str:
+    """Bytes as GB (1e9) with 2 decimals, the unit of every table here."""
+    return "-" if num_bytes is None else f"{num_bytes / GB:.2f}"
+
+
+def register(subparsers) -> None:
+    """Add `plan`, `recommend` and `profile` to the `tunewise` parser."""
+    plan = subparsers.add_parser(
+        "plan",
+        help="estimate GPU memory for full / LoRA / QLoRA fine-tuning",
+        description="Estimate training memory per GPU, component by component, for one method or all three.",
+    )
+    plan.add_argument("--model", required=True, help="catalogue id or alias, local directory with config.json, or a size like 7B")
+    plan.add_argument("--method", choices=METHODS, help="estimate one method (default: all three)")
+    plan.add_argument("--stage", choices=STAGES, default="sft", help="sft (default), rm, dpo or ppo")
+    plan.add_argument("--micro-batch", type=int, help="examples per GPU per forward pass (default 4)")
+    plan.add_argument("--seq-len", type=int, help="tokens per example (default 512)")
+    plan.add_argument("--precision", choices=PRECISIONS, help="bf16 (default), fp16, fp32 or amp (fp32 master weights)")
+    plan.add_argument("--optimizer", choices=OPTIMIZERS, help="default adamw")
+    plan.add_argument("--lora-rank", type=int, help="LoRA rank r (default 16)")
+    plan.add_argument("--lora-targets", help="comma-separated module names, or all-linear (default: the guide's recommended set, all attention)")
+    plan.add_argument("--lora-dropout", type=float, help="default 0.05")
+    plan.add_argument("--quant-bits", type=int, choices=(4, 8), help="QLoRA base: 4 (NF4, default) or 8")
+    plan.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None, help="QLoRA double quantization (default on)")
+    plan.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="recompute activations (default off)")
+    plan.add_argument("--attn", choices=ATTENTIONS, help="attention kernel: eager or sdpa (default)")
+    plan.add_argument("--gpus", type=int, help="number of GPUs (default 1)")
+    plan.add_argument("--shard", choices=SHARDINGS, help="none (DDP, default), zero2 or zero3")
+    plan.add_argument("--cpu-offload", action="store_true", default=None, help="offload optimizer state to the CPU (needs --shard)")
+    plan.add_argument("--gpu", help="GPU name (e.g. A100-80GB, T4) to check the fit on")
+    plan.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GB to check the fit on (overrides --gpu's)")
+    plan.add_argument("--explain", action="store_true", help="show how each component was computed")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.set_defaults(func=cmd_plan)
+
+    rec = subparsers.add_parser(
+        "recommend",
+        help="recommend a method and hyperparameters, each with the guide rule behind it",
+        description="Apply the fine-tuning guide's rules to your model, data, goal and GPU.",
+    )
+    rec.add_argument("--model", required=True, help="catalogue id or alias, local directory, or a size like 7B")
+    rec.add_argument("--examples", type=int, required=True, help="training examples (pairs for preference stages)")
+    rec.add_argument("--task", required=True, choices=("classification", "qa", "summarization", "instruction", "max"),
+                     help="task complexity (the guide's rank table)")
+    rec.add_argument("--tokens", type=int, help="total training tokens, when known")
+    rec.add_argument("--domain-shift", choices=("low", "medium", "high"), default="medium", help="how different the task is from pretraining")
+    rec.add_argument("--priority", choices=("quality", "balanced", "memory"), default="balanced")
+    rec.add_argument("--gpu", help="GPU name (e.g. A100-80GB, T4)")
+    rec.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GB (for a GPU not in the list)")
+    rec.add_argument("--gpus", type=int, default=1, help="number of GPUs")
+    rec.add_argument("--stage", choices=STAGES, default="sft")
+    rec.add_argument("--pipeline", choices=("none", "rlhf", "dpo", "compare"), default="none")
+    rec.add_argument("--quantized-inference", action="store_true", help="the model will be served quantized")
+    rec.add_argument("--will-merge", action="store_true", help="the adapter will be merged back into a 16-bit model")
+    rec.add_argument("--preserve-original", action="store_true", help="forgetting original abilities is a concern")
+    rec.add_argument("--seq-len", type=int, help="training sequence length (e.g. from `tunewise profile`)")
+    rec.add_argument("--sft-model", help="for dpo / ppo: the SFT model to start from")
+    rec.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                     help="fix one value yourself (e.g. --set lora_rank=32); repeatable")
+    rec.add_argument("--save", metavar="PLAN.yaml", help="write the recommended plan to this file")
+    rec.add_argument("--json", action="store_true", help="print JSON")
+    rec.set_defaults(func=cmd_recommend)
+
+    prof = subparsers.add_parser(
+        "profile",
+        help="profile a dataset: format, examples, token lengths, sequence length and packing",
+        description="Read a local JSONL / JSON / CSV / Parquet / text file (or a bundled demo name) and profile it.",
+    )
+    prof.add_argument("dataset", help="a file, or a bundled name (demo-sft, demo-preference, demo-original, demo-pretrain)")
+    prof.add_argument("--model", help="count tokens with this model's tokenizer.json when it is on this machine")
+    prof.add_argument("--format", default="auto", choices=("auto", "text", "prompt_completion", "messages", "preference"))
+    prof.add_argument("--max-rows", type=int, default=100_000, help="profile at most this many rows")
+    prof.add_argument("--json", action="store_true", help="print JSON")
+    prof.set_defaults(func=cmd_profile)
+
+
+# -- plan -----------------------------------------------------------------------------------------------
+
+
+def _plan_overrides(args, spec) -> dict[str, Any]:
+    """CLI flags as dotted plan settings (unset flags are None and skipped by with_overrides)."""
+    from advisor import specs
+
+    targets = args.lora_targets
+    if targets is None:
+        targets = specs.target_module_sets(spec)["recommended"]
+    return {
+        "model.name": args.model,
+        "stage": args.stage,
+        "training.micro_batch": args.micro_batch,
+        "training.seq_len": args.seq_len,
+        "method.precision": args.precision,
+        "method.optimizer": args.optimizer,
+        "method.lora_rank": args.lora_rank,
+        "method.lora_targets": targets,
+        "method.lora_dropout": args.lora_dropout,
+        "method.quant_bits": args.quant_bits,
+        "method.double_quant": args.double_quant,
+        "method.gradient_checkpointing": args.gradient_checkpointing,
+        "method.attn": args.attn,
+        "hardware.num_gpus": args.gpus,
+        "hardware.shard": args.shard,
+        "hardware.cpu_offload": args.cpu_offload,
+    }
+
+
+def _gpu_bytes(gpu_name: str | None, gpu_memory_gb: float | None) -> tuple[str | None, int | None]:
+    """(label, bytes per GPU) from --gpu / --gpu-memory-gb, or (None, None)."""
+    label, num_bytes = None, None
+    if gpu_name:
+        from advisor import gpus
+
+        gpu = gpus.find_gpu(gpu_name)
+        label, num_bytes = gpu.name, int(gpu.memory_bytes)
+    if gpu_memory_gb is not None:
+        if gpu_memory_gb <= 0:
+            raise TunewiseError(f"--gpu-memory-gb must be a positive number of GB, got {gpu_memory_gb:g}", field="gpu_memory_gb")
+        num_bytes = int(gpu_memory_gb * GB)
+        label = label or f"{gpu_memory_gb:g} GB GPU"
+    return label, num_bytes
+
+
+def build_plan_report(args) -> dict:
+    """Everything `tunewise plan` prints, as the JSON object (the table is drawn from it)."""
+    from advisor import memory, specs
+
+    spec = specs.resolve_model(args.model)
+    counts = specs.param_counts(spec)
+    overrides = _plan_overrides(args, spec)
+    base = Plan().with_overrides(overrides)  # PlanError names a bad flag (e.g. method.lora_rank)
+    gpu_label, gpu_bytes = _gpu_bytes(args.gpu, args.gpu_memory_gb)
+    methods = [args.method] if args.method else list(METHODS)
+    estimates, skipped = [], []
+    for method in methods:
+        try:
+            plan = base.with_overrides({"method.method": method})
+        except PlanError as exc:
+            if args.method:
+                raise
+            skipped.append({"method": method, "reason": str(exc)})
+            continue
+        setup = memory.setup_from_plan(plan)
+        result = memory.estimate(spec, setup)
+        entry: dict[str, Any] = {
+            "method": method,
+            "components": {name: int(value) for name, value in result.components.items()},
+            "peak_allocated_bytes": int(result.peak_allocated_bytes),
+            "total_bytes": int(result.total_bytes),
+            "explanations": dict(result.explanations),
+        }
+        if gpu_bytes is not None:
+            fit = memory.gpu_fit(spec, setup, gpu_bytes)
+            entry.update({
+                "fits": bool(fit.fits),
+                "max_micro_batch": int(fit.max_micro_batch or 0),
+                "max_seq_len": int(fit.max_seq_len or 0),
+                "cheapest_fix": fit.cheapest_fix,
+            })
+        estimates.append(entry)
+    first_plan = base.with_overrides({"method.method": estimates[0]["method"]}) if estimates else base
+    report = {
+        "model": {
+            "name": args.model,
+            "id": spec.id,
+            "model_type": spec.model_type,
+            "rough": bool(getattr(spec, "rough", False)),
+            "params_total": int(counts.total),
+            "params": {
+                "embeddings": int(counts.embeddings),
+                "attention": int(counts.attention),
+                "mlp": int(counts.mlp),
+                "norms": int(counts.norms),
+                "lm_head": int(counts.lm_head),
+                "quantizable": int(counts.quantizable),
+            },
+        },
+        "setup": {
+            "stage": first_plan.stage,
+            "micro_batch": first_plan.training.micro_batch,
+            "seq_len": first_plan.training.seq_len,
+            "precision": first_plan.method.precision,
+            "optimizer": first_plan.method.optimizer,
+            "gradient_checkpointing": first_plan.method.gradient_checkpointing,
+            "attn": first_plan.method.attn,
+            "lora_rank": first_plan.method.lora_rank,
+            "lora_targets": list(first_plan.method.lora_targets),
+            "quant_bits": first_plan.method.quant_bits,
+            "double_quant": first_plan.method.double_quant,
+            "num_gpus": first_plan.hardware.num_gpus,
+            "shard": first_plan.hardware.shard,
+        },
+        "estimates": estimates,
+    }
+    if gpu_bytes is not None:
+        report["gpu"] = {"name": gpu_label, "memory_bytes": gpu_bytes}
+    if skipped:
+        report["skipped"] = skipped
+    return report
+
+
+def format_plan_report(report: dict, explain: bool = False) -> str:
+    """The plan report as a table: components down, methods across, GB with 2 decimals."""
+    model = report["model"]
+    setup = report["setup"]
+    lines = [
+        f"{model['id']} ({model['model_type']}): {model['params_total'] / 1e9:.3f}B parameters"
+        + (" (rough: from the size alone)" if model.get("rough") else ""),
+        f"stage {setup['stage']}, micro-batch {setup['micro_batch']}, seq {setup['seq_len']}, {setup['precision']}, "
+        f"{setup['optimizer']}, gradient checkpointing {'on' if setup['gradient_checkpointing'] else 'off'}, "
+        f"attn {setup['attn']}, LoRA r{setup['lora_rank']} on {','.join(setup['lora_targets'])}, "
+        f"{setup['num_gpus']} GPU{'s' if setup['num_gpus'] > 1 else ''} ({setup['shard']})",
+        "memory per GPU in GB (1e9 bytes)",
+        "",
+    ]
+    estimates = report["estimates"]
+    names: list[str] = []
+    for entry in sorted(estimates, key=lambda e: -len(e["components"])):
+        for name in entry["components"]:
+            if name not in names:
+                names.append(name)
+    rows = [[name] + [_gb(entry["components"].get(name)) for entry in estimates] for name in names]
+    rows.append(["peak allocated"] + [_gb(entry["peak_allocated_bytes"]) for entry in estimates])
+    rows.append(["total (GPU must hold)"] + [_gb(entry["total_bytes"]) for entry in estimates])
+    if "gpu" in report:
+        rows.append([f"fits {report['gpu']['name']} ({_gb(report['gpu']['memory_bytes'])})"]
+                    + ["yes" if entry["fits"] else "NO" for entry in estimates])
+        rows.append(["max micro-batch"] + [str(entry["max_micro_batch"]) for entry in estimates])
+        rows.append(["max seq len"] + [str(entry["max_seq_len"]) for entry in estimates])
+    header = ["component"] + [entry["method"] for entry in estimates]
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
+    lines.append("  ".join(h.ljust(widths[0]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(header)))
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i]) for i, c in enumerate(row)))
+    if "gpu" in report:
+        for entry in estimates:
+            if not entry["fits"] and entry.get("cheapest_fix"):
+                lines.append(f"{entry['method']} does not fit: {entry['cheapest_fix']}")
+    for item in report.get("skipped", []):
+        lines.append(f"{item['method']} skipped: {item['reason']}")
+    if explain:
+        for entry in estimates:
+            lines.append("")
+            lines.append(f"{entry['method']}:")
+            for name, text in entry["explanations"].items():
+                lines.append(f"  {name}: {text}")
+    return "\n".join(lines)
+
+
+def cmd_plan(args) -> int:
+    report = build_plan_report(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_plan_report(report, explain=args.explain))
+    return 0
+
+
+# -- recommend -----------------------------------------------------------------------------------------
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    """--set NAME=VALUE pairs; values parsed as YAML scalars (32 -> int, 2e-4 -> float, true -> bool)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise TunewiseError(f"--set {item!r}: write NAME=VALUE, e.g. --set lora_rank=32", field="set")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, str) and "," in value:
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        out[name.strip()] = value
+    return out
+
+
+def cmd_recommend(args) -> int:
+    from advisor.recommend import AdvisorInputs, format_recommendation, recommend
+
+    inputs = AdvisorInputs(
+        model=args.model,
+        examples=args.examples,
+        tokens=args.tokens,
+        task=args.task,
+        domain_shift=args.domain_shift,
+        gpu=args.gpu,
+        gpu_memory_gb=args.gpu_memory_gb,
+        num_gpus=args.gpus,
+        priority=args.priority,
+        quantized_inference=args.quantized_inference,
+        stage=args.stage,
+        pipeline=args.pipeline,
+        will_merge=args.will_merge,
+        preserve_original=args.preserve_original,
+        seq_len=args.seq_len,
+        sft_model=args.sft_model,
+    )
+    rec = recommend(inputs, _parse_set(args.set))
+    saved = None
+    if args.save:
+        plan = rec.to_plan()
+        saved = str(plan.save(args.save))
+    if args.json:
+        out = rec.to_dict()
+        if saved:
+            out["saved"] = saved
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_recommendation(rec))
+        if saved:
+            print(f"plan written to {saved}")
+    return 0
+
+
+# -- profile -------------------------------------------------------------------------------------------
+
+
+def cmd_profile(args) -> int:
+    from advisor.profile import format_profile, profile_dataset
+
+    profile = profile_dataset(args.dataset, model=args.model, max_rows=args.max_rows, expected_format=args.format)
+    if args.json:
+        print(json.dumps(profile.to_dict(), indent=2))
+    else:
+        print(format_profile(profile))
+    return 0

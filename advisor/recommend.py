@@ -1,0 +1,1082 @@
+"""The advisor: the guide's rules turned into a recommended plan, every value with its reason.
+
+`recommend(AdvisorInputs(...))` applies the rules of the fine-tuning guide
+(`../shared/guide/fine-tuning-guide.md`) to the user's model, data, goal and
+hardware, and returns a `Recommendation`: one `Advice(value, reason, rule,
+overridden)` per setting, warnings drawn from the guide's risks, and notes.
+
+Each `reason` quotes the guide rule that produced the value ("guide: LoRA rank
+table, complex (instruction following) -> 64-128"); values the guide does not
+fix (epochs, effective batch) are labelled "Tunewise heuristic" with the
+reasoning, and figures from elsewhere carry their source.
+
+Memory is never guessed: the method, gradient checkpointing, optimizer,
+sharding and micro-batch are chosen by asking the estimator
+(`advisor.memory.gpu_fit`) whether each candidate fits the chosen GPUs, in
+the order the guide prefers, falling back (full -> LoRA -> QLoRA) and saying
+why. When nothing fits, the recommendation says so and names the closest fixes
+(more GPUs with ZeRO-3, a larger GPU, a smaller model) instead of pretending.
+
+`Recommendation.with_override(name, value)` re-runs the rules with the user's
+value fixed (marked "set by you"), so dependent values and the memory fit
+follow; `Recommendation.to_plan(base)` maps the advice onto a `Plan`.
+
+Pure Python: no torch, transformers or gradio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from advisor.errors import TunewiseError
+
+TASKS = ("classification", "qa", "summarization", "instruction", "max")
+DOMAIN_SHIFTS = ("low", "medium", "high")
+PRIORITIES = ("quality", "balanced", "memory")
+STAGES = ("sft", "rm", "dpo", "ppo")
+PIPELINES = ("none", "rlhf", "dpo", "compare")
+
+SET_BY_YOU = "set by you"
+
+# -- the guide's tables, as data -------------------------------------------------------------------
+
+#: Guide, LoRA "Rank (r)" table: task complexity -> (low, high) of the recommended rank.
+RANK_TABLE = {
+    "classification": (4, 8),
+    "qa": (16, 32),
+    "summarization": (16, 32),
+    "instruction": (64, 128),
+    "max": (256, 256),
+}
+
+#: The table's row names, quoted in reasons.
+RANK_TABLE_ROWS = {
+    "classification": "simple (classification) -> 4-8",
+    "qa": "medium (QA, summarization) -> 16-32",
+    "summarization": "medium (QA, summarization) -> 16-32",
+    "instruction": "complex (instruction following) -> 64-128",
+    "max": "maximum adaptation -> 256",
+}
+
+#: Guide learning-rate ranges: full fine-tuning "1e-5 to 5e-5"; LoRA "1e-4 to 3e-4" (QLoRA trains LoRA adapters too).
+LR_RANGES = {"full": (1e-5, 5e-5), "lora": (1e-4, 3e-4), "qlora": (1e-4, 3e-4)}
+
+#: Guide: "Short warmup (5-10% of steps)".
+WARMUP_RANGE = (0.05, 0.10)
+
+#: Guide, DPO: "Typical: 0.1-0.5".
+DPO_BETA_RANGE = (0.1, 0.5)
+
+#: Guide, PPO: "Typical KL coefficient: 0.01-0.1".
+PPO_KL_RANGE = (0.01, 0.1)
+
+#: Guide, replay buffer: "1-10% pretraining data typically sufficient".
+REPLAY_RANGE = (0.01, 0.10)
+
+#: Guide, full fine-tuning "when to use": "Large dataset (>100k examples)".
+FULL_FT_MIN_EXAMPLES = 100_000
+
+#: Guide, SFT stage: "10k-100k examples typically".
+SFT_TYPICAL_EXAMPLES = (10_000, 100_000)
+
+#: "Far below" the guide's 10k: an order of magnitude under it.
+SFT_FAR_BELOW = 1_000
+
+#: Guide, target modules: which set each task gets before the priority adjusts it.
+TARGET_SET_BY_TASK = {
+    "classification": "minimum",
+    "qa": "recommended",
+    "summarization": "recommended",
+    "instruction": "recommended",
+    "max": "maximum",
+}
+TARGET_SETS = ("minimum", "recommended", "maximum")
+
+#: QLoRA paper (Dettmers et al. 2023, appendix on hyperparameters): "We set LoRA dropout to 0.1 for
+#: models up to 13B and to 0.05 for 33B and 65B models."
+LORA_DROPOUT_SMALL, LORA_DROPOUT_LARGE, LORA_DROPOUT_SIZE_SPLIT = 0.1, 0.05, 20e9
+
+#: Our starting EWC strength for the trainer's normalised Fisher (see trainer/forgetting.py): a
+#: starting point to tune with the forgetting monitor, not a figure from the guide.
+EWC_START_LAMBDA = 1.0
+
+#: Micro-batch sizes tried, largest first.
+MICRO_BATCHES = (64, 32, 16, 8, 4, 2, 1)
+
+#: GPU counts tried when suggesting "more GPUs" for a plan that does not fit.
+GPU_COUNTS = (2, 4, 8, 16, 32, 64)
+
+#: Advice names, in display order, and the plan field each maps onto (None: information only).
+PLAN_FIELDS: dict[str, str | None] = {
+    "method": "method.method",
+    "precision": "method.precision",
+    "optimizer": "method.optimizer",
+    "gradient_checkpointing": "method.gradient_checkpointing",
+    "attn": "method.attn",
+    "lora_rank": "method.lora_rank",
+    "lora_alpha": "method.lora_alpha",
+    "lora_targets": "method.lora_targets",
+    "lora_dropout": "method.lora_dropout",
+    "quant_bits": "method.quant_bits",
+    "double_quant": "method.double_quant",
+    "shard": "hardware.shard",
+    "seq_len": "training.seq_len",
+    "micro_batch": "training.micro_batch",
+    "grad_accum": "training.grad_accum",
+    "effective_batch": None,
+    "learning_rate": "training.learning_rate",
+    "warmup_ratio": "training.warmup_ratio",
+    "epochs": "training.epochs",
+    "total_steps": None,
+    "forgetting_monitor": "forgetting.monitor",
+    "replay_fraction": "forgetting.replay_fraction",
+    "ewc_lambda": "forgetting.ewc_lambda",
+    "beta": "preference.beta",
+    "kl_coef": "preference.kl_coef",
+    "preference_method": None,
+}
+
+
+# -- inputs and outputs -------------------------------------------------------------------------------
+
+
+def _bad(field_name: str, message: str) -> TunewiseError:
+    return TunewiseError(f"{field_name}: {message}", field=field_name)
+
+
+@dataclass(frozen=True)
+class AdvisorInputs:
+    """What the advisor needs to know about the model, the data, the goal and the hardware."""
+
+    model: str
+    """Catalogue id or alias, local directory with config.json, or a bare size ("7B")."""
+    examples: int
+    """Training examples (pairs, for preference stages)."""
+    tokens: int | None = None
+    """Total training tokens, when known (e.g. from the dataset profile)."""
+    task: str = "instruction"
+    """Task complexity, the guide's rank table rows: classification, qa, summarization, instruction, max."""
+    domain_shift: str = "medium"
+    """How different the task is from pretraining: low, medium or high."""
+    gpu: str | None = None
+    """GPU model name from the GPU list (e.g. "A100-80GB", "T4"); None with no gpu_memory_gb: no memory check."""
+    gpu_memory_gb: float | None = None
+    """Memory per GPU in GB (1e9 bytes) for a GPU not in the list; overrides the named GPU's memory."""
+    num_gpus: int = 1
+    """GPUs available."""
+    priority: str = "balanced"
+    """quality (quality-critical), balanced, or memory (memory-constrained)."""
+    quantized_inference: bool = False
+    """The tuned model will be served quantized (the guide's QLoRA case)."""
+    stage: str = "sft"
+    """sft, rm, dpo or ppo (the stage trained; pipelines set the heaviest one)."""
+    pipeline: str = "none"
+    """none, rlhf (sft -> rm -> ppo), dpo (sft -> dpo) or compare (both)."""
+    will_merge: bool = False
+    """The adapter will be merged back into a 16-bit model (the guide's LoRA case)."""
+    preserve_original: bool = False
+    """Forgetting the original abilities is a concern: choose the conservative options."""
+    seq_len: int | None = None
+    """Training sequence length, when known (e.g. the profile's recommendation)."""
+    sft_model: str | None = None
+    """For dpo / ppo: the SFT model the stage starts from (None: the base model)."""
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise _bad("model", "is empty: give a catalogue id, a local model directory or a size such as 7B")
+        if not isinstance(self.examples, int) or isinstance(self.examples, bool) or self.examples < 1:
+            raise _bad("examples", f"must be a whole number of at least 1, got {self.examples!r}")
+        if self.tokens is not None and (not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens < 1):
+            raise _bad("tokens", f"must be a whole number of at least 1, got {self.tokens!r}")
+        for name, allowed in (("task", TASKS), ("domain_shift", DOMAIN_SHIFTS), ("priority", PRIORITIES),
+                              ("stage", STAGES), ("pipeline", PIPELINES)):
+            if getattr(self, name) not in allowed:
+                raise _bad(name, f"{getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not isinstance(self.num_gpus, int) or isinstance(self.num_gpus, bool) or not 1 <= self.num_gpus <= 1024:
+            raise _bad("num_gpus", f"must be a whole number from 1 to 1024, got {self.num_gpus!r}")
+        if self.gpu_memory_gb is not None and (
+            isinstance(self.gpu_memory_gb, bool) or not isinstance(self.gpu_memory_gb, (int, float))
+            or not math.isfinite(self.gpu_memory_gb) or self.gpu_memory_gb <= 0
+        ):
+            raise _bad("gpu_memory_gb", f"must be a positive number of GB, got {self.gpu_memory_gb!r}")
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 1):
+            raise _bad("seq_len", f"must be a whole number of at least 1, got {self.seq_len!r}")
+
+    @property
+    def heaviest_stage(self) -> str:
+        """The stage whose memory decides the fit: a pipeline's PPO or DPO step, else the stage itself."""
+        return {"rlhf": "ppo", "compare": "ppo", "dpo": "dpo"}.get(self.pipeline, self.stage)
+
+    @property
+    def preference_stages(self) -> tuple[str, ...]:
+        """The preference stages this run includes."""
+        if self.pipeline == "rlhf":
+            return ("rm", "ppo")
+        if self.pipeline == "dpo":
+            return ("dpo",)
+        if self.pipeline == "compare":
+            return ("rm", "ppo", "dpo")
+        return (self.stage,) if self.stage != "sft" else ()
+
+
+@dataclass(frozen=True)
+class Advice:
+    """One recommended value and why."""
+
+    value: Any
+    """The value (None: does not apply to this plan, e.g. a LoRA rank for full fine-tuning)."""
+    reason: str
+    """The rule that produced it, quoted ("guide: ..."), or "set by you"."""
+    rule: str
+    """Short id of the rule (method_when_to_use, lora_rank_table, ...), for tests and the UI."""
+    overridden: bool = False
+    """True when the user set this value."""
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """How the recommended setup fits the GPUs, from the estimator."""
+
+    checked: bool
+    """False when no GPU (or GPU memory) was given: nothing was checked."""
+    fits: bool
+    """The recommended setup fits at its micro-batch (True when not checked)."""
+    gpu: str | None
+    """The GPU planned for, in words ("1 x A100-80GB (80.00 GB)")."""
+    gpu_bytes: int | None
+    """Memory per GPU in bytes."""
+    total_bytes: int | None
+    """Estimated memory per GPU for the recommended setup (what the GPU must hold)."""
+    peak_allocated_bytes: int | None
+    """Estimated peak of allocated tensors per GPU."""
+    max_micro_batch: int | None
+    """Largest micro-batch that fits at the recommended sequence length."""
+    fixes: tuple[str, ...] = ()
+    """When it does not fit: the closest changes that would make it fit."""
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The advisor's answer: an Advice per setting, warnings, notes and the memory check."""
+
+    inputs: AdvisorInputs
+    """What the advice was computed for."""
+    values: Mapping[str, Advice]
+    """Advice by name, in display order (see PLAN_FIELDS)."""
+    warnings: tuple[str, ...]
+    """The guide's risks that apply to this plan."""
+    notes: tuple[str, ...]
+    """Other guidance (RLHF vs DPO, forgetting monitoring, fallbacks)."""
+    memory: MemoryCheck
+    """The estimator's verdict on the recommended setup."""
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    """Values the user set (name -> value)."""
+
+    def __getitem__(self, name: str) -> Advice:
+        return self.values[name]
+
+    @property
+    def fits(self) -> bool:
+        """The recommended setup fits the GPUs (or no GPU was given)."""
+        return self.memory.fits
+
+    def with_override(self, name: str, value: Any) -> "Recommendation":
+        """Re-run the rules with `name` fixed to `value` (marked "set by you"); the fit is re-checked."""
+        return recommend(self.inputs, {**self.overrides, name: value})
+
+    def plan_advice(self) -> dict[str, Advice]:
+        """Advice keyed by the dotted plan setting it maps onto ("method.lora_rank": Advice), for the wizard's table."""
+        return {PLAN_FIELDS[name]: advice for name, advice in self.values.items() if PLAN_FIELDS.get(name)}
+
+    def plan_overrides(self) -> dict[str, Any]:
+        """Dotted plan settings for every applicable advice value (None values are left out)."""
+        out: dict[str, Any] = {}
+        for name, advice in self.values.items():
+            target = PLAN_FIELDS.get(name)
+            if target is None or advice.value is None:
+                continue
+            value = advice.value
+            out[target] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_plan(self, base=None, allow_unfit: bool = False):
+        """The advice as a `Plan` (on top of `base`, default a fresh Plan).
+
+        Also sets model name, stage, pipeline, GPU settings and the data size. Raises
+        `TunewiseError` when the setup does not fit the GPUs, naming the fixes, unless
+        `allow_unfit` (the wizard shows an unfitting plan the user insists on).
+        """
+        from advisor.plan import Plan
+
+        if not self.memory.fits and not allow_unfit:
+            raise TunewiseError(
+                f"no setup of {self.inputs.model} fits {self.memory.gpu}: "
+                + ("; or ".join(self.memory.fixes) if self.memory.fixes else "use a larger GPU or a smaller model")
+            )
+        plan = base if base is not None else Plan()
+        settings: dict[str, Any] = {
+            "model.name": self.inputs.model,
+            "stage": self.inputs.stage,
+            "pipeline": self.inputs.pipeline,
+            "data.examples": self.inputs.examples,
+            "data.tokens": self.inputs.tokens,
+            "hardware.num_gpus": self.inputs.num_gpus,
+            "hardware.gpu": self.inputs.gpu,
+            "hardware.gpu_memory_gb": self.inputs.gpu_memory_gb,
+        }
+        if self.inputs.sft_model:
+            settings["preference.sft_model"] = self.inputs.sft_model
+        settings.update(self.plan_overrides())
+        return plan.with_overrides(settings)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (for `tunewise recommend --json` and the UI)."""
+
+        def plain(value):
+            return list(value) if isinstance(value, tuple) else value
+
+        return {
+            "inputs": dataclasses.asdict(self.inputs),
+            "values": {
+                name: {"value": plain(a.value), "reason": a.reason, "rule": a.rule, "overridden": a.overridden}
+                for name, a in self.values.items()
+            },
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+            "memory": dataclasses.asdict(self.memory) | {"fixes": list(self.memory.fixes)},
+        }
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def _gb(num_bytes: int | float | None) -> str:
+    return "?" if num_bytes is None else f"{num_bytes / 1e9:.2f} GB"
+
+
+def _round_sig(value: float, digits: int = 2) -> float:
+    """Round to `digits` significant figures (2.13e-4 -> 2.1e-4)."""
+    if value == 0:
+        return 0.0
+    return round(value, -int(math.floor(math.log10(abs(value)))) + digits - 1)
+
+
+def _lookup_gpu(name: str):
+    """(display name, bytes per GPU, supports bf16) for a GPU from advisor.gpus; TunewiseError if unknown."""
+    from advisor import gpus
+
+    gpu = gpus.find_gpu(name)
+    return gpu.name, int(gpu.memory_bytes), bool(getattr(gpu, "bf16", True))
+
+
+def _gpu_budget(inputs: AdvisorInputs) -> tuple[str | None, int | None, bool]:
+    """(description, bytes per GPU, bf16 supported) from the inputs; (None, None, True) when no GPU was given."""
+    bf16 = True
+    name = None
+    gpu_bytes = None
+    if inputs.gpu:
+        name, gpu_bytes, bf16 = _lookup_gpu(inputs.gpu)
+    if inputs.gpu_memory_gb is not None:
+        gpu_bytes = int(inputs.gpu_memory_gb * 1e9)
+        name = name or "GPU"
+    if gpu_bytes is None:
+        return None, None, True
+    return f"{inputs.num_gpus} x {name} ({_gb(gpu_bytes)})", gpu_bytes, bf16
+
+
+class _Rules:
+    """One advisor run: collects Advice, warnings and notes, honouring the user's overrides."""
+
+    def __init__(self, inputs: AdvisorInputs, overrides: Mapping[str, Any]):
+        self.inputs = inputs
+        self.overrides = dict(overrides)
+        self.values: dict[str, Advice] = {}
+        self.warnings: list[str] = []
+        self.notes: list[str] = []
+
+    def put(self, name: str, value: Any, reason: str, rule: str) -> Any:
+        if name in self.overrides:
+            advice = Advice(self.overrides[name], SET_BY_YOU, rule, True)
+        else:
+            advice = Advice(value, reason, rule, False)
+        self.values[name] = advice
+        return advice.value
+
+    def fixed(self, name: str) -> bool:
+        return name in self.overrides
+
+
+# -- the rules -------------------------------------------------------------------------------------------
+
+
+def preferred_method(inputs: AdvisorInputs) -> tuple[str, str]:
+    """The guide's "when to use" choice between full, LoRA and QLoRA, before memory is checked."""
+    if inputs.priority == "memory" or inputs.quantized_inference:
+        why = []
+        if inputs.priority == "memory":
+            why.append("memory-constrained")
+        if inputs.quantized_inference:
+            why.append("inference will also be quantized")
+        return "qlora", f"guide: When QLoRA vs LoRA, QLoRA: {' and '.join(why)}"
+    full_signals = []
+    if inputs.domain_shift == "high":
+        full_signals.append("task very different from pretraining")
+    if inputs.task == "max" or inputs.priority == "quality":
+        full_signals.append("maximum performance needed")
+    if inputs.examples > FULL_FT_MIN_EXAMPLES and full_signals:
+        return "full", (
+            f"guide: Full fine-tuning, when to use: large dataset (>100k examples; you have {inputs.examples:,}), "
+            + ", ".join(full_signals)
+        )
+    if inputs.priority == "quality" or inputs.will_merge:
+        why = ["quality-critical"] if inputs.priority == "quality" else []
+        if inputs.will_merge:
+            why.append("will merge back to fp16")
+        tail = "" if inputs.examples > FULL_FT_MIN_EXAMPLES else f"; full fine-tuning needs >100k examples (you have {inputs.examples:,})"
+        return "lora", f"guide: When QLoRA vs LoRA, LoRA: {' and '.join(why)}{tail}"
+    reason = "guide: LoRA keeps the original weights frozen (naturally prevents forgetting)"
+    if inputs.examples <= FULL_FT_MIN_EXAMPLES:
+        reason += f"; full fine-tuning is for >100k examples (you have {inputs.examples:,}) and risks overfitting on small datasets"
+    else:
+        reason += "; full fine-tuning also wants the task very different from pretraining or maximum performance"
+    return "lora", reason
+
+
+def rank_for(inputs: AdvisorInputs) -> tuple[int, str]:
+    """The guide's rank table; the low end for small data or a memory priority, else the high end."""
+    low, high = RANK_TABLE[inputs.task]
+    row = RANK_TABLE_ROWS[inputs.task]
+    if low == high:
+        return low, f"guide: LoRA rank table, {row}"
+    if inputs.priority == "memory":
+        return low, f"guide: LoRA rank table, {row}; low end for a memory priority"
+    if inputs.examples < SFT_TYPICAL_EXAMPLES[0]:
+        return low, f"guide: LoRA rank table, {row}; low end: {inputs.examples:,} examples (< 10k) cannot fill a larger rank without overfitting"
+    return high, f"guide: LoRA rank table, {row}; high end: {inputs.examples:,} examples give enough signal for the larger rank"
+
+
+def learning_rate_for(method: str, rank: int | None, inputs: AdvisorInputs) -> tuple[float, str]:
+    """A point in the guide's LR range: higher rank and smaller data move it down."""
+    low, high = LR_RANGES[method]
+    adjustments = []
+    if method == "full":
+        position = 0.5
+        adjustments.append("middle of the range")
+    else:
+        # Rank 4 -> top of the range, rank 256 -> bottom, log-linear in between:
+        # bigger adapters take bigger steps in weight space per unit of LR.
+        rank = max(4, min(256, rank or 4))
+        position = (math.log2(256) - math.log2(rank)) / (math.log2(256) - math.log2(4))
+        adjustments.append(f"rank {rank} places it at {position:.0%} of the range (higher rank -> lower end)")
+    if inputs.examples < SFT_TYPICAL_EXAMPLES[0]:
+        position *= 0.5
+        adjustments.append(f"halved towards the low end for {inputs.examples:,} examples (< 10k: small data overfits)")
+    if inputs.preserve_original:
+        position *= 0.5
+        adjustments.append("halved again to limit forgetting (guide: lower learning rate, less aggressive updates)")
+    value = _round_sig(low + position * (high - low))
+    shown = f"{value:.1e}"
+    which = "Full fine-tuning: lower LR than pretraining (1e-5 to 5e-5)" if method == "full" else "LoRA: higher than full fine-tuning, 1e-4 to 3e-4"
+    return value, f"guide: {which}; " + "; ".join(adjustments) + f" -> {shown}"
+
+
+def epochs_for(inputs: AdvisorInputs) -> tuple[float, str]:
+    """Tunewise heuristic (the guide gives no epoch count): small data more passes, capped."""
+    n = inputs.examples
+    if inputs.stage != "sft" or inputs.pipeline != "none":
+        cap = 3
+    else:
+        cap = 5
+    if n < 1_000:
+        epochs = 5
+    elif n < 10_000:
+        epochs = 3
+    elif n < FULL_FT_MIN_EXAMPLES:
+        epochs = 2
+    else:
+        epochs = 1
+    epochs = min(epochs, cap)
+    reason = (
+        f"Tunewise heuristic (not in the guide): {n:,} examples -> {epochs} epoch{'s' if epochs > 1 else ''}"
+        f" (fewer examples, more passes; capped at {cap})"
+    )
+    if epochs > 1:
+        reason += "; watch the eval loss and stop when it rises (guide: overfitting on small datasets)"
+    return float(epochs), reason
+
+
+def effective_batch_for(inputs: AdvisorInputs) -> tuple[int, str]:
+    """Tunewise heuristic: 16 / 32 / 64 examples per optimizer step by dataset size, and at least ~20 steps per epoch."""
+    n = inputs.examples
+    target = 16 if n < 10_000 else 32 if n < FULL_FT_MIN_EXAMPLES else 64
+    # Keep at least ~20 optimizer steps per epoch so warmup and the schedule have room.
+    while target > 1 and n / target < 20:
+        target //= 2
+    return target, (
+        f"Tunewise heuristic (not in the guide): {target} examples per optimizer step for {n:,} examples "
+        "(16 under 10k, 32 under 100k, else 64; halved until an epoch has at least 20 steps)"
+    )
+
+
+def seq_len_for(inputs: AdvisorInputs) -> tuple[int, str]:
+    """From the inputs (e.g. the profile), else from tokens per example, else 512."""
+    from advisor.profile import recommend_seq_len
+
+    if inputs.seq_len is not None:
+        return inputs.seq_len, "from your data (the dataset profile's p95, rounded up)"
+    if inputs.tokens is not None:
+        mean = inputs.tokens / inputs.examples
+        # Without the distribution assume the 95th percentile is about twice the mean
+        # (our rule of thumb for right-skewed length distributions); profile for the real p95.
+        value, _ = recommend_seq_len(math.ceil(2 * mean), None)
+        return value, f"Tunewise heuristic: {mean:.0f} tokens per example on average, p95 taken as 2x the mean -> {value}; profile the dataset for the real p95"
+    return 512, "Tunewise default: no token counts given; profile the dataset (`tunewise profile`) for a measured length"
+
+
+def targets_for(inputs: AdvisorInputs, module_sets: Mapping[str, list[str]]) -> tuple[tuple[str, ...], str, str]:
+    """The guide's minimum / recommended / maximum target sets, by task, moved one step by the priority.
+
+    Returns (module names, set name, reason).
+    """
+    level = TARGET_SETS.index(TARGET_SET_BY_TASK[inputs.task])
+    why = f"{TARGET_SET_BY_TASK[inputs.task]} for {inputs.task}"
+    if inputs.priority == "quality" and level < 2:
+        level += 1
+        why += ", one step up for quality (more modules = more capacity)"
+    elif inputs.priority == "memory" and level > 0:
+        level -= 1
+        why += ", one step down for memory (fewer modules = fewer adapter weights, faster)"
+    name = TARGET_SETS[level]
+    modules = tuple(module_sets[name])
+    guide_sets = {
+        "minimum": "Minimum (query, value projections)",
+        "recommended": "Recommended (all attention)",
+        "maximum": "Maximum (attention + MLP)",
+    }
+    return modules, name, f"guide: target modules, {guide_sets[name]} ({why}), as this architecture names them: {', '.join(modules)}"
+
+
+def dropout_for(params_total: int) -> tuple[float, str]:
+    """QLoRA paper's dropout by model size (the guide gives none)."""
+    if params_total >= LORA_DROPOUT_SIZE_SPLIT:
+        value = LORA_DROPOUT_LARGE
+    else:
+        value = LORA_DROPOUT_SMALL
+    return value, (
+        f"QLoRA paper (Dettmers et al. 2023): dropout 0.1 up to 13B parameters, 0.05 for 33B and 65B; "
+        f"this model has {params_total / 1e9:.1f}B -> {value}"
+    )
+
+
+# -- memory search ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One setup tried against the GPU, with how it was reached."""
+
+    method: str
+    setup: Any
+    steps: tuple[str, ...]
+    """Memory savers applied to reach it ("gradient checkpointing", "8-bit AdamW", ...)."""
+
+
+def _ladder(method: str, base_setup, rules: _Rules, bf16: bool) -> list[_Candidate]:
+    """Setups for `method` from the most comfortable to the most frugal (the order savings are applied).
+
+    User-set values are kept fixed on every rung.
+    """
+    half = "bf16" if bf16 else "fp16"
+    inputs = rules.inputs
+    rungs: list[tuple[dict, tuple[str, ...]]] = []
+    if method == "full":
+        steps = [
+            ({"precision": "amp", "optimizer": "adamw", "gradient_checkpointing": False, "shard": "none"}, ()),
+            ({"gradient_checkpointing": True}, ("gradient checkpointing",)),
+        ]
+        if inputs.num_gpus > 1:
+            steps += [({"shard": "zero2"}, ("ZeRO-2",)), ({"shard": "zero3"}, ("ZeRO-3",))]
+        steps += [({"precision": half}, (f"pure {half} (no fp32 master weights)",)),
+                  ({"optimizer": "adamw_8bit"}, ("8-bit AdamW",))]
+    elif method == "lora":
+        steps = [({"precision": half, "optimizer": "adamw", "gradient_checkpointing": False, "shard": "none"}, ()),
+                 ({"gradient_checkpointing": True}, ("gradient checkpointing",))]
+        if inputs.num_gpus > 1:
+            steps += [({"shard": "zero3"}, ("ZeRO-3 (shards the frozen base)",))]
+    else:
+        steps = [({"precision": half, "optimizer": "paged_adamw_8bit", "gradient_checkpointing": False, "shard": "none",
+                   "quant_bits": 4, "double_quant": True}, ()),
+                 ({"gradient_checkpointing": True}, ("gradient checkpointing",))]
+        if inputs.num_gpus > 1:
+            steps += [({"shard": "zero3"}, ("ZeRO-3",))]
+    user_fixed = {name: rules.overrides[name] for name in ("precision", "optimizer", "gradient_checkpointing", "shard",
+                                                           "quant_bits", "double_quant", "attn") if name in rules.overrides}
+    candidates = []
+    settings: dict[str, Any] = {}
+    applied: tuple[str, ...] = ()
+    seen = set()
+    for change, label in steps:
+        settings.update(change)
+        applied = applied + label
+        merged = {**settings, **user_fixed}
+        key = tuple(sorted(merged.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        setup = dataclasses.replace(base_setup, method=method, **{k: v for k, v in merged.items() if hasattr(base_setup, k)})
+        candidates.append(_Candidate(method, setup, applied))
+    return candidates
+
+
+def _fit(spec, setup, gpu_bytes: int):
+    """The estimator's full verdict (searches the largest micro-batch and sequence: use sparingly)."""
+    from advisor import memory
+
+    return memory.gpu_fit(spec, setup, gpu_bytes)
+
+
+def _total(spec, setup) -> int:
+    from advisor import memory
+
+    return int(memory.estimate(spec, setup).total_bytes)
+
+
+def _fits_at_one(spec, setup, gpu_bytes: int) -> bool:
+    """Does `setup` fit at micro-batch 1 (no accumulation)?"""
+    return _total(spec, dataclasses.replace(setup, micro_batch=1, grad_accum=1)) <= gpu_bytes
+
+
+def _closest_fixes(spec, inputs: AdvisorInputs, last: _Candidate, gpu_bytes: int, target_set: str) -> list[str]:
+    """For a plan that fits nowhere: more GPUs with ZeRO-3, a larger GPU, a smaller model, a shorter sequence."""
+    from advisor import gpus
+
+    fixes = []
+    frugal = dataclasses.replace(last.setup, micro_batch=1, grad_accum=1)
+    need = _total(spec, frugal)
+    for count in GPU_COUNTS:
+        if count <= inputs.num_gpus:
+            continue
+        if _fits_at_one(spec, dataclasses.replace(frugal, num_gpus=count, shard="zero3"), gpu_bytes):
+            fixes.append(f"use {count} of these GPUs with ZeRO-3 / FSDP full shard ({last.method}, micro-batch 1)")
+            break
+    bigger = [gpu for gpu in gpus.GPUS if int(gpu.memory_bytes) >= need]
+    if bigger:
+        smallest = min(bigger, key=lambda gpu: gpu.memory_bytes)
+        fixes.append(f"use a GPU with at least {_gb(need)}, e.g. {smallest.name} ({_gb(smallest.memory_bytes)})")
+    smaller = _largest_model_that_fits(frugal, gpu_bytes, spec, target_set)
+    if smaller:
+        fixes.append(f"use a smaller model: {smaller} fits with {last.method} at micro-batch 1")
+    if frugal.seq_len > 128:
+        short = dataclasses.replace(frugal, seq_len=128)
+        if _fits_at_one(spec, short, gpu_bytes):
+            fixes.append(f"train on shorter sequences: {frugal.seq_len} tokens do not fit, 128 do")
+    return fixes
+
+
+def _largest_model_that_fits(setup, gpu_bytes: int, spec, target_set: str) -> str | None:
+    """The biggest catalogue model smaller than `spec` that fits `setup` on the GPU (None when none does)."""
+    from advisor import specs
+
+    size = specs.param_counts(spec).total
+    best = None
+    for model_id in specs.catalogue_names():
+        other = specs.catalogue()[model_id]
+        total = specs.param_counts(other).total
+        if total >= size or (best is not None and total <= best[0]):
+            continue
+        # The same guide target set, in the other architecture's module names.
+        candidate = dataclasses.replace(setup, lora_targets=(target_set,))
+        try:
+            ok = _fits_at_one(other, candidate, gpu_bytes)
+        except TunewiseError:
+            continue
+        if ok:
+            best = (total, model_id)
+    return None if best is None else f"{best[1]} ({best[0] / 1e9:.1f}B parameters)"
+
+
+# -- the entry point -------------------------------------------------------------------------------------
+
+
+def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None) -> Recommendation:
+    """Apply the guide's rules to `inputs`; `overrides` (advice name -> value) are kept as "set by you".
+
+    Raises TunewiseError for an unknown model or GPU, an unknown advice name, or an
+    overridden value the plan would reject (the message names the setting).
+    """
+    from advisor import memory, specs
+
+    overrides = dict(overrides or {})
+    settable = [name for name, target in PLAN_FIELDS.items() if target is not None]
+    unknown = sorted(set(overrides) - set(settable))
+    if unknown:
+        raise _bad(unknown[0], f"is not an advised setting you can set; these are: {', '.join(settable)}")
+    _validate_overrides(overrides)
+    rules = _Rules(inputs, overrides)
+    spec = specs.resolve_model(inputs.model)
+    counts = specs.param_counts(spec)
+    gpu_text, gpu_bytes, bf16 = _gpu_budget(inputs)
+    stage = inputs.heaviest_stage
+
+    # 1. Sequence length and the batch we aim for (they size the memory search).
+    seq_len = rules.put("seq_len", *seq_len_for(inputs), "seq_len_from_data")
+    effective, effective_reason = effective_batch_for(inputs)
+
+    # 2. Method, by the guide's "when to use" rules, then the fallbacks memory forces.
+    wanted, method_reason = preferred_method(inputs)
+    if "method" in overrides:
+        order = [overrides["method"]]
+    else:
+        order = {"full": ["full", "lora", "qlora"], "lora": ["lora", "qlora"], "qlora": ["qlora"]}[wanted]
+    if stage == "ppo":
+        # TRL's PPOTrainer does not train a quantized policy (see advisor.plan.Plan).
+        if "qlora" in order and len(order) > 1:
+            order.remove("qlora")
+    rank = None
+    rank_reason = ""
+    if inputs.task in RANK_TABLE:
+        rank, rank_reason = rank_for(inputs)
+    rank_value = overrides.get("lora_rank", rank)
+    module_sets = specs.target_module_sets(spec)
+    targets, target_set, targets_reason = targets_for(inputs, module_sets)
+    targets_value = tuple(overrides["lora_targets"]) if "lora_targets" in overrides else targets
+    if isinstance(overrides.get("lora_targets"), str):
+        targets_value = tuple(t.strip() for t in overrides["lora_targets"].split(",") if t.strip())
+
+    chosen: _Candidate | None = None
+    last: _Candidate | None = None
+    rejected: list[str] = []
+    for method in order:
+        base_setup = memory.TrainingSetup(
+            method=method,
+            micro_batch=int(overrides.get("micro_batch", 1)),
+            seq_len=int(overrides.get("seq_len", seq_len)),
+            lora_rank=int(rank_value or 8),
+            lora_targets=tuple(targets_value),
+            grad_accum=1,
+            stage=stage,
+            num_gpus=inputs.num_gpus,
+        )
+        ladder = _ladder(method, base_setup, rules, bf16)
+        if gpu_bytes is None:
+            chosen = ladder[0]
+            break
+        for candidate in ladder:
+            last = candidate
+            if "micro_batch" in overrides:
+                ok = _total(spec, candidate.setup) <= gpu_bytes
+            else:
+                ok = _fits_at_one(spec, candidate.setup, gpu_bytes)
+            if ok:
+                chosen = candidate
+                break
+        if chosen is not None:
+            break
+        need = _total(spec, dataclasses.replace(last.setup, micro_batch=1))
+        rejected.append(
+            f"{method} does not fit {gpu_text} even with "
+            + (", ".join(last.steps) if last.steps else "its leanest settings")
+            + f" at micro-batch 1 (needs {_gb(need)} per GPU)"
+        )
+
+    fits = chosen is not None
+    if chosen is None:
+        chosen = last
+    method = chosen.method
+    setup = chosen.setup
+
+    if rejected and fits:
+        method_reason += "; but " + "; ".join(rejected) + f" -> {method}"
+    elif not fits:
+        method_reason += "; " + "; ".join(rejected) + f"; {method} is the closest, see the fixes"
+    rules.put("method", method, method_reason, "method_when_to_use")
+
+    # 3. Memory-relevant settings from the search.
+    steps_text = ", ".join(chosen.steps)
+    if gpu_bytes is None:
+        fit_reason = "no GPU given: not checked against memory"
+    elif fits:
+        fit_reason = f"the estimator's first setup that fits {gpu_text}" + (f" (after {steps_text})" if steps_text else "")
+    else:
+        fit_reason = f"the leanest setup tried ({steps_text or 'defaults'}); even this does not fit {gpu_text}"
+    precision_reason = {
+        "amp": "mixed precision with fp32 master weights (most stable for full fine-tuning)",
+        "bf16": "16-bit compute in bf16",
+        "fp16": "16-bit compute in fp16 (this GPU has no bf16)",
+    }.get(setup.precision, setup.precision)
+    rules.put("precision", setup.precision, f"{precision_reason}; {fit_reason}", "memory_fit")
+    optimizer_reason = {
+        "paged_adamw_8bit": "guide: QLoRA best practices, paged optimizers for memory spikes",
+        "adamw_8bit": "8-bit AdamW states (about 2 bytes per parameter instead of 8)",
+        "adamw": "AdamW",
+    }.get(setup.optimizer, setup.optimizer)
+    rules.put("optimizer", setup.optimizer, f"{optimizer_reason}; {fit_reason}", "memory_fit")
+    rules.put("gradient_checkpointing", setup.gradient_checkpointing,
+              ("recompute activations in the backward pass (less memory, ~30% slower); " if setup.gradient_checkpointing
+               else "off: faster, and the activations fit; ") + fit_reason, "memory_fit")
+    rules.put("attn", "sdpa", "fused attention (SDPA) never materialises the attention matrix, so activations grow linearly with the sequence", "attention_kernel")
+    rules.put("shard", setup.shard, ("one full copy per GPU (DDP)" if setup.shard == "none" else f"{setup.shard}: shards across {inputs.num_gpus} GPUs") + f"; {fit_reason}", "memory_fit")
+
+    # 4. LoRA settings (None for full fine-tuning).
+    if method == "full":
+        not_used = "not used: full fine-tuning trains all weights"
+        for name in ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "quant_bits", "double_quant"):
+            rules.put(name, None, not_used, "not_applicable")
+    else:
+        rank_value = rules.put("lora_rank", rank, rank_reason, "lora_rank_table")
+        if inputs.preserve_original or inputs.domain_shift == "low":
+            why = "forgetting is a concern" if inputs.preserve_original else "the task is close to pretraining"
+            alpha_value, alpha_reason = float(rank_value), f"guide: alpha = rank (scaling = 1), the conservative default, because {why}"
+        else:
+            alpha_value, alpha_reason = float(2 * rank_value), f"guide: typical alpha = 2 x rank (scaling 2) -> {2 * rank_value}"
+        if rules.fixed("lora_rank") and not rules.fixed("lora_alpha"):
+            alpha_reason += " (follows your rank)"
+        rules.put("lora_alpha", alpha_value, alpha_reason, "lora_alpha")
+        rules.put("lora_targets", targets, targets_reason, "target_modules")
+        rules.put("lora_dropout", *dropout_for(counts.total), "lora_dropout")
+        if method == "qlora":
+            rules.put("quant_bits", 4, "guide: QLoRA best practices, use NF4 quantization (better than INT4)", "qlora_nf4")
+            rules.put("double_quant", True, "guide: QLoRA best practices, double quantization saves extra memory", "qlora_double_quant")
+        else:
+            rules.put("quant_bits", None, "not used: LoRA keeps the base in 16 bit", "not_applicable")
+            rules.put("double_quant", None, "not used: LoRA keeps the base in 16 bit", "not_applicable")
+
+    # 5. Batch: the largest power-of-two micro-batch (up to the effective batch per GPU) whose
+    # setup, with the gradient accumulation it implies, fits; accumulation makes up the rest.
+    per_gpu_target = max(1, effective // inputs.num_gpus)
+    if gpu_bytes is None:
+        micro = min(8, per_gpu_target)
+        micro_reason = f"{micro} per device toward an effective batch of {effective}; no GPU given: not checked against memory"
+    elif not fits or "micro_batch" in overrides:
+        micro = 1
+        micro_reason = "1: the smallest there is (nothing larger fits)"
+    else:
+        micro = 1
+        for size in MICRO_BATCHES:
+            if size > per_gpu_target:
+                continue
+            accum_at = max(1, math.ceil(effective / (size * inputs.num_gpus)))
+            if _total(spec, dataclasses.replace(setup, micro_batch=size, grad_accum=accum_at)) <= gpu_bytes:
+                micro = size
+                break
+        micro_reason = (f"the largest power of two up to {per_gpu_target} per GPU (an effective batch of {effective}) "
+                        f"that the estimator fits on {gpu_text} at {setup.seq_len} tokens")
+    micro = rules.put("micro_batch", micro, micro_reason, "micro_batch_fit")
+    accum = max(1, math.ceil(effective / (micro * inputs.num_gpus)))
+    accum = rules.put("grad_accum", accum, f"{effective} examples per step / ({micro} per micro-batch x {inputs.num_gpus} GPU{'s' if inputs.num_gpus > 1 else ''}) -> {accum}", "grad_accum")
+    effective_actual = micro * accum * inputs.num_gpus
+    rules.put("effective_batch", effective_actual, effective_reason + (f"; {micro} x {accum} x {inputs.num_gpus} = {effective_actual}" if effective_actual != effective else ""), "effective_batch")
+
+    # 6. Optimisation schedule.
+    lr, lr_reason = learning_rate_for(method, rank_value if method != "full" else None, inputs)
+    rules.put("learning_rate", lr, lr_reason, "learning_rate_range")
+    epochs_value = rules.put("epochs", *epochs_for(inputs), "epochs_by_size")
+    steps_per_epoch = max(1, math.ceil(inputs.examples / effective_actual))
+    total_steps = max(1, math.ceil(steps_per_epoch * float(epochs_value)))
+    rules.put("total_steps", total_steps, f"{inputs.examples:,} examples / {effective_actual} per step = {steps_per_epoch} steps per epoch x {float(epochs_value):g} epochs (before the eval split)", "steps")
+    if method == "full" or total_steps < 100:
+        why = "full fine-tuning updates every weight" if method == "full" else f"only {total_steps} steps"
+        warmup, warmup_reason = WARMUP_RANGE[1], f"guide: short warmup (5-10% of steps); the long end, 10%, because {why}"
+    else:
+        warmup, warmup_reason = WARMUP_RANGE[0], f"guide: short warmup (5-10% of steps); 5% of {total_steps} steps is {max(1, round(0.05 * total_steps))} steps"
+    rules.put("warmup_ratio", warmup, warmup_reason, "warmup_range")
+
+    # 7. Forgetting safeguards, scaled by the domain shift and the method.
+    rules.put("forgetting_monitor", True, "guide: monitor for catastrophic forgetting; keep a validation set from the original domain", "forgetting_monitor")
+    adapters = method in ("lora", "qlora")
+    replay_table = {"full": {"low": 0.01, "medium": 0.05, "high": 0.10}, "adapter": {"low": 0.0, "medium": 0.01, "high": 0.05}}
+    replay = replay_table["adapter" if adapters else "full"][inputs.domain_shift]
+    if inputs.preserve_original:
+        replay = min(REPLAY_RANGE[1], max(REPLAY_RANGE[0], replay * 2))
+    replay_reason = (f"guide: replay buffer, mix 1-10% original data; {inputs.domain_shift} domain shift with "
+                     + ("LoRA (frozen base already limits forgetting)" if adapters else "full fine-tuning"))
+    if replay == 0:
+        replay_reason = "off: guide, LoRA keeps the original weights frozen and the task is close to pretraining; turn on replay (1-10%) if the monitor alerts"
+    elif inputs.preserve_original:
+        replay_reason += "; doubled because forgetting is a concern"
+    rules.put("replay_fraction", replay, replay_reason + f" -> {replay:.0%}", "replay_buffer")
+    if method == "full" and (inputs.domain_shift == "high" or inputs.preserve_original) and setup.shard != "zero3":
+        rules.put("ewc_lambda", EWC_START_LAMBDA,
+                  "guide: elastic weight consolidation penalises changes to important weights (Fisher information on the original data); "
+                  f"on for full fine-tuning with {'forgetting concerns' if inputs.preserve_original else 'a high domain shift'}; "
+                  f"{EWC_START_LAMBDA:g} is Tunewise's starting strength: raise it if the forgetting monitor alerts, lower it if the loss stalls",
+                  "ewc")
+    else:
+        why = ("LoRA keeps the original weights frozen, which already prevents most forgetting" if adapters
+               else "EWC needs whole parameters and ZeRO-3 shards them" if setup.shard == "zero3"
+               else f"{inputs.domain_shift} domain shift: replay and a lower LR suffice")
+        rules.put("ewc_lambda", 0.0, f"off: {why}", "ewc")
+
+    # 8. Preference stages.
+    pref = inputs.preference_stages
+    if "dpo" in pref:
+        small = inputs.examples < 5_000
+        if small and inputs.preserve_original:
+            beta, why = 0.5, "top of the range: few pairs and forgetting is a concern, so stay close to the reference"
+        elif small or inputs.preserve_original:
+            beta, why = 0.25, ("few preference pairs (< 5k): stay closer to the reference" if small else "forgetting is a concern: stay closer to the reference")
+        else:
+            beta, why = 0.1, "low end: enough pairs to move further from the reference"
+        rules.put("beta", beta, f"guide: DPO beta typical 0.1-0.5, higher beta = stay closer to reference; {why}", "dpo_beta")
+    else:
+        rules.put("beta", None, "not used: no DPO stage", "not_applicable")
+    if "ppo" in pref:
+        if inputs.examples < 5_000 or inputs.preserve_original:
+            kl, why = 0.1, "top of the range: a reward model from few pairs is easy to hack, and a strong KL penalty keeps the policy near the reference"
+        else:
+            kl, why = 0.05, "middle of the range; raise it if KL explodes or the reward looks hacked, lower it if the reward stays flat"
+        rules.put("kl_coef", kl, f"guide: PPO, typical KL coefficient 0.01-0.1 to prevent reward hacking; {why}", "ppo_kl")
+    else:
+        rules.put("kl_coef", None, "not used: no PPO stage", "not_applicable")
+    if pref:
+        if "ppo" in pref and "dpo" not in pref:
+            choice, tail = "rlhf", "you chose RLHF (SFT -> reward model -> PPO)"
+        elif "dpo" in pref and "ppo" not in pref:
+            choice, tail = "dpo", "DPO is the simpler start"
+        elif "rm" in pref and len(pref) == 1:
+            choice, tail = "rlhf", "a reward model is the second step of RLHF"
+        else:
+            choice, tail = "compare", "running both"
+        rules.put("preference_method", choice,
+                  "guide: DPO is simpler (no reward model, no RL), more stable, often comparable to RLHF; "
+                  f"compare to RLHF on your specific task (pipeline compare); {tail}", "rlhf_vs_dpo")
+        rules.notes.append("guide: compare DPO to RLHF on your specific task: `pipeline: compare` runs both on the same data side by side")
+
+    # 9. Warnings from the guide's risks.
+    method = rules.values["method"].value
+    if method == "full" and inputs.examples <= FULL_FT_MIN_EXAMPLES:
+        rules.warnings.append(
+            f"full fine-tuning on {inputs.examples:,} examples: guide risk, overfitting on small datasets (full fine-tuning is for >100k); "
+            "LoRA is the safer choice"
+        )
+    if "sft" in (inputs.stage,) or inputs.pipeline != "none":
+        if inputs.examples < SFT_FAR_BELOW:
+            rules.warnings.append(
+                f"{inputs.examples:,} SFT examples is far below the guide's typical 10k-100k: expect overfitting; "
+                "use more data, fewer epochs, and watch the eval loss"
+            )
+    if inputs.stage in ("dpo", "ppo") and inputs.pipeline == "none" and not inputs.sft_model:
+        rules.warnings.append(
+            f"{inputs.stage} without an SFT start: guide, DPO best practice is to start from a good SFT model (and RLHF's step 1 is SFT); "
+            "set the SFT model or use the dpo / rlhf pipeline"
+        )
+    if method == "qlora" and inputs.will_merge and inputs.priority == "quality":
+        rules.warnings.append(
+            "QLoRA while you will merge back to 16 bit for quality-critical use: guide, LoRA is for quality-critical work "
+            "merged back to fp16 (the adapter learned against a 4-bit base); use LoRA if it fits"
+        )
+    rank_now = rules.values["lora_rank"].value
+    if rank_now is not None and rules.values["lora_rank"].overridden:
+        low, high = RANK_TABLE[inputs.task]
+        if not low <= rank_now <= high:
+            rules.warnings.append(f"rank {rank_now} is outside the guide's {low}-{high} for {inputs.task}")
+    lr_now = rules.values["learning_rate"].value
+    lr_low, lr_high = LR_RANGES[method]
+    if not lr_low <= lr_now <= lr_high:
+        rules.warnings.append(f"learning rate {lr_now:g} is outside the guide's {lr_low:g}-{lr_high:g} for {method}")
+
+    # 10. The memory verdict for the final values (overrides included).
+    memory_check = _final_check(spec, rules, setup, gpu_text, gpu_bytes, fits, inputs, chosen, target_set)
+    if not memory_check.fits and memory_check.checked:
+        rules.warnings.insert(0, f"does not fit {gpu_text}: " + ("; or ".join(memory_check.fixes) or "no fix found"))
+    return Recommendation(
+        inputs=inputs,
+        values={name: rules.values[name] for name in PLAN_FIELDS if name in rules.values},
+        warnings=tuple(rules.warnings),
+        notes=tuple(rules.notes),
+        memory=memory_check,
+        overrides=overrides,
+    )
+
+
+def _setup_from_values(base_setup, values: Mapping[str, Advice]):
+    """The estimator's TrainingSetup for the final advice values."""
+    changes = {}
+    for name in ("method", "precision", "optimizer", "gradient_checkpointing", "attn", "lora_rank", "lora_targets",
+                 "lora_dropout", "quant_bits", "double_quant", "shard", "seq_len", "micro_batch", "grad_accum"):
+        advice = values.get(name)
+        if advice is not None and advice.value is not None and hasattr(base_setup, name):
+            value = advice.value
+            if name == "lora_targets":
+                value = tuple(value)
+            changes[name] = value
+    return dataclasses.replace(base_setup, **changes)
+
+
+def _final_check(spec, rules: _Rules, setup, gpu_text, gpu_bytes, fits_search, inputs, chosen, target_set) -> MemoryCheck:
+    from advisor import memory
+
+    final = _setup_from_values(setup, rules.values)
+    if gpu_bytes is None:
+        estimate = memory.estimate(spec, final)
+        return MemoryCheck(False, True, None, None, int(estimate.total_bytes), int(estimate.peak_allocated_bytes), None)
+    estimate = memory.estimate(spec, final)
+    result = _fit(spec, final, gpu_bytes)
+    fits = bool(result.fits)
+    fixes: tuple[str, ...] = ()
+    if not fits:
+        if rules.overrides and fits_search:
+            own = getattr(result, "cheapest_fix", None)
+            fixes = (f"your settings need {_gb(estimate.total_bytes)} per GPU"
+                     + (f"; estimator: {own}" if own else "; undo an override or change the GPU"),)
+        else:
+            fixes = tuple(_closest_fixes(spec, inputs, chosen, gpu_bytes, target_set))
+    return MemoryCheck(
+        checked=True,
+        fits=fits,
+        gpu=gpu_text,
+        gpu_bytes=gpu_bytes,
+        total_bytes=int(estimate.total_bytes),
+        peak_allocated_bytes=int(estimate.peak_allocated_bytes),
+        max_micro_batch=int(result.max_micro_batch or 0),
+        fixes=fixes,
+    )
+
+
+def _validate_overrides(overrides: Mapping[str, Any]) -> None:
+    """Reject an override the plan would refuse, naming the setting (through Plan's own validation)."""
+    from advisor.plan import Plan, PlanError
+
+    dotted = {}
+    for name, value in overrides.items():
+        target = PLAN_FIELDS.get(name)
+        if target is None:
+            continue
+        dotted[target] = list(value) if isinstance(value, tuple) else value
+    try:
+        Plan().with_overrides(dotted)
+    except PlanError as exc:
+        raise exc from None
+
+
+def format_recommendation(rec: Recommendation) -> str:
+    """A readable report: each value with its reason, then warnings and notes."""
+    lines = [f"Recommendation for {rec.inputs.model}: {rec.inputs.examples:,} examples, task {rec.inputs.task}, "
+             f"stage {rec.inputs.stage if rec.inputs.pipeline == 'none' else rec.inputs.pipeline + ' pipeline'}"]
+    if rec.memory.checked:
+        verdict = "fits" if rec.memory.fits else "DOES NOT FIT"
+        lines.append(f"memory: {_gb(rec.memory.total_bytes)} per GPU on {rec.memory.gpu}: {verdict}")
+    else:
+        lines.append(f"memory: {_gb(rec.memory.total_bytes)} per GPU (no GPU given: not checked)")
+    lines.append("")
+    width = max(len(name) for name in rec.values)
+    for name, advice in rec.values.items():
+        if advice.value is None:
+            continue
+        value = advice.value
+        if isinstance(value, (list, tuple)):
+            value = ",".join(value)
+        elif isinstance(value, float):
+            value = f"{value:.1e}" if 0 < abs(value) < 1e-3 else f"{value:g}"
+        mark = " (set by you)" if advice.overridden else ""
+        lines.append(f"{name:<{width}}  {value}{mark}")
+        if not advice.overridden:
+            lines.append(f"{'':<{width}}    {advice.reason}")
+    for warning in rec.warnings:
+        lines.append(f"warning: {warning}")
+    for note in rec.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
