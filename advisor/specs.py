@@ -192,6 +192,11 @@ class ParamCounts:
 
 def linear_layers(spec: ModelSpec) -> dict[str, LinearLayer]:
     """The block's linear layers by the name LoRA targets use, in forward order."""
+    return dict(_linear_layers(spec))
+
+
+@lru_cache(maxsize=256)
+def _linear_layers(spec: ModelSpec) -> tuple:
     h, q, kv, inter = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
     t = spec.model_type
     layers: list[LinearLayer] = []
@@ -239,7 +244,7 @@ def linear_layers(spec: ModelSpec) -> dict[str, LinearLayer]:
                 LinearLayer("up_proj", "mlp.up_proj", h, inter, spec.mlp_bias, "mlp"),
                 LinearLayer("down_proj", "mlp.down_proj", inter, h, spec.mlp_bias, "mlp"),
             ]
-    return {layer.name: layer for layer in layers}
+    return tuple((layer.name, layer) for layer in layers)
 
 
 def norms_per_layer(spec: ModelSpec) -> int:
@@ -256,6 +261,7 @@ def router_params_per_layer(spec: ModelSpec) -> int:
     return spec.num_experts * spec.hidden_size if spec.num_experts else 0
 
 
+@lru_cache(maxsize=512)
 def param_counts(spec: ModelSpec, head: str = "causal_lm", num_labels: int = 1) -> ParamCounts:
     """Exact parameter counts. head="seq_cls" swaps the lm_head for a score head (reward/value models)."""
     if head not in ("causal_lm", "seq_cls"):
@@ -340,6 +346,9 @@ def resolve_targets(spec: ModelSpec, targets) -> list[LinearLayer]:
         raise TunewiseError("method.lora_targets: is empty: name modules such as q_proj,v_proj or use all-linear", field="method.lora_targets")
     if any(t in ("all-linear", "all_linear") for t in targets):
         return [l for l in layers.values() if l.is_module]
+    sets = target_module_sets(spec)
+    # The guide's set names ("minimum", "recommended", "maximum") stand for this architecture's modules.
+    targets = [name for t in targets for name in (sets[t] if t in sets else [t])]
     chosen: list[LinearLayer] = []
     for target in targets:
         if target in ("lm_head", "embed_tokens", "wte"):
@@ -367,6 +376,7 @@ def lora_trainable_params(spec: ModelSpec, rank: int, targets) -> int:
         raise TunewiseError(f"method.lora_rank: must be a whole number of at least 1, got {rank!r}", field="method.lora_rank")
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    targets = list(targets)
     per_layer = sum(rank * (l.in_features + l.out_features) * l.count for l in resolve_targets(spec, targets))
     total = per_layer * spec.num_layers
     if "lm_head" in targets:
