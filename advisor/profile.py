@@ -69,8 +69,8 @@ def file_kind(path: str | Path) -> str:
 
 def describe_row(path: str | Path, row_number: int) -> str:
     """How messages name a row: "line 7 of data.jsonl" (line-based files) or "record 7 of data.parquet"."""
-    name = Path(path).name
-    kind = SUFFIX_FORMATS.get(Path(path).suffix.lower(), "jsonl")
+    name = Path(path).name if Path(path).suffix else str(path)
+    kind = SUFFIX_FORMATS.get(Path(path).suffix.lower())
     unit = "line" if kind in ("jsonl", "csv", "tsv", "txt") else "record"
     return f"{unit} {row_number} of {name}"
 
@@ -98,7 +98,25 @@ def resolve_dataset(dataset: str | Path) -> Path:
         raise DatasetError(f"{text} is a directory: give one data file (.jsonl, .json, .csv, .parquet)")
     if path.suffix.lower() in SUFFIX_FORMATS or text.startswith((".", "/", "~")) or not _looks_like_hub_name(text):
         raise DatasetError(f"dataset file {text} does not exist")
-    raise DatasetError(hub_dataset_message(text))
+    raise HubDatasetName(text)
+
+
+class HubDatasetName(DatasetError):
+    """The dataset is not a local file but has the shape of a `datasets` hub name (`name`).
+
+    `profile_dataset` catches it and loads the hub dataset when the network is allowed
+    (`hub_offline()` is False); everywhere else it is the offline message.
+    """
+
+    def __init__(self, name: str, cause: str | None = None):
+        self.name = name
+        super().__init__(hub_dataset_message(name, cause))
+
+
+def hub_offline() -> bool:
+    """True when Hugging Face access is switched off (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set to 1/true)."""
+    return any(os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on")
+               for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _looks_like_hub_name(text: str) -> bool:
@@ -107,14 +125,44 @@ def _looks_like_hub_name(text: str) -> bool:
     return len(parts) <= 2 and all(parts) and Path(text).suffix.lower() not in SUFFIX_FORMATS
 
 
-def hub_dataset_message(name: str) -> str:
-    """The message for a hub dataset name: Tunewise reads local files only while offline."""
-    return (
-        f"dataset {name!r} is not a local file, so it would be a Hugging Face hub dataset, "
-        "which needs the network; this machine works offline. Download it where you have access "
-        "(e.g. `datasets.load_dataset(name, split='train').to_json('data.jsonl')`) and pass the "
-        "local file, or use a bundled dataset such as demo-sft"
+def hub_dataset_message(name: str, cause: str | None = None) -> str:
+    """The message for a hub dataset that cannot be read here: hub datasets need the network."""
+    why = f"loading it failed ({cause})" if cause else (
+        "Hugging Face access is off here (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if hub_offline() else "this needs the network"
     )
+    return (
+        f"dataset {name!r} is not a local file, so it would be a Hugging Face hub dataset, which needs the network; "
+        f"{why}. Download it where you have access (e.g. `datasets.load_dataset(name, split='train').to_json('data.jsonl')`) "
+        "and pass the local file, or use a bundled dataset such as demo-sft"
+    )
+
+
+def read_hub_records(name: str, max_rows: int) -> tuple[list[tuple[int, dict]], int | None]:
+    """Up to `max_rows` records of a hub dataset's train split, streamed (online only), and its size when known.
+
+    Raises HubDatasetName (the offline message) when hub access is off or loading fails.
+    """
+    if hub_offline():
+        raise HubDatasetName(name)
+    try:
+        import datasets
+
+        stream = datasets.load_dataset(name, split="train", streaming=True)
+        rows = []
+        for index, record in enumerate(stream, start=1):
+            if index > max_rows:
+                break
+            rows.append((index, dict(record)))
+        size = None
+        info = getattr(stream, "info", None)
+        splits = getattr(info, "splits", None) or {}
+        if "train" in splits and getattr(splits["train"], "num_examples", None):
+            size = int(splits["train"].num_examples)
+    except Exception as exc:  # no network, unknown name, gated dataset: all mean "not available here"
+        raise HubDatasetName(name, f"{type(exc).__name__}: {exc}") from None
+    if not rows:
+        raise DatasetError(f"hub dataset {name!r} has no rows in its train split")
+    return rows, size
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -864,17 +912,32 @@ def profile_dataset(dataset: str | Path, model: str | None = None, max_rows: int
     """
     if not isinstance(max_rows, int) or max_rows < 1:
         raise DatasetError(f"max_rows must be a whole number of at least 1, got {max_rows!r}")
-    path = resolve_dataset(dataset)
     rows: list[tuple[int, dict]] = []
     truncated = False
-    for row in read_records(path):
-        if len(rows) >= max_rows:
-            truncated = True
-            break
-        rows.append(row)
+    try:
+        path = resolve_dataset(dataset)
+    except HubDatasetName as hub:
+        path = Path(hub.name)
+        rows, hub_size = read_hub_records(hub.name, max_rows + 1)
+        truncated = len(rows) > max_rows
+        rows = rows[:max_rows]
+    else:
+        for row in read_records(path):
+            if len(rows) >= max_rows:
+                truncated = True
+                break
+            rows.append(row)
+        hub_size = None
     detected = detect_format((record for _, record in rows[:200]), expected_format, source=path.name)
     validate_records(rows, detected, path)
-    examples = count_records(path) if truncated else len(rows)
+    if not truncated:
+        examples = len(rows)
+    elif hub_size is not None:
+        examples = hub_size
+    elif path.is_file():
+        examples = count_records(path)
+    else:
+        examples = len(rows)  # a hub stream of unknown size: at least this many
 
     counter = TokenCounter(find_tokenizer_file(model), model)
     per_example_texts: list[list[str]] = []

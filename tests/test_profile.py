@@ -200,3 +200,26 @@ def test_seq_len_and_percentile_arithmetic():
     assert recommend_seq_len(5000, 4096)[0] == 4096
     assert histogram([0, 5, 9, 10, 39]).edges[:3] == (0, 2, 4)
     assert histogram([20, 21, 23]) == Histogram((20, 21, 22, 23, 24), (1, 1, 0, 1))
+
+
+def test_hub_dataset_is_streamed_when_online(monkeypatch):
+    """The online path, with `datasets.load_dataset` replaced by a stand-in (tests never use the network)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        return [{"question": f"q{i}", "answer": "a" * 8} for i in range(5)]
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    profile = profile_dataset("someone/qa-set", max_rows=3)
+    assert calls == [("someone/qa-set", "train", True)]
+    assert profile.format == "prompt_completion" and profile.examples_profiled == 3
+    assert dict(profile.columns) == {"prompt": "question", "completion": "answer"}
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [{"question": "q", "answer": ""}])
+    with pytest.raises(DatasetError, match="record 1 of someone/qa-set: column 'answer' is empty"):
+        profile_dataset("someone/qa-set")
