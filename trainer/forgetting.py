@@ -39,8 +39,6 @@ This module only runs inside the training process, so it imports torch at the to
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
 import random
 import time
@@ -52,95 +50,39 @@ import torch
 from transformers import TrainerCallback
 
 from advisor.errors import DatasetError, TunewiseError
-from advisor.plan import DEMO_DATASETS
 
 STOP_REASON = "forgetting threshold exceeded"
 EWC_STATE_FILE = "ewc_state.pt"
-#: Columns we read original-domain text from, in order of preference.
-TEXT_COLUMNS = ("text", "content", "document", "sentence")
 
 
 # -- original-domain text ----------------------------------------------------------------------
 
 
-def resolve_text_source(name: str) -> Path:
-    """The file behind a bundled name ("demo-original") or a user path; DatasetError if missing."""
-    path = DEMO_DATASETS.get(name, Path(name).expanduser())
-    if not Path(path).is_file():
-        hint = " (the bundled demo data is built by the demo-data script)" if name in DEMO_DATASETS else ""
-        raise DatasetError(
-            f"forgetting.original_data: {name!r} is not a bundled name ({', '.join(DEMO_DATASETS)}) "
-            f"or an existing file{hint}: give a JSONL/JSON/CSV/Parquet file with a text column, or a .txt file",
-            field="forgetting.original_data",
-        )
-    return Path(path)
+def load_texts(name: str, setting: str = "forgetting.original_data") -> list[str]:
+    """Original-domain texts from a bundled name ("demo-original") or a file.
 
-
-def load_texts(name: str) -> list[str]:
-    """Original-domain texts from a bundled name or a file.
-
-    JSONL / JSON / CSV / Parquet: one text per row, from the `text` column (or
-    the only text column). Plain text (.txt or anything else): one text per
-    paragraph (blank-line separated), or per line when there are no blank lines.
+    Read with the dataset profiler's readers, so the files and errors are the
+    training data's: JSONL / JSON / CSV / Parquet rows with a text column
+    (text or content), or a .txt file with one text per non-blank line. A
+    DatasetError names `setting`, the file and the bad row.
     """
-    path = resolve_text_source(name)
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-        rows = data.get("data", data) if isinstance(data, dict) else data
-    elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    elif suffix == ".parquet":
-        import pandas
+    from advisor.profile import detect_format, normalize_record, read_records, resolve_dataset, validate_records
 
-        rows = pandas.read_parquet(path).to_dict("records")
-    else:
-        text = path.read_text(encoding="utf-8")
-        chunks = [c.strip() for c in text.split("\n\n") if c.strip()]
-        if len(chunks) < 2:
-            chunks = [line.strip() for line in text.splitlines() if line.strip()]
-        if not chunks:
-            raise DatasetError(f"{path}: has no text")
-        return chunks
-    return _texts_from_rows(rows, path)
-
-
-def _texts_from_rows(rows, path: Path) -> list[str]:
-    if not isinstance(rows, list) or not rows:
-        raise DatasetError(f"{path}: has no rows")
-    if not all(isinstance(row, dict) for row in rows):
-        if all(isinstance(row, str) for row in rows):
-            return [row for row in rows if row.strip()]
-        raise DatasetError(f"{path}: rows must be objects with a text column")
-    columns = list(rows[0])
-    column = next((c for c in TEXT_COLUMNS if c in columns), None)
-    if column is None:
-        text_columns = [c for c in columns if isinstance(rows[0][c], str)]
-        if len(text_columns) != 1:
-            raise DatasetError(
-                f"{path}: original-domain data needs a 'text' column; found columns {', '.join(columns) or 'none'}"
-            )
-        column = text_columns[0]
-    texts = []
-    for number, row in enumerate(rows, start=1):
-        value = row.get(column)
-        if not isinstance(value, str):
-            raise DatasetError(f"{path}: row {number} has no text in column {column!r}")
-        if value.strip():
-            texts.append(value)
+    try:
+        path = resolve_dataset(name)
+        rows = list(read_records(path))
+        detected = detect_format((record for _, record in rows[:200]), "text", source=path.name)
+        validate_records(rows, detected, path)
+    except DatasetError as exc:
+        raise DatasetError(
+            f"{setting}: {exc} (original-domain data is plain text: a bundled name such as demo-original, "
+            "or a JSONL/JSON/CSV/Parquet file with a text column, or a .txt file)",
+            field=setting,
+        ) from None
+    texts = [normalize_record(record, detected)["text"] for _, record in rows]
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise DatasetError(f"{setting}: {path} has no text", field=setting)
     return texts
 
 
@@ -170,7 +112,7 @@ def split_original(settings, seed: int) -> OriginalSplit:
     monitor_count = max(1, min(monitor_count, len(texts)))
     monitor = [texts[i] for i in sorted(order[:monitor_count])]
     if separate:
-        pool, source = load_texts(separate), f"{separate}"
+        pool, source = load_texts(separate, "forgetting.replay_data"), separate
     else:
         pool = [texts[i] for i in sorted(order[monitor_count:])]
         source = f"{settings.original_data} (rows the monitor does not use)"
@@ -343,7 +285,10 @@ class EWC:
         was_training = model.training
         # Eval mode (no dropout) unless gradient checkpointing is on: in eval mode it is
         # skipped, and the full activations of a batch might not fit where training does.
-        if not getattr(model, "is_gradient_checkpointing", False):
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:  # transformers before the rename
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if not checkpointing:
             model.eval()
         device = _device_of(model)
         fisher = [torch.zeros_like(p, dtype=torch.float32) for _, p in named]
@@ -469,8 +414,15 @@ class ForgettingCallback(TrainerCallback):
             )
             if stopping:
                 self.stop_reason = STOP_REASON
+                # Save and stop at this step; the stage's stop path (STOP file, which every
+                # DDP rank checks) records the reason and reports the run as stopped.
                 control.should_save = True
                 control.should_training_stop = True
+                try:
+                    from trainer.callbacks import request_stop
+                except ImportError:  # pragma: no cover - the stage's stop callback not present
+                    return
+                request_stop(self.ctx, STOP_REASON)
 
     def _previous_baseline(self) -> float | None:
         """On resume, the baseline this run measured before it was interrupted."""
