@@ -162,7 +162,7 @@ def cleanup_old_runs(config: AppConfig, keep: int) -> list[str]:
     supervisor = _supervisor()
     runs = supervisor.list_runs(config.runs_dir)
     finished = [r for r in runs if getattr(r, "state", None) in ("finished", "failed", "stopped")]
-    finished.sort(key=lambda r: getattr(r, "started", 0) or 0)
+    finished.sort(key=lambda r: r.created_at or 0)
     removed = []
     for status in finished[: max(0, len(finished) - keep)]:
         run_dir = _run_dir(config, status.run_id)
@@ -173,9 +173,7 @@ def cleanup_old_runs(config: AppConfig, keep: int) -> list[str]:
 
 def sorted_runs(config: AppConfig) -> list:
     """Every run's status, newest first."""
-    runs = list(_supervisor().list_runs(config.runs_dir))
-    runs.sort(key=lambda r: (getattr(r, "started", None) or 0, r.run_id), reverse=True)
-    return runs
+    return list(_supervisor().list_runs(config.runs_dir))
 
 
 def run_history(config: AppConfig) -> tuple[list[list[Any]], list[str]]:
@@ -193,7 +191,7 @@ def run_history(config: AppConfig) -> tuple[list[list[Any]], list[str]]:
             summary["what"] = Plan.load(run_dir / "plan.yaml").summary()
         except Exception:  # a damaged plan file still lists the run
             summary["what"] = "(plan unreadable)"
-        started = getattr(status, "started", None) or (events[0].get("time") if events else None)
+        started = status.created_at or (events[0].get("time") if events else None)
         summary["started"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if started else ""
         rows.append(wizard.run_row(status.run_id, status, summary))
         ids.append(status.run_id)
@@ -601,8 +599,13 @@ def build_app(config: AppConfig):
             run_id = session.get("run_id")
             if not run_id:
                 raise TunewiseError("run: nothing to stop; launch a run or open one from the history first", field="run")
-            _supervisor().stop(run_id, config.runs_dir)
-            gr.Info(f"Stop requested: {run_id} saves a checkpoint and ends at the next step.")
+            import threading
+
+            # stop() waits for the run to save and exit (killing it after 30 s): do that in the
+            # background so the page stays live; the monitor shows "stopped" when it is done.
+            threading.Thread(target=_supervisor().stop, args=(run_id,),
+                             kwargs={"runs_dir": config.runs_dir, "timeout": 30}, daemon=True).start()
+            gr.Info(f"Stop requested: {run_id} saves a checkpoint and ends after the current step.")
             return _poll(session)
 
         @friendly
@@ -614,7 +617,9 @@ def build_app(config: AppConfig):
                 raise TunewiseError("queue: the public demo trains one run at a time; wait for the current run to end",
                                     field="queue")
             new_id = _supervisor().resume(run_id, config.runs_dir)
-            session = _watch(session, new_id or run_id) if new_id and new_id != run_id else session
+            if new_id != run_id:
+                session = _watch(session, new_id)
+            gr.Info(f"Resuming {new_id} from its last checkpoint.")
             return _poll(session)
 
         @friendly
