@@ -314,7 +314,9 @@ def quantization_config(plan: Plan, precision: Precision):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=bool(plan.method.double_quant),
         bnb_4bit_compute_dtype=getattr(torch, precision.compute_dtype),
-        bnb_4bit_quant_storage=torch.uint8,
+        # FSDP shards parameters of one dtype: the packed 4-bit weights must be stored in the
+        # compute dtype for that (QLoRA + FSDP); uint8 otherwise.
+        bnb_4bit_quant_storage=getattr(torch, precision.compute_dtype) if plan.hardware.shard != "none" else torch.uint8,
     )
 
 

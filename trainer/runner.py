@@ -96,6 +96,14 @@ def _record_pid(run_dir: Path, rank: int) -> None:
     (procs / f"rank{rank}.pid").write_text(json.dumps(record), encoding="utf-8")
 
 
+def _checkpoint_step(checkpoint: Path) -> int:
+    state = checkpoint / "trainer_state.json"
+    try:
+        return int(json.loads(state.read_text(encoding="utf-8")).get("global_step", 0))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 def _model_max_positions(resolved: str) -> int | None:
     config_path = Path(resolved) / "config.json"
     if not config_path.is_file():
@@ -172,6 +180,8 @@ def run(run_dir: str | Path, resume: str | Path | None = None) -> int:
         return 2
 
     ctx = RunContext(plan=plan, run_dir=run_dir, events=events, resume_from=Path(resume) if resume else None, rank=rank)
+    if resume:
+        events.step = _checkpoint_step(Path(resume))  # steps continue from the checkpoint, not from 0
     try:
         ctx.install_signal_handlers()
     except ValueError:  # not the main thread (an in-process caller): stops go through the STOP file
