@@ -525,9 +525,8 @@ def build_app(config: AppConfig):
             advised = wizard.advise(advisor_values, session.get("profile"), overrides)
             session = {**session, "advice": advised.values}
             widget_values = wizard.widgets_from_plan(advised.plan)
-            updates = [gr.update(value=widget_values[name],
-                                 **({"choices": advised.target_choices} if name == "lora_targets" else {}))
-                       for name in advice_widgets]
+            updates = [gr.update(value=widget_values[name], choices=advised.target_choices) if name == "lora_targets"
+                       else widget_values[name] for name in advice_widgets]
             guide_headers, guide_rows = wizard.guide_rows()
             return [session, *updates, {"headers": guide_headers, "data": guide_rows}, wizard.guide_note(),
                     advised.notes_markdown]

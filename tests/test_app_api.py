@@ -1,0 +1,202 @@
+"""The wizard's API, driven with gradio_client against a real `python app.py` server.
+
+One server in demo mode (the limits a public Space enforces) serves every test
+here: planning endpoints with real numbers, clear messages for bad input, the
+demo limits refused or applied on the server, and one short launch -> poll ->
+stop -> history round trip on the bundled demo model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO / "assets" / "demo-model" / "config.json"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(runs_dir: Path, *extra: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start `python app.py` on a free port; return the process and its URL once it serves a page."""
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir", str(runs_dir), *extra],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.3)
+    stop_app(proc)
+    raise RuntimeError(f"app.py did not serve within 150 s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    proc, url = start_app(runs, "--demo-mode", log_path=runs.parent / "app.log")
+    from gradio_client import Client
+
+    yield Client(url, verbose=False), runs
+    # Stop any run this module left going, then the server.
+    from trainer import supervisor
+
+    for status in supervisor.list_runs(runs):
+        if status.state in ("queued", "running"):
+            supervisor.stop(status.run_id, runs_dir=runs, timeout=20)
+    stop_app(proc)
+
+
+def table(value) -> tuple[list[str], list[list]]:
+    """(headers, rows) of a Dataframe output."""
+    return value["headers"], value["data"]
+
+
+def test_model_info_gives_exact_parameter_count(server):
+    client, _ = server
+    card = client.predict("HuggingFaceTB/SmolLM2-135M", api_name="/model_info")
+    assert "134,515,008" in card and "llama" in card
+
+
+def test_estimate_returns_memory_fit_and_commands(server):
+    client, _ = server
+    memory, chart, fits, _recs, status, _explained, cli, plan_yaml = client.predict(
+        model="meta-llama/Llama-2-7b-hf", gpu="RTX-4090", method="lora", micro_batch=4, seq_len=512,
+        api_name="/estimate")
+    headers, rows = table(memory)
+    assert headers == ["component (GB per GPU)", "Full", "LoRA", "QLoRA"]
+    weights = next(r for r in rows if r[0] == "weights")
+    # 6,738,415,616 parameters x 2 bytes (16 bit) = 13.48 GB for Full and LoRA; NF4 is far less for QLoRA.
+    assert weights[1] == weights[2] == "13.48" and float(weights[3]) < 5
+    totals = next(r for r in rows if r[0] == "total on the GPU")
+    assert float(totals[1]) > float(totals[2]) > float(totals[3])
+    fit_headers, fit_rows = table(fits)
+    assert fit_headers[:4] == ["GPU", "GB", "method", "fits"]
+    mine = next(r for r in fit_rows if r[0].startswith("RTX-4090"))
+    assert mine[3] == "no" and "gradient checkpointing" in mine[6].lower()
+    assert "does not fit your RTX-4090" in status
+    assert json.loads(chart["plot"])["layout"]["barmode"] == "stack"
+    assert cli.startswith("tunewise train")
+    plan = yaml.safe_load(plan_yaml)
+    assert plan["model"]["name"] == "meta-llama/Llama-2-7b-hf" and plan["hardware"]["gpu"] == "RTX-4090"
+
+
+def test_recommend_follows_the_guide_rank_table(server):
+    client, _ = server
+    outputs = client.predict(model="HuggingFaceTB/SmolLM2-135M", task="classification", api_name="/recommend")
+    from advisor.wizard import ADVISED_WIDGETS
+
+    values = dict(zip(ADVISED_WIDGETS, outputs[: len(ADVISED_WIDGETS)]))
+    assert values["lora_targets"]["choices"][0][0] == "q_proj"  # the architecture's own module names
+    assert values["method"] == "lora"
+    assert 4 <= values["lora_rank"] <= 8  # guide: simple (classification) -> 4-8
+    assert 1e-4 <= values["learning_rate"] <= 3e-4  # guide: LoRA 1e-4 to 3e-4
+    guide_headers, guide_rows = table(outputs[len(ADVISED_WIDGETS)])
+    assert [row[0].split()[0] for row in guide_rows] == ["7B", "13B", "70B"]
+    assert guide_rows[0][1] == "28"  # the guide's own figure, shown as it gives it
+    assert "AdamW" in outputs[len(ADVISED_WIDGETS) + 1]
+
+
+def test_profile_of_bundled_dataset(server):
+    client, _ = server
+    rows, histogram = client.predict(dataset="demo-sft", model="HuggingFaceTB/SmolLM2-135M", api_name="/profile")
+    found = dict((r[0], r[1]) for r in table(rows)[1])
+    assert found["format"] == "messages" and found["examples"] == "2,000"
+    bars = json.loads(histogram["plot"])["data"][0]
+    assert sum(bars["y"]) == 2000
+
+
+def test_bad_input_gives_a_message_naming_the_field(server):
+    from gradio_client.exceptions import AppError
+
+    client, _ = server
+    with pytest.raises(AppError) as bad_lr:
+        client.predict(model="HuggingFaceTB/SmolLM2-135M", learning_rate=-1, api_name="/estimate")
+    assert "training.learning_rate" in str(bad_lr.value) and "Traceback" not in str(bad_lr.value)
+    with pytest.raises(AppError) as bad_model:
+        client.predict("no-such-model-xyz", api_name="/model_info")
+    assert "unknown model" in str(bad_model.value) and "Traceback" not in str(bad_model.value)
+
+
+def test_demo_mode_refuses_other_models_on_the_server(server):
+    from gradio_client.exceptions import AppError
+
+    client, runs = server
+    with pytest.raises(AppError) as refused:
+        client.predict(model="HuggingFaceTB/SmolLM2-135M", max_steps=5, api_name="/launch")
+    assert "model.name" in str(refused.value) and "demo" in str(refused.value)
+    assert not [p for p in runs.iterdir() if (p / "run.json").exists()]
+
+
+@pytest.mark.slow
+def test_launch_poll_stop_and_history(server):
+    from gradio_client.exceptions import AppError
+
+    client, runs = server
+    if not DEMO_MODEL.is_file():
+        pytest.fail("the bundled demo model (assets/demo-model) is missing: build it with assets/build_demo_model.py")
+    # Ask for more steps than the demo allows: the server cuts the plan to its limit.
+    client.predict(model="demo", dataset="demo-sft", method="lora", max_steps=500, seq_len=64, micro_batch=4,
+                   api_name="/launch")
+    (run_dir,) = [p for p in runs.iterdir() if (p / "plan.yaml").exists()]
+    assert yaml.safe_load((run_dir / "plan.yaml").read_text())["training"]["max_steps"] == 40
+    # One job at a time: a second launch gets the queue message.
+    with pytest.raises(AppError) as queued:
+        client.predict(model="demo", dataset="demo-sft", max_steps=5, api_name="/launch")
+    assert "one run at a time" in str(queued.value)
+
+    points, deadline = [], time.time() + 240
+    while time.time() < deadline and len(points) < 2:
+        header, loss, *_ = client.predict(api_name="/poll")
+        if isinstance(loss, dict) and loss.get("plot"):
+            traces = json.loads(loss["plot"])["data"]
+            points = next((t["y"] for t in traces if t.get("name") == "training loss"), [])
+        time.sleep(1)
+    assert len(points) >= 2, f"no loss points within 240 s; last header: {header}"
+    assert all(math.isfinite(v) and v > 0 for v in points)
+
+    client.predict(api_name="/stop")
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        header = client.predict(api_name="/poll")[0]
+        if "tw-badge-stopped" in header or "tw-badge-finished" in header:
+            break
+        time.sleep(1)
+    assert "tw-badge-stopped" in header or "tw-badge-finished" in header, header
+    history, _run_choice, _compare = client.predict(api_name="/runs")
+    (row,) = table(history)[1]
+    assert row[0] == run_dir.name and row[2] in ("stopped", "finished")
+    step, total = (int(x) for x in row[3].split("/"))
+    assert total == 40 and step >= len(points)
