@@ -1,0 +1,98 @@
+"""Faults: what happens when things break while a run is going.
+
+Each test breaks something for real (SIGKILL of the trainer, a half-written
+event line, a full disk, a deleted run directory, two launches at once, an app
+restart, a burst of concurrent API requests) and checks that the user gets a
+clear status and loses no finished data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer import supervisor
+from trainer.events import EVENTS_FILE, read_all_events, read_events
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_until(predicate, timeout: float, poll: float = 0.02, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _losses(events: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in events if e.get("event") == "log" and isinstance(e.get("loss"), float)}
+
+
+def _first_checkpoint(run_dir: Path):
+    events, _ = read_events(run_dir / EVENTS_FILE, 0)
+    saved = [e for e in events if e.get("event") == "checkpoint"]
+    return saved[0] if saved else None
+
+
+def test_sigkill_fails_with_signal_9_and_resume_matches_an_uninterrupted_run(make_plan, runs_dir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    plan = make_plan(training__max_steps=24, training__save_steps=4)
+    killed_id = supervisor.launch(plan, runs_dir, name="killed")
+    reference_id = supervisor.launch(plan, runs_dir, name="reference")
+    killed_dir = runs_dir / killed_id
+
+    # Kill the trainer right after its first checkpoint, mid-training.
+    checkpoint = _wait_until(lambda: _first_checkpoint(killed_dir), timeout=240, poll=0.01, what="the first checkpoint")
+    running = supervisor.status(killed_id, runs_dir)
+    assert running.state == "running", running
+    os.kill(running.pid, signal.SIGKILL)
+    killed_at = time.time()
+
+    failed = _wait_until(
+        lambda: (s := supervisor.status(killed_id, runs_dir)).state != "running" and s, timeout=10, what="the failed status"
+    )
+    assert time.time() - killed_at < 5
+    assert failed.state == "failed" and failed.signal == 9, failed
+    assert "signal 9" in failed.error and "failed (signal 9)" in failed.describe()
+
+    # Events up to the kill are intact: every line is complete JSON, in order, none lost.
+    raw = (killed_dir / EVENTS_FILE).read_bytes()
+    assert raw.endswith(b"\n")
+    lines = raw.decode("utf-8").splitlines()
+    parsed = [json.loads(line) for line in lines]
+    assert [e["event"] for e in read_all_events(killed_dir / EVENTS_FILE)] == [e["event"] for e in parsed]
+    assert parsed[-1]["event"] == "failed" and parsed[-1]["signal"] == 9
+    killed_steps = sorted(_losses(parsed))
+    assert killed_steps == list(range(1, killed_steps[-1] + 1)) and killed_steps[-1] >= checkpoint["step"]
+
+    # Resume continues from the newest complete checkpoint in the same run directory.
+    newest = supervisor.last_checkpoint(killed_dir)
+    resume_step = int(newest.name.split("-")[1])
+    assert resume_step >= checkpoint["step"]
+    assert supervisor.resume(killed_id, runs_dir) == killed_id
+    reference = supervisor.wait(reference_id, timeout=300, runs_dir=runs_dir)
+    resumed = supervisor.wait(killed_id, timeout=300, runs_dir=runs_dir)
+    assert reference.state == "finished", reference
+    assert resumed.state == "finished", (resumed, resumed.error_lines)
+    assert resumed.attempts == 2 and resumed.step == 24
+
+    events = read_all_events(killed_dir / EVENTS_FILE)
+    marker = max(i for i, e in enumerate(events) if e["event"] == "resumed")
+    assert events[marker]["step"] == resume_step
+    after = _losses(events[marker:])
+    assert sorted(after) == list(range(resume_step + 1, 25)), "the resumed attempt must log exactly the remaining steps"
+    expected = _losses(read_all_events(runs_dir / reference_id / EVENTS_FILE))
+    assert sorted(expected) == list(range(1, 25))
+    for step, loss in after.items():
+        assert math.isclose(loss, expected[step], rel_tol=1e-4, abs_tol=1e-5), (step, loss, expected[step])
