@@ -9,7 +9,7 @@ The API the wizard and the CLI use (no torch imports: it must stay instant):
   first), `read_run_events(run, offset) -> (events, offset)`.
 - `stop(run, timeout=30) -> RunStatus`: cooperative (STOP file + SIGTERM to
   the training processes, which save a checkpoint and exit); after `timeout`
-  seconds the processes are killed.
+  seconds the processes are killed. `request_stop(run)` asks without waiting.
 - `resume(run) -> run_id`: the same run directory continues from the newest
   checkpoint in checkpoints/; events are appended after a `resumed` event.
 
@@ -390,17 +390,28 @@ def _signal_run(run_dir: Path, attempt: dict, sig: int, whole_group: bool) -> No
             pass
 
 
-def stop(run: str | Path, timeout: float = 30, runs_dir: str | Path | None = None, reason: str = "stopped by the user") -> RunStatus:
-    """Ask a run to stop (it saves a checkpoint and exits); kill it after `timeout` seconds; return its status."""
+def request_stop(run: str | Path, runs_dir: str | Path | None = None, reason: str = "stopped by the user") -> RunStatus:
+    """Ask a run to stop cooperatively and return at once (the run saves a checkpoint and ends `stopped`).
+
+    Writes the STOP file (with `reason`, which the `stopped` event repeats) and
+    sends SIGTERM to the training ranks only: the accelerate launcher would tear
+    the ranks down on SIGTERM instead of letting them save.
+    """
     run_dir = find_run_dir(run, runs_dir)
     current = status(run_dir)
     if current.state not in ACTIVE_STATES:
         return current
     (run_dir / STOP_FILE).write_text(reason + "\n", encoding="utf-8")
-    attempt = _current_attempt(_read_json(run_dir / RUN_FILE))
-    # SIGTERM goes to the training ranks only: the accelerate launcher would tear the
-    # ranks down on SIGTERM instead of letting them save.
-    _signal_run(run_dir, attempt, signal.SIGTERM, whole_group=False)
+    _signal_run(run_dir, _current_attempt(_read_json(run_dir / RUN_FILE)), signal.SIGTERM, whole_group=False)
+    return current
+
+
+def stop(run: str | Path, timeout: float = 30, runs_dir: str | Path | None = None, reason: str = "stopped by the user") -> RunStatus:
+    """Ask a run to stop (it saves a checkpoint and exits); kill it after `timeout` seconds; return its status."""
+    run_dir = find_run_dir(run, runs_dir)
+    current = request_stop(run_dir, reason=reason)
+    if current.state not in ACTIVE_STATES:
+        return current
     deadline = time.time() + timeout
     while time.time() < deadline:
         current = status(run_dir)
@@ -471,6 +482,8 @@ class RunStatus:
     """The error message (failed runs)."""
     error_lines: tuple[str, ...] = ()
     """Last traceback lines, or the tail of stdout.log when the trainer died without reporting."""
+    user_error: bool = False
+    """True when it failed on a problem with the plan or its inputs (the message says what to fix)."""
     step: int = 0
     """Latest optimizer step reported."""
     max_steps: int | None = None
@@ -613,10 +626,12 @@ def status(run: str | Path, runs_dir: str | Path | None = None) -> RunStatus:
     error = None
     error_lines: tuple[str, ...] = ()
     reason = None
+    user_error = False
     if terminal is not None:
         state = terminal["event"]
         if state == "failed":
             error = terminal.get("error")
+            user_error = bool(terminal.get("user_error"))
             error_lines = tuple(terminal.get("traceback") or terminal.get("lines") or ())
         elif state == "stopped":
             reason = terminal.get("reason")
@@ -652,6 +667,7 @@ def status(run: str | Path, runs_dir: str | Path | None = None) -> RunStatus:
         reason=reason,
         error=error,
         error_lines=error_lines,
+        user_error=user_error,
         step=digest.step,
         max_steps=digest.max_steps,
         last_loss=digest.last_loss,

@@ -1,0 +1,388 @@
+"""The training subcommands of `tunewise`: train, launch, runs, status, stop, resume, merge, build-demo.
+
+`register(subparsers)` adds them to the parser in `cli.py`. A plan comes from
+a PLAN.yaml, from flags, or both (flags override the file), so one line runs
+the demo without a plan file:
+
+    tunewise train --model demo --dataset demo-sft --method lora --max-steps 30 --runs-dir DIR
+
+`train` runs in the foreground with a progress bar driven by the run's
+events (Ctrl-C stops it cleanly: a checkpoint is saved); `launch` starts
+the same thing detached and prints the run id. `runs`, `status`, `stop`,
+`resume`, `merge` take `--json` for scripts. Mistakes raise `TunewiseError`
+(printed as `error: ...`, exit 2). Nothing here imports torch except `merge`
+and `build-demo`, which need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from advisor.errors import TunewiseError
+from advisor.plan import ASSETS_DIR, Plan
+
+#: (flag, plan field, type, help). Booleans use --flag / --no-flag.
+PLAN_FLAGS: list[tuple[str, str, object, str]] = [
+    ("--stage", "stage", str, "sft, rm (reward model), dpo or ppo"),
+    ("--pipeline", "pipeline", str, "none, rlhf (sft -> rm -> ppo), dpo (sft -> dpo) or compare"),
+    ("--model", "model.name", str, "demo, a catalogue id, a hub id or a local model folder"),
+    ("--trust-remote-code", "model.trust_remote_code", bool, "run the model repository's own code (off by default)"),
+    ("--revision", "model.revision", str, "hub revision (branch, tag or commit)"),
+    ("--dataset", "data.dataset", str, "demo-sft, demo-preference, a JSONL/JSON/CSV/Parquet file or a hub dataset"),
+    ("--format", "data.format", str, "auto, text, prompt_completion, messages or preference"),
+    ("--eval-fraction", "data.eval_fraction", float, "share of examples held out for evaluation (0 disables)"),
+    ("--max-examples", "data.max_examples", int, "use at most this many training examples"),
+    ("--packing", "data.packing", bool, "pack short examples into full sequences"),
+    ("--method", "method.method", str, "full, lora or qlora"),
+    ("--precision", "method.precision", str, "bf16, fp16, fp32 or amp"),
+    ("--optimizer", "method.optimizer", str, "adamw, adamw_8bit, paged_adamw_8bit, sgd or adafactor"),
+    ("--lora-rank", "method.lora_rank", int, "LoRA rank r"),
+    ("--lora-alpha", "method.lora_alpha", float, "LoRA alpha (default 2 x rank)"),
+    ("--lora-targets", "method.lora_targets", str, "comma-separated module names, or all-linear"),
+    ("--lora-dropout", "method.lora_dropout", float, "dropout on the LoRA input"),
+    ("--quant-bits", "method.quant_bits", int, "QLoRA base: 4 (NF4) or 8"),
+    ("--double-quant", "method.double_quant", bool, "QLoRA double quantization"),
+    ("--gradient-checkpointing", "method.gradient_checkpointing", bool, "recompute activations to save memory"),
+    ("--attn", "method.attn", str, "attention kernel: eager or sdpa"),
+    ("--lr", "training.learning_rate", float, "peak learning rate"),
+    ("--warmup-ratio", "training.warmup_ratio", float, "share of steps spent warming up"),
+    ("--scheduler", "training.lr_scheduler", str, "cosine, linear, constant or constant_with_warmup"),
+    ("--epochs", "training.epochs", float, "passes over the data (ignored with --max-steps)"),
+    ("--max-steps", "training.max_steps", int, "stop after this many optimizer steps"),
+    ("--micro-batch", "training.micro_batch", int, "examples per device per forward pass"),
+    ("--grad-accum", "training.grad_accum", int, "micro-batches per optimizer step"),
+    ("--seq-len", "training.seq_len", int, "maximum tokens per example"),
+    ("--seed", "training.seed", int, "random seed (same seed, same run)"),
+    ("--logging-steps", "training.logging_steps", int, "log metrics every N steps"),
+    ("--eval-steps", "training.eval_steps", int, "evaluate every N steps"),
+    ("--save-steps", "training.save_steps", int, "checkpoint every N steps"),
+    ("--weight-decay", "training.weight_decay", float, "AdamW weight decay"),
+    ("--forgetting", "forgetting.monitor", bool, "monitor loss on original-domain data"),
+    ("--original-data", "forgetting.original_data", str, "original-domain data for the forgetting monitor and replay"),
+    ("--forgetting-threshold", "forgetting.threshold_pct", float, "alert when original-domain loss rises this % above baseline"),
+    ("--stop-on-forgetting", "forgetting.stop_on_threshold", bool, "stop (saving first) when the threshold is crossed"),
+    ("--replay", "forgetting.replay_fraction", float, "share of original-domain examples mixed into training (0.01-0.10)"),
+    ("--ewc", "forgetting.ewc_lambda", float, "elastic weight consolidation strength (0: off)"),
+    ("--beta", "preference.beta", float, "DPO beta (0.1-0.5)"),
+    ("--kl-coef", "preference.kl_coef", float, "PPO KL penalty coefficient (0.01-0.1)"),
+    ("--algorithm", "preference.algorithm", str, "online RL for the ppo stage: ppo, rloo or grpo"),
+    ("--reward-model", "preference.reward_model", str, "reward model for ppo: a run id, run directory or model path"),
+    ("--sft-model", "preference.sft_model", str, "starting policy for dpo / ppo: a run id, run directory or model path"),
+    ("--num-processes", "hardware.num_gpus", int, "processes (GPUs, or CPU processes without a GPU); >1 uses accelerate launch"),
+    ("--shard", "hardware.shard", str, "with several processes: none (DDP), zero2 or zero3 (FSDP)"),
+    ("--device", "hardware.device", str, "auto, cpu or cuda"),
+    ("--output", "output", str, "where the final adapter or model goes (default: <run dir>/output)"),
+]
+
+
+def _dest(flag: str) -> str:
+    return "plan_" + flag.lstrip("-").replace("-", "_")
+
+
+def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan", nargs="?", help="a plan file (YAML); flags override its settings")
+    group = parser.add_argument_group("plan settings (override the plan file)")
+    for flag, dotted, kind, text in PLAN_FLAGS:
+        if kind is bool:
+            group.add_argument(flag, dest=_dest(flag), action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=_dest(flag), type=kind, default=None, help=text)
+    group.add_argument("--gpus", dest=_dest("--num-processes"), type=int, default=None, help="same as --num-processes")
+    parser.add_argument("--name", help="a label for the run (part of its id)")
+    _add_runs_dir(parser)
+
+
+def _add_runs_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs-dir", help="the runs folder (default: $TUNEWISE_RUNS_DIR or ./runs)")
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """The plan file (or the defaults) with the flags applied; PlanError names a bad setting."""
+    plan = Plan.load(args.plan) if getattr(args, "plan", None) else Plan()
+    overrides = {dotted: getattr(args, _dest(flag)) for flag, dotted, _, _ in PLAN_FLAGS}
+    if getattr(args, "name", None):
+        overrides["name"] = args.name
+    return plan.with_overrides(overrides)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# -- train (foreground) and launch (detached) --------------------------------------------------------
+
+
+def follow(run_id: str, runs_dir: str | None, quiet: bool = False):
+    """Show a run's progress from its events until it ends; Ctrl-C asks it to stop. Returns its status."""
+    from tqdm import tqdm
+
+    from trainer import supervisor
+
+    bar = None if quiet else tqdm(total=None, unit="step", desc=run_id, dynamic_ncols=True)
+    offset = 0
+    stopping = False
+    try:
+        while True:
+            try:
+                events, offset = supervisor.read_run_events(run_id, offset, runs_dir)
+                for event in events:
+                    _show(event, bar)
+                current = supervisor.status(run_id, runs_dir)
+                if not current.active:
+                    events, offset = supervisor.read_run_events(run_id, offset, runs_dir)
+                    for event in events:
+                        _show(event, bar)
+                    return current
+                time.sleep(0.3)
+            except KeyboardInterrupt:
+                if stopping:
+                    raise
+                stopping = True
+                message = "stopping: the run saves a checkpoint and exits (Ctrl-C again to leave it running)"
+                tqdm.write(message) if bar is not None else print(message, file=sys.stderr)
+                supervisor.request_stop(run_id, runs_dir, reason="stopped from the terminal (Ctrl-C)")
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _show(event: dict, bar) -> None:
+    kind = event.get("event")
+    write = (lambda text: bar.write(text)) if bar is not None else (lambda text: None)
+    if kind == "train_begin" and bar is not None:
+        bar.reset(total=event.get("max_steps") or None)
+        bar.n = event.get("start_step") or 0
+        bar.refresh()
+    elif kind == "log" and bar is not None:
+        bar.n = event.get("step", bar.n)
+        postfix = {}
+        for key in ("loss", "learning_rate", "rewards/margins", "objective/kl"):
+            if isinstance(event.get(key), (int, float)):
+                postfix[key] = f"{event[key]:.4g}"
+        bar.set_postfix(postfix, refresh=True)
+    elif kind == "eval":
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in event.items() if k.startswith("eval_") and isinstance(v, (int, float)))
+        write(f"step {event.get('step')}: eval {metrics}")
+    elif kind in ("notice", "alert"):
+        write(f"{kind}: {event.get('message')}")
+    elif kind == "forgetting":
+        write(
+            f"step {event.get('step')}: original-domain loss {event.get('loss')} "
+            f"(baseline {event.get('baseline_loss')}, {event.get('degradation_pct')}%)"
+        )
+    elif kind == "checkpoint":
+        write(f"step {event.get('step')}: checkpoint {event.get('path')}")
+    elif kind == "stage":
+        write(f"stage: {json.dumps({k: v for k, v in event.items() if k not in ('event', 'time')})}")
+
+
+def _finish(current, as_json: bool) -> int:
+    """Print how a run ended; exit code 0 finished/stopped, 2 failed on the user's input, 1 otherwise."""
+    if as_json:
+        _print_json(current.to_dict())
+        return 0 if current.state in ("finished", "stopped") else 1
+    if current.state == "finished":
+        loss = f", last loss {current.last_loss:.4f}" if current.last_loss is not None else ""
+        print(f"finished {current.run_id} at step {current.step}{loss}; output: {current.output_dir}")
+        return 0
+    if current.state == "stopped":
+        print(f"stopped {current.run_id} at step {current.step} ({current.reason}); resume with `tunewise resume {current.run_id}`")
+        return 0
+    if current.user_error:
+        raise TunewiseError(f"{current.error} (run {current.run_id})")
+    print(f"failed {current.run_id}: {current.error}", file=sys.stderr)
+    for line in current.error_lines:
+        print(f"  {line}", file=sys.stderr)
+    return 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer import supervisor
+
+    plan = plan_from_args(args)
+    run_id = supervisor.launch(plan, runs_dir=args.runs_dir, name=args.name)
+    if not args.json:
+        print(f"run {run_id} in {supervisor.find_run_dir(run_id, args.runs_dir)}")
+    current = follow(run_id, args.runs_dir, quiet=args.json)
+    return _finish(current, args.json)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from trainer import supervisor
+
+    plan = plan_from_args(args)
+    run_id = supervisor.launch(plan, runs_dir=args.runs_dir, name=args.name)
+    if args.json:
+        _print_json(supervisor.status(run_id, args.runs_dir).to_dict())
+    else:
+        print(run_id)
+    return 0
+
+
+# -- run management -------------------------------------------------------------------------------
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from trainer import supervisor
+
+    runs = supervisor.list_runs(args.runs_dir)
+    if args.json:
+        _print_json([run.to_dict() for run in runs])
+        return 0
+    if not runs:
+        print(f"no runs in {args.runs_dir or supervisor.default_runs_dir()}")
+    for run in runs:
+        print(run.describe())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from trainer import supervisor
+
+    current = supervisor.status(args.run, args.runs_dir)
+    if args.json:
+        _print_json(current.to_dict())
+        return 0
+    print(current.describe())
+    print(f"  directory  {current.run_dir}")
+    if current.checkpoint:
+        print(f"  checkpoint {current.checkpoint}")
+    if current.output_dir:
+        print(f"  output     {current.output_dir}")
+    if current.reason:
+        print(f"  reason     {current.reason}")
+    if current.error:
+        print(f"  error      {current.error}")
+        for line in current.error_lines:
+            print(f"    {line}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from trainer import supervisor
+
+    current = supervisor.stop(args.run, timeout=args.timeout, runs_dir=args.runs_dir)
+    if args.json:
+        _print_json(current.to_dict())
+    else:
+        print(current.describe())
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from trainer import supervisor
+
+    run_id = supervisor.resume(args.run, args.runs_dir)
+    if args.follow:
+        return _finish(follow(run_id, args.runs_dir, quiet=args.json), args.json)
+    if args.json:
+        _print_json(supervisor.status(run_id, args.runs_dir).to_dict())
+    else:
+        print(f"resumed {run_id}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from trainer import supervisor
+    from trainer.merge import merge_and_export
+
+    source = Path(args.run).expanduser()
+    if not source.exists():
+        source = supervisor.find_run_dir(args.run, args.runs_dir)
+    report = merge_and_export(
+        source,
+        args.out,
+        prompts=args.prompt or None,
+        reload_16bit=args.reload_16bit,
+        tolerance=args.tolerance,
+    )
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"merged model written to {report['out_dir']} ({report['dtype']})")
+        print(
+            f"largest logit difference, merged vs base + adapter, on {len(report['prompts'])} prompts: "
+            f"{report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:.3g}); "
+            f"the adapter itself moves logits by up to {report['adapter_effect']:.3g}"
+        )
+    return 0
+
+
+def cmd_build_demo(args: argparse.Namespace) -> int:
+    script = ASSETS_DIR / "build_demo_model.py"
+    if not script.is_file():
+        raise TunewiseError(f"{script} is missing: this checkout has no demo-model recipe")
+    command = [sys.executable, str(script), *args.extra]
+    return subprocess.call(command)
+
+
+def register(subparsers) -> None:
+    """Add the training subcommands to the `tunewise` parser."""
+    train = subparsers.add_parser(
+        "train",
+        help="train in the foreground with a progress bar (Ctrl-C stops and saves)",
+        description="Run a plan (file and/or flags) in the foreground; the run is also listed by `tunewise runs`.",
+    )
+    _add_plan_flags(train)
+    train.add_argument("--json", action="store_true", help="no progress bar; print the final status as JSON")
+    train.set_defaults(func=cmd_train)
+
+    launch = subparsers.add_parser(
+        "launch",
+        help="start a run in the background and print its id",
+        description="Start a plan (file and/or flags) detached from this terminal; follow it with `tunewise status`.",
+    )
+    _add_plan_flags(launch)
+    launch.add_argument("--json", action="store_true", help="print the run's status as JSON")
+    launch.set_defaults(func=cmd_launch)
+
+    runs = subparsers.add_parser("runs", help="list runs, newest first")
+    _add_runs_dir(runs)
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(func=cmd_runs)
+
+    status = subparsers.add_parser("status", help="state, step, loss and errors of a run")
+    status.add_argument("run", help="run id (or a unique prefix) or run directory")
+    _add_runs_dir(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    stop = subparsers.add_parser("stop", help="stop a run (it saves a checkpoint; killed after --timeout)")
+    stop.add_argument("run", help="run id or run directory")
+    stop.add_argument("--timeout", type=float, default=30.0, help="seconds to wait before killing (default 30)")
+    _add_runs_dir(stop)
+    stop.add_argument("--json", action="store_true")
+    stop.set_defaults(func=cmd_stop)
+
+    resume = subparsers.add_parser("resume", help="continue a stopped or failed run from its newest checkpoint")
+    resume.add_argument("run", help="run id or run directory")
+    resume.add_argument("--follow", action="store_true", help="stay attached with a progress bar")
+    _add_runs_dir(resume)
+    resume.add_argument("--json", action="store_true")
+    resume.set_defaults(func=cmd_resume)
+
+    merge = subparsers.add_parser(
+        "merge",
+        help="merge a LoRA adapter into its 16-bit base and export it (checked against base + adapter)",
+    )
+    merge.add_argument("run", help="run id, run directory or adapter directory")
+    merge.add_argument("--out", help="output folder (default: <run dir>/merged)")
+    merge.add_argument("--prompt", action="append", help="a prompt for the logit check (repeatable)")
+    merge.add_argument(
+        "--reload-16bit",
+        action="store_true",
+        help="for a QLoRA adapter: merge into the base reloaded in 16 bit (it was trained against 4-bit weights)",
+    )
+    merge.add_argument("--tolerance", type=float, default=None, help="largest logit difference accepted")
+    _add_runs_dir(merge)
+    merge.add_argument("--json", action="store_true")
+    merge.set_defaults(func=cmd_merge)
+
+    build = subparsers.add_parser("build-demo", help="build the offline demo model (assets/build_demo_model.py)")
+    build.add_argument("extra", nargs=argparse.REMAINDER, help="passed to the script, e.g. --out DIR --steps N")
+    build.set_defaults(func=cmd_build_demo)
