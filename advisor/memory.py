@@ -301,10 +301,13 @@ def _optimizer_bytes(shapes: tuple[tuple[int, ...], ...], optimizer: str, state_
     if optimizer == "adamw":
         return 2 * state_bytes * total, f"AdamW: 2 states x {state_bytes} B x {total:,} trainable params"
     if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-        big = sum(_numel(s) for s in shapes if _numel(s) >= BNB_MIN_8BIT_SIZE)
+        sizes = [_numel(s) for s in shapes]
+        big = sum(n for n in sizes if n >= BNB_MIN_8BIT_SIZE)
         small = total - big
-        # 2 states x 1 byte, plus one fp32 absmax per 256-element block per state; small tensors keep 2 fp32 states.
-        nbytes = 2 * big + 2 * 4 * -(-big // BNB_OPTIM_BLOCK) + 8 * small
+        blocks = sum(-(-n // BNB_OPTIM_BLOCK) for n in sizes if n >= BNB_MIN_8BIT_SIZE)
+        # 2 states x 1 byte, one fp32 absmax per 256-element block per state, and the two shared
+        # 256-entry fp32 quantization maps; small tensors keep 2 fp32 states.
+        nbytes = 2 * big + 2 * 4 * blocks + (2 * 256 * 4 if big else 0) + 8 * small
         paged = " (paged: pages move to CPU under memory pressure)" if optimizer.startswith("paged") else ""
         return nbytes, f"8-bit AdamW: 2 B/param for {big:,} params in tensors >= {BNB_MIN_8BIT_SIZE} elements, 8 B for {small:,} others{paged}"
     if optimizer == "sgd":
@@ -785,32 +788,41 @@ def gpu_fit(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> FitResult:
 
 
 def _cheapest_fix(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> tuple[str | None, TrainingSetup | None]:
-    """Try, in order, the changes that cost least in speed or quality; the first that fits wins."""
+    """Climb a ladder of changes, cheapest first, each rung keeping the ones below it: gradient
+    checkpointing, 8-bit AdamW, QLoRA, ZeRO-3 over more GPUs. On each rung a smaller micro-batch
+    (with more accumulation, so the effective batch stays) is tried before the next rung."""
 
-    def candidates():
+    def rungs():
+        current, said = setup, []
         if not setup.gradient_checkpointing:
-            yield "turn on gradient checkpointing (about 30% slower, same results)", setup.with_(gradient_checkpointing=True)
+            current = current.with_(gradient_checkpointing=True)
+            said.append("turn on gradient checkpointing (about 30% slower, same results)")
+            yield said, current
+        if setup.optimizer == "adamw":
+            current = current.with_(optimizer="adamw_8bit")
+            said = said + ["switch to 8-bit AdamW"]
+            yield said, current
+        if setup.method != "qlora" and setup.stage != "ppo":
+            current = current.with_(method="qlora", precision="bf16" if setup.precision == "fp32" else setup.precision,
+                                    optimizer="paged_adamw_8bit" if current.optimizer != "sgd" else "sgd")
+            said = said + ["use QLoRA (4-bit NF4 base, double quantization)"]
+            yield said, current
+        for gpus in (2, 4, 8, 16, 32, 64):
+            if gpus > setup.num_gpus:
+                yield said + [f"shard with ZeRO-3 / FSDP over {gpus} GPUs of this size"], current.with_(num_gpus=gpus, shard="zero3")
+
+    for said, candidate in rungs():
+        options = [(said, candidate)]
         for b in range(setup.micro_batch - 1, 0, -1):
             if setup.micro_batch % b == 0:
                 accum = setup.grad_accum * setup.micro_batch // b
-                yield (f"lower the micro-batch to {b} with gradient accumulation {accum} (same effective batch)",
-                       setup.with_(micro_batch=b, grad_accum=accum))
-        base = setup.with_(gradient_checkpointing=True)
-        if setup.optimizer == "adamw":
-            yield "switch to the 8-bit AdamW optimizer (with gradient checkpointing)", base.with_(optimizer="adamw_8bit")
-        if setup.method != "qlora" and setup.stage != "ppo":
-            yield ("use QLoRA: a 4-bit NF4 base with double quantization (with gradient checkpointing)",
-                   base.with_(method="qlora", precision="bf16" if setup.precision == "fp32" else setup.precision,
-                              optimizer="paged_adamw_8bit" if setup.optimizer != "sgd" else "sgd"))
-        for gpus in (2, 4, 8, 16, 32, 64):
-            if gpus > setup.num_gpus:
-                yield (f"shard with ZeRO-3 / FSDP over {gpus} GPUs of this size (with gradient checkpointing)",
-                       base.with_(num_gpus=gpus, shard="zero3"))
-
-    for sentence, candidate in candidates():
-        if _fits(spec, candidate, gpu_bytes):
-            total = _estimate_cached(spec, candidate).total_bytes
-            return f"{sentence[0].upper()}{sentence[1:]}: needs {total / GB:.1f} GB of {gpu_bytes / GB:.1f} GB.", candidate
+                options.append((said + [f"lower the micro-batch to {b} with gradient accumulation {accum} (same effective batch)"],
+                                candidate.with_(micro_batch=b, grad_accum=accum)))
+        for words, option in options:
+            if _fits(spec, option, gpu_bytes):
+                total = _estimate_cached(spec, option).total_bytes
+                sentence = "; ".join(words)
+                return f"{sentence[0].upper()}{sentence[1:]}: needs {total / GB:.1f} GB of {gpu_bytes / GB:.1f} GB.", option
     return None, None
 
 
