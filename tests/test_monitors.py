@@ -66,10 +66,10 @@ def test_reward_hacking_on_falling_heldout_accuracy():
         stream.append((step * 10, {"heldout_accuracy": accuracy}))
     alerts = feed(monitor, stream)
     assert len(alerts) == 1 and alerts[0].monitor == "reward_hacking"
-    # Best accuracy 0.75 at step 10 (reward 0.3); fires when accuracy is 0.05 below it: 0.66 at step 30.
-    assert alerts[0].step == 30
-    assert alerts[0].numbers["best_accuracy"] == 0.75 and alerts[0].numbers["heldout_accuracy"] == 0.66
-    assert alerts[0].numbers["reward_from"] == 0.3 and alerts[0].numbers["reward"] == 0.9
+    # Best accuracy 0.75 at step 10 (reward 0.3); fires when accuracy is 0.1 or more below it: 0.60 at step 40.
+    assert alerts[0].step == 40
+    assert alerts[0].numbers["best_accuracy"] == 0.75 and alerts[0].numbers["heldout_accuracy"] == 0.60
+    assert alerts[0].numbers["reward_from"] == 0.3 and alerts[0].numbers["reward"] == 1.2
 
 
 def test_reward_hacking_on_rising_original_loss_and_kl_budget():

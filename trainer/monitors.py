@@ -164,7 +164,7 @@ class RewardHackingMonitor:
     its best (or, for the KL budget, above the first reward) by more than `min_reward_gain`.
     """
 
-    def __init__(self, kl_budget: float, accuracy_drop: float = 0.05, loss_rise_pct: float = 5.0,
+    def __init__(self, kl_budget: float, accuracy_drop: float = 0.1, loss_rise_pct: float = 5.0,
                  min_reward_gain: float = 0.0):
         self.kl_budget = kl_budget
         self.accuracy_drop = accuracy_drop
