@@ -27,9 +27,11 @@ Exit codes: 0 finished or stopped, 1 failed (a bug or crash), 2 failed
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import platform
+import shutil
 import sys
 import traceback
 from importlib import metadata
@@ -157,6 +159,47 @@ def _dispatch(ctx: RunContext) -> dict:
     return get_stage(ctx.plan.stage)(ctx)
 
 
+#: Below this many free bytes on the run's disk, a crash while writing is blamed on a full disk.
+DISK_FULL_BYTES = 1_000_000
+
+
+def _disk_full(exc: BaseException, run_dir: Path) -> bool:
+    """Whether `exc` came from a full disk: ENOSPC, or a library's own error (torch's zip writer
+    says "unexpected pos ...") raised while the run's disk has (almost) no room left."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(run_dir).free < DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _drop_partial_checkpoints(run_dir: Path) -> list[str]:
+    """Delete checkpoint-*/ directories whose trainer_state.json is missing or unreadable (a save cut
+    short): they cannot be resumed from, and removing them frees room for the `failed` event."""
+    removed = []
+    for child in sorted((run_dir / "checkpoints").glob("checkpoint-*")):
+        try:
+            json.loads((child / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child.name)
+    return removed
+
+
+def _disk_full_message(exc: BaseException, run_dir: Path, removed: list[str]) -> str:
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        free = 0
+    dropped = f"; removed the half-written {', '.join(removed)}" if removed else ""
+    return (
+        f"the disk is full (No space left on device: {free} bytes free on the disk holding {run_dir}) "
+        f"while writing the run ({type(exc).__name__}: {exc}){dropped}. Free some space, then "
+        f"`tunewise resume {run_dir.name}` continues from the newest complete checkpoint"
+    )
+
+
 def _terminal_fields(result: dict) -> dict:
     return {key: value for key, value in result.items() if key not in ("status", "reason")}
 
@@ -207,6 +250,10 @@ def run(run_dir: str | Path, resume: str | Path | None = None) -> int:
         emit("failed", error=str(exc), field=exc.field, user_error=True)
         return 2
     except Exception as exc:  # a bug or a crash: report it with where it happened
+        if _disk_full(exc, run_dir):
+            removed = _drop_partial_checkpoints(run_dir) if rank == 0 else []
+            emit("failed", error=_disk_full_message(exc, run_dir, removed), user_error=True, disk_full=True)
+            return 2
         lines = traceback.format_exc().rstrip().splitlines()[-TRACEBACK_LINES:]
         emit("failed", error=f"{type(exc).__name__}: {exc}", traceback=lines, user_error=False)
         if rank != 0:

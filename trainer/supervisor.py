@@ -200,6 +200,10 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
     for child in root.iterdir():
         match = re.fullmatch(r"checkpoint-(\d+)", child.name)
         if match and (child / "trainer_state.json").is_file():
+            try:
+                json.loads((child / "trainer_state.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # half-written (the disk filled up or the process died mid-save)
             step = int(match.group(1))
             if best is None or step > best[0]:
                 best = (step, child)
