@@ -96,3 +96,65 @@ def test_sigkill_fails_with_signal_9_and_resume_matches_an_uninterrupted_run(mak
     assert sorted(expected) == list(range(1, 25))
     for step, loss in after.items():
         assert math.isclose(loss, expected[step], rel_tol=1e-4, abs_tol=1e-5), (step, loss, expected[step])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 450 KB filesystem (tmpfs, else a loop-mounted ext2 image): room for one tiny checkpoint, not two."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    attempts = [["mount", "-t", "tmpfs", "-o", "size=450k", "tmpfs", str(mount_point)]]
+    if shutil.which("mkfs.ext2"):
+        image = tmp_path / "small-disk.img"
+        attempts.append(None)  # built below only when tmpfs failed
+    reasons = []
+    for command in attempts:
+        if command is None:
+            with open(image, "wb") as handle:
+                handle.truncate(600 * 1024)
+            made = subprocess.run(["mkfs.ext2", "-q", "-F", "-m", "0", str(image)], capture_output=True, text=True)
+            if made.returncode != 0:
+                reasons.append(made.stderr.strip())
+                continue
+            command = ["mount", "-o", "loop", str(image), str(mount_point)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            break
+        reasons.append(f"{' '.join(command[:3])}: {done.stderr.strip()}")
+    else:
+        pytest.skip("cannot mount a size-limited filesystem here (needs root): " + "; ".join(reasons))
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_full_disk_while_checkpointing_fails_clearly_and_keeps_earlier_data(make_plan, small_disk, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    runs = small_disk / "runs"
+    plan = make_plan(training__max_steps=12, training__save_steps=2, training__keep_checkpoints=5)
+    run_id = supervisor.launch(plan, runs)
+    final = supervisor.wait(run_id, timeout=300, runs_dir=runs)
+    run_dir = runs / run_id
+
+    assert final.state == "failed", final
+    assert "disk is full" in final.error and "No space left on device" in final.error, final.error
+    assert "Traceback" not in final.error and not final.error_lines
+
+    # What was finished before the disk filled up is intact: the plan, every earlier event, the first checkpoint.
+    from advisor.plan import Plan
+
+    assert Plan.load(run_dir / "plan.yaml") == plan
+    events = read_all_events(run_dir / EVENTS_FILE)
+    assert not [e for e in events if e["event"] == "corrupt"]
+    saved = [e["step"] for e in events if e["event"] == "checkpoint"]
+    assert saved and saved[0] == 2, saved
+    assert sorted(_losses(events))[: saved[-1]] == list(range(1, saved[-1] + 1))
+    newest = supervisor.last_checkpoint(run_dir)
+    assert newest is not None and newest.name == f"checkpoint-{saved[-1]}", (newest, saved)
+    state = json.loads((newest / "trainer_state.json").read_text(encoding="utf-8"))
+    assert state["global_step"] == saved[-1]
+    from safetensors.torch import load_file
+
+    assert load_file(str(newest / "adapter_model.safetensors"))  # the adapter weights load
+    assert events[-1]["event"] == "failed" and events[-1]["user_error"] is True
