@@ -45,7 +45,12 @@ def machine_line() -> str:
         versions = f"; torch {torch.__version__}, transformers {transformers.__version__}"
     except ImportError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores{memory}, {accelerator}{versions}"
+    try:
+        # Shared machines: the load when the bench started says how much the figures can be trusted.
+        load = f", load average {os.getloadavg()[0]:.1f}"
+    except OSError:
+        load = ""
+    return f"{cpu}, {os.cpu_count()} cores{memory}{load}, {accelerator}{versions}"
 
 
 def write_section(name: str, body: str, path: Path = RESULTS_FILE) -> Path:

@@ -340,11 +340,14 @@ class ForgettingCallback(TrainerCallback):
         self.alerted = False
         self.stop_reason: str | None = None
         self._last_step: int | None = None
+        self._train_started: float | None = None
+        self._monitor_seconds = 0.0
 
     # Trainer hooks
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model = model if model is not None else self.model
         resumed = self.ctx.resume_from is not None
+        self._train_started = time.perf_counter()
         if self.ewc is not None:
             stats = self.ewc.prepare(model, resume=resumed)
             self.ctx.emit("ewc", step=state.global_step, **stats)
@@ -369,7 +372,9 @@ class ForgettingCallback(TrainerCallback):
     def _measure(self, model, step: int, control, final: bool = False) -> None:
         started = time.perf_counter()
         loss = original_domain_loss(model, self.batches, self.precision)
-        eval_ms = (time.perf_counter() - started) * 1000
+        finished = time.perf_counter()
+        eval_ms = (finished - started) * 1000
+        self._monitor_seconds += finished - started
         self._last_step = step
         if self.baseline is None:
             self.baseline = loss
@@ -384,6 +389,9 @@ class ForgettingCallback(TrainerCallback):
             "tokens": sum(b["tokens"] for b in self.batches),
             "eval_ms": round(eval_ms, 2),
         }
+        if self._train_started is not None and step > 0:
+            # Share of the training wall time so far spent measuring (baseline included).
+            record["monitor_cost_pct"] = round(100 * self._monitor_seconds / (finished - self._train_started), 2)
         if self.ewc is not None and self.ewc.last_penalty is not None:
             record["ewc_penalty"] = round(float(self.ewc.last_penalty), 6)
         if final:
@@ -444,6 +452,7 @@ class ForgettingCallback(TrainerCallback):
             "forgetting_loss": last["loss"],
             "forgetting_degradation_pct": last["degradation_pct"],
             "forgetting_eval_ms": round(sum(costs) / len(costs), 2),
+            "forgetting_monitor_cost_pct": last.get("monitor_cost_pct"),
         }
 
 
