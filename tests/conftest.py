@@ -18,8 +18,8 @@ Hub), small enough that a training step on the CPU takes milliseconds:
   instead of dots, e.g. `make_plan(method__method="qlora",
   training__max_steps=6)`, or pass a dict as `overrides={"method.method": ...}`.
 
-The builders are plain functions (`build_tiny_model`, `write_tiny_datasets`)
-so benchmarks and scripts can call them too.
+The builders are plain functions (`build_tiny_model`, `write_tiny_datasets`,
+`tiny_plan`) so module-scoped fixtures, benchmarks and scripts can call them too.
 """
 
 from __future__ import annotations
@@ -187,16 +187,22 @@ def tiny_plan_dict(model_dir: Path, data_dir: Path) -> dict:
     }
 
 
+def tiny_plan(model_dir: Path, data_dir: Path, overrides: dict | None = None):
+    """`Plan` for the tiny model and data, with dotted overrides ({"method.method": "full"})."""
+    from advisor.plan import Plan
+
+    plan = Plan.from_dict(tiny_plan_dict(model_dir, data_dir))
+    return plan.with_overrides(overrides) if overrides else plan
+
+
 @pytest.fixture
 def make_plan(tiny_model_dir, tiny_data_dir):
     """Factory: `make_plan(training__max_steps=4, overrides={"method.method": "full"})` -> Plan."""
-    from advisor.plan import Plan
 
     def factory(overrides: dict | None = None, **dunder) -> Plan:
-        plan = Plan.from_dict(tiny_plan_dict(tiny_model_dir, tiny_data_dir))
         merged = {key.replace("__", "."): value for key, value in dunder.items()}
         merged.update(overrides or {})
-        return plan.with_overrides(merged) if merged else plan
+        return tiny_plan(tiny_model_dir, tiny_data_dir, merged)
 
     return factory
 

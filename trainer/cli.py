@@ -91,8 +91,9 @@ def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(flag, dest=_dest(flag), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            group.add_argument(flag, dest=_dest(flag), type=kind, default=None, help=text)
-    group.add_argument("--gpus", dest=_dest("--num-processes"), type=int, default=None, help="same as --num-processes")
+            metavar = {int: "N", float: "X"}.get(kind, "NAME")
+            group.add_argument(flag, dest=_dest(flag), type=kind, default=None, metavar=metavar, help=text)
+    group.add_argument("--gpus", dest=_dest("--num-processes"), type=int, default=None, metavar="N", help="same as --num-processes")
     parser.add_argument("--name", help="a label for the run (part of its id)")
     _add_runs_dir(parser)
 

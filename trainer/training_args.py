@@ -5,7 +5,7 @@ from `training_kwargs(ctx, precision, has_eval)` plus its own fields, so the
 learning rate, schedule, batch shape, precision, optimizer, seed and the
 logging / eval / checkpoint intervals mean the same thing in every stage.
 
-Pure mapping: imports nothing heavy.
+Pure mapping: imports transformers only to ask which checkpointing option name it has.
 """
 
 from __future__ import annotations
@@ -66,8 +66,6 @@ def training_kwargs(ctx: RunContext, precision: Precision, has_eval: bool) -> di
         bf16=precision.bf16,
         fp16=precision.fp16,
         use_cpu=precision.device == "cpu",
-        gradient_checkpointing=plan.method.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.method.gradient_checkpointing else None,
         logging_strategy="steps",
         logging_steps=training.logging_steps,
         logging_first_step=True,
@@ -84,4 +82,19 @@ def training_kwargs(ctx: RunContext, precision: Precision, has_eval: bool) -> di
         # with frozen bases, unused-parameter detection just costs time.
         ddp_find_unused_parameters=False,
     )
+    kwargs.update(_checkpointing_kwargs(plan.method.gradient_checkpointing))
     return kwargs
+
+
+def _checkpointing_kwargs(enabled: bool) -> dict:
+    """Activation (gradient) checkpointing, under the name this transformers version uses.
+
+    Always explicit: TRL's configs default it to on, the plan decides. Non-reentrant
+    checkpointing works with a frozen base (LoRA) without forcing gradients on the inputs.
+    """
+    from transformers import TrainingArguments
+
+    options = {"use_reentrant": False} if enabled else None
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:  # transformers >= 5.24
+        return {"activation_checkpointing": enabled, "activation_checkpointing_kwargs": options}
+    return {"gradient_checkpointing": enabled, "gradient_checkpointing_kwargs": options}

@@ -1,0 +1,223 @@
+"""SFT stage end to end on the CPU, in this process (the runner's `run`), on the tiny random Llama.
+
+Full, LoRA and QLoRA each train a few steps and their loss falls; the events
+have the documented kinds and keys; the same seed gives the same losses;
+bad plans fail before training with a message naming the problem; merging a
+LoRA adapter reproduces base + adapter, and a QLoRA adapter is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_plan
+
+from advisor.errors import TunewiseError
+from trainer.events import read_all_events
+
+pytestmark = pytest.mark.slow
+
+
+def run_in_process(plan, run_dir: Path) -> tuple[int, list[dict]]:
+    """Write `plan` into `run_dir` and run it with the runner here; return (exit code, events)."""
+    from trainer.runner import run
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan.save(run_dir / "plan.yaml")
+    code = run(run_dir)
+    return code, read_all_events(run_dir / "events.jsonl")
+
+
+def of_kind(events: list[dict], kind: str) -> list[dict]:
+    return [event for event in events if event["event"] == kind]
+
+
+def losses(events: list[dict]) -> list[float]:
+    return [event["loss"] for event in of_kind(events, "log")]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    """A LoRA run on chat messages: 8 steps, a checkpoint at step 4."""
+    run_dir = tmp_path_factory.mktemp("lora") / "run"
+    plan = tiny_plan(tiny_model_dir, tiny_data_dir, {"training.save_steps": 4})
+    code, events = run_in_process(plan, run_dir)
+    return run_dir, code, events
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    """A QLoRA run (4-bit NF4 base on the CPU), bf16 asked for: the CPU trains in fp32 and says so."""
+    run_dir = tmp_path_factory.mktemp("qlora") / "run"
+    plan = tiny_plan(
+        tiny_model_dir,
+        tiny_data_dir,
+        {"method.method": "qlora", "method.precision": "bf16", "method.optimizer": "paged_adamw_8bit",
+         "training.learning_rate": 1e-2},
+    )
+    code, events = run_in_process(plan, run_dir)
+    return run_dir, code, events
+
+
+def test_lora_run_writes_every_event_and_the_loss_falls(lora_run):
+    run_dir, code, events = lora_run
+    assert code == 0, events[-1]
+    kinds = [event["event"] for event in events]
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+    assert kinds.count("finished") == 1 and "failed" not in kinds and "stopped" not in kinds
+    for event in events:
+        assert {"event", "time", "step"} <= set(event)
+
+    started = events[0]
+    assert started["pid"] > 0 and started["torch"] and started["stage"] == "sft" and started["method"] == "lora"
+    begin = of_kind(events, "train_begin")[0]
+    assert begin["max_steps"] == 8 and "num_train_epochs" in begin
+    logs = of_kind(events, "log")
+    assert [event["step"] for event in logs] == list(range(1, 9))
+    for event in logs:
+        assert {"loss", "learning_rate", "grad_norm", "epoch"} <= set(event)
+    assert logs[0]["learning_rate"] == pytest.approx(5e-3)  # constant schedule, no warmup
+
+    checkpoints = of_kind(events, "checkpoint")
+    assert [event["step"] for event in checkpoints] == [4, 8]
+    assert (Path(checkpoints[0]["path"]) / "trainer_state.json").is_file()
+
+    loaded = of_kind(events, "model_loaded")[0]
+    # LoRA rank 8 on all 7 linear layers of 2 blocks: q (64->64), k, v (64->32), o (64->64),
+    # gate, up (64->128), down (128->64); each adds r x (in + out) weights.
+    per_block = 8 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
+    assert loaded["trainable_params"] == 2 * per_block
+
+    finished = events[-1]
+    assert finished["last_loss"] < finished["first_loss"] - 0.2
+    output = Path(finished["output_dir"])
+    assert (output / "adapter_config.json").is_file() and (output / "tokenizer.json").is_file()
+
+
+def test_full_fine_tuning_on_prompt_completion_with_eval(tmp_path, make_plan, tiny_data_dir):
+    plan = make_plan(
+        {
+            "method.method": "full",
+            "data.dataset": str(tiny_data_dir / "prompt_completion.jsonl"),
+            "data.eval_fraction": 0.25,
+            "training.learning_rate": 2e-3,
+            "training.max_steps": 6,
+        }
+    )
+    code, events = run_in_process(plan, tmp_path / "run")
+    assert code == 0, events[-1]
+    loaded = of_kind(events, "model_loaded")[0]
+    assert loaded["trainable_params"] == loaded["total_params"]
+    assert loaded["train_examples"] == 36 and loaded["eval_examples"] == 12  # 25% of 48 held out
+    values = losses(events)
+    assert len(values) == 6 and values[-1] < values[0] - 0.3
+    evaluation = of_kind(events, "eval")
+    assert len(evaluation) == 1 and evaluation[0]["eval_loss"] > 0
+    output = Path(events[-1]["output_dir"])
+    assert (output / "config.json").is_file() and (output / "model.safetensors").is_file()
+
+
+def test_qlora_trains_a_4bit_base_and_the_loss_falls(qlora_run):
+    run_dir, code, events = qlora_run
+    assert code == 0, events[-1]
+    loaded = of_kind(events, "model_loaded")[0]
+    assert loaded["quantized_bits"] == 4 and loaded["weights_dtype"] == "float32"
+    notices = [event["message"] for event in of_kind(events, "notice")]
+    assert any("CPU" in message and "fp32" in message for message in notices)
+    values = losses(events)
+    assert len(values) == 8 and values[-1] < values[0] - 0.2
+    config = json.loads((run_dir / "output" / "adapter_config.json").read_text())
+    assert config["r"] == 8
+
+
+def test_same_seed_gives_the_same_losses(tmp_path, make_plan, tiny_data_dir):
+    settings = {"data.dataset": str(tiny_data_dir / "text.jsonl"), "data.packing": True, "training.max_steps": 4}
+    first = losses(run_in_process(make_plan(settings), tmp_path / "a")[1])
+    second = losses(run_in_process(make_plan(settings), tmp_path / "b")[1])
+    other = losses(run_in_process(make_plan({**settings, "training.seed": 1}), tmp_path / "c")[1])
+    assert len(first) == 4
+    assert first == second
+    assert first != other
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+BAD_PLANS = [
+    ("unknown model", {"model": {"name": "no-such-org/no-such-model-xyz"}}, "no-such-model-xyz"),
+    ("missing dataset", {"data": {"dataset": "{tmp}/missing.jsonl"}}, "missing.jsonl does not exist"),
+    ("wrong columns", {"data": {"dataset": "{tmp}/columns.jsonl"}}, "from its columns (question, reply)"),
+    ("malformed JSON line 3", {"data": {"dataset": "{tmp}/broken.jsonl"}}, "line 3 of broken.jsonl is not valid JSON"),
+    ("rank 0", {"method": {"lora_rank": 0}}, "method.lora_rank"),
+    ("negative learning rate", {"training": {"learning_rate": -1e-4}}, "training.learning_rate"),
+    ("zero learning rate", {"training": {"learning_rate": 0}}, "training.learning_rate"),
+    ("sequence longer than the model", {"training": {"seq_len": 4096}}, "training.seq_len"),
+]
+
+
+@pytest.mark.parametrize("label,changes,expected", BAD_PLANS, ids=[case[0] for case in BAD_PLANS])
+def test_bad_plans_fail_before_training(label, changes, expected, tmp_path, tiny_model_dir, tiny_data_dir):
+    import yaml
+
+    from conftest import tiny_plan_dict
+
+    _write(tmp_path / "columns.jsonl", '{"question": "a?", "reply": "b"}\n' * 4)
+    _write(tmp_path / "broken.jsonl", '{"text": "one"}\n{"text": "two"}\n{"text": "three"\n{"text": "four"}\n')
+    data = tiny_plan_dict(tiny_model_dir, tiny_data_dir)
+    for group, values in changes.items():
+        data[group].update({key: value.format(tmp=tmp_path) if isinstance(value, str) else value for key, value in values.items()})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # Written as YAML directly: a bad value must be caught by the runner, whoever wrote the file.
+    (run_dir / "plan.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+
+    from trainer.runner import run
+
+    began = time.monotonic()
+    code = run(run_dir)
+    elapsed = time.monotonic() - began
+    events = read_all_events(run_dir / "events.jsonl")
+    kinds = [event["event"] for event in events]
+    assert code == 2
+    assert kinds == ["started", "failed"], kinds
+    failed = events[-1]
+    assert expected in failed["error"], failed["error"]
+    assert failed["user_error"] is True and "traceback" not in failed
+    assert elapsed < 30  # nothing was loaded or trained
+
+
+def test_merge_reproduces_base_plus_adapter(lora_run, tmp_path):
+    from trainer.merge import merge_and_export
+
+    run_dir, code, _ = lora_run
+    assert code == 0
+    report = merge_and_export(run_dir, tmp_path / "merged")
+    # Folding B.A into bfloat16 weights only rounds them: far below what the adapter changed.
+    assert report["max_abs_logit_diff"] <= report["tolerance"]
+    assert report["max_abs_logit_diff"] < report["adapter_effect"] / 10
+    assert report["adapter_effect"] > 0.05
+    merged = tmp_path / "merged"
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    assert json.loads((merged / "merge_report.json").read_text())["max_abs_logit_diff"] == report["max_abs_logit_diff"]
+
+    # An impossible tolerance fails the export, and nothing is written.
+    with pytest.raises(TunewiseError, match="disagrees with base"):
+        merge_and_export(run_dir, tmp_path / "strict", tolerance=0.0)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_merge_refuses_a_qlora_adapter_and_explains(qlora_run, tmp_path):
+    from trainer.merge import merge_and_export
+
+    run_dir, code, _ = qlora_run
+    assert code == 0
+    with pytest.raises(TunewiseError) as raised:
+        merge_and_export(run_dir, tmp_path / "merged")
+    message = str(raised.value)
+    assert "4-bit" in message and "keep the adapter separate" in message and "--reload-16bit" in message
+    assert not (tmp_path / "merged").exists()
