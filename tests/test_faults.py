@@ -158,3 +158,108 @@ def test_full_disk_while_checkpointing_fails_clearly_and_keeps_earlier_data(make
 
     assert load_file(str(newest / "adapter_model.safetensors"))  # the adapter weights load
     assert events[-1]["event"] == "failed" and events[-1]["user_error"] is True
+
+
+def _fake_run(runs: Path, run_id: str, plan, events: bytes, attempt: dict) -> Path:
+    """A run directory as the supervisor lays it out (plan.yaml, run.json, events.jsonl), without training."""
+    run_dir = runs / run_id
+    run_dir.mkdir(parents=True)
+    plan.save(run_dir / "plan.yaml")
+    started = attempt.setdefault("started_at", time.time() - 60)
+    record = {"run_id": run_id, "name": None, "created_at": started, "summary": plan.summary(), "attempts": [attempt]}
+    (run_dir / "run.json").write_text(json.dumps(record), encoding="utf-8")
+    (run_dir / EVENTS_FILE).write_bytes(events)
+    return run_dir
+
+
+def _line(**event) -> bytes:
+    return (json.dumps(event) + "\n").encode()
+
+
+def test_corrupt_and_half_written_event_lines_give_a_clear_status(make_plan, runs_dir):
+    import app
+
+    plan = make_plan()
+    now = time.time()
+    # A finished run whose log has a garbage line (a crash's zero-filled block) in the middle and a
+    # half-written line at the end.
+    finished = _fake_run(
+        runs_dir, "20250101-000000-finished", plan,
+        _line(event="started", time=now - 50, step=0)
+        + _line(event="log", time=now - 40, step=1, loss=2.0)
+        + b"\x00\x00\x00\x00{not json\n"
+        + _line(event="log", time=now - 30, step=2, loss=1.5)
+        + _line(event="finished", time=now - 20, step=2, output_dir="out")
+        + b'{"event": "log", "time": 1, "st',
+        {"started_at": now - 55, "pid": 999_999_999, "ended_at": now - 19, "exit_code": 0, "signal": None},
+    )
+    # A running run (this test process plays the trainer) whose writer is mid-line.
+    running = _fake_run(
+        runs_dir, "20250101-000001-running", plan,
+        _line(event="started", time=now - 10, step=0) + _line(event="log", time=now - 5, step=1, loss=3.0)
+        + b'{"event": "log", "time": 1.0, "step": 2, "lo',
+        {"started_at": now - 12, "pid": os.getpid(), "pid_start": supervisor.process_start_ticks(os.getpid())},
+    )
+
+    done = supervisor.status(finished.name, runs_dir)
+    assert (done.state, done.step, done.last_loss, done.output_dir) == ("finished", 2, 1.5, "out")
+    live = supervisor.status(running.name, runs_dir)
+    assert (live.state, live.step, live.last_loss) == ("running", 1, 3.0)
+    assert [s.run_id for s in supervisor.list_runs(runs_dir)] == [running.name, finished.name]
+
+    events, offset = supervisor.read_run_events(finished.name, 0, runs_dir)
+    assert [e["event"] for e in events] == ["started", "log", "corrupt", "log", "finished"]
+    assert offset == len((finished / EVENTS_FILE).read_bytes()) - len(b'{"event": "log", "time": 1, "st')
+
+    # The half-written line is left for the next read; once the writer finishes it, it arrives.
+    events, offset = supervisor.read_run_events(running.name, 0, runs_dir)
+    assert [e["event"] for e in events] == ["started", "log"]
+    with open(running / EVENTS_FILE, "ab") as handle:
+        handle.write(b'ss": 2.5}\n')
+    more, _ = supervisor.read_run_events(running.name, offset, runs_dir)
+    assert more == [{"event": "log", "time": 1.0, "step": 2, "loss": 2.5}]
+    live = supervisor.status(running.name, runs_dir)
+    assert (live.step, live.last_loss) == (2, 2.5)
+
+    # The app's run history shows both, without an error.
+    rows, ids = app.run_history(app.AppConfig(runs_dir=runs_dir))
+    assert ids == [running.name, finished.name] and len(rows) == 2
+
+
+def test_a_truncated_checkpoint_is_never_resumed_from(make_plan, runs_dir):
+    plan = make_plan()
+    run_dir = _fake_run(
+        runs_dir, "20250101-000002-stopped", plan,
+        _line(event="started", time=time.time() - 5, step=0) + _line(event="stopped", time=time.time() - 4, step=4, reason="x"),
+        {"started_at": time.time() - 6, "pid": 999_999_999, "ended_at": time.time() - 3, "exit_code": 0},
+    )
+    good = run_dir / "checkpoints" / "checkpoint-2"
+    good.mkdir(parents=True)
+    (good / "trainer_state.json").write_text('{"global_step": 2}', encoding="utf-8")
+    cut = run_dir / "checkpoints" / "checkpoint-4"  # the disk filled up while this was saved
+    cut.mkdir()
+    (cut / "trainer_state.json").write_text('{"global_step": 4, "log_hist', encoding="utf-8")
+    assert supervisor.last_checkpoint(run_dir) == good
+
+
+def test_a_deleted_run_directory_is_reported_and_listing_keeps_working(make_plan, runs_dir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    plan = make_plan(training__max_steps=200)
+    kept = _fake_run(
+        runs_dir, "20250101-000003-kept", plan,
+        _line(event="started", time=time.time() - 5, step=0) + _line(event="finished", time=time.time() - 4, step=8),
+        {"started_at": time.time() - 6, "pid": 999_999_999, "ended_at": time.time() - 3, "exit_code": 0},
+    )
+    run_id = supervisor.launch(plan, runs_dir)
+    running = supervisor.status(run_id, runs_dir)
+    assert running.state in ("queued", "running") and running.pid
+    shutil.rmtree(runs_dir / run_id)
+
+    with pytest.raises(supervisor.TunewiseError, match=f"no run '{run_id}'"):
+        supervisor.status(run_id, runs_dir)
+    with pytest.raises(supervisor.TunewiseError, match="no run"):
+        supervisor.read_run_events(run_id, 0, runs_dir)
+    assert [s.run_id for s in supervisor.list_runs(runs_dir)] == [kept.name]
+    # The orphaned trainer does not go on training unseen: it ends once it cannot write its run.
+    _wait_until(lambda: not supervisor.pid_alive(running.pid), timeout=180, poll=0.5, what="the orphaned trainer to end")
+    assert [s.run_id for s in supervisor.list_runs(runs_dir)] == [kept.name]

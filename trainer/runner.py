@@ -208,6 +208,10 @@ def run(run_dir: str | Path, resume: str | Path | None = None) -> int:
     """Run the plan in `run_dir`, write its events, return the process exit code."""
     run_dir = Path(run_dir).resolve()
     rank = rank_from_env()
+    if not (run_dir / PLAN_FILE).is_file():
+        # Writing events would re-create a run directory the user deleted (a ghost run): refuse.
+        print(f"error: {run_dir} has no {PLAN_FILE} (was the run directory deleted?)", file=sys.stderr)
+        return 2
     events = EventWriter(run_dir / EVENTS_FILE)
 
     def emit(event: str, **fields):
