@@ -105,13 +105,19 @@ def friendly(fn: Callable) -> Callable:
 
 
 def new_session() -> dict:
-    """Per-browser-session state (a gr.State): the run being watched and how far its events were read."""
-    return {"run_id": None, "offset": 0, "events": [], "advice": {}, "profile": None}
+    """Per-browser-session state of the plan step (a gr.State): the dataset profile and the last advice."""
+    return {"advice": {}, "profile": None}
+
+
+def new_watch() -> dict:
+    """Per-browser-session state of the monitor (a gr.State): the run watched, how far its events.jsonl
+    was read (byte offset), and the events read so far."""
+    return {"run_id": None, "offset": 0, "events": []}
 
 
 def _watch(session: dict, run_id: str | None) -> dict:
-    """The session, now watching `run_id` from its first event."""
-    return {**session, "run_id": run_id, "offset": 0, "events": []}
+    """The monitor state, now watching `run_id` from its first event."""
+    return {**session, "run_id": run_id, "offset": 0, "events": [], "drawn": False}
 
 
 # -- the services the handlers call (thin; the logic is in advisor / trainer) ------------------------------
@@ -282,7 +288,8 @@ def build_app(config: AppConfig):
     demo_limits = wizard.DemoLimits(max_steps=config.demo_max_steps, keep_runs=config.demo_keep_runs)
 
     with gr.Blocks(title="Tunewise: plan, advise and run fine-tuning") as app:
-        session = gr.State(new_session)
+        session = gr.State(new_session)  # this browser's plan step: dataset profile, last advice
+        watch = gr.State(new_watch)  # this browser's monitor: the run watched, event offset, events read
 
         gr.HTML(
             "<div class='tw-header'><div class='tw-logo'>Tunewise</div>"
@@ -432,7 +439,7 @@ def build_app(config: AppConfig):
                     reward_kl_plot = gr.Plot(figures.reward_vs_kl_figure([]), label="Reward against KL", elem_id="reward-kl-plot")
                 alerts = gr.Markdown(alerts_markdown([]), label="Alerts", elem_id="alerts")
                 log_tail = gr.Code(language=None, label="stdout.log (last lines)", visible=False, elem_id="log-tail")
-                timer = gr.Timer(config.poll_seconds)
+                timer = gr.Timer(config.poll_seconds, active=False)
 
             # ---------------------------------------------------------------- step 5
             with gr.Step("Results & runs", id=5, elem_id="step-results"):
@@ -543,21 +550,24 @@ def build_app(config: AppConfig):
             return _plan_outputs(plan, session)
 
         def _poll(session):
+            """Read the new bytes of the watched run's events.jsonl and redraw (only when something arrived).
+            The last output switches the timer off once the run has ended and everything was read."""
             run_id = session.get("run_id")
             if not run_id:
-                return [session] + [gr.skip()] * 6
+                return [session] + [gr.skip()] * 6 + [gr.Timer(active=False)]
             events, offset = read_events(config.runs_dir / run_id / EVENTS_FILE, session.get("offset", 0))
-            status = None
             try:
                 status = _supervisor().status(run_id, config.runs_dir)
-            except Exception:  # a deleted run directory: show what we have
+            except TunewiseError:  # the run directory was deleted: show what was read
                 status = None
             all_events = session.get("events", []) + events
             session = {**session, "offset": offset, "events": all_events}
             progress = figures.run_progress(all_events)
             header = progress_html(run_id, progress, status)
+            still_going = status is not None and status.state in ("queued", "running")
+            timer_update = gr.Timer(active=still_going or bool(events))
             if not events and session.get("drawn"):
-                return [session, header] + [gr.skip()] * 5
+                return [session, header] + [gr.skip()] * 5 + [timer_update]
             session["drawn"] = True
             return [
                 session, header,
@@ -566,6 +576,7 @@ def build_app(config: AppConfig):
                 figures.reward_kl_time_figure(all_events),
                 figures.reward_vs_kl_figure(all_events),
                 alerts_markdown(figures.alert_messages(all_events)),
+                timer_update,
             ]
 
         on_poll = friendly(_poll)
@@ -716,32 +727,33 @@ def build_app(config: AppConfig):
             widget.input(on_estimate, inputs=[session], inputs_kwargs=plan_widgets, outputs=plan_outputs,
                          api_name=f"edit_{name}", show_progress="hidden", trigger_mode="always_last")
 
-        monitor_outputs = [session, run_header, loss_plot, forgetting_plot, reward_time_plot, reward_kl_plot, alerts]
-        launch_btn.click(on_launch, inputs=[session], inputs_kwargs=plan_widgets,
+        monitor_outputs = [watch, run_header, loss_plot, forgetting_plot, reward_time_plot, reward_kl_plot, alerts, timer]
+        launch_btn.click(on_launch, inputs=[watch], inputs_kwargs=plan_widgets,
                          outputs=[walkthrough, *monitor_outputs], api_name="launch")
-        timer.tick(on_poll, inputs=session, outputs=monitor_outputs, api_name="poll", show_progress="hidden",
+        timer.tick(on_poll, inputs=watch, outputs=monitor_outputs, api_name="poll", show_progress="hidden",
                    trigger_mode="always_last")
-        stop_btn.click(on_stop, inputs=session, outputs=monitor_outputs, api_name="stop")
-        resume_btn.click(on_resume, inputs=session, outputs=monitor_outputs, api_name="resume")
-        log_btn.click(on_log_tail, inputs=session, outputs=log_tail, api_name="log_tail")
+        stop_btn.click(on_stop, inputs=watch, outputs=monitor_outputs, api_name="stop")
+        resume_btn.click(on_resume, inputs=watch, outputs=monitor_outputs, api_name="resume")
+        log_btn.click(on_log_tail, inputs=watch, outputs=log_tail, api_name="log_tail")
 
         refresh_btn.click(on_runs, outputs=[runs_table, open_run, compare_runs], api_name="runs")
-        watch_btn.click(on_watch, inputs=[session, open_run], outputs=[walkthrough, *monitor_outputs], api_name="watch")
+        watch_btn.click(on_watch, inputs=[watch, open_run], outputs=[walkthrough, *monitor_outputs], api_name="watch")
         compare_runs.change(on_overlay, inputs=[compare_runs, compare_metric], outputs=overlay_plot, api_name="overlay")
         compare_metric.change(on_overlay, inputs=[compare_runs, compare_metric], outputs=overlay_plot,
                               api_name="overlay_metric")
         generate_btn.click(on_generate, inputs=[open_run, prompts], outputs=samples_table, api_name="samples")
         export_btn.click(on_export, inputs=open_run, outputs=[export_note, export_file], api_name="export")
-        walkthrough.change(lambda: None, api_visibility="private")  # keep the walkthrough's own events quiet
 
-        app.load(on_model, inputs=model, outputs=model_card, api_name="load_model_info").then(
-            on_profile, inputs=[session, dataset, model], outputs=[session, profile_table, histogram],
-            api_name="load_profile").then(
+        # On page load, independently (one failing does not block the others): the model card; the
+        # dataset profile, then the advice and the plan's memory; the run to watch and the history.
+        app.load(on_model, inputs=model, outputs=model_card, api_name="load_model_info")
+        app.load(on_profile, inputs=[session, dataset, model], outputs=[session, profile_table, histogram],
+                 api_name="load_profile").then(
             recommend_fresh, inputs=[session], inputs_kwargs=all_inputs, outputs=recommend_outputs,
             api_name="load_recommend").then(
             on_estimate, inputs=[session], inputs_kwargs=plan_widgets, outputs=plan_outputs,
-            api_name="load_estimate").then(
-            on_attach, inputs=session, outputs=monitor_outputs, api_name="attach").then(
+            api_name="load_estimate")
+        app.load(on_attach, inputs=watch, outputs=monitor_outputs, api_name="attach").then(
             on_runs, outputs=[runs_table, open_run, compare_runs], api_name="load_runs")
     return app
 

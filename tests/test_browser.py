@@ -1,0 +1,154 @@
+"""A new user's walk through the wizard in a real browser (Debian's Chromium driven by Playwright).
+
+Starts `python app.py` as a subprocess, then, on the bundled demo model:
+picks the model, sees the data profile, sees the memory table and the
+recommendations (and watches memory follow an edit), launches a short LoRA
+run, sees the loss chart gain points, stops the run, and finds it in the run
+history. A screenshot of each step goes to tests/artifacts/; with
+TUNEWISE_SCREENSHOTS=1 the plan and monitor steps are also copied to
+docs/screenshots/ for the README.
+
+Skips when /usr/bin/chromium is missing, unless TUNEWISE_REQUIRE_BROWSER=1
+(CI), where a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from test_app_api import DEMO_MODEL, start_app, stop_app
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "tests" / "artifacts"
+DOCS_SCREENSHOTS = REPO / "docs" / "screenshots"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.slow
+
+
+def _require_browser() -> None:
+    if not CHROMIUM.exists():
+        if os.environ.get("TUNEWISE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"{CHROMIUM} is missing and TUNEWISE_REQUIRE_BROWSER=1: install Debian's chromium")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); set TUNEWISE_REQUIRE_BROWSER=1 to fail instead")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        if os.environ.get("TUNEWISE_REQUIRE_BROWSER") == "1":
+            raise
+        pytest.skip("playwright is not installed (pip install -e '.[test]')")
+
+
+def _table_text(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def _loss_points(page) -> int:
+    """Markers drawn in the loss chart's first trace (training loss)."""
+    return page.locator("#loss-plot .scatterlayer .trace").first.locator(".point").count() \
+        if page.locator("#loss-plot .scatterlayer .trace").count() else 0
+
+
+def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
+    _require_browser()
+    assert DEMO_MODEL.is_file(), "the bundled demo model (assets/demo-model) is missing"
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    runs = tmp_path / "runs"
+    proc, url = start_app(runs, log_path=tmp_path / "app.log")
+    shots: dict[str, Path] = {}
+
+    def shot(page, name: str) -> None:
+        path = ARTIFACTS / f"{len(shots) + 1:02d}-{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        shots[name] = path
+
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1360, "height": 900})
+            page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)
+            try:
+                page.goto(url)
+                # Step 1: pick the demo model from the catalogue menu; its card shows the parameter count.
+                model_input = page.locator("#model input")
+                model_input.click()
+                model_input.fill("demo")
+                page.get_by_role("option", name=re.compile("demo")).first.click()
+                expect(page.locator("#model-card")).to_contain_text("parameters")
+                expect(page.locator("#model-card")).to_contain_text("llama")
+                shot(page, "model")
+
+                # Step 2: the bundled SFT set is profiled (format, examples, histogram).
+                page.locator("#next-1").click()
+                expect(page.locator("#profile-table")).to_contain_text("2,000")
+                expect(page.locator("#profile-table")).to_contain_text("messages")
+                expect(page.locator("#histogram .main-svg").first).to_be_visible()
+                shot(page, "data")
+
+                # Step 3: recommendations with reasons, the memory table, and memory following an edit.
+                page.locator("#next-2").click()
+                expect(page.locator("#recommendations")).to_contain_text("LoRA rank")
+                expect(page.locator("#recommendations")).to_contain_text("guide:")
+                expect(page.locator("#memory-table")).to_contain_text("total on the GPU")
+                before = _table_text(page, "memory-table")
+                seq = page.locator("#seq-len input")
+                seq.fill("256" if seq.input_value() != "256" else "128")
+                seq.press("Enter")
+                expect(page.locator("#memory-table")).not_to_have_text(before)
+                expect(page.locator("#recommendations")).to_contain_text("set by you")
+                steps = page.locator("#max-steps input")
+                steps.fill("200")
+                steps.press("Enter")
+                page.locator("#show-yaml").get_by_text("Show as YAML / CLI").click()
+                expect(page.locator("#cli-text")).to_contain_text("tunewise train")
+                expect(page.locator("#yaml-text")).to_contain_text("max_steps: 200")
+                shot(page, "plan")
+
+                # Step 4: launch; the loss chart gains points while the run trains.
+                page.locator("#launch").click()
+                expect(page.locator("#run-header .tw-badge")).to_have_text(re.compile("running|starting|queued"))
+                deadline = time.time() + 240
+                while _loss_points(page) < 3 and time.time() < deadline:
+                    time.sleep(1)
+                assert _loss_points(page) >= 3, "the loss chart did not gain points within 240 s"
+                expect(page.locator("#run-header")).to_contain_text("step")
+                shot(page, "monitor")
+
+                # Stop: the run saves and ends as stopped.
+                page.locator("#stop").click()
+                expect(page.locator("#run-header .tw-badge")).to_have_text("stopped", timeout=90_000)
+
+                # Step 5: the run is in the history with its status.
+                page.locator("#next-4").click()
+                run_id = page.locator("#run-header code").inner_text()
+                expect(page.locator("#runs-table")).to_contain_text(run_id)
+                expect(page.locator("#runs-table")).to_contain_text("stopped")
+                shot(page, "results")
+            except Exception:
+                page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
+                raise
+            finally:
+                browser.close()
+    finally:
+        from trainer import supervisor
+
+        for status in supervisor.list_runs(runs):
+            if status.state in ("queued", "running"):
+                supervisor.stop(status.run_id, runs_dir=runs, timeout=20)
+        stop_app(proc)
+
+    if os.environ.get("TUNEWISE_SCREENSHOTS") == "1":
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shots["plan"], DOCS_SCREENSHOTS / "plan.png")
+        shutil.copyfile(shots["monitor"], DOCS_SCREENSHOTS / "monitor.png")
