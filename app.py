@@ -33,6 +33,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -286,6 +287,9 @@ def build_app(config: AppConfig):
     from trainer.events import EVENTS_FILE, read_events
 
     demo_limits = wizard.DemoLimits(max_steps=config.demo_max_steps, keep_runs=config.demo_keep_runs)
+    # The demo's one-run-at-a-time check and the launch must not interleave between requests (the queue
+    # runs handlers concurrently): both happen under this lock.
+    launch_lock = threading.Lock()
 
     with gr.Blocks(title="Tunewise: plan, advise and run fine-tuning") as app:
         session = gr.State(new_session)  # this browser's plan step: dataset profile, last advice
@@ -588,7 +592,8 @@ def build_app(config: AppConfig):
             supervisor = _supervisor()
             if config.demo_mode:
                 plan, notes = wizard.apply_demo_limits(plan, demo_limits)
-                busy = active_runs(config)
+            with launch_lock:
+                busy = active_runs(config) if config.demo_mode else []
                 if busy:
                     current = busy[0]
                     raise TunewiseError(
@@ -597,8 +602,9 @@ def build_app(config: AppConfig):
                         "(it is the one shown there) and launch again when it finishes; the button will work then.",
                         field="queue",
                     )
-                cleanup_old_runs(config, demo_limits.keep_runs - 1)
-            run_id = supervisor.launch(plan, config.runs_dir)
+                if config.demo_mode:
+                    cleanup_old_runs(config, demo_limits.keep_runs - 1)
+                run_id = supervisor.launch(plan, config.runs_dir)
             if notes:
                 gr.Info("Demo limits applied: " + "; ".join(notes))
             session = _watch(session, run_id)
@@ -623,10 +629,11 @@ def build_app(config: AppConfig):
             run_id = session.get("run_id")
             if not run_id:
                 raise TunewiseError("run: nothing to resume; open a stopped run from the history first", field="run")
-            if config.demo_mode and active_runs(config):
-                raise TunewiseError("queue: the public demo trains one run at a time; wait for the current run to end",
-                                    field="queue")
-            new_id = _supervisor().resume(run_id, config.runs_dir)
+            with launch_lock:
+                if config.demo_mode and active_runs(config):
+                    raise TunewiseError("queue: the public demo trains one run at a time; wait for the current run to end",
+                                        field="queue")
+                new_id = _supervisor().resume(run_id, config.runs_dir)
             if new_id != run_id:
                 session = _watch(session, new_id)
             gr.Info(f"Resuming {new_id} from its last checkpoint.")
