@@ -111,6 +111,11 @@ def _step_plan(plan, stage: str, outputs: dict):
     return step_plan.with_overrides({k: v for k, v in overrides.items() if "." in k})
 
 
+def _steps_of(result: dict) -> int:
+    """Optimizer steps a finished step took (SFT reports `step`, the preference stages `steps`)."""
+    return int(result.get("steps") or result.get("step") or 0)
+
+
 def _extra(result: dict) -> dict:
     """A step's result as event fields, without the names the event itself uses."""
     return {k: v for k, v in result.items() if k not in ("status", "step", "stage", "index", "of", "step_dir")}
@@ -137,7 +142,7 @@ def run_pipeline(ctx: RunContext) -> dict:
         if previous and previous.get("status") == "finished":
             outputs[stage] = previous["output_dir"]
             results[stage] = previous
-            offset += int(previous.get("steps") or 0)
+            offset += _steps_of(previous)
             ctx.emit("stage", step=offset, status="skipped", stage=stage, index=index, step_dir=str(step_dir),
                      output_dir=previous["output_dir"], message=f"step {index} ({stage}) already finished")
             continue
@@ -170,7 +175,7 @@ def run_pipeline(ctx: RunContext) -> dict:
         terminal = "stopped" if result.get("status") == "stopped" else "finished"
         writer.emit(terminal, **_extra(result))
         (step_dir / RESULT_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
-        offset += int(result.get("steps") or 0)
+        offset += _steps_of(result)
         ctx.emit("stage", step=offset, status=terminal, stage=stage, index=index, of=len(steps),
                  step_dir=str(step_dir), **_extra(result))
         if terminal == "stopped":

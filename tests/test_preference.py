@@ -1,0 +1,181 @@
+"""Preference stages on a tiny random Llama: reward model, DPO, PPO (and GRPO), and bad data.
+
+What the issue asks, checked on real runs: the reward model beats chance on
+held-out pairs; DPO's first logged loss is ln 2 and its rewards start at 0
+(the policy equals the reference); the DPO KL estimate on policy samples is
+exactly 0 at step 0 and then grows; PPO logs finite, non-negative KL and
+rewards; a bad preference dataset is refused before training, naming the row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from advisor.errors import DatasetError
+from advisor.plan import Plan
+from conftest import build_tiny_model, tiny_plan_dict, write_tiny_datasets
+
+
+def preference_plan(model_dir: Path, data_dir: Path, stage: str, overrides: dict | None = None) -> Plan:
+    plan = Plan.from_dict(tiny_plan_dict(model_dir, data_dir))
+    return plan.with_overrides({
+        "stage": stage,
+        "data.dataset": str(Path(data_dir) / "preference.jsonl"),
+        "data.eval_fraction": 0.2,
+        "training.max_steps": 4,
+        "preference.sample_every": 2,
+        "preference.num_samples": 4,
+        "preference.max_new_tokens": 8,
+        **(overrides or {}),
+    })
+
+
+def run_stage(run_dir: Path, setup: dict, stage: str, overrides: dict | None = None):
+    """Run one stage in-process in `run_dir`; returns its events (the result is in run_dir/result.json)."""
+    from trainer.context import RunContext
+    from trainer.events import EventWriter, read_all_events
+    from trainer.stages import get_stage
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = preference_plan(setup["model"], setup["data"], stage, overrides)
+    plan.save(run_dir / "plan.yaml")
+    ctx = RunContext(plan=plan, run_dir=run_dir, events=EventWriter(run_dir / "events.jsonl"))
+    result = get_stage(stage)(ctx)
+    (run_dir / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    return read_all_events(run_dir / "events.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_preference_setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("pref")
+    model = build_tiny_model(root / "model")
+    data = root / "data"
+    write_tiny_datasets(data)
+    return {"model": model, "data": data, "root": root}
+
+
+@pytest.fixture(scope="session")
+def trained_reward_model(tiny_preference_setup) -> dict:
+    run_dir = tiny_preference_setup["root"] / "rm-run"
+    events = run_stage(run_dir, tiny_preference_setup, "rm", {"training.max_steps": 10})
+    result = json.loads((run_dir / "result.json").read_text())
+    return {"dir": run_dir, "events": events, "result": result}
+
+
+# -- bad data --------------------------------------------------------------------------------------
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("bad_row, words", [
+    ({"prompt": "Which colour?", "chosen": "Red."}, ["line 3", "rejected", "missing"]),
+    ({"prompt": "Which colour?", "chosen": "", "rejected": "Blue?"}, ["line 3", "chosen", "empty"]),
+    ({"prompt": "   ", "chosen": "Red.", "rejected": "Blue?"}, ["line 3", "prompt", "empty"]),
+])
+def test_bad_preference_rows_are_named(tmp_path, tiny_preference_setup, bad_row, words):
+    from trainer.preference import load_preference_rows
+
+    good = {"prompt": "Which colour is the sky?", "chosen": "Blue.", "rejected": "Green?"}
+    path = _write(tmp_path / "bad.jsonl", [good, good, bad_row, good])
+    plan = preference_plan(tiny_preference_setup["model"], tiny_preference_setup["data"], "dpo",
+                           {"data.dataset": str(path)})
+    with pytest.raises(DatasetError) as info:
+        load_preference_rows(plan)
+    message = str(info.value)
+    for word in words:
+        assert word in message, message
+
+
+def test_dpo_refuses_bad_data_before_training(tmp_path, tiny_preference_setup):
+    good = {"prompt": "Which colour is the sky?", "chosen": "Blue.", "rejected": "Green?"}
+    path = _write(tmp_path / "bad.jsonl", [good, {"prompt": "Sky?", "chosen": "Blue."}, good])
+    with pytest.raises(DatasetError, match="line 2.*rejected"):
+        run_stage(tmp_path / "run", tiny_preference_setup, "dpo", {"data.dataset": str(path)})
+    from trainer.events import read_all_events
+
+    assert [e for e in read_all_events(tmp_path / "run" / "events.jsonl") if e["event"] == "log"] == []
+
+
+# -- reward model ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_reward_model_beats_chance_and_loads_for_ppo(trained_reward_model, tiny_preference_setup):
+    result = trained_reward_model["result"]
+    events = trained_reward_model["events"]
+    logs = [e for e in events if e["event"] == "log"]
+    assert all("accuracy" in e and "margin" in e for e in logs)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert evals and evals[-1]["eval_accuracy"] > 0.5  # 10 held-out pairs; chance is 0.5
+    assert result["heldout_accuracy"] > 0.5 and result["heldout_pairs"] == 10
+
+    from trainer.preference import resolve_model_source, start_model_dir
+    from transformers import AutoModelForSequenceClassification
+
+    source = resolve_model_source(str(trained_reward_model["dir"]), "preference.reward_model")
+    merged = start_model_dir(source, "seq_cls", trained_reward_model["dir"])
+    model = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+
+
+# -- DPO -------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_dpo_starts_at_ln2_and_its_sampled_kl_grows(tmp_path, tiny_preference_setup):
+    events = run_stage(tmp_path / "dpo", tiny_preference_setup, "dpo", {"training.max_steps": 4})
+    logs = [e for e in events if e["event"] == "log"]
+    first = logs[0]
+    assert abs(first["loss"] - math.log(2)) < 0.01
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert key in logs[-1]
+    assert logs[-1]["rewards/margins"] > first["rewards/margins"]
+    samples = [e for e in events if e["event"] == "sample"]
+    assert [s["step"] for s in samples] == [0, 2, 4]
+    assert samples[0]["kl"] == 0.0 and samples[0]["kl_sequence"] == 0.0 and samples[0]["kl_logratio"] == 0.0
+    assert samples[-1]["kl"] > 0.0 and samples[-1]["kl_sequence"] > samples[0]["kl_sequence"]
+    for key in ("reward", "distinct_1", "distinct_2", "entropy", "heldout_accuracy"):
+        assert math.isfinite(samples[-1][key])
+    assert samples[0]["reward_source"] == "implicit"
+    result = json.loads((tmp_path / "dpo" / "result.json").read_text())
+    assert result["status"] == "finished" and (Path(result["output_dir"]) / "adapter_config.json").is_file()
+
+
+# -- PPO / GRPO ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ppo_logs_finite_nonnegative_kl_and_rewards(tmp_path, tiny_preference_setup, trained_reward_model):
+    events = run_stage(tmp_path / "ppo", tiny_preference_setup, "ppo",
+                       {"training.max_steps": 2, "preference.reward_model": str(trained_reward_model["dir"]),
+                        "preference.adaptive_kl": True, "preference.target_kl": 0.01})
+    logs = [e for e in events if e["event"] == "log" and "objective/kl" in e]
+    assert len(logs) == 2
+    for log in logs:
+        for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "kl_coef"):
+            assert isinstance(log[key], float) and math.isfinite(log[key]), key
+        assert log["objective/kl"] >= 0.0
+    # Ziegler et al.'s controller after step 1: coef x (1 + clip(KL / target - 1, +-0.2) x batch / 10000).
+    error = max(-0.2, min(0.2, logs[0]["objective/kl"] / 0.01 - 1))
+    assert logs[0]["kl_coef"] == 0.05
+    assert logs[1]["kl_coef"] == pytest.approx(0.05 * (1 + error * 4 / 10000), rel=1e-9)
+    samples = [e for e in events if e["event"] == "sample"]
+    assert samples[0]["kl"] == 0.0 and samples[0]["reward_source"] == "reward_model"
+    assert all(s["kl"] >= 0.0 and math.isfinite(s["reward"]) for s in samples)
+    result = json.loads((tmp_path / "ppo" / "result.json").read_text())
+    assert result["status"] == "finished" and result["steps"] == 2
+
+
+@pytest.mark.slow
+def test_grpo_uses_the_reward_model_and_logs_ppo_names(tmp_path, tiny_preference_setup, trained_reward_model):
+    events = run_stage(tmp_path / "grpo", tiny_preference_setup, "ppo",
+                       {"training.max_steps": 1, "preference.algorithm": "grpo", "preference.sample_every": 5,
+                        "preference.reward_model": str(trained_reward_model["dir"])})
+    logs = [e for e in events if e["event"] == "log" and "objective/scores" in e]
+    assert logs and all(math.isfinite(e["objective/scores"]) and e["objective/kl"] >= 0 for e in logs)
