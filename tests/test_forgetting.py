@@ -109,9 +109,20 @@ def test_monitor_alerts_and_stops_a_run_that_forgets(pretrained_dir, data_dir, t
 
 
 @pytest.mark.slow
-def test_monitor_stays_quiet_on_a_gentle_lora_run(pretrained_dir, data_dir, tmp_path):
+def test_monitor_stays_quiet_on_a_gentle_qlora_run_with_ewc(pretrained_dir, data_dir, tmp_path):
+    # QLoRA: the monitor evaluates a 4-bit PEFT model; EWC anchors the adapters only.
     plan = make_plan(
-        pretrained_dir, data_dir, {"training.learning_rate": 1e-4, "training.max_steps": 5, "forgetting.stop_on_threshold": True}
+        pretrained_dir,
+        data_dir,
+        {
+            "method.method": "qlora",
+            "method.precision": "bf16",
+            "training.learning_rate": 1e-4,
+            "training.max_steps": 5,
+            "forgetting.stop_on_threshold": True,
+            "forgetting.ewc_lambda": 1.0,
+            "forgetting.ewc_batches": 2,
+        },
     )
     result, events = train(plan, tmp_path / "run")
     measured = of_kind(events, "forgetting")
@@ -119,6 +130,10 @@ def test_monitor_stays_quiet_on_a_gentle_lora_run(pretrained_dir, data_dir, tmp_
     assert [e["step"] for e in measured] == [0, 2, 4, 5] and measured[-1]["final"] is True
     assert all(abs(e["degradation_pct"]) < 5.0 for e in measured)
     assert of_kind(events, "alert") == [] and result["event"] == "finished"
+    ewc = of_kind(events, "ewc")[0]
+    loaded = of_kind(events, "model_loaded")[0]
+    assert ewc["parameters"] == loaded["trainable_params"] and ewc["batches"] == 2
+    assert measured[-1]["ewc_penalty"] > 0
 
 
 def test_replay_mixes_the_requested_share_of_unseen_rows(data_dir):

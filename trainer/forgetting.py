@@ -187,17 +187,19 @@ def original_domain_loss(model, batches: list[dict], precision: str = "bf16") ->
     was_training = model.training
     model.eval()
     device = _device_of(model)
-    total, tokens = 0.0, 0
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    tokens = 0
     try:
         with _autocast(device, precision):
             for batch in batches:
                 # The model averages over the batch's predicted positions; weight by their count.
-                total += float(_batch_loss(model, batch, device)) * batch["tokens"]
+                # Summed on the device: one synchronisation per measurement, not per batch.
+                total += _batch_loss(model, batch, device).float() * batch["tokens"]
                 tokens += batch["tokens"]
     finally:
         if was_training:
             model.train()
-    return total / tokens
+    return float(total) / tokens
 
 
 def _perplexity(loss: float) -> float:
