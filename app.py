@@ -324,7 +324,8 @@ def build_app(config: AppConfig):
                     with gr.Column(scale=4):
                         model_card = gr.Markdown(elem_id="model-card")
                 with gr.Row():
-                    next_1 = gr.Button("Next: data & goal", variant="primary", elem_id="next-1", scale=0)
+                    next_1 = gr.Button("Next: data & goal", variant="primary", elem_id="next-1", scale=0, min_width=200)
+                    history_1 = gr.Button("Run history", elem_id="open-history", scale=0, min_width=140)
 
             # ---------------------------------------------------------------- step 2
             with gr.Step("Data & goal", id=2, elem_id="step-data"):
@@ -352,15 +353,15 @@ def build_app(config: AppConfig):
                                                      label="Dataset profile", elem_id="profile-table")
                         histogram = gr.Plot(label="Token lengths", elem_id="histogram")
                 with gr.Row():
-                    back_2 = gr.Button("Back", elem_id="back-2", scale=0)
-                    next_2 = gr.Button("Next: plan and advice", variant="primary", elem_id="next-2", scale=0)
+                    back_2 = gr.Button("Back", elem_id="back-2", scale=0, min_width=100)
+                    next_2 = gr.Button("Next: plan and advice", variant="primary", elem_id="next-2", scale=0, min_width=220)
 
             # ---------------------------------------------------------------- step 3
             with gr.Step("Plan", id=3, elem_id="step-plan"):
                 plan_status = gr.Markdown(elem_id="plan-status")
                 with gr.Row():
                     with gr.Column(scale=5):
-                        memory_plot = gr.Plot(label="Memory per GPU", elem_id="memory-plot")
+                        memory_plot = gr.Plot(label="Memory per GPU", show_label=False, elem_id="memory-plot")
                     with gr.Column(scale=6):
                         memory_table = gr.Dataframe(interactive=False, label="Memory per GPU: Full / LoRA / QLoRA (GB)",
                                                     elem_id="memory-table", wrap=True)
@@ -424,23 +425,27 @@ def build_app(config: AppConfig):
                     cli_text = gr.Code(language="shell", label="Run it from a terminal", elem_id="cli-text")
                     yaml_text = gr.Code(language="yaml", label="plan.yaml", elem_id="yaml-text")
                 with gr.Row():
-                    back_3 = gr.Button("Back", elem_id="back-3", scale=0)
-                    launch_btn = gr.Button("Launch training", variant="primary", elem_id="launch", scale=0)
+                    back_3 = gr.Button("Back", elem_id="back-3", scale=0, min_width=100)
+                    launch_btn = gr.Button("Launch training", variant="primary", elem_id="launch", scale=0, min_width=200)
 
             # ---------------------------------------------------------------- step 4
             with gr.Step("Launch & monitor", id=4, elem_id="step-monitor"):
                 run_header = gr.HTML(progress_html(None, None), elem_id="run-header")
                 with gr.Row():
-                    stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop", scale=0)
-                    resume_btn = gr.Button("Resume from the last checkpoint", elem_id="resume", scale=0)
-                    log_btn = gr.Button("Show the log tail", elem_id="show-log", scale=0)
-                    to_results = gr.Button("Results & runs", elem_id="next-4", scale=0)
+                    stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop", scale=0, min_width=220)
+                    resume_btn = gr.Button("Resume from the last checkpoint", elem_id="resume", scale=0, min_width=260)
+                    log_btn = gr.Button("Show the log tail", elem_id="show-log", scale=0, min_width=170)
+                    to_results = gr.Button("Results & runs", elem_id="next-4", scale=0, min_width=150)
                 with gr.Row():
-                    loss_plot = gr.Plot(figures.loss_figure([]), label="Loss", elem_id="loss-plot")
-                    forgetting_plot = gr.Plot(figures.forgetting_figure([]), label="Forgetting", elem_id="forgetting-plot")
-                with gr.Row():
-                    reward_time_plot = gr.Plot(figures.reward_kl_time_figure([]), label="Reward and KL", elem_id="reward-time-plot")
-                    reward_kl_plot = gr.Plot(figures.reward_vs_kl_figure([]), label="Reward against KL", elem_id="reward-kl-plot")
+                    loss_plot = gr.Plot(figures.loss_figure([]), label="Loss", show_label=False, elem_id="loss-plot")
+                    forgetting_plot = gr.Plot(figures.forgetting_figure([]), label="Forgetting", show_label=False,
+                                              elem_id="forgetting-plot")
+                # Shown once the run logs a reward or a KL (preference stages).
+                with gr.Row(visible=False, elem_id="reward-row") as reward_row:
+                    reward_time_plot = gr.Plot(figures.reward_kl_time_figure([]), label="Reward and KL", show_label=False,
+                                               elem_id="reward-time-plot")
+                    reward_kl_plot = gr.Plot(figures.reward_vs_kl_figure([]), label="Reward against KL", show_label=False,
+                                             elem_id="reward-kl-plot")
                 alerts = gr.Markdown(alerts_markdown([]), label="Alerts", elem_id="alerts")
                 log_tail = gr.Code(language=None, label="stdout.log (last lines)", visible=False, elem_id="log-tail")
                 timer = gr.Timer(config.poll_seconds, active=False)
@@ -448,12 +453,12 @@ def build_app(config: AppConfig):
             # ---------------------------------------------------------------- step 5
             with gr.Step("Results & runs", id=5, elem_id="step-results"):
                 with gr.Row():
-                    refresh_btn = gr.Button("Refresh", size="sm", scale=0, elem_id="refresh-runs")
+                    refresh_btn = gr.Button("Refresh the history", scale=0, min_width=180, elem_id="refresh-runs")
                 runs_table = gr.Dataframe(headers=wizard.RUN_HEADERS, interactive=False, wrap=True, label="Run history",
                                           elem_id="runs-table")
                 with gr.Row():
                     open_run = gr.Dropdown(choices=[], label="Run", elem_id="open-run", scale=2)
-                    watch_btn = gr.Button("Watch in step 4", scale=0, elem_id="watch")
+                    watch_btn = gr.Button("Watch in step 4", scale=0, min_width=170, elem_id="watch")
                 with gr.Row():
                     compare_runs = gr.Dropdown(choices=[], multiselect=True, label="Overlay the curves of", scale=3,
                                                elem_id="compare-runs")
@@ -558,7 +563,7 @@ def build_app(config: AppConfig):
             The last output switches the timer off once the run has ended and everything was read."""
             run_id = session.get("run_id")
             if not run_id:
-                return [session] + [gr.skip()] * 6 + [gr.Timer(active=False)]
+                return [session] + [gr.skip()] * 6 + [gr.Timer(active=False), gr.skip()]
             events, offset = read_events(config.runs_dir / run_id / EVENTS_FILE, session.get("offset", 0))
             try:
                 status = _supervisor().status(run_id, config.runs_dir)
@@ -571,8 +576,10 @@ def build_app(config: AppConfig):
             still_going = status is not None and status.state in ("queued", "running")
             timer_update = gr.Timer(active=still_going or bool(events))
             if not events and session.get("drawn"):
-                return [session, header] + [gr.skip()] * 5 + [timer_update]
+                return [session, header] + [gr.skip()] * 5 + [timer_update, gr.skip()]
             session["drawn"] = True
+            series = figures.reward_kl_series(all_events)
+            has_preference = bool(series["reward"][0] or series["kl"][0])
             return [
                 session, header,
                 figures.loss_figure(all_events),
@@ -581,6 +588,7 @@ def build_app(config: AppConfig):
                 figures.reward_vs_kl_figure(all_events),
                 alerts_markdown(figures.alert_messages(all_events)),
                 timer_update,
+                gr.Row(visible=has_preference),
             ]
 
         on_poll = friendly(_poll)
@@ -664,7 +672,7 @@ def build_app(config: AppConfig):
         def on_attach(session):
             """On page load: watch the newest running run, so reopening the browser shows it again."""
             if session.get("run_id"):
-                return _poll(session)
+                return [gr.skip()] + _poll(session)
             try:
                 runs = sorted_runs(config)
             except Exception:
@@ -672,7 +680,8 @@ def build_app(config: AppConfig):
             running = [r for r in runs if getattr(r, "state", None) in ("running", "queued")]
             if running:
                 session = _watch(session, running[0].run_id)
-            return _poll(session)
+                return [gr.Walkthrough(selected=4)] + _poll(session)
+            return [gr.skip()] + _poll(session)
 
         @friendly
         def on_overlay(run_ids, metric):
@@ -708,6 +717,8 @@ def build_app(config: AppConfig):
         next_1.click(lambda: gr.Walkthrough(selected=2), outputs=walkthrough, api_name="go_data", **nav)
         back_2.click(lambda: gr.Walkthrough(selected=1), outputs=walkthrough, api_name="go_model", **nav)
         back_3.click(lambda: gr.Walkthrough(selected=2), outputs=walkthrough, api_name="back_to_data", **nav)
+        history_1.click(lambda: gr.Walkthrough(selected=5), outputs=walkthrough, api_name="go_history", **nav).then(
+            on_runs, outputs=[runs_table, open_run, compare_runs], api_name="runs_after_history")
         to_results.click(lambda: gr.Walkthrough(selected=5), outputs=walkthrough, api_name="go_results", **nav).then(
             on_runs, outputs=[runs_table, open_run, compare_runs], api_name="runs_after_nav")
 
@@ -734,7 +745,8 @@ def build_app(config: AppConfig):
             widget.input(on_estimate, inputs=[session], inputs_kwargs=plan_widgets, outputs=plan_outputs,
                          api_name=f"edit_{name}", show_progress="hidden", trigger_mode="always_last")
 
-        monitor_outputs = [watch, run_header, loss_plot, forgetting_plot, reward_time_plot, reward_kl_plot, alerts, timer]
+        monitor_outputs = [watch, run_header, loss_plot, forgetting_plot, reward_time_plot, reward_kl_plot, alerts, timer,
+                           reward_row]
         launch_btn.click(on_launch, inputs=[watch], inputs_kwargs=plan_widgets,
                          outputs=[walkthrough, *monitor_outputs], api_name="launch")
         timer.tick(on_poll, inputs=watch, outputs=monitor_outputs, api_name="poll", show_progress="hidden",
@@ -760,7 +772,7 @@ def build_app(config: AppConfig):
             api_name="load_recommend").then(
             on_estimate, inputs=[session], inputs_kwargs=plan_widgets, outputs=plan_outputs,
             api_name="load_estimate")
-        app.load(on_attach, inputs=watch, outputs=monitor_outputs, api_name="attach").then(
+        app.load(on_attach, inputs=watch, outputs=[walkthrough, *monitor_outputs], api_name="attach").then(
             on_runs, outputs=[runs_table, open_run, compare_runs], api_name="load_runs")
     return app
 

@@ -79,9 +79,10 @@ def _base_layout(fig: go.Figure, title: str, x_title: str = "step", y_title: str
         # Keep the user's zoom and legend toggles when the chart is redrawn with new points.
         uirevision="keep",
     )
-    fig.update_xaxes(title_text=x_title)
+    # Title the primary axes only: a second y axis (learning rate, KL) keeps its own title.
+    fig.update_layout(xaxis_title=x_title)
     if y_title:
-        fig.update_yaxes(title_text=y_title)
+        fig.update_layout(yaxis_title=y_title)
     return fig
 
 

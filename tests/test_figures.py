@@ -20,6 +20,7 @@ def test_loss_figure_has_training_eval_and_lr_traces():
     assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == [2.5, 2.0, 1.5]
     assert list(fig.data[1].y) == [1.9]
     assert fig.data[2].yaxis == "y2"
+    assert fig.layout.yaxis.title.text == "loss" and fig.layout.yaxis2.title.text == "learning rate"
 
 
 def test_loss_figure_without_points_is_a_waiting_note():
