@@ -1,0 +1,95 @@
+"""Chained pipelines: SFT -> DPO and SFT -> RM -> PPO end to end (tiny), stop propagation and resume.
+
+Each step must be its own run directory with plan.yaml, events.jsonl and
+result.json; the pipeline's events.jsonl must carry `stage` events and the
+steps' metrics on one timeline; a second run of a finished pipeline skips
+every step; a stop request for the pipeline reaches its steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from advisor.plan import Plan
+from conftest import tiny_plan_dict
+from test_preference import tiny_preference_setup  # noqa: F401  (session fixture)
+from trainer.context import STOP_FILE, RunContext
+from trainer.events import EventWriter, read_all_events
+from trainer.pipeline import StepContext, run_pipeline
+
+
+def pipeline_ctx(run_dir: Path, setup: dict, pipeline: str, overrides: dict | None = None) -> RunContext:
+    plan = Plan.from_dict(tiny_plan_dict(setup["model"], setup["data"])).with_overrides({
+        "pipeline": pipeline,
+        "data.dataset": str(Path(setup["data"]) / "preference.jsonl"),
+        "data.eval_fraction": 0.2,
+        "training.max_steps": 2,
+        "preference.sample_every": 2,
+        "preference.num_samples": 2,
+        "preference.max_new_tokens": 6,
+        **(overrides or {}),
+    })
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan.save(run_dir / "plan.yaml")
+    return RunContext(plan=plan, run_dir=run_dir, events=EventWriter(run_dir / "events.jsonl"))
+
+
+@pytest.mark.slow
+def test_dpo_pipeline_end_to_end_then_resume_skips_finished_steps(tmp_path, tiny_preference_setup):
+    ctx = pipeline_ctx(tmp_path / "pipe", tiny_preference_setup, "dpo")
+    result = run_pipeline(ctx)
+    assert result["status"] == "finished"
+    steps = tmp_path / "pipe" / "steps"
+    assert sorted(p.name for p in steps.iterdir()) == ["1-sft", "2-dpo"]
+    for step in ("1-sft", "2-dpo"):
+        assert Plan.load(steps / step / "plan.yaml").pipeline == "none"
+        kinds = [e["event"] for e in read_all_events(steps / step / "events.jsonl")]
+        assert kinds[0] == "started" and kinds[-1] == "finished" and "log" in kinds
+    dpo_plan = Plan.load(steps / "2-dpo" / "plan.yaml")
+    assert dpo_plan.stage == "dpo" and dpo_plan.preference.sft_model == str(steps / "1-sft" / "output")
+    events = read_all_events(tmp_path / "pipe" / "events.jsonl")
+    stages = [(e["stage"], e["status"]) for e in events if e["event"] == "stage"]
+    assert stages == [("sft", "started"), ("sft", "finished"), ("dpo", "started"), ("dpo", "finished")]
+    # DPO's metrics are forwarded after SFT's two steps: one timeline.
+    dpo_logs = [e for e in events if e["event"] == "log" and e.get("stage") == "dpo"]
+    assert [e["step"] for e in dpo_logs] == [3, 4] and [e["local_step"] for e in dpo_logs] == [1, 2]
+    assert any(e["event"] == "sample" and e["stage"] == "dpo" for e in events)
+    report = json.loads((tmp_path / "pipe" / "comparison.json").read_text())
+    assert set(report["branches"]) == {"dpo"} and report["branches"]["dpo"]["heldout_accuracy"] is not None
+
+    again = run_pipeline(pipeline_ctx(tmp_path / "pipe", tiny_preference_setup, "dpo"))
+    assert again["status"] == "finished" and again["outputs"] == result["outputs"]
+    events = read_all_events(tmp_path / "pipe" / "events.jsonl")
+    assert [e["status"] for e in events if e["event"] == "stage"][-2:] == ["skipped", "skipped"]
+
+
+@pytest.mark.slow
+def test_rlhf_pipeline_end_to_end(tmp_path, tiny_preference_setup):
+    ctx = pipeline_ctx(tmp_path / "rlhf", tiny_preference_setup, "rlhf")
+    result = run_pipeline(ctx)
+    assert result["status"] == "finished", result
+    steps = tmp_path / "rlhf" / "steps"
+    assert sorted(p.name for p in steps.iterdir()) == ["1-sft", "2-rm", "3-ppo"]
+    ppo_plan = Plan.load(steps / "3-ppo" / "plan.yaml")
+    assert ppo_plan.preference.reward_model == str(steps / "2-rm" / "output")
+    events = read_all_events(tmp_path / "rlhf" / "events.jsonl")
+    ppo_logs = [e for e in events if e["event"] == "log" and e.get("stage") == "ppo"]
+    assert ppo_logs and all(e["objective/kl"] >= 0 for e in ppo_logs)
+    report = json.loads((tmp_path / "rlhf" / "comparison.json").read_text())
+    assert report["branches"]["rlhf"]["reward_source"] == "reward_model"
+    assert report["branches"]["rlhf"]["reward_model_heldout_accuracy"] is not None
+
+
+def test_pipeline_stop_reaches_steps_and_ends_stopped(tmp_path, tiny_preference_setup):
+    ctx = pipeline_ctx(tmp_path / "stop", tiny_preference_setup, "rlhf")
+    step = StepContext(plan=ctx.plan, run_dir=tmp_path / "stop" / "steps" / "1-sft",
+                       events=EventWriter(tmp_path / "step-events.jsonl"), parent=ctx)
+    assert not step.stop_requested()
+    (tmp_path / "stop" / STOP_FILE).write_text("stop requested by test\n")
+    assert step.stop_requested()
+    result = run_pipeline(ctx)
+    assert result["status"] == "stopped" and result["completed"] == []
+    assert not (tmp_path / "stop" / "steps").exists()
