@@ -48,7 +48,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from advisor.errors import TunewiseError
 from advisor.plan import DEMO_DATASETS, REPO_ROOT, Plan
@@ -293,15 +292,16 @@ def _start_attempt(run_dir: Path, plan: Plan, resume_from: Path | None) -> None:
     info.setdefault("attempts", []).append(attempt)
     _write_json_atomic(run_dir / RUN_FILE, info)
     _reap_watchers()
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "trainer.supervisor", "watch", str(run_dir)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=open(run_dir / "watcher.log", "ab"),
-        start_new_session=True,
-        env=_child_env(),
-        cwd=os.getcwd(),
-    )
+    with open(run_dir / "watcher.log", "ab") as watcher_log:
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "trainer.supervisor", "watch", str(run_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=watcher_log,
+            start_new_session=True,
+            env=_child_env(),
+            cwd=os.getcwd(),
+        )
     _WATCHERS.append(watcher)
     # Wait until the watcher has started the trainer, so status() says "running" right away.
     deadline = time.time() + LAUNCH_WAIT_S
@@ -601,6 +601,28 @@ def _digest(events_path: Path) -> _Digest:
     return digest
 
 
+#: plan.yaml path -> (mtime, fields): a plan is parsed once, not at every poll.
+_PLAN_FIELDS: dict[str, tuple[float, dict]] = {}
+
+
+def _plan_fields(path: Path) -> dict:
+    """summary / stage / pipeline / method of a run's plan ({} when it is unreadable)."""
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return {}
+    cached = _PLAN_FIELDS.get(str(path))
+    if cached and cached[0] == mtime:
+        return cached[1]
+    try:
+        plan = Plan.load(path)
+    except TunewiseError:
+        return {}
+    fields = {"summary": plan.summary(), "stage": plan.stage, "pipeline": plan.pipeline, "method": plan.method.method}
+    _PLAN_FIELDS[str(path)] = (mtime, fields)
+    return fields
+
+
 def _current_attempt(info: dict) -> dict:
     attempts = info.get("attempts") or []
     return attempts[-1] if attempts else {}
@@ -613,12 +635,7 @@ def status(run: str | Path, runs_dir: str | Path | None = None) -> RunStatus:
     info = _read_json(run_dir / RUN_FILE)
     attempt = _current_attempt(info)
     digest = _digest(run_dir / EVENTS_FILE)
-    plan_fields: dict[str, Any] = {}
-    try:
-        plan = Plan.load(run_dir / PLAN_FILE)
-        plan_fields = {"summary": plan.summary(), "stage": plan.stage, "pipeline": plan.pipeline, "method": plan.method.method}
-    except TunewiseError:
-        plan_fields = {"summary": info.get("summary", "")}
+    plan_fields = _plan_fields(run_dir / PLAN_FILE) or {"summary": info.get("summary", "")}
 
     started_at = attempt.get("started_at")
     terminal = digest.terminal
