@@ -495,8 +495,13 @@ def build_app(config: AppConfig):
 
         # ================================================================ handlers
 
+        def demo_guard(model=None, dataset=None):
+            if config.demo_mode:
+                wizard.check_demo_inputs(model, dataset, config.uploads_dir)
+
         @friendly
         def on_model(model):
+            demo_guard(model=model)
             spec, counts = wizard.model_summary(model)
             return model_card_markdown(spec, counts)
 
@@ -509,6 +514,7 @@ def build_app(config: AppConfig):
 
         @friendly
         def on_profile(session, dataset, model):
+            demo_guard(model=model, dataset=dataset)
             from advisor.profile import profile_dataset
 
             profile = profile_dataset(dataset, None if not model else model)
@@ -536,6 +542,7 @@ def build_app(config: AppConfig):
 
         @friendly
         def on_recommend(session, keep_changes=False, **values):
+            demo_guard(values.get("model"), values.get("dataset"))
             advisor_values = {name: values[name] for name in advisor_widgets}
             overrides = {name: values[name] for name in wizard.ADVISED_WIDGETS} if keep_changes else None
             advised = wizard.advise(advisor_values, session.get("profile"), overrides)
@@ -555,6 +562,7 @@ def build_app(config: AppConfig):
 
         @friendly
         def on_estimate(session, **values):
+            demo_guard(values.get("model"), values.get("dataset"))
             plan = wizard.plan_from_widgets(values)
             return _plan_outputs(plan, session)
 
@@ -595,6 +603,7 @@ def build_app(config: AppConfig):
 
         @friendly
         def on_launch(session, **values):
+            demo_guard(values.get("model"), values.get("dataset"))
             plan = wizard.plan_from_widgets(values)
             notes = []
             supervisor = _supervisor()

@@ -246,6 +246,30 @@ class DemoLimits:
     """Largest dataset file a visitor may upload."""
 
 
+def check_demo_inputs(model: str | None, dataset: str | None, uploads_dir) -> None:
+    """Public demo: refuse server paths. A model must be a catalogue / hub name or a size (not a folder on
+    the server), and a dataset a bundled name or a file uploaded through the page."""
+    from pathlib import Path
+
+    from advisor.plan import DEMO_DATASETS
+
+    name = (model or "").strip()
+    if name and (name.startswith(("/", ".", "~")) or "\\" in name or Path(name).expanduser().is_dir()):
+        raise TunewiseError(f"model.name: the public demo does not read folders on the server ({name!r}); pick a "
+                            "catalogue model, a hub id (owner/name) or a size like 7B", field="model.name")
+    data = (dataset or "").strip()
+    if data and data not in DEMO_DATASETS:
+        uploads = Path(uploads_dir).resolve()
+        try:
+            inside = Path(data).resolve().is_relative_to(uploads)
+        except (OSError, ValueError):
+            inside = False
+        if not inside:
+            raise TunewiseError(f"data.dataset: the public demo reads only the bundled datasets "
+                                f"({', '.join(BUNDLED_DATASETS)}) or a file you upload, not {data!r}",
+                                field="data.dataset")
+
+
 def apply_demo_limits(plan: Plan, limits: DemoLimits) -> tuple[Plan, list[str]]:
     """The plan a public demo will run, and notes on what was changed. Refuses (TunewiseError naming the
     field) what the demo cannot do; cuts what it can bound (steps)."""

@@ -158,6 +158,10 @@ def test_demo_mode_refuses_other_models_on_the_server(server):
         client.predict(model="HuggingFaceTB/SmolLM2-135M", max_steps=5, api_name="/launch")
     assert "model.name" in str(refused.value) and "demo" in str(refused.value)
     assert not [p for p in runs.iterdir() if (p / "run.json").exists()]
+    # Nor does it read files on the server: only bundled datasets or uploads.
+    with pytest.raises(AppError) as server_file:
+        client.predict(dataset="/etc/passwd", model="demo", api_name="/profile")
+    assert "data.dataset" in str(server_file.value) and "upload" in str(server_file.value)
 
 
 @pytest.mark.slow
