@@ -263,3 +263,191 @@ def test_a_deleted_run_directory_is_reported_and_listing_keeps_working(make_plan
     # The orphaned trainer does not go on training unseen: it ends once it cannot write its run.
     _wait_until(lambda: not supervisor.pid_alive(running.pid), timeout=180, poll=0.5, what="the orphaned trainer to end")
     assert [s.run_id for s in supervisor.list_runs(runs_dir)] == [kept.name]
+
+
+# -- through the real app ------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_app(runs: Path, *extra: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`python app.py` on a free port in its own session; returns once it serves the page."""
+    import sys
+    import urllib.request
+
+    port = _free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir", str(runs), *extra],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.3)
+    _stop_app(proc)
+    raise AssertionError(f"app.py did not serve within 150 s:\n{log_path.read_text()[-3000:]}")
+
+
+def _stop_app(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _stop_all_runs(runs: Path) -> None:
+    for run in supervisor.list_runs(runs):
+        if run.active:
+            supervisor.stop(run.run_id, runs_dir=runs, timeout=20)
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("demo-runs")
+    proc, url = _start_app(runs, "--demo-mode", log_path=runs.parent / "demo-app.log")
+    try:
+        yield url, runs
+    finally:
+        _stop_all_runs(runs)
+        _stop_app(proc)
+
+
+def test_two_launches_at_once_in_demo_mode_start_one_run(demo_server):
+    import threading
+
+    from gradio_client import Client
+
+    url, runs = demo_server
+    clients = [Client(url, verbose=False) for _ in range(2)]
+    outcomes: list = [None, None]
+    together = threading.Barrier(2)
+
+    def launch(index: int) -> None:
+        together.wait()
+        try:
+            clients[index].predict(model="demo", dataset="demo-sft", method="lora", max_steps=5, api_name="/launch")
+            outcomes[index] = "launched"
+        except Exception as exc:  # the refusal arrives as gradio_client's AppError
+            outcomes[index] = str(exc)
+
+    threads = [threading.Thread(target=launch, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    try:
+        assert outcomes.count("launched") == 1, outcomes
+        refusal = next(o for o in outcomes if o != "launched")
+        assert "one run at a time" in refusal and "Traceback" not in refusal
+        started = [p for p in runs.iterdir() if (p / "run.json").is_file()]
+        assert len(started) == 1, started
+    finally:
+        _stop_all_runs(runs)
+
+
+def test_twenty_concurrent_planner_requests_all_get_their_own_right_answer(demo_server):
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    from advisor import wizard
+    from advisor.plan import Plan
+
+    url, _ = demo_server
+    models = ["meta-llama/Llama-2-7b-hf", "Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-135M", "mistralai/Mistral-7B-v0.1",
+              "meta-llama/Llama-3.2-1B"]
+    asks = [{"model": m, "micro_batch": b, "seq_len": 256, "method": "lora", "gpu": "A100-80GB"}
+            for m, b in itertools.product(models, (1, 2, 4, 8))]
+    assert len(asks) == 20
+    client = Client(url, verbose=False)
+
+    def ask(values: dict):
+        return client.predict(**values, api_name="/estimate")
+
+    began = time.time()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(ask, asks))
+    elapsed = time.time() - began
+    assert elapsed < 120, elapsed
+    totals = set()
+    for values, answer in zip(asks, answers):
+        memory, _chart, fits, _recs, status, _explained, _cli, plan_yaml = answer
+        plan = Plan.from_yaml(plan_yaml)
+        assert (plan.model.name, plan.training.micro_batch) == (values["model"], values["micro_batch"])
+        direct = wizard.plan_view(plan)  # the same question asked of the advisor directly
+        headers, rows = direct.memory
+        assert memory["headers"] == headers and memory["data"] == rows, values
+        assert fits["data"] == direct.fit[1] and status == direct.status_markdown, values
+        totals.add(rows[-1][2])
+    assert len(totals) >= 15  # different questions got different answers (no cross-wiring)
+
+
+def test_app_restart_finds_the_running_run_and_keeps_plotting(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    from gradio_client import Client
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    first, url = _start_app(runs, log_path=tmp_path / "app-1.log")
+    try:
+        Client(url, verbose=False).predict(
+            model=str(tiny_model_dir), dataset=str(tiny_data_dir / "messages.jsonl"), gpu="none", method="lora",
+            precision="fp32", max_steps=400, seq_len=64, micro_batch=4, api_name="/launch")
+        (run_dir,) = [p for p in runs.iterdir() if (p / "run.json").is_file()]
+    finally:
+        _stop_app(first, signal.SIGKILL)  # the app dies; the run must not
+    second = None
+    try:
+        assert supervisor.status(run_dir.name, runs).state in ("queued", "running")
+        second, url = _start_app(runs, log_path=tmp_path / "app-2.log")
+        client = Client(url, verbose=False)
+        history, _choice, _compare = client.predict(api_name="/runs")
+        assert [(row[0], row[2]) for row in history["data"]] == [(run_dir.name, "running")]
+
+        def loss_points(outputs) -> list | None:
+            loss = outputs[1]
+            if isinstance(loss, dict) and loss.get("plot"):
+                traces = json.loads(loss["plot"])["data"]
+                return next((t["y"] for t in traces if t.get("name") == "training loss"), [])
+            return None
+
+        # Opening the page attaches to the running run (read from its first event) ...
+        outputs = client.predict(api_name="/attach")
+        assert run_dir.name in outputs[0]
+        points = loss_points(outputs) or []
+        deadline = time.time() + 240
+        while len(points) < 2 and time.time() < deadline:
+            time.sleep(1)
+            points = loss_points(client.predict(api_name="/poll")) or points
+        assert len(points) >= 2, "the restarted app never plotted the run's losses"
+        # ... and later polls continue from the offset: the same points, then more.
+        seen = list(points)
+        deadline = time.time() + 120
+        while len(points) <= len(seen) and time.time() < deadline:
+            time.sleep(1)
+            points = loss_points(client.predict(api_name="/poll")) or points
+        assert len(points) > len(seen) and points[: len(seen)] == seen
+        logged = _losses(read_all_events(run_dir / EVENTS_FILE))
+        assert points == [logged[step] for step in sorted(logged)][: len(points)]
+    finally:
+        _stop_all_runs(runs)
+        if second is not None:
+            _stop_app(second)
