@@ -133,10 +133,11 @@ def check_model(plan: Plan) -> str:
     if _cached_on_hub_cache(resolved, plan.model.revision):
         return resolved
     if not _hub_reachable():
+        alias = f" ({resolved})" if resolved != name else ""
         raise ModelNotFound(
-            f"model {name!r} is not a local directory, not in the catalogue's offline set, and not in the "
-            f"Hugging Face cache, and the Hub ({HUB_HOST}) cannot be reached from this machine: use 'demo', "
-            "a local folder saved with save_pretrained, or download the model first",
+            f"model {name!r}{alias} is not on this machine (no local folder, nothing in the Hugging Face cache) "
+            f"and the Hub ({HUB_HOST}) cannot be reached to download it: use 'demo', a local folder saved with "
+            "save_pretrained, or download the model where you have access",
             field="model.name",
         )
     try:
