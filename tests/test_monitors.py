@@ -12,6 +12,7 @@ import math
 
 import pytest
 
+from test_preference import tiny_preference_setup  # noqa: F401  (session fixture)
 from trainer.events import EventWriter, read_all_events
 from trainer.monitors import (
     KLExplosionMonitor,
@@ -142,7 +143,7 @@ def test_monitored_events_write_alerts_and_stop_file(tmp_path):
 
 @pytest.mark.slow
 def test_real_dpo_runs_kl_explosion_vs_gentle(tmp_path, tiny_preference_setup):
-    from tests.test_preference import run_stage
+    from test_preference import run_stage
 
     common = {"training.max_steps": 6, "preference.sample_every": 2, "preference.kl_limit": 1.0,
               "preference.kl_rate_limit": 1e6, "preference.num_samples": 4, "preference.max_new_tokens": 12}
