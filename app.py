@@ -286,6 +286,8 @@ def build_app(config: AppConfig):
     from advisor.plan import DEMO_DATASETS
     from trainer.events import EVENTS_FILE, read_events
 
+    from trainer.cli import PLAN_FLAGS as cli_flags
+
     demo_limits = wizard.DemoLimits(max_steps=config.demo_max_steps, keep_runs=config.demo_keep_runs)
     # The demo's one-run-at-a-time check and the launch must not interleave between requests (the queue
     # runs handlers concurrently): both happen under this lock.
@@ -472,6 +474,8 @@ def build_app(config: AppConfig):
                     generate_btn = gr.Button("Generate with the base and the tuned model", elem_id="generate")
                     samples_table = gr.Dataframe(headers=["prompt", "base", "tuned"], interactive=False, wrap=True)
                 with gr.Accordion("Merge / export", open=False, elem_id="export"):
+                    export_reload = gr.Checkbox(value=False, label="QLoRA run: merge into the base reloaded in 16 bit "
+                                                "(the adapter was trained against 4-bit weights)")
                     export_btn = gr.Button("Merge the adapter into the base and export", elem_id="export-btn")
                     export_note = gr.Markdown()
                     export_file = gr.File(label="Download", interactive=False)
@@ -536,7 +540,7 @@ def build_app(config: AppConfig):
                 rows,
                 status,
                 view.explanations,
-                wizard.train_command(plan, runs_dir=None),
+                wizard.train_command(plan, cli_flags),
                 wizard.plan_yaml(plan),
             )
 
@@ -714,10 +718,10 @@ def build_app(config: AppConfig):
             return rows
 
         @friendly
-        def on_export(run_id):
+        def on_export(run_id, reload_16bit):
             if not run_id:
                 raise TunewiseError("run: pick a finished run in the list first", field="run")
-            archive, note = export_run(config, _run_dir(config, run_id))
+            archive, note = export_run(config, _run_dir(config, run_id), bool(reload_16bit))
             return note, archive
 
         # ================================================================ wiring
@@ -770,7 +774,7 @@ def build_app(config: AppConfig):
         compare_metric.change(on_overlay, inputs=[compare_runs, compare_metric], outputs=overlay_plot,
                               api_name="overlay_metric")
         generate_btn.click(on_generate, inputs=[open_run, prompts], outputs=samples_table, api_name="samples")
-        export_btn.click(on_export, inputs=open_run, outputs=[export_note, export_file], api_name="export")
+        export_btn.click(on_export, inputs=[open_run, export_reload], outputs=[export_note, export_file], api_name="export")
 
         # On page load, independently (one failing does not block the others): the model card; the
         # dataset profile, then the advice and the plan's memory; the run to watch and the history.
@@ -868,15 +872,38 @@ def _generate_main(request_json: str) -> int:
     return 0
 
 
-def export_run(config: AppConfig, run_dir: Path) -> tuple[str | None, str]:
-    """Merge a run's adapter into its base (trainer.merge) and zip the result for download."""
-    from trainer import merge
+def export_run(config: AppConfig, run_dir: Path, reload_16bit: bool = False) -> tuple[str, str]:
+    """Merge a run's adapter into its 16-bit base (`tunewise merge`, in a subprocess: torch never loads in
+    the app) and zip the result for download. A full fine-tuning run's output is zipped as it is."""
+    from advisor.errors import TunewiseError
+    from advisor.plan import Plan
 
-    result = merge.merge_and_export(run_dir)
-    out_dir = Path(getattr(result, "output_dir", None) or result.get("output_dir") if isinstance(result, dict) else result.output_dir)
-    archive = shutil.make_archive(str(out_dir), "zip", root_dir=out_dir)
-    diff = getattr(result, "max_logit_diff", None) if not isinstance(result, dict) else result.get("max_logit_diff")
-    note = f"Exported to `{out_dir}`" + (f"; largest logit difference merged vs adapter: {diff:.2e}" if diff is not None else "")
+    plan = Plan.load(run_dir / "plan.yaml")
+    output = Path(plan.output) if plan.output else run_dir / "output"
+    if not output.is_dir():
+        raise TunewiseError(f"run: {run_dir.name} has no output yet (it saves one when it finishes or is stopped)",
+                            field="run")
+    if plan.method.method == "full":
+        archive = shutil.make_archive(str(run_dir / "export"), "zip", root_dir=output)
+        return archive, f"Full fine-tuning: the output is already a whole model; zipped `{output.name}/` for download."
+    command = [sys.executable, str(REPO_ROOT / "cli.py"), "merge", str(run_dir), "--json"]
+    if reload_16bit:
+        command.append("--reload-16bit")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=config.generate_timeout_s,
+                              cwd=str(REPO_ROOT))
+    except subprocess.TimeoutExpired:
+        raise TunewiseError(f"export: merging took longer than {config.generate_timeout_s:.0f} s", field="export") from None
+    if done.returncode != 0:
+        message = next((line[len("error: "):] for line in reversed(done.stderr.splitlines()) if line.startswith("error: ")),
+                       (done.stderr.strip().splitlines() or ["no output"])[-1])
+        raise TunewiseError(f"export: {message}", field="export")
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    merged = Path(report["out_dir"])
+    archive = shutil.make_archive(str(merged), "zip", root_dir=merged)
+    note = (f"Merged into `{merged}` ({report['dtype']}). Largest logit difference, merged vs base + adapter, on "
+            f"{len(report['prompts'])} prompts: {report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:.3g}; "
+            f"the adapter itself moves logits by up to {report['adapter_effect']:.3g}).")
     return archive, note
 
 

@@ -108,7 +108,8 @@ def test_estimate_returns_memory_fit_and_commands(server):
     assert mine[3] == "no" and "gradient checkpointing" in mine[6].lower()
     assert "does not fit your RTX-4090" in status
     assert json.loads(chart["plot"])["layout"]["barmode"] == "stack"
-    assert cli.startswith("tunewise train")
+    assert "tunewise train --model meta-llama/Llama-2-7b-hf --dataset demo-sft --method lora" in cli
+    assert "tunewise train plan.yaml" in cli
     plan = yaml.safe_load(plan_yaml)
     assert plan["model"]["name"] == "meta-llama/Llama-2-7b-hf" and plan["hardware"]["gpu"] == "RTX-4090"
 
