@@ -636,8 +636,6 @@ def build_app(config: AppConfig):
             run_id = session.get("run_id")
             if not run_id:
                 raise TunewiseError("run: nothing to stop; launch a run or open one from the history first", field="run")
-            import threading
-
             # stop() waits for the run to save and exit (killing it after 30 s): do that in the
             # background so the page stays live; the monitor shows "stopped" when it is done.
             threading.Thread(target=_supervisor().stop, args=(run_id,),

@@ -252,23 +252,28 @@ def memory_figure(estimates: Mapping[str, Mapping[str, int]], gpu_bytes: int | N
             if name not in components:
                 components.append(name)
     order = [c for c in COMPONENT_COLORS if c in components] + [c for c in components if c not in COMPONENT_COLORS]
+    # GB for real models; MB when even the largest total is under 1 GB (the demo model).
+    largest = max(sum(parts.values()) for parts in estimates.values())
+    unit, scale = ("GB", GB) if largest >= GB else ("MB", 1e6)
     fig = go.Figure()
     for component in order:
-        values = [estimates[m].get(component, 0) / GB for m in methods]
+        values = [estimates[m].get(component, 0) / scale for m in methods]
         if not any(values):
             continue
         fig.add_trace(go.Bar(x=methods, y=values, name=component.replace("_", " "),
                              marker_color=COMPONENT_COLORS.get(component),
-                             hovertemplate="%{x}: %{y:.2f} GB<extra>" + component + "</extra>"))
-    totals = [sum(estimates[m].values()) / GB for m in methods]
-    fig.add_trace(go.Scatter(x=methods, y=totals, mode="text", text=[f"{t:.1f} GB" for t in totals],
+                             hovertemplate="%{x}: %{y:.2f} " + unit + "<extra>" + component + "</extra>"))
+    totals = [sum(estimates[m].values()) / scale for m in methods]
+    fig.add_trace(go.Scatter(x=methods, y=totals, mode="text", text=[f"{t:.1f} {unit}" for t in totals],
                              textposition="top center", showlegend=False, hoverinfo="skip"))
-    if gpu_bytes:
-        fig.add_hline(y=gpu_bytes / GB, line_dash="dash", line_color=COLORS["threshold"],
+    top = max(totals)
+    if gpu_bytes and gpu_bytes / scale < 3 * top:  # draw the card's line only where it keeps the bars readable
+        fig.add_hline(y=gpu_bytes / scale, line_dash="dash", line_color=COLORS["threshold"],
                       annotation_text=f"{gpu_label}: {gpu_bytes / GB:.0f} GB", annotation_position="top left")
-    _base_layout(fig, title, x_title="", y_title="GB")
-    fig.update_layout(barmode="stack", hovermode="closest", height=380,
-                      yaxis={"range": [0, max(totals + [gpu_bytes / GB if gpu_bytes else 0]) * 1.18]})
+        top = max(top, gpu_bytes / scale)
+    _base_layout(fig, title, x_title="", y_title=unit)
+    fig.update_layout(barmode="stack", hovermode="closest", height=400, yaxis={"range": [0, top * 1.18]},
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.08, "xanchor": "left", "x": 0.0})
     return fig
 
 

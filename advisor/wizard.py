@@ -391,12 +391,18 @@ def memory_rows(estimates: Mapping[str, Any]) -> tuple[list[str], list[list[Any]
         for name in parts:
             if name not in components:
                 components.append(name)
+    # Small models (the demo) read better in MB: the unit follows the largest total.
+    unit, scale = ("GB", GB) if max(estimates[m].total_bytes for m in methods) >= GB else ("MB", 1e6)
+
+    def show(num_bytes: int) -> str:
+        return f"{num_bytes / scale:.2f}"
+
     rows = []
     for name in components:
-        rows.append([name.replace("_", " ")] + [gb(by_method[m].get(name, 0)) for m in methods])
-    rows.append(["peak allocated"] + [gb(estimates[m].peak_allocated_bytes) for m in methods])
-    rows.append(["total on the GPU"] + [gb(estimates[m].total_bytes) for m in methods])
-    return ["component (GB per GPU)"] + methods, rows
+        rows.append([name.replace("_", " ")] + [show(by_method[m].get(name, 0)) for m in methods])
+    rows.append(["peak allocated"] + [show(estimates[m].peak_allocated_bytes) for m in methods])
+    rows.append(["total on the GPU"] + [show(estimates[m].total_bytes) for m in methods])
+    return [f"component ({unit} per GPU)"] + methods, rows
 
 
 def explanation_rows(estimate: Any) -> list[list[str]]:

@@ -67,15 +67,19 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
     proc, url = start_app(runs, log_path=tmp_path / "app.log")
     shots: dict[str, Path] = {}
 
+    began = time.time()
+
     def shot(page, name: str) -> None:
+        print(f"{name}: {time.time() - began:.1f} s")
         path = ARTIFACTS / f"{len(shots) + 1:02d}-{name}.png"
-        page.screenshot(path=str(path), full_page=True)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(path))  # what the user sees on opening the step
         shots[name] = path
 
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1360, "height": 900})
+            page = browser.new_page(viewport={"width": 1360, "height": 1000})
             page.set_default_timeout(60_000)
             expect.set_options(timeout=60_000)
             try:
@@ -111,8 +115,9 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 steps.fill("200")
                 steps.press("Enter")
                 page.locator("#show-yaml").get_by_text("Show as YAML / CLI").click()
-                expect(page.locator("#cli-text")).to_contain_text("tunewise train")
-                expect(page.locator("#yaml-text")).to_contain_text("max_steps: 200")
+                expect(page.locator("#cli-text")).to_contain_text("tunewise train --model demo")
+                expect(page.locator("#cli-text")).to_contain_text("--max-steps 200")
+                expect(page.locator("#yaml-text")).to_contain_text("stage: sft")
                 shot(page, "plan")
 
                 # Step 4: launch; the loss chart gains points while the run trains.

@@ -78,6 +78,9 @@ def test_memory_figure_stacks_components_per_method():
     assert fig.layout.barmode == "stack"
     totals = [t for t in fig.data if t.type == "scatter"][0]
     assert list(totals.text) == ["12.0 GB", "2.1 GB"]
+    # A model under 1 GB (the demo) is drawn in MB.
+    small = figures.memory_figure({"LoRA": {"weights": 3_500_000, "activations": 500_000}})
+    assert [t for t in small.data if t.type == "scatter"][0].text == ("4.0 MB",)
 
 
 def test_progress_and_time_left():
