@@ -120,6 +120,18 @@ def _model_max_positions(resolved: str) -> int | None:
     return None
 
 
+def _check_lora_targets(plan: Plan, resolved: str) -> None:
+    """LoRA targets must name linear layers the model has: PEFT would only say so after loading the
+    model, with a traceback. Models the spec reader cannot describe are left to PEFT."""
+    from advisor import specs
+
+    try:
+        spec = specs.resolve_model(resolved, allow_hub=False)
+    except TunewiseError:
+        return
+    specs.resolve_targets(spec, plan.method.lora_targets)
+
+
 def preflight(ctx: RunContext) -> None:
     """Check what is cheap to check before loading any model; raise TunewiseError naming the problem."""
     from trainer.data import check_dataset
@@ -137,6 +149,8 @@ def preflight(ctx: RunContext) -> None:
             "tokens: lower it (the dataset profile recommends one)",
             field="training.seq_len",
         )
+    if plan.method.method != "full":
+        _check_lora_targets(plan, base or resolved)
     kind = STAGE_DATA_KIND[plan.stage] if plan.pipeline == "none" else "sft"
     check_dataset(plan, kind)
     precision = resolve_precision(plan)
