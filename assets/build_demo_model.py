@@ -62,7 +62,6 @@ MODEL_SHAPE = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=512,
-    rope_theta=10000.0,
     tie_word_embeddings=True,
 )
 
