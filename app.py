@@ -365,7 +365,7 @@ def build_app(config: AppConfig):
                     with gr.Column(scale=5):
                         memory_plot = gr.Plot(label="Memory per GPU", show_label=False, elem_id="memory-plot")
                     with gr.Column(scale=6):
-                        memory_table = gr.Dataframe(interactive=False, label="Memory per GPU: Full / LoRA / QLoRA (GB)",
+                        memory_table = gr.Dataframe(interactive=False, label="Memory per GPU: Full / LoRA / QLoRA",
                                                     elem_id="memory-table", wrap=True)
                         fit_table = gr.Dataframe(interactive=False, label="GPU fit for the plan's method", wrap=True,
                                                  elem_id="fit-table")
@@ -669,7 +669,8 @@ def build_app(config: AppConfig):
         @friendly
         def on_runs():
             rows, ids = run_history(config)
-            return rows, gr.update(choices=ids, value=ids[0] if ids else None), gr.update(choices=ids)
+            # The newest run is picked and its curve drawn, so the step never opens on an empty chart.
+            return rows, gr.update(choices=ids, value=ids[0] if ids else None), gr.update(choices=ids, value=ids[:1])
 
         @friendly
         def on_watch(session, run_id):

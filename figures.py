@@ -49,6 +49,7 @@ COMPONENT_COLORS = {
     "value_model": "#84cc16",
     "generation": "#eab308",
     "overhead": "#cbd5e1",
+    "context_and_slack": "#e2e8f0",
 }
 
 #: Keys that hold a reward-like number, most specific first: PPO's mean score, the mean reward of

@@ -528,7 +528,7 @@ def run_row(run_id: str, status: Any, summary: Mapping[str, Any] | None = None) 
         state,
         f"{step}/{max_steps}" if max_steps else str(step),
         f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
-        f"{forgetting:+.1f}%" if isinstance(forgetting, (int, float)) else "-",
+        f"{round(forgetting, 1) + 0.0:+.1f}%" if isinstance(forgetting, (int, float)) else "-",  # no "-0.0%"
         summary.get("started", ""),
     ]
 
@@ -762,13 +762,23 @@ def plan_view(plan: Plan) -> PlanView:
         verdict += " *(Rough mode: the model's shape is guessed from its size.)*"
     return PlanView(
         memory=memory_rows(estimates),
-        stacked={label: dict(est.components) for label, est in estimates.items()},
+        stacked={label: _stack(est) for label, est in estimates.items()},
         gpu_bytes=int(gpu.memory_bytes) if gpu is not None else None,
         gpu_label=gpu.name if gpu is not None else "",
         fit=fit_rows(rows),
         status_markdown=need + verdict,
         explanations=explanation_rows(own),
     )
+
+
+def _stack(estimate: Any) -> dict[str, int]:
+    """Components for the stacked bar, topped up to the total the GPU must hold: what the components do
+    not cover (the CUDA context, the allocator's slack, and any gap between their sum and the peak)."""
+    parts = dict(estimate.components)
+    rest = int(estimate.total_bytes) - sum(parts.values())
+    if rest > 0:
+        parts["context_and_slack"] = rest
+    return parts
 
 
 def guide_rows() -> tuple[list[str], list[list[Any]]]:

@@ -139,6 +139,8 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 run_id = page.locator("#run-header code").inner_text()
                 expect(page.locator("#runs-table")).to_contain_text(run_id)
                 expect(page.locator("#runs-table")).to_contain_text("stopped")
+                expect(page.locator("#overlay-plot .main-svg").first).to_be_visible()
+                time.sleep(1)  # let the tables finish their fade-in before the screenshot
                 shot(page, "results")
             except Exception:
                 page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
