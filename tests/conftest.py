@@ -11,6 +11,8 @@ Hub), small enough that a training step on the CPU takes milliseconds:
   `preference.jsonl`, `original.jsonl` (original-domain text for the
   forgetting monitor). The task is learnable in a few steps: the model
   quickly memorises the repeated answer patterns, so losses fall.
+- `demo_model_dir` (session): the bundled `assets/demo-model/` (skips the
+  test when it has not been built).
 - `runs_dir`: an empty runs folder for this test, also set as
   `$TUNEWISE_RUNS_DIR` so code using the default runs folder lands there.
 - `make_plan(**overrides)`: a `Plan` for the tiny model and data with small,
@@ -153,6 +155,16 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-data")
     write_tiny_datasets(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The bundled offline demo model (assets/demo-model); the test is skipped if it was not built."""
+    from advisor.plan import DEMO_MODEL_DIR
+
+    if not (DEMO_MODEL_DIR / "config.json").is_file():
+        pytest.skip("assets/demo-model is not built (run `tunewise build-demo`)")
+    return DEMO_MODEL_DIR
 
 
 @pytest.fixture
