@@ -267,6 +267,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from trainer import supervisor
 
+    before = supervisor.status(args.run, args.runs_dir)
+    if not before.active:
+        raise TunewiseError(f"run {before.run_id} has already {before.state}: there is nothing to stop")
     current = supervisor.stop(args.run, timeout=args.timeout, runs_dir=args.runs_dir)
     if args.json:
         _print_json(current.to_dict())

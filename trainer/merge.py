@@ -117,10 +117,6 @@ def merge_and_export(
     merge), or a merged model whose logits differ from base + adapter by more
     than the tolerance (then nothing is written).
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from trainer.models import base_of_adapter, resolve_model_path
 
     if dtype not in RELATIVE_TOLERANCE:
@@ -135,6 +131,10 @@ def merge_and_export(
             "as it was trained), or merge it into the base reloaded in 16 bit (`tunewise merge --reload-16bit`; "
             "the adapter learned to correct the 4-bit weights, so check the merged model's quality before using it)"
         )
+    # Only now the heavy imports: the refusals above take a second, not the time to import torch.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     if out_dir is None:
         out_dir = (run_dir / "merged") if run_dir is not None else adapter_dir.parent / f"{adapter_dir.name}-merged"
     out_dir = Path(out_dir).expanduser().resolve()

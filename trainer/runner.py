@@ -151,6 +151,14 @@ def preflight(ctx: RunContext) -> None:
         )
     if plan.method.method != "full":
         _check_lora_targets(plan, base or resolved)
+    if plan.pipeline == "none" and plan.stage == "ppo":
+        # The PPO stage would find out only after importing TRL and loading the policy.
+        from trainer.preference import resolve_model_source
+
+        if not plan.preference.reward_model:
+            raise TunewiseError("preference.reward_model: PPO needs a reward model: give a reward-model run id, its "
+                                "directory or a model path (the rlhf pipeline fills it in)", field="preference.reward_model")
+        resolve_model_source(plan.preference.reward_model, "preference.reward_model", ctx.run_dir)
     kind = STAGE_DATA_KIND[plan.stage] if plan.pipeline == "none" else "sft"
     check_dataset(plan, kind)
     precision = resolve_precision(plan)

@@ -1,0 +1,204 @@
+"""Bad input, table-driven: every mistake gets a message naming the problem, fast, without a traceback.
+
+Each CLI case runs the real `tunewise` entry point (`python cli.py ...`) in a
+subprocess from an empty working directory and checks: a non-zero exit (or
+the stated one), a message containing the case's substring, no "Traceback"
+anywhere in the output, no hang (a time limit), and nothing written outside
+the runs folder (the working directory and the input files are unchanged).
+The UI cases send the same kind of mistakes to a real `python app.py`
+server in demo mode through its API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = str(REPO / "cli.py")
+
+#: Longest any bad input may take to be refused (seconds): no hub timeouts, no model loads.
+MAX_SECONDS = 45
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input on the command line."""
+
+    name: str
+    args: tuple[str, ...]
+    """cli.py arguments; {data}, {runs}, {tiny} and {fake} are filled in."""
+    expect: tuple[str, ...]
+    """Substrings the output must contain (all of them)."""
+    rc: int | None = None
+    """The exit code wanted; None: any non-zero."""
+    env: dict = field(default_factory=dict)
+    """Extra environment ({shadow} is filled in)."""
+
+
+def c(name, args, *expect, rc=None, env=None):
+    return Case(name, tuple(args.split()), tuple(expect), rc, env or {})
+
+
+TRAIN = "train --runs-dir {runs} --model {tiny} --dataset {data}/messages.jsonl --max-steps 2 --seq-len 64 --device cpu"
+
+CLI_CASES = [
+    # models
+    c("unknown model", "plan --model no-such-model-xyz", "unknown model 'no-such-model-xyz'", rc=2),
+    c("offline hub id (plan)", "plan --model someorg/some-model-that-is-not-local", "someorg/some-model-that-is-not-local",
+      "offline", rc=2),
+    c("offline hub id (train)", "train --runs-dir {runs} --model someorg/some-model-that-is-not-local --dataset demo-sft",
+      "cannot be reached", rc=2),
+    c("model folder without config.json", TRAIN.replace("{tiny}", "{data}"), "has no config.json", rc=2),
+    # datasets
+    c("malformed JSONL at line 4 (profile)", "profile {data}/malformed.jsonl", "line 4 of malformed.jsonl", rc=2),
+    c("malformed JSONL at line 4 (train)", TRAIN.replace("messages.jsonl", "malformed.jsonl"), "line 4 of malformed.jsonl",
+      "not valid JSON", rc=2),
+    c("wrong columns", TRAIN.replace("messages.jsonl", "wrong.jsonl"), "columns (foo, bar)", rc=2),
+    c("missing column on line 2", "profile {data}/missing_column.jsonl", "line 2 of missing_column.jsonl",
+      "'completion' is missing", rc=2),
+    c("empty dataset", TRAIN.replace("messages.jsonl", "empty.jsonl"), "empty.jsonl is empty", rc=2),
+    c("non-UTF-8 dataset", "profile {data}/latin1.jsonl", "line 1 of latin1.jsonl is not UTF-8", rc=2),
+    c("dataset file missing", TRAIN.replace("messages.jsonl", "nope.jsonl"), "nope.jsonl does not exist", rc=2),
+    c("hub dataset while offline", "profile someorg/somedataset", "needs the network", rc=2),
+    c("unsupported file type", "profile {data}/table.xlsx", "unsupported file type '.xlsx'", rc=2),
+    c("dataset is a directory", "profile {data}", "is a directory", rc=2),
+    c("DPO on an SFT dataset (no chosen/rejected)", TRAIN + " --stage dpo", "chosen", "rejected", rc=2),
+    # settings
+    c("LoRA rank 0", TRAIN + " --lora-rank 0", "method.lora_rank", rc=2),
+    c("negative learning rate", TRAIN + " --lr=-1e-4", "training.learning_rate", rc=2),
+    c("learning rate NaN", TRAIN + " --lr nan", "training.learning_rate", rc=2),
+    c("sequence longer than the model's maximum", TRAIN.replace("--seq-len 64", "--seq-len 4096"),
+      "training.seq_len: 4096 is longer than the model's maximum of 256", rc=2),
+    c("QLoRA without bitsandbytes", TRAIN + " --method qlora", "QLoRA needs bitsandbytes", rc=2,
+      env={"PYTHONPATH": "{shadow}"}),
+    c("GPU count 0 (plan)", "plan --model llama-2-7b --gpus 0", "hardware.num_gpus", rc=2),
+    c("GPU count not a number", "plan --model llama-2-7b --gpus many", "--gpus", "invalid int value", rc=2),
+    c("GPU count negative (train)", TRAIN + " --gpus=-3", "hardware.num_gpus", rc=2),
+    c("negative max steps", TRAIN.replace("--max-steps 2", "--max-steps -5"), "training.max_steps", rc=2),
+    c("dropout 1.5", TRAIN + " --lora-dropout 1.5", "method.lora_dropout", rc=2),
+    c("unknown optimizer", TRAIN + " --optimizer adam9000", "method.optimizer", "adam9000", rc=2),
+    c("unknown stage", TRAIN + " --stage pretrain", "stage", "pretrain", rc=2),
+    c("unknown precision", TRAIN + " --precision fp8", "method.precision", rc=2),
+    c("eval fraction 0.9", TRAIN + " --eval-fraction 0.9", "data.eval_fraction", rc=2),
+    c("LoRA target the model does not have", TRAIN + " --lora-targets nonexistent_proj", "nonexistent_proj", rc=2),
+    c("CUDA asked on a machine without one", TRAIN.replace("--device cpu", "--device cuda"), "no CUDA GPU", rc=2),
+    c("PPO without a reward model", TRAIN.replace("messages.jsonl", "prompt_completion.jsonl") + " --stage ppo",
+      "reward_model", rc=2),
+    # plan files
+    c("plan file with an unknown key", "train {data}/plan_unknown_key.yaml --runs-dir {runs}", "training.learnign_rate",
+      "not a known setting", rc=2),
+    c("plan file that is a list", "train {data}/plan_list.yaml --runs-dir {runs}", "must be a mapping", rc=2),
+    c("plan file that is not YAML", "train {data}/plan_broken.yaml --runs-dir {runs}", "not valid YAML", rc=2),
+    c("plan file not UTF-8", "train {data}/plan_latin1.yaml --runs-dir {runs}", "not UTF-8", rc=2),
+    c("plan file missing", "train {data}/no_such_plan.yaml --runs-dir {runs}", "no_such_plan.yaml does not exist", rc=2),
+    # runs
+    c("status of an unknown run", "status 20990101-nope --runs-dir {runs}", "no run '20990101-nope'", rc=2),
+    c("stop of a finished run", "stop {fake}/finished --runs-dir {runs}", "already finished", rc=2),
+    c("resume of a finished run", "resume {fake}/finished --runs-dir {runs}", "has finished", "nothing to resume", rc=2),
+    c("merge of a run without an adapter", "merge {fake}/no_adapter", "has no saved adapter", rc=2),
+    c("merge of a full fine-tuning run", "merge {fake}/full", "no adapter to merge", rc=2),
+    c("merge of a QLoRA run", "merge {fake}/qlora", "4-bit", "--reload-16bit", rc=2),
+]
+
+
+def _snapshot(*roots: Path, skip: Path) -> dict[str, tuple[int, int]]:
+    """path -> (size, mtime_ns) of every file under `roots`, except under `skip`."""
+    found = {}
+    for root in roots:
+        for path in root.rglob("*"):
+            if skip in path.parents or path == skip or "__pycache__" in path.parts:
+                continue
+            stat = path.stat()
+            found[str(path)] = (stat.st_size if path.is_file() else -1, stat.st_mtime_ns if path.is_file() else 0)
+    return found
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    """Bad files, fake runs and a shadow `bitsandbytes` that fails to import."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    data = root / "data"
+    data.mkdir()
+    for name in ("messages.jsonl", "prompt_completion.jsonl", "preference.jsonl"):
+        (data / name).write_bytes((tiny_data_dir / name).read_bytes())
+    (data / "malformed.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n{"text": oops}\n{"text": "e"}\n')
+    (data / "wrong.jsonl").write_text('{"foo": "a", "bar": "b"}\n' * 4)
+    (data / "missing_column.jsonl").write_text('{"prompt": "a", "completion": "x"}\n{"prompt": "b"}\n')
+    (data / "empty.jsonl").write_text("")
+    (data / "latin1.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    (data / "table.xlsx").write_bytes(b"PK\x03\x04 not really a spreadsheet")
+    (data / "plan_unknown_key.yaml").write_text("model:\n  name: demo\ntraining:\n  learnign_rate: 0.0001\n")
+    (data / "plan_list.yaml").write_text("- model: demo\n- training: {}\n")
+    (data / "plan_broken.yaml").write_text("model: [demo\ntraining: {max_steps: 3\n")
+    (data / "plan_latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+
+    from advisor.plan import Plan
+
+    base = {"model": {"name": str(tiny_model_dir)}, "data": {"dataset": str(data / "messages.jsonl")}}
+    fake = root / "fake"
+    for run_name, method, output in (("finished", "lora", None), ("no_adapter", "lora", None),
+                                     ("full", "full", "config.json"), ("qlora", "qlora", "adapter_config.json")):
+        run_dir = fake / run_name
+        run_dir.mkdir(parents=True)
+        Plan.from_dict({**base, "method": {"method": method}}).save(run_dir / "plan.yaml")
+        now = time.time()
+        (run_dir / "run.json").write_text(json.dumps({
+            "run_id": run_name, "created_at": now - 60, "summary": "",
+            "attempts": [{"started_at": now - 60, "pid": 999_999_999, "ended_at": now - 30, "exit_code": 0}]}))
+        (run_dir / "events.jsonl").write_text(
+            json.dumps({"event": "started", "time": now - 59, "step": 0}) + "\n"
+            + json.dumps({"event": "finished", "time": now - 31, "step": 2}) + "\n")
+        if output:
+            (run_dir / "output").mkdir()
+            (run_dir / "output" / output).write_text(json.dumps(
+                {"base_model_name_or_path": str(tiny_model_dir), "peft_type": "LORA", "r": 8} if output.startswith("adapter")
+                else {"model_type": "llama"}))
+    shadow = root / "shadow"
+    (shadow / "bitsandbytes").mkdir(parents=True)
+    (shadow / "bitsandbytes" / "__init__.py").write_text('raise ImportError("bitsandbytes is hidden by the test")\n')
+    return {"root": root, "data": data, "fake": fake, "shadow": shadow, "tiny": tiny_model_dir}
+
+
+def _fill(text: str, values: dict) -> str:
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", str(value))
+    return text
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[case.name for case in CLI_CASES])
+def test_cli_bad_input(case: Case, bad, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    runs = work / "runs"
+    values = {"data": bad["data"], "runs": runs, "tiny": bad["tiny"], "fake": bad["fake"], "shadow": bad["shadow"]}
+    args = [_fill(arg, values) for arg in case.args]
+    env = {k: v for k, v in os.environ.items() if k != "TUNEWISE_RUNS_DIR"}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    for key, value in case.env.items():
+        env[key] = _fill(value, values) + (os.pathsep + env[key] if env.get(key) else "")
+    before = _snapshot(work, bad["root"], skip=runs)
+
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, CLI, *args], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=MAX_SECONDS + 30)
+    elapsed = time.monotonic() - began
+    output = done.stdout + done.stderr
+
+    assert elapsed < MAX_SECONDS, f"took {elapsed:.1f}s"
+    assert "Traceback" not in output, output
+    if case.rc is None:
+        assert done.returncode != 0, output
+    else:
+        assert done.returncode == case.rc, (done.returncode, output)
+    for text in case.expect:
+        assert text in output, f"{text!r} not in:\n{output}"
+    assert _snapshot(work, bad["root"], skip=runs) == before, "something was written outside the runs folder"
