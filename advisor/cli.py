@@ -148,6 +148,7 @@ def build_plan_report(args) -> dict:
     counts = specs.param_counts(spec)
     overrides = _plan_overrides(args, spec)
     base = Plan().with_overrides(overrides)  # PlanError names a bad flag (e.g. method.lora_rank)
+    specs.check_seq_len(spec, base.training.seq_len)
     gpu_label, gpu_bytes = _gpu_bytes(args.gpu, args.gpu_memory_gb)
     methods = [args.method] if args.method else list(METHODS)
     estimates, skipped = [], []

@@ -333,6 +333,17 @@ def _target_matches(path: str, target: str) -> bool:
     return ("." + path).endswith("." + target)
 
 
+def check_seq_len(spec: ModelSpec, seq_len: int) -> None:
+    """Refuse a training sequence longer than the model was built for (the trainer refuses it too);
+    rough sizes ("7B") have no real maximum and are not checked."""
+    if not spec.rough and seq_len > spec.max_position_embeddings:
+        raise TunewiseError(
+            f"training.seq_len: {seq_len} is longer than {spec.id}'s maximum of {spec.max_position_embeddings} "
+            "tokens: lower it (the dataset profile recommends one)",
+            field="training.seq_len",
+        )
+
+
 def resolve_targets(spec: ModelSpec, targets) -> list[LinearLayer]:
     """The block layers a target list selects ("all-linear" = every linear module in the blocks).
 

@@ -724,6 +724,7 @@ def plan_view(plan: Plan) -> PlanView:
     from advisor import gpus, memory, specs
 
     spec = specs.resolve_model(plan.model.name)
+    specs.check_seq_len(spec, plan.training.seq_len)
     setup = memory.setup_from_plan(plan)
     estimates = {}
     for method, label in METHOD_LABELS.items():
