@@ -722,7 +722,12 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
     stage = inputs.heaviest_stage
 
     # 1. Sequence length and the batch we aim for (they size the memory search).
-    seq_len = rules.put("seq_len", *seq_len_for(inputs), "seq_len_from_data")
+    seq_value, seq_reason = seq_len_for(inputs)
+    if not spec.rough and seq_value > spec.max_position_embeddings:
+        # Longer than the model was built for: the trainer (and the planner) refuse it.
+        seq_value, seq_reason = spec.max_position_embeddings, (
+            f"{seq_reason}; capped at the model's maximum of {spec.max_position_embeddings} tokens")
+    seq_len = rules.put("seq_len", seq_value, seq_reason, "seq_len_from_data")
     effective, effective_reason = effective_batch_for(inputs)
 
     # 2. Method, by the guide's "when to use" rules, then the fallbacks memory forces.
