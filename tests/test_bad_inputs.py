@@ -202,3 +202,135 @@ def test_cli_bad_input(case: Case, bad, tmp_path):
     for text in case.expect:
         assert text in output, f"{text!r} not in:\n{output}"
     assert _snapshot(work, bad["root"], skip=runs) == before, "something was written outside the runs folder"
+
+
+# -- the UI's API, on a real server in demo mode -------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    """`python app.py --demo-mode` started from an empty working directory; yields (url, client, work dir)."""
+    import signal
+    import urllib.request
+
+    from gradio_client import Client
+
+    work = tmp_path_factory.mktemp("ui-work")
+    port = _free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(work / "gradio-tmp"), "HF_HUB_OFFLINE": "1"}
+    env.pop("TUNEWISE_RUNS_DIR", None)
+    log = open(work.parent / "ui-app.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--demo-mode"], cwd=work,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 150
+    while True:
+        assert proc.poll() is None, (work.parent / "ui-app.log").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            assert time.time() < deadline, "app.py did not serve within 150 s"
+            time.sleep(0.3)
+    try:
+        yield url, Client(url, verbose=False), work
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        # Nothing was written outside the runs folder (and the web framework's upload cache).
+        assert {p.name for p in work.iterdir()} <= {"runs", "gradio-tmp"}
+
+
+SMALL = "HuggingFaceTB/SmolLM2-135M"
+
+#: (name, endpoint, arguments, substrings of the message)
+UI_CASES = [
+    ("unknown model", "/model_info", {"model": "no-such-model-xyz"}, ("unknown model 'no-such-model-xyz'",)),
+    ("offline hub id", "/model_info", {"model": "someorg/some-model-that-is-not-local"},
+     ("someorg/some-model-that-is-not-local", "offline")),
+    ("server folder as model (demo)", "/model_info", {"model": "/etc"}, ("model.name", "does not read folders")),
+    ("empty model", "/estimate", {"model": "  "}, ("model.name", "empty")),
+    ("negative learning rate", "/estimate", {"model": SMALL, "learning_rate": -1}, ("training.learning_rate",)),
+    # Gradio's own range checks on number boxes: they name the value and the limit, not the field.
+    ("LoRA rank 0", "/estimate", {"model": SMALL, "lora_rank": 0}, ("0 is less than minimum value 1",)),
+    ("GPU count 0", "/estimate", {"model": SMALL, "gpu": "A100-80GB", "num_gpus": 0}, ("0 is less than minimum value 1",)),
+    ("dropout 1.5", "/estimate", {"model": SMALL, "lora_dropout": 1.5}, ("1.5 is greater than maximum value 0.9",)),
+    ("sequence longer than the model's maximum", "/estimate", {"model": SMALL, "seq_len": 100_000},
+     ("training.seq_len", "maximum of 8192")),
+    ("unknown optimizer", "/estimate", {"model": SMALL, "optimizer": "adam9000"}, ("adam9000",)),
+    ("server file as dataset (demo)", "/profile", {"dataset": "/etc/passwd", "model": "demo"},
+     ("data.dataset", "only the bundled datasets")),
+    ("non-demo model launch (demo)", "/launch", {"model": SMALL, "max_steps": 5}, ("model.name", "demo model")),
+    ("path traversal as dataset (demo)", "/launch", {"model": "demo", "dataset": "../../etc/passwd"},
+     ("data.dataset", "../../etc/passwd")),
+    ("run id with a path", "/watch", {"run_id": "../../etc"}, ("../../etc is not in the list of choices",)),
+    ("negative max steps", "/estimate", {"model": SMALL, "max_steps": -5}, ("-5 is less than minimum value 0",)),
+    ("warmup share 0.9", "/estimate", {"model": SMALL, "warmup_ratio": 0.9}, ("0.9 is greater than maximum value 0.5",)),
+]
+
+
+@pytest.mark.parametrize("name, endpoint, arguments, expect", UI_CASES, ids=[case[0] for case in UI_CASES])
+def test_ui_bad_input(ui, name, endpoint, arguments, expect):
+    from gradio_client.exceptions import AppError
+
+    _, client, _ = ui
+    began = time.monotonic()
+    with pytest.raises(AppError) as refused:
+        client.predict(**arguments, api_name=endpoint)
+    message = str(refused.value)
+    assert time.monotonic() - began < MAX_SECONDS
+    assert "Traceback" not in message and "File \"" not in message, message
+    for text in expect:
+        assert text in message, f"{text!r} not in {message!r}"
+
+
+#: (file name, bytes, substrings of the profile's message)
+UPLOAD_CASES = [
+    ("malformed.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n{"text": oops}\n', ("line 4 of malformed.jsonl",)),
+    ("latin1.jsonl", '{"text": "café"}\n'.encode("latin-1"), ("line 1 of latin1.jsonl is not UTF-8",)),
+    ("empty.jsonl", b"", ("empty.jsonl is empty",)),
+    ("columns.csv", b"foo,bar\n1,2\n", ("columns (foo, bar)",)),
+    ("preference.jsonl", b'{"prompt": "a", "chosen": "b"}\n', ("columns (prompt, chosen)",)),
+]
+
+
+@pytest.mark.parametrize("file_name, content, expect", UPLOAD_CASES, ids=[case[0] for case in UPLOAD_CASES])
+def test_ui_bad_upload_is_named_by_the_profile(ui, tmp_path, file_name, content, expect):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    _, client, work = ui
+    source = tmp_path / file_name
+    source.write_bytes(content)
+    kept = client.predict(handle_file(str(source)), api_name="/upload")["value"]
+    assert Path(kept).resolve().is_relative_to((work / "runs").resolve()) and Path(kept).read_bytes() == content
+    with pytest.raises(AppError) as refused:
+        client.predict(dataset=kept, model="demo", api_name="/profile")
+    message = str(refused.value)
+    assert "Traceback" not in message
+    for text in expect:
+        assert text in message, f"{text!r} not in {message!r}"
+
+
+def test_ui_huge_upload_is_refused_by_the_server(ui, tmp_path):
+    import httpx
+
+    url, _, work = ui
+    huge = tmp_path / "huge.jsonl"
+    line = b'{"text": "' + b"a" * 1000 + b'"}\n'
+    huge.write_bytes(line * (21_000_000 // len(line) + 1))  # just over the demo's 20 MB
+    with open(huge, "rb") as handle:
+        answer = httpx.post(url + "gradio_api/upload", files={"files": ("huge.jsonl", handle)}, timeout=60)
+    assert answer.status_code == 413 and "maximum allowed size" in answer.text, (answer.status_code, answer.text[:300])
+    assert not list((work / "runs").rglob("huge*"))
