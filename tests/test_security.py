@@ -92,3 +92,19 @@ def test_trust_remote_code_reaches_from_pretrained_only_when_the_plan_asks(make_
     models.load_tokenizer(asked)
     models.load_model(asked)
     assert seen == {"model": [False, True], "tokenizer": [False, True]}
+
+
+def test_the_trainer_warns_when_remote_code_is_on(make_plan, tmp_path):
+    from trainer.context import RunContext
+    from trainer.events import EventWriter, read_all_events
+    from trainer.runner import preflight
+
+    def notices(plan, name):
+        run_dir = tmp_path / name
+        ctx = RunContext(plan=plan, run_dir=run_dir, events=EventWriter(run_dir / "events.jsonl"))
+        preflight(ctx)
+        return [e["message"] for e in read_all_events(run_dir / "events.jsonl") if e["event"] == "notice"]
+
+    assert not [m for m in notices(make_plan(), "off") if "trust_remote_code" in m]
+    (warning,) = [m for m in notices(make_plan(model__trust_remote_code=True), "on") if "trust_remote_code" in m]
+    assert warning.startswith("warning:") and "own Python code" in warning

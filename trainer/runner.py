@@ -138,6 +138,9 @@ def preflight(ctx: RunContext) -> None:
     from trainer.models import base_of_adapter, check_model, quantization_config, resolve_precision
 
     plan = ctx.plan
+    if plan.model.trust_remote_code:
+        ctx.emit("notice", message="warning: model.trust_remote_code is on, so the model repository's own Python code "
+                 "runs on this machine with your rights; turn it off unless you trust the model's authors")
     if ctx.resume_from is not None and not (Path(ctx.resume_from) / "trainer_state.json").is_file():
         raise TunewiseError(f"cannot resume: {ctx.resume_from} is not a checkpoint (no trainer_state.json)")
     resolved = check_model(plan)
