@@ -424,11 +424,15 @@ def stop(run: str | Path, timeout: float = 30, runs_dir: str | Path | None = Non
         time.sleep(0.2)
     attempt = _current_attempt(_read_json(run_dir / RUN_FILE))
     _signal_run(run_dir, attempt, signal.SIGKILL, whole_group=True)
-    return _wait_for_record(run_dir, 10.0)
+    return _wait_for_record(run_dir)
 
 
-def _wait_for_record(run_dir: Path, timeout: float = 5.0) -> RunStatus:
-    """The status once the watcher has written the exit (or `timeout` passed)."""
+def _wait_for_record(run_dir: Path, timeout: float = 30.0) -> RunStatus:
+    """The status once the watcher has written the exit (or `timeout` passed).
+
+    The terminal event comes first; the processes then still have to exit (torchrun
+    tears its workers down, which takes seconds on a busy machine).
+    """
     deadline = time.time() + timeout
     current = status(run_dir)
     while time.time() < deadline:
