@@ -108,3 +108,234 @@ def test_the_trainer_warns_when_remote_code_is_on(make_plan, tmp_path):
     assert not [m for m in notices(make_plan(), "off") if "trust_remote_code" in m]
     (warning,) = [m for m in notices(make_plan(model__trust_remote_code=True), "on") if "trust_remote_code" in m]
     assert warning.startswith("warning:") and "own Python code" in warning
+
+
+# -- the served app ------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve(work: Path, *extra: str):
+    """`python app.py` from `work` (runs in work/runs); returns (process, url) once the port answers."""
+    import urllib.error
+    import urllib.request
+
+    port = _free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(work / "gradio-tmp"), "HF_HUB_OFFLINE": "1"}
+    env.pop("TUNEWISE_RUNS_DIR", None)
+    env.pop("SPACE_ID", None)
+    log = open(work / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), *extra], cwd=work, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 150
+    while True:
+        assert proc.poll() is None, (work / "app.log").read_text()[-3000:]
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return proc, url
+        except urllib.error.HTTPError:
+            return proc, url  # it answers (a login page, or an error status): it serves
+        except OSError:
+            assert time.time() < deadline, "app.py did not serve within 150 s"
+            time.sleep(0.3)
+
+
+def _shutdown(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net shows them) with a LISTEN socket on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, _remote, state = line.split()[1:4]
+            address, port_hex = local.split(":")
+            if state == "0A" and int(port_hex, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_app_binds_to_localhost_by_default_and_auth_guards_every_route(tmp_path):
+    import httpx
+    from gradio_client import Client
+
+    import app
+
+    assert app.parse_args([]).host == "127.0.0.1"
+    proc, url = _serve(tmp_path, "--auth", "alice:s3cret-pw")
+    try:
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        if Path("/proc/net/tcp").is_file():
+            # 0100007F is 127.0.0.1 (little-endian hex); ::1 would be 00000000000000000000000001000000.
+            assert _listening_addresses(port) <= {"0100007F", "00000000000000000000000001000000"}
+            assert _listening_addresses(port), "no listening socket found for the app's port"
+
+        # Without credentials: no config, no API description, no upload, no call.
+        for method, route in (("GET", "config"), ("GET", "gradio_api/info"), ("POST", "gradio_api/upload"),
+                              ("POST", "gradio_api/call/model_info")):
+            answer = httpx.request(method, url + route, json={"data": ["demo"]} if "call" in route else None)
+            assert answer.status_code == 401, (route, answer.status_code, answer.text[:200])
+        assert httpx.post(url + "login", data={"username": "alice", "password": "wrong"}).status_code == 400
+        with pytest.raises(Exception, match="credentials"):
+            Client(url, verbose=False)
+        # With them, the API works.
+        card = Client(url, auth=("alice", "s3cret-pw"), verbose=False).predict("demo", api_name="/model_info")
+        assert "parameters" in card
+    finally:
+        _shutdown(proc)
+    # An --auth without a password is refused at start.
+    refused = subprocess.run([sys.executable, str(REPO / "app.py"), "--auth", "alice"], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path)
+    assert refused.returncode == 2 and "--auth must be USER:PASS" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "name, safe",
+    [
+        ("../../etc/passwd", "passwd"),
+        ("..\\..\\windows\\win.ini", "_.._windows_win.ini"),
+        (".bashrc", "bashrc"),
+        ("data set; rm -rf ~.jsonl", "data_set_rm_-rf_.jsonl"),
+        ("", "upload"),
+        ("...", "upload"),
+        ("日本語.jsonl", "_.jsonl"),
+    ],
+)
+def test_upload_names_are_sanitized(name, safe):
+    import app
+
+    cleaned = app.sanitize_filename(name)
+    assert cleaned == safe
+    assert "/" not in cleaned and "\\" not in cleaned and not cleaned.startswith(".")
+
+
+def test_keep_upload_stores_under_the_runs_folder_and_enforces_the_demo_size(tmp_path):
+    import app
+    from advisor.errors import DatasetError
+
+    runs = tmp_path / "runs"
+    config = app.AppConfig(runs_dir=runs, demo_mode=True, uploads_dir=runs / "_uploads")
+    odd = tmp_path / "in" / "..evil name;$(id).jsonl"
+    odd.parent.mkdir()
+    odd.write_text('{"text": "hello"}\n')
+    kept = app.keep_upload(config, str(odd))
+    assert kept.resolve().is_relative_to((runs / "_uploads").resolve())
+    assert kept.name == "evil_name_id_.jsonl" and kept.read_text() == '{"text": "hello"}\n'
+    big = tmp_path / "in" / "big.jsonl"
+    with open(big, "wb") as handle:
+        handle.truncate(20_000_001)
+    with pytest.raises(DatasetError, match="up to 20 MB"):
+        app.keep_upload(config, str(big))
+    assert not list(runs.rglob("big.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def demo_app(tmp_path_factory):
+    from gradio_client import Client
+
+    work = tmp_path_factory.mktemp("demo-app")
+    proc, url = _serve(work, "--demo-mode")
+    try:
+        yield url, Client(url, verbose=False), work
+    finally:
+        from trainer import supervisor
+
+        if (work / "runs").is_dir():
+            for run in supervisor.list_runs(work / "runs"):
+                if run.active:
+                    supervisor.stop(run.run_id, runs_dir=work / "runs", timeout=20)
+        _shutdown(proc)
+
+
+def test_uploaded_file_with_a_traversal_name_lands_under_the_runs_folder(demo_app):
+    import httpx
+
+    url, client, work = demo_app
+    before = set(Path("/etc").iterdir())
+    sent = httpx.post(url + "gradio_api/upload", files={"files": ("../../etc/tunewise-test.jsonl", b'{"text": "x"}\n')})
+    assert sent.status_code == 200, sent.text
+    (cached,) = sent.json()
+    answer = _raw_call(url, "upload", [{"path": cached, "meta": {"_type": "gradio.FileData"},
+                                        "orig_name": "../../etc/tunewise-test.jsonl"}])
+    assert answer.startswith("event: complete"), answer
+    (kept,) = (work / "runs" / "_uploads").rglob("tunewise-test.jsonl")
+    assert kept.resolve().is_relative_to((work / "runs" / "_uploads").resolve()), kept
+    assert kept.name == "tunewise-test.jsonl" and kept.read_bytes() == b'{"text": "x"}\n'
+    assert set(Path("/etc").iterdir()) == before
+
+
+def _raw_call(url: str, endpoint: str, data: list) -> str:
+    """Call an API endpoint over plain HTTP (gradio_client would upload local files itself); the event stream."""
+    import httpx
+
+    started = httpx.post(f"{url}gradio_api/call/{endpoint}", json={"data": data}, timeout=30)
+    assert started.status_code == 200, started.text
+    with httpx.stream("GET", f"{url}gradio_api/call/{endpoint}/{started.json()['event_id']}", timeout=60) as stream:
+        return "".join(stream.iter_text())
+
+
+def test_an_api_call_cannot_make_the_app_copy_a_server_file(demo_app, tmp_path):
+    import httpx
+
+    url, _client, work = demo_app
+    secret = tmp_path / "secret.jsonl"  # a server file with an accepted suffix, never uploaded
+    secret.write_text('{"text": "private"}\n')
+    refused = _raw_call(url, "upload", [{"path": str(secret), "meta": {"_type": "gradio.FileData"}}])
+    assert refused.startswith("event: error"), refused
+    assert not list(work.rglob("secret.jsonl"))
+    # The same call with a file that was uploaded goes through (so the refusal above was the path check).
+    sent = httpx.post(url + "gradio_api/upload", files={"files": ("mine.jsonl", b'{"text": "mine"}\n')}).json()
+    accepted = _raw_call(url, "upload", [{"path": sent[0], "meta": {"_type": "gradio.FileData"}}])
+    assert accepted.startswith("event: complete"), accepted
+    assert [p.read_text() for p in (work / "runs" / "_uploads").rglob("mine.jsonl")] == ['{"text": "mine"}\n']
+
+
+def test_demo_limits_are_enforced_by_the_server(demo_app):
+    import yaml
+    from gradio_client.exceptions import AppError
+
+    from trainer import supervisor
+
+    url, client, work = demo_app
+    runs = work / "runs"
+    with pytest.raises(AppError, match="model.name"):
+        client.predict(model="HuggingFaceTB/SmolLM2-135M", max_steps=5, api_name="/launch")
+    with pytest.raises(AppError, match="model.name"):
+        client.predict(model=str(REPO / "assets" / "demo-model"), max_steps=5, api_name="/launch")
+    with pytest.raises(AppError, match="data.dataset"):
+        client.predict(model="demo", dataset=str(REPO / "assets" / "data" / "demo_sft.jsonl"), api_name="/launch")
+    assert not [p for p in runs.iterdir() if (p / "run.json").is_file()]
+    # Too many steps: cut to the demo's bound on the server, whatever the page sent.
+    client.predict(model="demo", dataset="demo-sft", method="lora", max_steps=100_000, api_name="/launch")
+    try:
+        (run_dir,) = [p for p in runs.iterdir() if (p / "run.json").is_file()]
+        plan = yaml.safe_load((run_dir / "plan.yaml").read_text())
+        assert plan["model"]["name"] == "demo" and plan["training"]["max_steps"] == 40
+        assert plan["model"]["trust_remote_code"] is False and plan["output"] is None
+    finally:
+        for run in supervisor.list_runs(runs):
+            if run.active:
+                supervisor.stop(run.run_id, runs_dir=runs, timeout=20)
