@@ -339,3 +339,15 @@ def test_demo_limits_are_enforced_by_the_server(demo_app):
         for run in supervisor.list_runs(runs):
             if run.active:
                 supervisor.stop(run.run_id, runs_dir=runs, timeout=20)
+
+
+def test_torch_load_is_always_weights_only():
+    # A pickle in a checkpoint runs code when loaded; our own loads must refuse anything but tensors.
+    calls = []
+    for path in _repo_python_files():
+        if path.relative_to(REPO).parts[0] == "tests":
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if "torch.load(" in line:
+                calls.append((f"{path.relative_to(REPO)}:{number}", "weights_only=True" in line))
+    assert all(safe for _, safe in calls), [where for where, safe in calls if not safe]

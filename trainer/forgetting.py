@@ -247,7 +247,7 @@ class EWC:
         if not named:
             raise TunewiseError("forgetting.ewc_lambda: the model has no trainable parameters to protect")
         if resume and self.state_path.is_file():
-            saved = torch.load(self.state_path, map_location="cpu")
+            saved = torch.load(self.state_path, map_location="cpu", weights_only=True)  # tensors and numbers only: no pickle code
             if set(saved["anchor"]) == {name for name, _ in named}:
                 self.entries = [
                     (p, saved["anchor"][name].to(p.device), saved["fisher"][name].to(p.device)) for name, p in named
