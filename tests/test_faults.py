@@ -66,7 +66,10 @@ def test_sigkill_fails_with_signal_9_and_resume_matches_an_uninterrupted_run(mak
     assert failed.state == "failed" and failed.signal == 9, failed
     assert "signal 9" in failed.error and "failed (signal 9)" in failed.describe()
 
-    # Events up to the kill are intact: every line is complete JSON, in order, none lost.
+    # Events up to the kill are intact: every line is complete JSON, in order, none lost; the watcher
+    # appends the `failed` event just after recording the exit in run.json.
+    _wait_until(lambda: read_all_events(killed_dir / EVENTS_FILE)[-1]["event"] == "failed", timeout=10,
+                what="the watcher's failed event")
     raw = (killed_dir / EVENTS_FILE).read_bytes()
     assert raw.endswith(b"\n")
     lines = raw.decode("utf-8").splitlines()
