@@ -36,11 +36,12 @@ HEAVY = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate")
 def heavy_imports_at_startup() -> list[str]:
     """Heavy modules present after building the whole app (should be none)."""
     code = ("import sys, app; app.build_app(app.AppConfig()); "
-            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+            f"print('heavy:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
-    return [m for m in done.stdout.strip().splitlines()[-1].split(",") if m]
+    line = next(l for l in done.stdout.splitlines() if l.startswith("heavy:"))
+    return [m for m in line[len("heavy:"):].split(",") if m]
 
 
 def first_point(client, runs: Path, model: str) -> dict:
