@@ -67,27 +67,40 @@ MODEL_SHAPE = dict(
 
 SEQ_LEN = 128
 BATCH_SIZE = 16
-DEFAULT_STEPS = 250
+DEFAULT_STEPS = 400
 PEAK_LR = 3e-3
 WARMUP_STEPS = 30
 MIN_LR_RATIO = 0.1
 
 
-def read_corpus() -> list[str]:
+def load_data_generator():
+    """The `make_demo_data` module next to this file (assets/ is not a package)."""
+    import importlib.util
+    import sys
+
+    if "make_demo_data" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("make_demo_data", ASSETS_DIR / "make_demo_data.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["make_demo_data"] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules["make_demo_data"]
+
+
+def read_corpus(data_dir: Path = DATA_DIR) -> list[str]:
     """Pretraining paragraphs, one per line."""
-    return (DATA_DIR / "demo_pretrain.txt").read_text(encoding="utf-8").splitlines()
+    return (data_dir / "demo_pretrain.txt").read_text(encoding="utf-8").splitlines()
 
 
-def read_original() -> list[str]:
+def read_original(data_dir: Path = DATA_DIR) -> list[str]:
     """Held-out original-domain paragraphs."""
-    with open(DATA_DIR / "demo_original.jsonl", encoding="utf-8") as f:
+    with open(data_dir / "demo_original.jsonl", encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f]
 
 
-def read_sft_texts() -> list[str]:
+def read_sft_texts(data_dir: Path = DATA_DIR) -> list[str]:
     """Every message content in the SFT set (the tokenizer must cover the task's words)."""
     texts = []
-    with open(DATA_DIR / "demo_sft.jsonl", encoding="utf-8") as f:
+    with open(data_dir / "demo_sft.jsonl", encoding="utf-8") as f:
         for line in f:
             texts.extend(message["content"] for message in json.loads(line)["messages"])
     return texts
@@ -164,6 +177,32 @@ def mean_text_loss(model, tokenizer, texts: list[str], batch_size: int = 50) -> 
     return total_loss / total_tokens
 
 
+def text_log_likelihoods(model, tokenizer, texts: list[str], batch_size: int = 50) -> list[float]:
+    """Total log-likelihood (nats) of each text under the model (right-padded batches)."""
+    import torch
+
+    totals: list[float] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            # Position t predicts token t + 1; padding positions count zero.
+            token_log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+            totals.extend((token_log_probs * mask[:, 1:]).sum(dim=1).tolist())
+    model.train()
+    return totals
+
+
+def fact_accuracy(model, tokenizer, probes: list[tuple[str, str]]) -> float:
+    """Share of (true, falsified) paragraph pairs where the true one is more likely (chance: 0.5)."""
+    true_scores = text_log_likelihoods(model, tokenizer, [true for true, _ in probes])
+    false_scores = text_log_likelihoods(model, tokenizer, [false for _, false in probes])
+    return sum(t > f for t, f in zip(true_scores, false_scores)) / len(probes)
+
+
 def pretrain(model, stream: list[int], steps: int, log_every: int = 50) -> float:
     """Plain-torch causal-LM training on random SEQ_LEN windows; returns the mean loss of the last 20 steps."""
     import torch
@@ -191,18 +230,22 @@ def pretrain(model, stream: list[int], steps: int, log_every: int = 50) -> float
     return sum(recent) / len(recent)
 
 
-def build(out_dir: Path, steps: int) -> dict:
+def build(out_dir: Path, steps: int, threads: int = 2, data_dir: Path = DATA_DIR) -> dict:
     """Build tokenizer and model into `out_dir`; returns the measured numbers."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     started = time.time()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(SEED)
     random.seed(SEED)
 
-    corpus, original = read_corpus(), read_original()
-    tokenizer = build_tokenizer(corpus + read_sft_texts())
+    corpus, original = read_corpus(data_dir), read_original(data_dir)
+    tokenizer = build_tokenizer(corpus + read_sft_texts(data_dir))
+    # Saved before any use: calling it with padding=True would store that padding
+    # state in tokenizer.json, and the file would depend on the last call.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
     stream = token_stream(tokenizer, corpus)
     print(f"tokenizer: {len(tokenizer)} tokens; corpus: {len(stream):,} tokens", flush=True)
 
@@ -219,30 +262,36 @@ def build(out_dir: Path, steps: int) -> dict:
     print(f"model: {params:,} parameters; held-out loss before training {initial_original_loss:.3f} "
           f"(ln vocab = {math.log(len(tokenizer)):.3f})", flush=True)
 
+    probes = load_data_generator().fact_probes()
+    initial_fact_accuracy = fact_accuracy(model, tokenizer, probes)
     final_train_loss = pretrain(model, stream, steps)
     original_loss = mean_text_loss(model, tokenizer, original)
+    facts = fact_accuracy(model, tokenizer, probes)
     print(f"final training loss {final_train_loss:.3f}; held-out demo_original loss {original_loss:.3f} "
-          f"(perplexity {math.exp(original_loss):.1f})", flush=True)
+          f"(perplexity {math.exp(original_loss):.1f}); true fact preferred in {facts:.0%} of "
+          f"{len(probes)} probes (before training {initial_fact_accuracy:.0%}, chance 50%)", flush=True)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
     seconds = time.time() - started
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     print(f"saved to {out_dir} ({size:,} bytes) in {seconds:.0f}s", flush=True)
     return {"parameters": params, "final_train_loss": final_train_loss, "original_loss": original_loss,
-            "initial_original_loss": initial_original_loss, "seconds": seconds, "bytes": size}
+            "initial_original_loss": initial_original_loss, "fact_accuracy": facts,
+            "initial_fact_accuracy": initial_fact_accuracy, "seconds": seconds, "bytes": size}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: assets/demo-model)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"pretraining steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads (default 2; use 1 on a machine busy with other work)")
+    parser.add_argument("--data", type=Path, default=DATA_DIR, help="demo data folder (default: assets/data)")
     args = parser.parse_args()
-    build(args.out, args.steps)
+    build(args.out, args.steps, args.threads, args.data)
 
 
 if __name__ == "__main__":

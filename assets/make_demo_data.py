@@ -32,10 +32,10 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 SEED = 1234
-N_TOWNS = 220
-N_RIVERS = 70
-N_PEOPLE = 200
-N_ANIMALS = 90
+N_TOWNS = 110
+N_RIVERS = 40
+N_PEOPLE = 100
+N_ANIMALS = 50
 PARAGRAPHS_PER_ENTITY = 12
 N_ORIGINAL = 400
 N_SFT = 2000
@@ -246,8 +246,8 @@ def paragraph(rng: random.Random, sentences: list[str]) -> str:
     return " ".join([sentences[0]] + rest)
 
 
-def encyclopedia(seed: int) -> tuple[list[str], list[str]]:
-    """(pretraining paragraphs, held-out paragraphs about the same entities)."""
+def encyclopedia_with_entities(seed: int) -> tuple[list[str], list[tuple[str, object]]]:
+    """(pretraining paragraphs, [(held-out paragraph, the entity it describes)])."""
     rng = random.Random(seed)
     towns, rivers, people, animals = make_world(rng)
     writers = ([(town_sentences, t) for t in towns] + [(river_sentences, r) for r in rivers]
@@ -258,15 +258,45 @@ def encyclopedia(seed: int) -> tuple[list[str], list[str]]:
             corpus.append(paragraph(rng, write(rng, entity)))
     rng.shuffle(corpus)
     seen = set(corpus)
-    held_out: list[str] = []
+    held_out: list[tuple[str, object]] = []
     held_out_rng = random.Random(seed + 1)
     while len(held_out) < N_ORIGINAL:
         write, entity = held_out_rng.choice(writers)
         text = paragraph(held_out_rng, write(held_out_rng, entity))
         if text not in seen:
             seen.add(text)
-            held_out.append(text)
+            held_out.append((text, entity))
     return corpus, held_out
+
+
+def encyclopedia(seed: int) -> tuple[list[str], list[str]]:
+    """(pretraining paragraphs, held-out paragraphs about the same entities)."""
+    corpus, held_out = encyclopedia_with_entities(seed)
+    return corpus, [text for text, _ in held_out]
+
+
+#: The fact a knowledge probe falsifies for each kind of entity, and the pool of false values.
+PROBED_FACTS = {Town: ("product", PRODUCTS), River: ("mouth", SEAS),
+                Person: ("achievement", ACHIEVEMENTS), Animal: ("habitat", HABITATS)}
+
+
+def fact_probes(count: int = 200, seed: int = SEED) -> list[tuple[str, str]]:
+    """Pairs (held-out paragraph, the same paragraph with one fact made false).
+
+    The first `count` rows of demo_original.jsonl, each with its town's product,
+    river's mouth, person's achievement or animal's habitat swapped for another
+    value of the same kind. A model that learned the facts (rather than only the
+    style) gives the true paragraph the higher likelihood; chance is 50%.
+    """
+    _, held_out = encyclopedia_with_entities(seed)
+    rng = random.Random(seed + 4)
+    probes = []
+    for text, entity in held_out[:count]:
+        field, pool = PROBED_FACTS[type(entity)]
+        true_value = getattr(entity, field)
+        false_value = rng.choice([value for value in pool if value != true_value])
+        probes.append((text, text.replace(true_value, false_value)))
+    return probes
 
 
 DATE_PROMPTS = (
