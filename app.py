@@ -156,7 +156,7 @@ def keep_upload(config: AppConfig, temp_path: str) -> Path:
     if config.demo_mode and size > limit:
         raise DatasetError(f"dataset: the upload is {size / 1e6:.1f} MB; the public demo takes files up to "
                            f"{limit / 1e6:.0f} MB. Upload a smaller sample.", field="data.dataset")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.urandom(3).hex()}"
     target_dir = config.uploads_dir / stamp
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / sanitize_filename(source.name)
@@ -175,6 +175,11 @@ def cleanup_old_runs(config: AppConfig, keep: int) -> list[str]:
         run_dir = _run_dir(config, status.run_id)
         shutil.rmtree(run_dir, ignore_errors=True)
         removed.append(status.run_id)
+    # Uploaded datasets too: keep the newest few upload folders (each upload has its own).
+    if config.uploads_dir.is_dir():
+        folders = sorted((p for p in config.uploads_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for folder in folders[: max(0, len(folders) - 4 * keep)]:
+            shutil.rmtree(folder, ignore_errors=True)
     return removed
 
 
