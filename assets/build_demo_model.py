@@ -9,11 +9,14 @@
 2. Builds a small `LlamaForCausalLM` and pretrains it with plain torch on
    `assets/data/demo_pretrain.txt`, so it "knows" the invented encyclopedia.
 3. Saves model and tokenizer with `save_pretrained` (float32 safetensors) and
-   prints the final training loss and the loss on the held-out
-   `demo_original.jsonl` paragraphs (about the same entities).
+   prints the final training loss, the loss on the held-out
+   `demo_original.jsonl` paragraphs (about the same entities) and how often the
+   model prefers a true paragraph to one with a fact falsified.
 
-Seeded and single-process with 2 threads: the same machine rebuilds the same
-weights. Regenerate the data first with `python assets/make_demo_data.py`.
+Seeded and single-process (`--threads`, default 2; 1 and 2 gave bit-identical
+weights): the same machine rebuilds the same weights, and the tokenizer files are
+byte-identical anywhere. Regenerate the data first with
+`python assets/make_demo_data.py`. Numbers and timings: assets/DEMO.md.
 """
 
 from __future__ import annotations
