@@ -14,8 +14,8 @@
    model prefers a true paragraph to one with a fact falsified.
 
 Seeded and single-process (`--threads`, default 2; 1 and 2 gave bit-identical
-weights): the same machine rebuilds the same weights, and the tokenizer files are
-byte-identical anywhere. Regenerate the data first with
+weights): the same machine rebuilds the same weights and byte-identical
+tokenizer files (tested). Regenerate the data first with
 `python assets/make_demo_data.py`. Numbers and timings: assets/DEMO.md.
 """
 
