@@ -120,6 +120,11 @@ def run_bare_trl(args, output_dir: Path) -> dict:
         report_to="none",
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
+        # TRL's SFTConfig defaults differ from TrainingArguments: gradient checkpointing on and
+        # bf16 on. The plan says fp32 without checkpointing, so say the same here.
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     output = trainer.train()
