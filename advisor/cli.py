@@ -50,6 +50,8 @@ def register(subparsers) -> None:
     plan.add_argument("--gpu", help="GPU name (e.g. A100-80GB, T4) to check the fit on")
     plan.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GB to check the fit on (overrides --gpu's)")
     plan.add_argument("--explain", action="store_true", help="show how each component was computed")
+    plan.add_argument("--guide", action="store_true",
+                      help="also show the guide's quick-reference table (7B/13B/70B) beside our estimate, and why they differ")
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.set_defaults(func=cmd_plan)
 
@@ -268,12 +270,48 @@ def format_plan_report(report: dict, explain: bool = False) -> str:
     return "\n".join(lines)
 
 
+def guide_report() -> dict:
+    """The guide's quick-reference table beside our estimate for the same sizes, with the note on the difference."""
+    from advisor import memory
+
+    rows = [
+        {"size": row.size, "model_id": row.model_id, "method": row.method,
+         "guide_bytes": int(row.guide_bytes), "estimate_bytes": int(row.estimate_bytes)}
+        for row in memory.guide_table()
+    ]
+    return {"rows": rows, "note": memory.GUIDE_TABLE_NOTE,
+            "our_setup": "micro-batch 1, 512 tokens, sdpa; full = mixed-precision AdamW, LoRA/QLoRA r16 on attention"}
+
+
+def format_guide_report(guide: dict) -> str:
+    """The guide table as text: one line per size, guide figure then ours, per method."""
+    lines = ["", "The guide's quick-reference table beside our estimate (GB, total the GPU must hold; "
+             f"ours: {guide['our_setup']}):", "",
+             f"{'size':<5}  {'full: guide':>11}  {'ours':>7}  {'lora: guide':>11}  {'ours':>7}  {'qlora: guide':>12}  {'ours':>7}"]
+    by_size: dict[str, dict[str, dict]] = {}
+    for row in guide["rows"]:
+        by_size.setdefault(row["size"], {})[row["method"]] = row
+    for size, methods in by_size.items():
+        cells = []
+        for method, width in (("full", 11), ("lora", 11), ("qlora", 12)):
+            row = methods[method]
+            cells.append(f"{row['guide_bytes'] / 1e9:>{width}.0f}  {row['estimate_bytes'] / 1e9:>7.1f}")
+        lines.append(f"{size:<5}  " + "  ".join(cells))
+    lines += ["", guide["note"]]
+    return "\n".join(lines)
+
+
 def cmd_plan(args) -> int:
     report = build_plan_report(args)
+    if args.guide:
+        report["guide_table"] = guide_report()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_plan_report(report, explain=args.explain))
+        text = format_plan_report(report, explain=args.explain)
+        if args.guide:
+            text += "\n" + format_guide_report(report["guide_table"])
+        print(text)
     return 0
 
 

@@ -52,6 +52,23 @@ def test_plan_one_method_with_gpu_memory_gives_the_fit():
     assert all("." in cell and len(cell.split(".")[1]) == 2 for cell in total_row.split()[-3:])  # GB, 2 decimals
 
 
+def test_plan_guide_shows_the_guide_table_beside_ours():
+    result = tunewise("plan", "--model", "7B", "--guide", "--json")
+    assert result.returncode == 0, result.stderr
+    guide = json.loads(result.stdout)["guide_table"]
+    cells = {(row["size"], row["method"]): row for row in guide["rows"]}
+    assert len(cells) == 9
+    # The guide's own figures, as it prints them.
+    assert cells[("7B", "full")]["guide_bytes"] == 28e9 and cells[("70B", "qlora")]["guide_bytes"] == 48e9
+    # Full fine-tuning with AdamW needs ~16 bytes per parameter: far above the guide's 4.
+    assert cells[("7B", "full")]["estimate_bytes"] > 16 * 6.7e9
+    assert "16 bytes per parameter" in guide["note"]
+    text = tunewise("plan", "--model", "7B", "--guide")
+    assert text.returncode == 0, text.stderr
+    row_7b = next(line for line in text.stdout.splitlines() if line.startswith("7B "))
+    assert row_7b.split()[1] == "28"
+
+
 def test_plan_errors_exit_2_naming_the_problem():
     unknown = tunewise("plan", "--model", "not-a-real-model-xyz", "--json")
     assert unknown.returncode == 2
