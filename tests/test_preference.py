@@ -151,7 +151,21 @@ def test_dpo_starts_at_ln2_and_its_sampled_kl_grows(tmp_path, tiny_preference_se
 # -- PPO / GRPO ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_ppo_logs_finite_nonnegative_kl_and_rewards(tmp_path, tiny_preference_setup, trained_reward_model):
+def test_ppo_logs_finite_nonnegative_kl_and_rewards(tmp_path, tiny_preference_setup, trained_reward_model,
+                                                    monkeypatch):
+    import trl.experimental.ppo as trl_ppo
+
+    from advisor import memory, specs
+
+    # Catch the models the stage really hands to PPOTrainer, to hold the planner to the same set.
+    loaded = {}
+
+    class Recording(trl_ppo.PPOTrainer):
+        def __init__(self, *args, **kwargs):
+            loaded.update({k: kwargs.get(k) for k in ("model", "ref_model", "reward_model", "value_model")})
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trl_ppo, "PPOTrainer", Recording)
     events = run_stage(tmp_path / "ppo", tiny_preference_setup, "ppo",
                        {"training.max_steps": 2, "preference.reward_model": str(trained_reward_model["dir"]),
                         "preference.adaptive_kl": True, "preference.target_kl": 0.01})
@@ -170,6 +184,24 @@ def test_ppo_logs_finite_nonnegative_kl_and_rewards(tmp_path, tiny_preference_se
     assert all(s["kl"] >= 0.0 and math.isfinite(s["reward"]) for s in samples)
     result = json.loads((tmp_path / "ppo" / "result.json").read_text())
     assert result["status"] == "finished" and result["steps"] == 2
+
+    # The planner's PPO model set (LoRA) is what the stage loaded: the policy, no reference copy
+    # (the adapter is disabled instead), a frozen sequence-classification reward model, and a value
+    # model that is a second full sequence-classification copy carrying its own adapters.
+    spec = specs.resolve_model(str(tiny_preference_setup["model"]))
+    plan = preference_plan(tiny_preference_setup["model"], tiny_preference_setup["data"], "ppo")
+    assert plan.method.method == "lora" and plan.method.precision == "fp32"
+    estimate = memory.estimate(spec, memory.setup_from_plan(plan))
+    def total(model):
+        return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    assert loaded["ref_model"] is None and estimate.components["reference_model"] == 0
+    assert total(loaded["model"]) == specs.param_counts(spec).total
+    seq_cls = specs.param_counts(spec, head="seq_cls").total
+    assert total(loaded["reward_model"]) == seq_cls
+    assert estimate.components["reward_model"] == 4 * seq_cls  # fp32 on the CPU
+    assert total(loaded["value_model"]) == seq_cls
+    assert any("lora_" in n for n, _ in loaded["value_model"].named_parameters())
+    assert estimate.components["value_model"] >= 4 * seq_cls  # its frozen base, plus adapters and activations
 
 
 @pytest.mark.slow
