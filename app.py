@@ -922,11 +922,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo-mode", action="store_true",
                         help="public-demo limits (on automatically when SPACE_ID is set): demo model only, bounded steps, one run at a time")
     parser.add_argument("--runs-dir", default=os.environ.get("TUNEWISE_RUNS_DIR", "runs"), help="where runs live (default ./runs)")
+    parser.add_argument("--no-warm-worker", action="store_true",
+                        help="do not keep a warm training process (with torch and TRL imported) ready for launches")
     parser.add_argument("--generate-samples", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.auth is not None and (":" not in args.auth or not args.auth.split(":", 1)[0] or not args.auth.split(":", 1)[1]):
         parser.error("--auth must be USER:PASS with both parts non-empty")
     return args
+
+
+def _start_warm_worker(runs_dir: Path, host: str, port: int, wait_s: float = 120.0) -> None:
+    """Once the page is served, start a warm trainer (trainer.warm) so a launch skips the heavy imports.
+
+    Waiting for the server first keeps the worker's imports from slowing the app's start on a small
+    machine. The worker exits when this app does (once no run it forked is going).
+    """
+    import socket
+
+    from trainer import warm
+
+    address = ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(address, timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    try:
+        pid = warm.ensure_warm(runs_dir, owner_pid=os.getpid())
+    except OSError as exc:
+        logging.getLogger("tunewise").warning("no warm worker (launches start cold): %s", exc)
+        return
+    if pid:
+        logging.getLogger("tunewise").info("warm worker pid %s for %s", pid, runs_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -945,6 +974,8 @@ def main(argv: list[str] | None = None) -> int:
     css = CSS_PATH.read_text(encoding="utf-8") if CSS_PATH.is_file() else None
     import gradio as gr
 
+    if not args.no_warm_worker:
+        threading.Thread(target=_start_warm_worker, args=(runs_dir, host, args.port), daemon=True).start()
     app.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=args.port, auth=auth, css=css, theme=gr.themes.Soft(primary_hue="indigo"),
         max_file_size="20mb" if demo_mode else None, allowed_paths=[str(runs_dir)], footer_links=["api", "gradio"],

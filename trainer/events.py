@@ -5,9 +5,24 @@ sees every event the moment it is written and a crash loses at most the
 line being written. Every event has `event` (its kind), `time` (Unix
 seconds) and `step` (optimizer step, 0 before training).
 
-Kinds: started, log (the trainer's metric keys unchanged: loss,
-learning_rate, grad_norm, rewards/margins, objective/kl, ...), eval,
-forgetting, alert, sample, checkpoint, stage, finished, failed, stopped.
+Kinds, in the order a run meets them:
+
+- `started` (plan summary, pid, world size, versions), `notice` (something
+  the pre-flight check adjusted or wants seen), `model_loaded`,
+  `train_begin` (total steps, start step), `resumed` (written by the
+  supervisor before a resumed attempt: step and checkpoint);
+- while training: `log` (the trainer's metric keys unchanged: loss,
+  learning_rate, grad_norm, rewards/margins, objective/kl, ...), `eval`,
+  `forgetting` (original-domain loss against its baseline), `replay` and
+  `ewc` (the forgetting safeguards' set-up and figures), `sample` (policy
+  samples: reward, KL to the reference, diversity), `alert` (a monitor
+  fired: kind, plain-language message, the numbers), `note` (an
+  informational message), `checkpoint`, `train_end`;
+- pipelines: `stage` (a step of the pipeline begins or ends) and
+  `comparison` (the side-by-side table of the compare pipeline);
+- exactly one terminal event per attempt: `finished`, `failed` (error,
+  `user_error`, traceback or log lines, exit code / signal) or `stopped`
+  (reason).
 
 Readers use `read_events(path, offset)`, which returns only the complete
 lines after `offset` and the offset to resume from: a half-written last line
