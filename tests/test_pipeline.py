@@ -93,3 +93,44 @@ def test_pipeline_stop_reaches_steps_and_ends_stopped(tmp_path, tiny_preference_
     result = run_pipeline(ctx)
     assert result["status"] == "stopped" and result["completed"] == []
     assert not (tmp_path / "stop" / "steps").exists()
+
+
+@pytest.mark.slow
+def test_a_stopped_pipeline_resumes_in_the_background(tmp_path, tiny_preference_setup):
+    """Through the supervisor, as the wizard and `tunewise resume` do: stop during DPO, resume, finish."""
+    import time
+
+    from trainer import supervisor
+
+    runs = tmp_path / "runs"
+    ctx = pipeline_ctx(tmp_path / "plan-only", tiny_preference_setup, "dpo",
+                       {"training.max_steps": 40, "preference.sample_every": 20})
+    run_id = supervisor.launch(ctx.plan, runs_dir=runs)
+    run_dir = runs / run_id
+    deadline = time.monotonic() + 300
+    while not any(e["event"] == "log" and e.get("stage") == "dpo" for e in read_all_events(run_dir / "events.jsonl")):
+        assert time.monotonic() < deadline, "DPO never started"
+        assert supervisor.status(run_id, runs).state == "running", supervisor.status(run_id, runs).error
+        time.sleep(0.1)
+    stopped = supervisor.stop(run_id, timeout=120, runs_dir=runs)
+    assert stopped.state == "stopped", stopped.error
+    dpo_dir = run_dir / "steps" / "2-dpo"
+    checkpoint = supervisor.last_checkpoint(dpo_dir)
+    assert checkpoint is not None  # the stop saved the DPO step
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert 0 < stopped_at < 40
+
+    assert supervisor.resume(run_id, runs) == run_id
+    final = supervisor.wait(run_id, timeout=300, runs_dir=runs)
+    assert final.state == "finished", final.error
+    events = read_all_events(run_dir / "events.jsonl")
+    resumed = [e for e in events if e["event"] == "resumed"][-1]
+    assert resumed["finished_steps"] == ["sft"] and resumed["next_stage"] == "dpo"
+    assert resumed["checkpoint"] == str(checkpoint)
+    after = events[events.index(resumed):]
+    assert [(e["stage"], e["status"]) for e in after if e["event"] == "stage"] == [
+        ("sft", "skipped"), ("dpo", "started"), ("dpo", "finished")]
+    step_events = read_all_events(dpo_dir / "events.jsonl")
+    begins = [e for e in step_events if e["event"] == "train_begin"]
+    assert begins[-1]["start_step"] == stopped_at  # continued, not restarted
+    assert json.loads((dpo_dir / "result.json").read_text())["status"] == "finished"

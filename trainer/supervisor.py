@@ -344,26 +344,51 @@ def launch(plan: Plan, runs_dir: str | Path | None = None, name: str | None = No
 
 
 def resume(run: str | Path, runs_dir: str | Path | None = None) -> str:
-    """Continue a stopped or failed run from its newest checkpoint, in the same directory; return its id."""
+    """Continue a stopped or failed run from its newest checkpoint, in the same directory; return its id.
+
+    A pipeline continues at its first unfinished step (from that step's newest checkpoint, if any)."""
     run_dir = find_run_dir(run, runs_dir)
     current = status(run_dir)
     if current.state in ACTIVE_STATES:
         raise TunewiseError(f"run {current.run_id} is still {current.state}: stop it before resuming")
     if current.state == "finished":
         raise TunewiseError(f"run {current.run_id} has finished: there is nothing to resume (launch a new run)")
+    plan = Plan.load(run_dir / PLAN_FILE)
+    if plan.pipeline != "none":
+        return _resume_pipeline(run_dir, plan, current)
     checkpoint = last_checkpoint(run_dir)
     if checkpoint is None:
         raise TunewiseError(
             f"run {current.run_id} has no checkpoint in {run_dir / CHECKPOINTS_DIR} to resume from "
             "(set training.save_steps to checkpoint during training; a stop always saves one)"
         )
-    plan = Plan.load(run_dir / PLAN_FILE)
     (run_dir / STOP_FILE).unlink(missing_ok=True)
     state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     step = int(state.get("global_step", 0))
     writer = EventWriter(run_dir / EVENTS_FILE)
     writer.emit("resumed", step=step, checkpoint=str(checkpoint), previous_state=current.state)
     _start_attempt(run_dir, plan, resume_from=checkpoint)
+    return current.run_id
+
+
+def _resume_pipeline(run_dir: Path, plan: Plan, current: "RunStatus") -> str:
+    """Run a pipeline again in its directory: finished steps are skipped, an interrupted one continues
+    from its own newest checkpoint (trainer.pipeline does both)."""
+    from trainer.pipeline import step_dirs
+
+    done, interrupted = [], None
+    for stage, step_dir in step_dirs(run_dir, plan.pipeline):
+        result = _read_json(step_dir / "result.json")
+        if result.get("status") == "finished":
+            done.append(stage)
+        elif interrupted is None:
+            interrupted = (stage, last_checkpoint(step_dir))
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    fields = {"previous_state": current.state, "pipeline": plan.pipeline, "finished_steps": done}
+    if interrupted:
+        fields.update(next_stage=interrupted[0], checkpoint=str(interrupted[1]) if interrupted[1] else None)
+    EventWriter(run_dir / EVENTS_FILE).emit("resumed", step=current.step or 0, **fields)
+    _start_attempt(run_dir, plan, resume_from=None)
     return current.run_id
 
 
