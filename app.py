@@ -414,6 +414,8 @@ def build_app(config: AppConfig):
                     with gr.Row():
                         replay_fraction = gr.Number(value=0.0, minimum=0, maximum=0.5, step=0.01, label="Replay share (forgetting)")
                         ewc_lambda = gr.Number(value=0.0, minimum=0, label="EWC strength")
+                        forgetting_eval_every = gr.Number(value=10, precision=0, minimum=1,
+                                                          label="Forgetting check every (steps)")
                         forgetting_threshold = gr.Number(value=20.0, minimum=0.1, label="Forgetting alert at +% loss")
                         stop_on_threshold = gr.Checkbox(value=False, label="Stop when forgetting crosses it")
                         beta = gr.Number(value=0.1, minimum=0.001, step=0.05, label="DPO beta")
@@ -493,7 +495,8 @@ def build_app(config: AppConfig):
             "shard": shard, "learning_rate": learning_rate, "warmup_ratio": warmup_ratio,
             "lr_scheduler": lr_scheduler, "epochs": epochs, "max_steps": max_steps, "micro_batch": micro_batch,
             "grad_accum": grad_accum, "seq_len": seq_len, "packing": packing, "replay_fraction": replay_fraction,
-            "ewc_lambda": ewc_lambda, "forgetting_threshold": forgetting_threshold,
+            "ewc_lambda": ewc_lambda, "forgetting_eval_every": forgetting_eval_every,
+            "forgetting_threshold": forgetting_threshold,
             "stop_on_threshold": stop_on_threshold, "beta": beta, "kl_coef": kl_coef,
         }
         assert set(plan_widgets) == set(wizard.PLAN_WIDGETS), "every plan widget is wired"
@@ -554,7 +557,9 @@ def build_app(config: AppConfig):
             demo_guard(values.get("model"), values.get("dataset"))
             advisor_values = {name: values[name] for name in advisor_widgets}
             overrides = {name: values[name] for name in wizard.ADVISED_WIDGETS} if keep_changes else None
-            advised = wizard.advise(advisor_values, session.get("profile"), overrides)
+            steps = values.get("max_steps")
+            steps = int(steps) if isinstance(steps, (int, float)) and steps >= 1 else None
+            advised = wizard.advise(advisor_values, session.get("profile"), overrides, max_steps=steps)
             session = {**session, "advice": advised.values}
             widget_values = wizard.widgets_from_plan(advised.plan)
             updates = [gr.update(value=widget_values[name], choices=advised.target_choices) if name == "lora_targets"

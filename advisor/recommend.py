@@ -132,6 +132,7 @@ PLAN_FIELDS: dict[str, str | None] = {
     "epochs": "training.epochs",
     "total_steps": None,
     "forgetting_monitor": "forgetting.monitor",
+    "forgetting_eval_every": "forgetting.eval_every",
     "replay_fraction": "forgetting.replay_fraction",
     "ewc_lambda": "forgetting.ewc_lambda",
     "beta": "preference.beta",
@@ -183,6 +184,8 @@ class AdvisorInputs:
     """Training sequence length, when known (e.g. the profile's recommendation)."""
     sft_model: str | None = None
     """For dpo / ppo: the SFT model the stage starts from (None: the base model)."""
+    max_steps: int | None = None
+    """A cap on optimizer steps the run will use (e.g. the demo's), when the user has set one."""
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model.strip():
@@ -204,6 +207,8 @@ class AdvisorInputs:
             raise _bad("gpu_memory_gb", f"must be a positive number of GB, got {self.gpu_memory_gb!r}")
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 1):
             raise _bad("seq_len", f"must be a whole number of at least 1, got {self.seq_len!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool) or self.max_steps < 1):
+            raise _bad("max_steps", f"must be a whole number of at least 1, got {self.max_steps!r}")
 
     @property
     def heaviest_stage(self) -> str:
@@ -410,6 +415,64 @@ class _Rules:
 
 
 # -- the rules -------------------------------------------------------------------------------------------
+
+#: The forgetting monitor's share of training compute we aim for.
+MONITOR_BUDGET = 0.05
+#: Original-domain texts per forgetting measurement (plan default forgetting.max_eval_examples).
+MONITOR_TEXTS = 64
+#: A training step's cost per example in forward passes (see monitor_share).
+STEP_COST_IN_FORWARDS = 2.0
+#: More measurements than this per run only crowd the chart.
+MAX_MEASUREMENTS = 200
+#: Round intervals up to one of these (times powers of ten).
+_NICE = (1, 2, 2.5, 5, 10)
+
+
+def _nice_up(value: float) -> int:
+    if value <= 1:
+        return 1
+    scale = 10 ** math.floor(math.log10(value))
+    for step in _NICE:
+        if step * scale >= value and float(step * scale).is_integer():
+            return int(step * scale)
+    return int(10 * scale)
+
+
+def monitor_share(every: int, effective_batch: int, texts: int = MONITOR_TEXTS) -> float:
+    """The forgetting monitor's cost as a share of training compute.
+
+    A measurement is a forward pass over `texts` examples; a training step is a forward and a
+    backward pass over `effective_batch` examples, which costs about 2 forward passes per example
+    in practice (calibrated on bench/train_throughput.py: 29% measured at batch 8 every 10 steps,
+    29% here; in theory backward doubles the forward, but the optimizer step and the original texts'
+    greater length narrow the gap)."""
+    per_eval_in_steps = _eval_cost_in_steps(effective_batch, texts)
+    return per_eval_in_steps / (every + per_eval_in_steps)
+
+
+def _eval_cost_in_steps(effective_batch: int, texts: int = MONITOR_TEXTS) -> float:
+    return texts / (STEP_COST_IN_FORWARDS * max(1, effective_batch))
+
+
+def forgetting_interval(total_steps: int, effective_batch: int, texts: int = MONITOR_TEXTS) -> tuple[int, str]:
+    """Steps between forgetting measurements: within a 5% compute budget, yet at least 4 points a run."""
+    per_eval = _eval_cost_in_steps(effective_batch, texts)
+    budget_every = max(_nice_up(per_eval * (1 - MONITOR_BUDGET) / MONITOR_BUDGET),
+                       _nice_up(total_steps / MAX_MEASUREMENTS))
+    curve_cap = max(1, total_steps // 4)
+    if budget_every <= curve_cap:
+        every = budget_every
+        why = (f"a measurement ({texts} original-domain texts, forward only) costs about {per_eval:.1f} training steps "
+               f"at an effective batch of {effective_batch}; every {every} steps keeps the monitor near "
+               f"{monitor_share(every, effective_batch, texts):.1%} of training ({total_steps:,} steps: "
+               f"{total_steps // every} measurements)")
+    else:
+        every = curve_cap
+        why = (f"only {total_steps:,} steps: every {every} gives at least 4 measurements to draw a curve, at about "
+               f"{monitor_share(every, effective_batch, texts):.0%} of training time (a measurement costs about "
+               f"{per_eval:.1f} steps at an effective batch of {effective_batch}); on a longer run Tunewise keeps it under "
+               f"{MONITOR_BUDGET:.0%}")
+    return every, why
 
 
 def preferred_method(inputs: AdvisorInputs) -> tuple[str, str]:
@@ -891,6 +954,8 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
 
     # 7. Forgetting safeguards, scaled by the domain shift and the method.
     rules.put("forgetting_monitor", True, "guide: monitor for catastrophic forgetting; keep a validation set from the original domain", "forgetting_monitor")
+    run_steps = min(total_steps, inputs.max_steps) if inputs.max_steps else total_steps
+    rules.put("forgetting_eval_every", *forgetting_interval(run_steps, effective_actual), "monitor_cost")
     adapters = method in ("lora", "qlora")
     replay_table = {"full": {"low": 0.01, "medium": 0.05, "high": 0.10}, "adapter": {"low": 0.0, "medium": 0.01, "high": 0.05}}
     replay = replay_table["adapter" if adapters else "full"][inputs.domain_shift]

@@ -87,6 +87,7 @@ PLAN_WIDGETS: dict[str, str] = {
     "packing": "data.packing",
     "replay_fraction": "forgetting.replay_fraction",
     "ewc_lambda": "forgetting.ewc_lambda",
+    "forgetting_eval_every": "forgetting.eval_every",
     "forgetting_threshold": "forgetting.threshold_pct",
     "stop_on_threshold": "forgetting.stop_on_threshold",
     "beta": "preference.beta",
@@ -119,6 +120,7 @@ LABELS = {
     "data.packing": "Packing",
     "forgetting.replay_fraction": "Replay share",
     "forgetting.ewc_lambda": "EWC strength",
+    "forgetting.eval_every": "Forgetting check every (steps)",
     "forgetting.threshold_pct": "Forgetting threshold %",
     "forgetting.stop_on_threshold": "Stop on forgetting",
     "forgetting.monitor": "Forgetting monitor",
@@ -592,7 +594,7 @@ def model_summary(name: str):
 ADVISED_WIDGETS = (
     "method", "precision", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "double_quant",
     "gradient_checkpointing", "attn", "shard", "learning_rate", "warmup_ratio", "epochs", "micro_batch",
-    "grad_accum", "seq_len", "packing", "replay_fraction", "ewc_lambda", "beta", "kl_coef",
+    "grad_accum", "seq_len", "packing", "replay_fraction", "ewc_lambda", "forgetting_eval_every", "beta", "kl_coef",
 )
 
 #: Step-2 widgets that are advisor inputs, not plan settings.
@@ -643,6 +645,7 @@ def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
         stage=stage,
         pipeline=pipeline,
         seq_len=seq_len,
+        max_steps=int(_whole(max_steps)) if not _blank(max_steps) and _whole(max_steps) else None,
     )
     kept = {}
     for name, value in (overrides or {}).items():

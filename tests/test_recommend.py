@@ -165,3 +165,26 @@ def test_bad_inputs_name_the_field():
         AdvisorInputs(model="7B", examples=10, task="poetry")
     with pytest.raises(TunewiseError, match="unknown model"):
         recommend(AdvisorInputs(model="not-a-model", examples=10))
+
+
+def test_forgetting_interval_keeps_the_monitor_cheap_and_the_curve_drawn():
+    from advisor.recommend import MONITOR_BUDGET, forgetting_interval, monitor_share
+
+    # The cost model reproduces the measured 29% (bench/train_throughput.py: batch 8, every 10 steps).
+    assert monitor_share(10, 8) == pytest.approx(0.29, abs=0.01)
+    # A long run: within the budget, and never more than 200 measurements.
+    for steps, batch in ((1500, 32), (20_000, 128), (5000, 8)):
+        every, reason = forgetting_interval(steps, batch)
+        assert monitor_share(every, batch) <= MONITOR_BUDGET and steps / every <= 200, (steps, batch, every)
+        assert f"every {every} steps" in reason
+    # A short run: at least 4 measurements, with the cost said plainly.
+    every, reason = forgetting_interval(30, 4)
+    assert 30 // every >= 4 and "only 30 steps" in reason and "% of training time" in reason
+
+    # The advice reaches the plan, and a step cap (the demo's) is taken into account.
+    long_run = recommend(AdvisorInputs(model="llama-2-7b", examples=50_000, task="instruction", gpu="A100-80GB"))
+    plan = long_run.to_plan(allow_unfit=True)
+    assert plan.forgetting.eval_every == long_run.values["forgetting_eval_every"].value
+    assert monitor_share(plan.forgetting.eval_every, plan.training.micro_batch * plan.training.grad_accum) <= MONITOR_BUDGET
+    capped = recommend(AdvisorInputs(model="demo", examples=2000, task="instruction", max_steps=30))
+    assert capped.values["forgetting_eval_every"].value <= 7
