@@ -164,6 +164,16 @@ def keep_upload(config: AppConfig, temp_path: str) -> Path:
     return target
 
 
+def _inside(path: str | None, folder: Path) -> bool:
+    """Whether `path` names a file inside `folder`."""
+    if not path:
+        return False
+    try:
+        return Path(path).resolve().is_relative_to(Path(folder).resolve()) and Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def cleanup_old_runs(config: AppConfig, keep: int) -> list[str]:
     """Demo mode: delete the oldest finished runs beyond `keep`. Returns the ids removed."""
     supervisor = _supervisor()
@@ -635,7 +645,9 @@ def build_app(config: AppConfig):
                     )
                 if config.demo_mode:
                     cleanup_old_runs(config, demo_limits.keep_runs - 1)
-                run_id = supervisor.launch(plan, config.runs_dir)
+                # An upload goes into the run's own folder: the run keeps its data when old uploads are cleaned.
+                uploaded = _inside(plan.data.dataset, config.uploads_dir)
+                run_id = supervisor.launch(plan, config.runs_dir, copy_dataset=uploaded)
             if notes:
                 gr.Info("Demo limits applied: " + "; ".join(notes))
             session = _watch(session, run_id)

@@ -149,3 +149,22 @@ def test_unknown_runs_are_refused_clearly(runs_dir):
         supervisor.status("nope", runs_dir)
     assert supervisor.list_runs(runs_dir) == []
     assert supervisor.default_runs_dir() == runs_dir  # $TUNEWISE_RUNS_DIR
+
+
+def test_a_copied_dataset_keeps_the_run_going_when_the_original_goes(make_plan, runs_dir, tmp_path):
+    """What the app does for uploads: the run trains on its own copy under data/."""
+    import shutil
+
+    plan = make_plan({"training.max_steps": 2})
+    upload = tmp_path / "upload-folder" / "my data.jsonl"
+    upload.parent.mkdir()
+    shutil.copyfile(plan.data.dataset, upload)
+    run_id = supervisor.launch(plan.with_overrides({"data.dataset": str(upload)}), runs_dir=runs_dir,
+                               copy_dataset=True)
+    shutil.rmtree(upload.parent)  # e.g. demo mode cleaning old uploads
+    run_dir = runs_dir / run_id
+    saved = Plan.load(run_dir / "plan.yaml")
+    assert Path(saved.data.dataset) == run_dir / "data" / "my data.jsonl"
+    assert Path(saved.data.dataset).read_bytes() == Path(plan.data.dataset).read_bytes()
+    final = supervisor.wait(run_id, timeout=300, runs_dir=runs_dir)
+    assert final.state == "finished", final.error

@@ -47,6 +47,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,7 @@ STDOUT_FILE = "stdout.log"
 PROCS_DIR = "procs"
 ACCELERATE_CONFIG_FILE = "accelerate_config.yaml"
 CHECKPOINTS_DIR = "checkpoints"
+DATA_DIR = "data"
 STATES = ("queued", "running", "finished", "failed", "stopped")
 ACTIVE_STATES = ("queued", "running")
 RUNS_DIR_ENV = "TUNEWISE_RUNS_DIR"
@@ -318,8 +320,13 @@ def _start_attempt(run_dir: Path, plan: Plan, resume_from: Path | None) -> None:
         time.sleep(0.05)
 
 
-def launch(plan: Plan, runs_dir: str | Path | None = None, name: str | None = None) -> str:
-    """Create a run directory for `plan` and start training it in the background; return the run id."""
+def launch(plan: Plan, runs_dir: str | Path | None = None, name: str | None = None,
+           copy_dataset: bool = False) -> str:
+    """Create a run directory for `plan` and start training it in the background; return the run id.
+
+    With `copy_dataset` the plan's dataset file is copied into the run directory (`data/`) and the
+    plan points at the copy, so the run keeps its data when the original goes (the app does this for
+    uploads, which demo mode cleans up)."""
     if not isinstance(plan, Plan):
         raise TypeError(f"launch() needs a Plan, got {type(plan).__name__}")
     plan = _absolutize(plan)
@@ -328,6 +335,12 @@ def launch(plan: Plan, runs_dir: str | Path | None = None, name: str | None = No
     run_id = new_run_id(plan, name)
     run_dir = (base / run_id).resolve()
     run_dir.mkdir()
+    if copy_dataset and plan.data.dataset and Path(plan.data.dataset).is_file():
+        source = Path(plan.data.dataset)
+        (run_dir / DATA_DIR).mkdir()
+        copy = run_dir / DATA_DIR / source.name
+        shutil.copyfile(source, copy)
+        plan = plan.with_overrides({"data.dataset": str(copy)})
     plan.save(run_dir / PLAN_FILE)
     _write_json_atomic(
         run_dir / RUN_FILE,
