@@ -9,6 +9,7 @@ every step; a stop request for the pipeline reaches its steps.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,29 @@ def test_rlhf_pipeline_end_to_end(tmp_path, tiny_preference_setup):
     report = json.loads((tmp_path / "rlhf" / "comparison.json").read_text())
     assert report["branches"]["rlhf"]["reward_source"] == "reward_model"
     assert report["branches"]["rlhf"]["reward_model_heldout_accuracy"] is not None
+
+
+@pytest.mark.slow
+def test_compare_pipeline_reports_both_branches_side_by_side(tmp_path, tiny_preference_setup):
+    ctx = pipeline_ctx(tmp_path / "cmp", tiny_preference_setup, "compare")
+    result = run_pipeline(ctx)
+    assert result["status"] == "finished", result
+    steps = tmp_path / "cmp" / "steps"
+    assert sorted(p.name for p in steps.iterdir()) == ["1-sft", "2-rm", "3-ppo", "4-dpo"]
+    # Both branches start from the one SFT output.
+    sft_out = str(steps / "1-sft" / "output")
+    assert Plan.load(steps / "3-ppo" / "plan.yaml").preference.sft_model == sft_out
+    assert Plan.load(steps / "4-dpo" / "plan.yaml").preference.sft_model == sft_out
+    report = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert set(report["branches"]) == {"rlhf", "dpo"}
+    for branch in report["branches"].values():
+        assert branch["heldout_accuracy"] is not None and math.isfinite(branch["reward"])
+        assert branch["kl"] >= 0
+        # Scored by the same reward model, so the two rewards are on one scale.
+        assert branch["reward_source"] == "reward_model"
+    events = read_all_events(tmp_path / "cmp" / "events.jsonl")
+    (event,) = [e for e in events if e["event"] == "comparison"]
+    assert set(event["branches"]) == {"rlhf", "dpo"}
 
 
 def test_pipeline_stop_reaches_steps_and_ends_stopped(tmp_path, tiny_preference_setup):
