@@ -213,6 +213,9 @@ def test_ewc_and_replay_reduce_forgetting(pretrained_dir, data_dir, tmp_path):
         if name == "ewc":
             assert of_kind(events, "ewc")[0]["parameters"] > 0
             assert of_kind(events, "forgetting")[-1]["ewc_penalty"] > 0
+            # Each logged step carries the penalty too (the chart can show it beside the loss).
+            assert all("ewc_penalty" in e for e in of_kind(events, "log") if "loss" in e)
+            assert of_kind(events, "log")[-1]["ewc_penalty"] > 0
         if name == "replay":
             assert of_kind(events, "replay")[0]["rows"] > 0
     print("degradation %", worst)

@@ -126,7 +126,8 @@ def run(ctx: RunContext) -> dict:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[EventsCallback(ctx), stop, *extra_callbacks],
+        # The forgetting callbacks first: EWC adds `ewc_penalty` to each log before EventsCallback writes it.
+        callbacks=[*extra_callbacks, EventsCallback(ctx), stop],
     )
     if ctx.stop_requested() and ctx.resume_from is None:
         return {"status": "stopped", "reason": "stopped before training started", "step": 0}
