@@ -122,7 +122,8 @@ def _first_key(events: Sequence[Mapping], kinds: tuple[str, ...], keys: Sequence
 
 
 def loss_figure(events: Sequence[Mapping], title: str = "Loss") -> go.Figure:
-    """Training loss (every `log`), eval loss (`eval` events) and the learning rate on a second axis."""
+    """Training loss (every `log`), eval loss (`eval` events), EWC's penalty when the safeguard is on,
+    and the learning rate on a second axis."""
     train_steps, train_loss = _series(events, "log", "loss")
     eval_steps, eval_loss = _series(events, "eval", "eval_loss")
     lr_steps, lr = _series(events, "log", "learning_rate")
@@ -134,6 +135,11 @@ def loss_figure(events: Sequence[Mapping], title: str = "Loss") -> go.Figure:
     if eval_steps:
         fig.add_trace(go.Scatter(x=eval_steps, y=eval_loss, name="eval loss", mode="lines+markers",
                                  marker={"size": 8, "symbol": "diamond"}, line={"color": COLORS["eval"], "width": 2}))
+    ewc_steps, ewc = _series(events, "log", "ewc_penalty")
+    if ewc_steps:
+        # EWC's share of the training loss: how hard the safeguard is pulling towards the original weights.
+        fig.add_trace(go.Scatter(x=ewc_steps, y=ewc, name="EWC penalty (part of the loss)", mode="lines",
+                                 line={"color": COLORS["forgetting"], "width": 1.5, "dash": "dash"}))
     if lr_steps:
         fig.add_trace(go.Scatter(x=lr_steps, y=lr, name="learning rate", mode="lines", yaxis="y2",
                                  line={"color": COLORS["lr"], "width": 1.5, "dash": "dot"}))

@@ -23,6 +23,13 @@ def test_loss_figure_has_training_eval_and_lr_traces():
     assert fig.layout.yaxis.title.text == "loss" and fig.layout.yaxis2.title.text == "learning rate"
 
 
+def test_loss_figure_shows_the_ewc_penalty_when_the_safeguard_is_on():
+    events = [_log(s, loss=2.0, learning_rate=1e-4, ewc_penalty=0.01 * s) for s in (1, 2)]
+    fig = figures.loss_figure(events)
+    assert [t.name for t in fig.data] == ["training loss", "EWC penalty (part of the loss)", "learning rate"]
+    assert list(fig.data[1].y) == [0.01, 0.02]
+
+
 def test_loss_figure_without_points_is_a_waiting_note():
     fig = figures.loss_figure([{"event": "started", "time": 1.0, "step": 0}])
     assert len(fig.data) == 0
