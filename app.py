@@ -298,7 +298,6 @@ def build_app(config: AppConfig):
     import figures
     from advisor import wizard
     from advisor.errors import TunewiseError
-    from advisor.plan import DEMO_DATASETS
     from trainer.events import EVENTS_FILE, read_events
 
     from trainer.cli import PLAN_FLAGS as cli_flags

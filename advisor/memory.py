@@ -42,12 +42,12 @@ Pure Python and fast (a few microseconds per estimate): no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from advisor.errors import TunewiseError
 from advisor.plan import ATTENTIONS, METHODS, OPTIMIZERS, PRECISIONS, SHARDINGS, STAGES, PlanError
-from advisor.specs import ModelSpec, linear_layers, norms_per_layer, param_counts, resolve_targets, router_params_per_layer
+from advisor.specs import ModelSpec, linear_layers, norms_per_layer, param_counts, resolve_targets
 
 GB = 10**9
 GIB = 2**30
@@ -333,7 +333,6 @@ def _layer_activation_bytes_per_token(spec: ModelSpec, setup: TrainingSetup, ada
     a = setup.compute_bytes
     h, q, kv, inter = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
     full = setup.method == "full"
-    layers = linear_layers(spec)
     # A LoRA-adapted module keeps its input again: PEFT casts it to the adapter dtype, applies dropout
     # (1-byte mask) and under autocast saves a 16-bit copy for lora_A.
     lora_input_bytes = (1 if setup.lora_dropout > 0 else 0) + a

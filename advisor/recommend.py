@@ -654,7 +654,6 @@ def _ladder(method: str, base_setup, rules: _Rules, bf16: bool) -> list[_Candida
     """
     half = "bf16" if bf16 else "fp16"
     inputs = rules.inputs
-    rungs: list[tuple[dict, tuple[str, ...]]] = []
     if method == "full":
         steps = [
             ({"precision": "amp", "optimizer": "adamw", "gradient_checkpointing": False, "shard": "none"}, ()),

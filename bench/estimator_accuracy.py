@@ -13,7 +13,6 @@ Run: python bench/estimator_accuracy.py   (writes its section of bench/RESULTS.m
 
 from __future__ import annotations
 
-import platform
 import statistics
 import sys
 from dataclasses import dataclass

@@ -30,8 +30,12 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from advisor.plan import Plan
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -331,6 +331,30 @@ def callbacks_for(ctx) -> list:
         return [log_events(ctx), stop_on_request(ctx)]
 
 
+def policy_result(ctx, stopped: bool, samples: list[dict], forgetting_callbacks: list, **fields) -> dict:
+    """What a policy stage (DPO, PPO / RLOO / GRPO) returns: its status, its own `fields`, the last
+    policy sample's held-out numbers (the comparison report reads these), the alert count and the
+    forgetting monitor's summary."""
+    from trainer.forgetting import forgetting_stop_reason
+
+    stop_reason = forgetting_stop_reason(forgetting_callbacks)
+    stopped = stopped or ctx.stop_requested() or stop_reason is not None
+    last = samples[-1] if samples else {}
+    result = {
+        "status": "stopped" if stopped else "finished",
+        "output_dir": str(ctx.output_dir),
+        **fields,
+        **{key: last.get(key) for key in ("heldout_accuracy", "kl", "kl_sequence", "reward", "reward_source")},
+        "alerts": len(ctx.events.alerts),
+    }
+    if stopped:
+        result["reason"] = stop_reason or next((a.message for a in ctx.events.alerts if a.stop), "stop requested")
+    for callback in forgetting_callbacks:
+        if hasattr(callback, "summary"):
+            result.update(callback.summary())
+    return result
+
+
 def _define_callbacks():
     from transformers import TrainerCallback
 

@@ -27,7 +27,7 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from trainer.forgetting import forgetting_stop_reason, setup_forgetting
+from trainer.forgetting import setup_forgetting
 from trainer.preference import (
     callbacks_for,
     conversational,
@@ -36,6 +36,7 @@ from trainer.preference import (
     load_tokenizer_for,
     lora_config,
     monitored_context,
+    policy_result,
     policy_start,
     preference_forgetting_ctx,
     resolve_model_source,
@@ -122,27 +123,11 @@ def run(ctx) -> dict:
     history = trainer.state.log_history
     losses = _history(history, "loss")
     margins = _history(history, "rewards/margins")
-    samples = sampler.history
-    stop_reason = forgetting_stop_reason(forgetting_callbacks)
-    stopped = ctx.stop_requested() or stop_reason is not None
-    result = {
-        "status": "stopped" if stopped else "finished",
-        "output_dir": str(ctx.output_dir),
-        "steps": trainer.state.global_step,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "first_margin": margins[0] if margins else None,
-        "last_margin": margins[-1] if margins else None,
-        "heldout_accuracy": samples[-1].get("heldout_accuracy") if samples else None,
-        "kl": samples[-1]["kl"] if samples else None,
-        "kl_sequence": samples[-1]["kl_sequence"] if samples else None,
-        "reward": samples[-1]["reward"] if samples else None,
-        "reward_source": samples[-1]["reward_source"] if samples else None,
-        "alerts": len(ctx.events.alerts),
-    }
-    if stopped:
-        result["reason"] = stop_reason or next((a.message for a in ctx.events.alerts if a.stop), "stop requested")
-    for callback in forgetting_callbacks:
-        if hasattr(callback, "summary"):
-            result.update(callback.summary())
-    return result
+    return policy_result(
+        ctx, False, sampler.history, forgetting_callbacks,
+        steps=trainer.state.global_step,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        first_margin=margins[0] if margins else None,
+        last_margin=margins[-1] if margins else None,
+    )

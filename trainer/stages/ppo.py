@@ -44,7 +44,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from advisor.errors import TunewiseError
-from trainer.forgetting import forgetting_stop_reason, setup_forgetting
+from trainer.forgetting import setup_forgetting
 from trainer.preference import (
     callbacks_for,
     conversational,
@@ -53,6 +53,7 @@ from trainer.preference import (
     load_tokenizer_for,
     lora_config,
     monitored_context,
+    policy_result,
     policy_start,
     preference_forgetting_ctx,
     reward_model_dir,
@@ -333,30 +334,14 @@ def run(ctx) -> dict:
     scores = _history(history, "objective/scores")
     kls = _history(history, "objective/kl")
     rlhf = _history(history, "objective/rlhf_reward")
-    samples = sampler.history
-    stop_reason = forgetting_stop_reason(forgetting_callbacks)
-    stopped = stopped or ctx.stop_requested() or stop_reason is not None
-    result = {
-        "status": "stopped" if stopped else "finished",
-        "output_dir": str(ctx.output_dir),
-        "algorithm": plan.preference.algorithm,
-        "steps": trainer.state.global_step,
-        "first_score": scores[0] if scores else None,
-        "last_score": scores[-1] if scores else None,
-        "first_kl": kls[0] if kls else None,
-        "last_kl": kls[-1] if kls else None,
-        "first_rlhf_reward": rlhf[0] if rlhf else None,
-        "last_rlhf_reward": rlhf[-1] if rlhf else None,
-        "heldout_accuracy": samples[-1].get("heldout_accuracy") if samples else None,
-        "kl": samples[-1]["kl"] if samples else None,
-        "kl_sequence": samples[-1]["kl_sequence"] if samples else None,
-        "reward": samples[-1]["reward"] if samples else None,
-        "reward_source": samples[-1]["reward_source"] if samples else None,
-        "alerts": len(ctx.events.alerts),
-    }
-    if stopped:
-        result["reason"] = stop_reason or next((a.message for a in ctx.events.alerts if a.stop), "stop requested")
-    for callback in forgetting_callbacks:
-        if hasattr(callback, "summary"):
-            result.update(callback.summary())
-    return result
+    return policy_result(
+        ctx, stopped, sampler.history, forgetting_callbacks,
+        algorithm=plan.preference.algorithm,
+        steps=trainer.state.global_step,
+        first_score=scores[0] if scores else None,
+        last_score=scores[-1] if scores else None,
+        first_kl=kls[0] if kls else None,
+        last_kl=kls[-1] if kls else None,
+        first_rlhf_reward=rlhf[0] if rlhf else None,
+        last_rlhf_reward=rlhf[-1] if rlhf else None,
+    )
