@@ -62,6 +62,8 @@ class AppConfig:
     """Longest a sample-generation subprocess may take."""
     uploads_dir: Path = field(default=Path("runs") / "_uploads")
     """Where uploaded datasets are kept (under the runs folder, names sanitized)."""
+    warm_worker: bool = False
+    """Keep a warm trainer (trainer.warm) ready so launches skip the heavy imports (`main` turns it on)."""
 
 
 # -- errors: a message in the page, never a traceback ------------------------------------------------------
@@ -647,6 +649,8 @@ def build_app(config: AppConfig):
                 # An upload goes into the run's own folder: the run keeps its data when old uploads are cleaned.
                 uploaded = _inside(plan.data.dataset, config.uploads_dir)
                 run_id = supervisor.launch(plan, config.runs_dir, copy_dataset=uploaded)
+            if config.warm_worker:  # the worker may have gone (idle, or orphaned by a restart): ready one for next time
+                threading.Thread(target=_ensure_warm, args=(config.runs_dir,), daemon=True).start()
             if notes:
                 gr.Info("Demo limits applied: " + "; ".join(notes))
             session = _watch(session, run_id)
@@ -947,6 +951,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _ensure_warm(runs_dir: Path) -> int | None:
+    from trainer import warm
+
+    try:
+        return warm.ensure_warm(runs_dir, owner_pid=os.getpid())
+    except OSError as exc:
+        logging.getLogger("tunewise").warning("no warm worker (launches start cold): %s", exc)
+        return None
+
+
 def _start_warm_worker(runs_dir: Path, host: str, port: int, wait_s: float = 120.0) -> None:
     """Once the page is served, start a warm trainer (trainer.warm) so a launch skips the heavy imports.
 
@@ -954,8 +968,6 @@ def _start_warm_worker(runs_dir: Path, host: str, port: int, wait_s: float = 120
     machine. The worker exits when this app does (once no run it forked is going).
     """
     import socket
-
-    from trainer import warm
 
     address = ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)
     deadline = time.time() + wait_s
@@ -965,11 +977,7 @@ def _start_warm_worker(runs_dir: Path, host: str, port: int, wait_s: float = 120
                 break
         except OSError:
             time.sleep(0.5)
-    try:
-        pid = warm.ensure_warm(runs_dir, owner_pid=os.getpid())
-    except OSError as exc:
-        logging.getLogger("tunewise").warning("no warm worker (launches start cold): %s", exc)
-        return
+    pid = _ensure_warm(runs_dir)
     if pid:
         logging.getLogger("tunewise").info("warm worker pid %s for %s", pid, runs_dir)
 
@@ -983,7 +991,8 @@ def main(argv: list[str] | None = None) -> int:
     demo_mode = args.demo_mode or on_space
     runs_dir = Path(args.runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    config = AppConfig(runs_dir=runs_dir, demo_mode=demo_mode, uploads_dir=runs_dir / "_uploads")
+    config = AppConfig(runs_dir=runs_dir, demo_mode=demo_mode, uploads_dir=runs_dir / "_uploads",
+                       warm_worker=not args.no_warm_worker)
     app = build_app(config)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     host = "0.0.0.0" if on_space and args.host == "127.0.0.1" else args.host

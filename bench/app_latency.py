@@ -82,7 +82,7 @@ def main() -> int:
     parser.add_argument("--model", default="demo", help="model to launch (default: the bundled demo model)")
     args = parser.parse_args()
     from gradio_client import Client
-    from test_app_api import start_app, stop_app
+    from conftest import start_app, stop_app
 
     heavy = heavy_imports_at_startup()
     work = Path(tempfile.mkdtemp(prefix="tunewise-bench-"))

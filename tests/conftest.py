@@ -29,6 +29,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -232,3 +238,57 @@ def _quiet_training_environment(monkeypatch):
     monkeypatch.setenv("WANDB_DISABLED", "true")
     if "OMP_NUM_THREADS" not in os.environ:
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+# -- helpers for tests that drive real processes ---------------------------------------------------
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    """Poll `predicate` until it returns something truthy (returned); fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(runs_dir: Path, *extra: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start `python app.py` on a free port in its own session; return the process and its URL once it
+    serves a page."""
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "app.py"), "--port", str(port), "--runs-dir",
+                             str(runs_dir), *extra],
+                            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"app.py exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.3)
+    stop_app(proc)
+    raise AssertionError(f"app.py did not serve within 150 s:\n{Path(log_path).read_text()[-3000:]}")
+
+
+def stop_app(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop an app started by `start_app` (its whole process group), killing it after 15 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

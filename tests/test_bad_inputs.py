@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 CLI = str(REPO / "cli.py")
 
@@ -206,14 +208,6 @@ def test_cli_bad_input(case: Case, bad, tmp_path):
 # -- the UI's API, on a real server in demo mode -------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     """`python app.py --demo-mode` started from an empty working directory; yields (url, client, work dir)."""
@@ -223,7 +217,7 @@ def ui(tmp_path_factory):
     from gradio_client import Client
 
     work = tmp_path_factory.mktemp("ui-work")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_TEMP_DIR": str(work / "gradio-tmp"), "HF_HUB_OFFLINE": "1"}
     env.pop("TUNEWISE_RUNS_DIR", None)
     log = open(work.parent / "ui-app.log", "w")

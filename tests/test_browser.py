@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from test_app_api import DEMO_MODEL, start_app, stop_app
+from conftest import start_app, stop_app
+from test_app_api import DEMO_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import start_app, stop_app
 from trainer import supervisor
 from trainer.events import EVENTS_FILE, read_all_events, read_events
 
@@ -273,48 +274,6 @@ def test_a_deleted_run_directory_is_reported_and_listing_keeps_working(make_plan
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_app(runs: Path, *extra: str, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`python app.py` on a free port in its own session; returns once it serves the page."""
-    import sys
-    import urllib.request
-
-    port = _free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), "--runs-dir", str(runs), *extra],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 150
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.3)
-    _stop_app(proc)
-    raise AssertionError(f"app.py did not serve within 150 s:\n{log_path.read_text()[-3000:]}")
-
-
-def _stop_app(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def _stop_all_runs(runs: Path) -> None:
     for run in supervisor.list_runs(runs):
         if run.active:
@@ -324,12 +283,12 @@ def _stop_all_runs(runs: Path) -> None:
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     runs = tmp_path_factory.mktemp("demo-runs")
-    proc, url = _start_app(runs, "--demo-mode", log_path=runs.parent / "demo-app.log")
+    proc, url = start_app(runs, "--demo-mode", log_path=runs.parent / "demo-app.log")
     try:
         yield url, runs
     finally:
         _stop_all_runs(runs)
-        _stop_app(proc)
+        stop_app(proc)
 
 
 def test_two_launches_at_once_in_demo_mode_start_one_run(demo_server):
@@ -409,18 +368,18 @@ def test_app_restart_finds_the_running_run_and_keeps_plotting(tiny_model_dir, ti
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     runs = tmp_path / "runs"
     runs.mkdir()
-    first, url = _start_app(runs, log_path=tmp_path / "app-1.log")
+    first, url = start_app(runs, log_path=tmp_path / "app-1.log")
     try:
         Client(url, verbose=False).predict(
             model=str(tiny_model_dir), dataset=str(tiny_data_dir / "messages.jsonl"), gpu="none", method="lora",
             precision="fp32", max_steps=400, seq_len=64, micro_batch=4, api_name="/launch")
         (run_dir,) = [p for p in runs.iterdir() if (p / "run.json").is_file()]
     finally:
-        _stop_app(first, signal.SIGKILL)  # the app dies; the run must not
+        stop_app(first, signal.SIGKILL)  # the app dies; the run must not
     second = None
     try:
         assert supervisor.status(run_dir.name, runs).state in ("queued", "running")
-        second, url = _start_app(runs, log_path=tmp_path / "app-2.log")
+        second, url = start_app(runs, log_path=tmp_path / "app-2.log")
         client = Client(url, verbose=False)
         history, _choice, _compare = client.predict(api_name="/runs")
         assert [(row[0], row[2]) for row in history["data"]] == [(run_dir.name, "running")]
@@ -453,4 +412,4 @@ def test_app_restart_finds_the_running_run_and_keeps_plotting(tiny_model_dir, ti
     finally:
         _stop_all_runs(runs)
         if second is not None:
-            _stop_app(second)
+            stop_app(second)

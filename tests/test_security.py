@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".venv", ".venv-ci", ".git", "runs", "build", "dist", "node_modules", "__pycache__", ".team"}
 
@@ -119,20 +121,12 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _serve(work: Path, *extra: str):
     """`python app.py` from `work` (runs in work/runs); returns (process, url) once the port answers."""
     import urllib.error
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_TEMP_DIR": str(work / "gradio-tmp"), "HF_HUB_OFFLINE": "1"}
     env.pop("TUNEWISE_RUNS_DIR", None)
     env.pop("SPACE_ID", None)

@@ -12,26 +12,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
+
+from conftest import wait_for
 
 from advisor.plan import Plan
 from trainer import supervisor
 from trainer.events import read_all_events
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_kill_resume_then_stop(make_plan, runs_dir):

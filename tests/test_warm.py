@@ -9,25 +9,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from conftest import wait_for
 
 from trainer import supervisor, warm
 from trainer.events import read_all_events
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +124,16 @@ def test_requests_the_worker_must_not_serve_start_cold(make_plan, warm_runs, tmp
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
     monkeypatch.setenv("TUNEWISE_WARM", "0")
     assert warm.request(runs / run_id, None, None, dict(os.environ), runs / run_id / "stdout.log") is None
+
+
+def test_a_restarted_app_adopts_the_running_worker(warm_runs):
+    runs = warm_runs["runs"]
+    restarted = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    try:
+        assert warm.ensure_warm(runs, owner_pid=restarted.pid) == warm_runs["pid"]  # no second worker
+        assert warm.ping(runs)["owner"] == restarted.pid
+    finally:
+        warm.ensure_warm(runs, owner_pid=warm_runs["owner"].pid)  # hand it back for the fixture's teardown
+        restarted.kill()
+        restarted.wait()
+    assert warm.ping(runs)["owner"] == warm_runs["owner"].pid

@@ -19,8 +19,8 @@ differs from its own in a variable the libraries read at import time (HF_*,
 CUDA_*, ...): those start cold, so a setting is never silently ignored.
 
 The worker is single-threaded (a selector loop), which keeps fork() safe. It
-exits when its owner (the app that started it) is gone and no child is
-running, after `--idle` seconds without a request, or on SIGTERM. Only
+exits when its owner (the app that started it, or the app that adopted it
+after a restart) is gone and no child is running, after `--idle` seconds without a request, or on SIGTERM. Only
 single-process runs use it; `accelerate launch` runs start cold.
 
 `ensure_warm(runs_dir, owner_pid)` starts a worker unless one answers;
@@ -131,6 +131,8 @@ def ensure_warm(runs_dir: str | Path, owner_pid: int | None = None, idle_s: floa
         return None
     answer = ping(runs_dir)
     if answer:
+        if owner_pid and answer.get("owner") != owner_pid:
+            _adopt(runs_dir, owner_pid)  # e.g. a restarted app takes over a worker still running its runs
         return answer.get("pid")
     runs_dir = Path(runs_dir).expanduser().resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +157,17 @@ def ensure_warm(runs_dir: str | Path, owner_pid: int | None = None, idle_s: floa
         return proc.pid
     finally:
         os.close(lock)  # the worker holds its own copy of the locked file
+
+
+def _adopt(runs_dir: str | Path, owner_pid: int) -> None:
+    sock = _connect(socket_path(runs_dir), 1.0)
+    if sock is not None:
+        with sock:
+            try:
+                _send(sock, {"adopt": owner_pid})
+                _Lines(sock).next()
+            except OSError:
+                pass
 
 
 def lock_path(runs_dir: str | Path) -> Path:
@@ -329,9 +342,16 @@ def serve(runs_dir: Path, owner: int | None = None, idle_s: float = IDLE_S, lock
         conn.close()
 
     def handle(conn: socket.socket, message: dict) -> None:
-        nonlocal last_request
+        nonlocal last_request, owner
         if message.get("ping"):
-            answer(conn, {"pid": os.getpid(), "ready": ready, "runs_dir": str(runs_dir), "children": len(waiting)})
+            answer(conn, {"pid": os.getpid(), "ready": ready, "runs_dir": str(runs_dir), "children": len(waiting),
+                          "owner": owner})
+            close(conn)
+            return
+        if isinstance(message.get("adopt"), int):
+            owner = message["adopt"]
+            print(f"{time.strftime('%H:%M:%S')} new owner {owner}", flush=True)
+            answer(conn, {"owner": owner})
             close(conn)
             return
         last_request = time.time()
