@@ -256,9 +256,9 @@ UI_CASES = [
     ("empty model", "/estimate", {"model": "  "}, ("model.name", "empty")),
     ("negative learning rate", "/estimate", {"model": SMALL, "learning_rate": -1}, ("training.learning_rate",)),
     # Gradio's own range checks on number boxes: they name the value and the limit, not the field.
-    ("LoRA rank 0", "/estimate", {"model": SMALL, "lora_rank": 0}, ("0 is less than minimum value 1",)),
-    ("GPU count 0", "/estimate", {"model": SMALL, "gpu": "A100-80GB", "num_gpus": 0}, ("0 is less than minimum value 1",)),
-    ("dropout 1.5", "/estimate", {"model": SMALL, "lora_dropout": 1.5}, ("1.5 is greater than maximum value 0.9",)),
+    ("LoRA rank 0", "/estimate", {"model": SMALL, "lora_rank": 0}, ("LoRA rank: 0 is out of range; enter a value at least 1",)),
+    ("GPU count 0", "/estimate", {"model": SMALL, "gpu": "A100-80GB", "num_gpus": 0}, ("Number of GPUs: 0 is out of range; enter a value from 1 to 1024",)),
+    ("dropout 1.5", "/estimate", {"model": SMALL, "lora_dropout": 1.5}, ("LoRA dropout: 1.5 is out of range; enter a value from 0 to 0.9",)),
     ("sequence longer than the model's maximum", "/estimate", {"model": SMALL, "seq_len": 100_000},
      ("training.seq_len", "maximum of 8192")),
     ("unknown optimizer", "/estimate", {"model": SMALL, "optimizer": "adam9000"}, ("adam9000",)),
@@ -268,8 +268,8 @@ UI_CASES = [
     ("path traversal as dataset (demo)", "/launch", {"model": "demo", "dataset": "../../etc/passwd"},
      ("data.dataset", "../../etc/passwd")),
     ("run id with a path", "/watch", {"run_id": "../../etc"}, ("../../etc is not in the list of choices",)),
-    ("negative max steps", "/estimate", {"model": SMALL, "max_steps": -5}, ("-5 is less than minimum value 0",)),
-    ("warmup share 0.9", "/estimate", {"model": SMALL, "warmup_ratio": 0.9}, ("0.9 is greater than maximum value 0.5",)),
+    ("negative max steps", "/estimate", {"model": SMALL, "max_steps": -5}, ("Max steps (0: run the epochs): -5 is out of range",)),
+    ("warmup share 0.9", "/estimate", {"model": SMALL, "warmup_ratio": 0.9}, ("Warmup share: 0.9 is out of range; enter a value from 0 to 0.5",)),
 ]
 
 
