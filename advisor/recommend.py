@@ -416,8 +416,9 @@ class _Rules:
 
 # -- the rules -------------------------------------------------------------------------------------------
 
-#: The forgetting monitor's share of training compute we aim for.
-MONITOR_BUDGET = 0.05
+#: The forgetting monitor's share of training compute we aim for (with the wrapper's own ~1%, the
+#: issue's "wrapper and monitoring under 3%").
+MONITOR_BUDGET = 0.02
 #: Original-domain texts per forgetting measurement (plan default forgetting.max_eval_examples).
 MONITOR_TEXTS = 64
 #: A training step's cost per example in forward passes (see monitor_share).
@@ -455,7 +456,7 @@ def _eval_cost_in_steps(effective_batch: int, texts: int = MONITOR_TEXTS) -> flo
 
 
 def forgetting_interval(total_steps: int, effective_batch: int, texts: int = MONITOR_TEXTS) -> tuple[int, str]:
-    """Steps between forgetting measurements: within a 5% compute budget, yet at least 4 points a run."""
+    """Steps between forgetting measurements: within the compute budget (2%), yet at least 4 points a run."""
     per_eval = _eval_cost_in_steps(effective_batch, texts)
     budget_every = max(_nice_up(per_eval * (1 - MONITOR_BUDGET) / MONITOR_BUDGET),
                        _nice_up(total_steps / MAX_MEASUREMENTS))

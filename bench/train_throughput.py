@@ -1,6 +1,6 @@
 """Benchmark: training throughput of Tunewise's SFT stage against a bare TRL script.
 
-    python bench/train_throughput.py [--steps 40] [--rounds 3] [--no-write]
+    python bench/train_throughput.py [--steps 200] [--rounds 3] [--no-write]
 
 On the demo model and SFT data, LoRA (r16, q/k/v/o), the same fixed number
 of steps, seed and batch shape, measures tokens per second as TRL counts
@@ -10,9 +10,10 @@ own `train_runtime`, for:
 * bare TRL: a plain `SFTTrainer` script with the same settings;
 * Tunewise, forgetting monitor off: our stage (`trainer.runner.run` in this
   process: events, stop callback, data checks);
-* Tunewise, monitor on: the same with the forgetting monitor at the plan's
-  default interval (its baseline and every measurement fall inside
-  `train_runtime`, so its cost is in the figure);
+* Tunewise, monitor on: the same with the forgetting monitor at the interval
+  the advisor recommends for this run (advisor.recommend.forgetting_interval;
+  its baseline, every measurement and the final one fall inside
+  `train_runtime`, so their cost is in the figure);
 * Tunewise, packing on: useful tokens/s with several examples per sequence.
 
 Each variant runs `--rounds` times, interleaved (so drift in a shared
@@ -136,14 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--dataset", default="demo-sft")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--logging-steps", type=int, default=1)
-    parser.add_argument("--eval-every", type=int, default=10, help="the forgetting monitor's interval (plan default 10)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="the forgetting monitor's interval (default: what the advisor recommends for this run)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args(argv)
+    if args.eval_every is None:
+        from advisor.recommend import forgetting_interval, monitor_share
+
+        args.eval_every, _ = forgetting_interval(args.steps, args.batch)
+        print(f"forgetting check every {args.eval_every} steps (the advisor's choice for {args.steps} steps of batch "
+              f"{args.batch}; predicted cost {monitor_share(args.eval_every, args.batch):.1%})", flush=True)
 
     results: dict[str, list[dict]] = {}
     variants = {
