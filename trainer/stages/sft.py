@@ -35,11 +35,7 @@ from trainer.data import load_training_data, sft_loss_options
 from trainer.models import load_model, load_tokenizer, resolve_precision, trainable_parameters
 from trainer.training_args import optimizer_name, training_kwargs
 
-try:  # the forgetting monitor, replay and EWC (trainer/forgetting.py)
-    from trainer.forgetting import forgetting_stop_reason, setup_forgetting
-except ImportError:  # pragma: no cover - only while that module is being written
-    setup_forgetting = None
-    forgetting_stop_reason = None
+from trainer.forgetting import forgetting_stop_reason, setup_forgetting
 
 
 def with_penalty(trainer_cls, penalty_fn):
@@ -107,10 +103,7 @@ def run(ctx: RunContext) -> dict:
         **trainable_parameters(model),
     )
 
-    extra_callbacks: list = []
-    penalty_fn = None
-    if setup_forgetting is not None:
-        train_dataset, extra_callbacks, penalty_fn = setup_forgetting(ctx, model, tokenizer, train_dataset)
+    train_dataset, extra_callbacks, penalty_fn = setup_forgetting(ctx, model, tokenizer, train_dataset)
 
     config = SFTConfig(
         **training_kwargs(ctx, precision, has_eval=eval_dataset is not None),
@@ -136,7 +129,7 @@ def run(ctx: RunContext) -> dict:
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     state = trainer.state
     reason = stop.reason if stop.stopped else None
-    if reason is None and forgetting_stop_reason is not None:
+    if reason is None:
         reason = forgetting_stop_reason(extra_callbacks)
 
     summary: dict = {"step": state.global_step, "max_steps": state.max_steps, "train_loss": result.training_loss}
