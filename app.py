@@ -294,19 +294,26 @@ CSS_PATH = REPO_ROOT / "assets" / "ui.css"
 
 
 def _number_component(gr):
-    """gr.Number whose out-of-range message names the field and the range that fits (Gradio's own
-    says only "Value 0 is less than minimum value 1.")."""
+    """A gr.Number factory whose out-of-range message names the field and the range that fits (Gradio's
+    own says only "Value 0 is less than minimum value 1."). It wraps each instance's `preprocess`
+    rather than subclassing: a Component subclass makes Gradio write a .pyi file beside this module."""
 
-    class Number(gr.Number):
-        def preprocess(self, payload):
+    def Number(**kwargs):  # noqa: N802 (used like the class it stands for)
+        component = gr.Number(**kwargs)
+        check = component.preprocess
+
+        def preprocess(payload):
             try:
-                return super().preprocess(payload)
+                return check(payload)
             except gr.Error:
-                low, high = self.minimum, self.maximum
+                low, high = component.minimum, component.maximum
                 fits = (f"from {low:g} to {high:g}" if low is not None and high is not None
                         else f"at least {low:g}" if low is not None else f"at most {high:g}")
-                raise gr.Error(f"{self.label}: {payload:g} is out of range; enter a value {fits}.",
+                raise gr.Error(f"{component.label}: {payload:g} is out of range; enter a value {fits}.",
                                title="Check this value") from None
+
+        component.preprocess = preprocess
+        return component
 
     return Number
 
@@ -315,7 +322,7 @@ def build_app(config: AppConfig):
     """The Blocks app: layout first, then the event wiring (every event with an api_name)."""
     import gradio as gr
 
-    Number = _number_component(gr)  # noqa: N806 (a class, named as Gradio's so the page treats it alike)
+    Number = _number_component(gr)  # noqa: N806 (stands for gr.Number)
 
     import figures
     from advisor import wizard

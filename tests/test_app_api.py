@@ -43,6 +43,12 @@ def table(value) -> tuple[list[str], list[list]]:
     return value["headers"], value["data"]
 
 
+def test_the_running_app_writes_nothing_beside_its_code(server):
+    # e.g. Gradio writes a .pyi stub next to any module that subclasses one of its components.
+    repo = Path(__file__).resolve().parent.parent
+    assert not list(repo.glob("*.pyi")), "the app wrote stub files into the repository"
+
+
 def test_model_info_gives_exact_parameter_count(server):
     client, _ = server
     card = client.predict("HuggingFaceTB/SmolLM2-135M", api_name="/model_info")
