@@ -445,6 +445,8 @@ def serve(runs_dir: Path, owner: int | None = None, idle_s: float = IDLE_S, lock
 
 
 def _alive(pid: int) -> bool:
+    """Like supervisor.pid_alive, repeated here: the worker must not import Tunewise modules (its children
+    would inherit them instead of loading the code on disk)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
