@@ -171,7 +171,9 @@ def _adopt(runs_dir: str | Path, owner_pid: int) -> None:
 
 
 def lock_path(runs_dir: str | Path) -> Path:
-    return socket_path(runs_dir).with_suffix(".lock")
+    """The lock that says "a worker lives (or is starting)": in the runs folder, beside `.warm.log`
+    (the socket goes to the temporary folder only because socket paths must be short)."""
+    return Path(runs_dir).expanduser().resolve() / ".warm.lock"
 
 
 def _lock_owner(fd: int) -> int | None:
