@@ -19,21 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import start_app, stop_app
+from conftest import start_app, stop_app, wait_for
 from trainer import supervisor
 from trainer.events import EVENTS_FILE, read_all_events, read_events
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_until(predicate, timeout: float, poll: float = 0.02, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _losses(events: list[dict]) -> dict[int, float]:
@@ -54,14 +44,14 @@ def test_sigkill_fails_with_signal_9_and_resume_matches_an_uninterrupted_run(mak
     killed_dir = runs_dir / killed_id
 
     # Kill the trainer right after its first checkpoint, mid-training.
-    checkpoint = _wait_until(lambda: _first_checkpoint(killed_dir), timeout=240, poll=0.01, what="the first checkpoint")
+    checkpoint = wait_for(lambda: _first_checkpoint(killed_dir), timeout=240, poll=0.01, what="the first checkpoint")
     running = supervisor.status(killed_id, runs_dir)
     assert running.state == "running", running
     os.kill(running.pid, signal.SIGKILL)
     killed_at = time.time()
 
-    failed = _wait_until(
-        lambda: (s := supervisor.status(killed_id, runs_dir)).state != "running" and s, timeout=10, what="the failed status"
+    failed = wait_for(
+        lambda: (s := supervisor.status(killed_id, runs_dir)).state != "running" and s, timeout=10, what="the failed status", poll=0.02
     )
     assert time.time() - killed_at < 5
     assert failed.state == "failed" and failed.signal == 9, failed
@@ -69,8 +59,8 @@ def test_sigkill_fails_with_signal_9_and_resume_matches_an_uninterrupted_run(mak
 
     # Events up to the kill are intact: every line is complete JSON, in order, none lost; the watcher
     # appends the `failed` event just after recording the exit in run.json.
-    _wait_until(lambda: read_all_events(killed_dir / EVENTS_FILE)[-1]["event"] == "failed", timeout=10,
-                what="the watcher's failed event")
+    wait_for(lambda: read_all_events(killed_dir / EVENTS_FILE)[-1]["event"] == "failed", timeout=10,
+             what="the watcher's failed event", poll=0.02)
     raw = (killed_dir / EVENTS_FILE).read_bytes()
     assert raw.endswith(b"\n")
     lines = raw.decode("utf-8").splitlines()
@@ -265,7 +255,7 @@ def test_a_deleted_run_directory_is_reported_and_listing_keeps_working(make_plan
         supervisor.read_run_events(run_id, 0, runs_dir)
     assert [s.run_id for s in supervisor.list_runs(runs_dir)] == [kept.name]
     # The orphaned trainer does not go on training unseen: it ends once it cannot write its run.
-    _wait_until(lambda: not supervisor.pid_alive(running.pid), timeout=180, poll=0.5, what="the orphaned trainer to end")
+    wait_for(lambda: not supervisor.pid_alive(running.pid), timeout=180, poll=0.5, what="the orphaned trainer to end")
     assert [s.run_id for s in supervisor.list_runs(runs_dir)] == [kept.name]
 
 

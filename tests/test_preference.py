@@ -205,23 +205,16 @@ def test_ppo_logs_finite_nonnegative_kl_and_rewards(tmp_path, tiny_preference_se
 
 
 @pytest.mark.slow
-def test_grpo_uses_the_reward_model_and_logs_ppo_names(tmp_path, tiny_preference_setup, trained_reward_model):
-    events = run_stage(tmp_path / "grpo", tiny_preference_setup, "ppo",
-                       {"training.max_steps": 1, "preference.algorithm": "grpo", "preference.sample_every": 5,
-                        "preference.reward_model": str(trained_reward_model["dir"])})
-    logs = [e for e in events if e["event"] == "log" and "objective/scores" in e]
-    assert logs and all(math.isfinite(e["objective/scores"]) and e["objective/kl"] >= 0 for e in logs)
-
-
-@pytest.mark.slow
-def test_rloo_uses_the_reward_model_and_logs_ppo_names(tmp_path, tiny_preference_setup, trained_reward_model):
-    events = run_stage(tmp_path / "rloo", tiny_preference_setup, "ppo",
-                       {"training.max_steps": 1, "preference.algorithm": "rloo", "preference.sample_every": 5,
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_online_rl_uses_the_reward_model_and_logs_ppo_names(algorithm, tmp_path, tiny_preference_setup,
+                                                            trained_reward_model):
+    events = run_stage(tmp_path / algorithm, tiny_preference_setup, "ppo",
+                       {"training.max_steps": 1, "preference.algorithm": algorithm, "preference.sample_every": 5,
                         "preference.reward_model": str(trained_reward_model["dir"])})
     logs = [e for e in events if e["event"] == "log" and "objective/scores" in e]
     assert logs, [e["event"] for e in events]
     for log in logs:
         assert math.isfinite(log["objective/scores"]) and log["objective/kl"] >= 0
         assert log["kl_coef"] == pytest.approx(0.05)  # beta = preference.kl_coef
-    result = json.loads((tmp_path / "rloo" / "result.json").read_text())
-    assert result["status"] == "finished"
+    result = json.loads((tmp_path / algorithm / "result.json").read_text())
+    assert result["status"] == "finished" and result["algorithm"] == algorithm
