@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,22 @@ def test_a_restarted_app_adopts_the_running_worker(warm_runs):
         restarted.kill()
         restarted.wait()
     assert warm.ping(runs)["owner"] == warm_runs["owner"].pid
+
+
+def test_stop_never_signals_a_recorded_pid_that_is_not_a_trainer(make_plan, tmp_path):
+    # run.json names a live process that is not a trainer (it shares this test's session, as a trainer
+    # never does): stop must leave it alone, even after its timeout.
+    bystander = subprocess.Popen(["sleep", "600"])
+    try:
+        run_dir = tmp_path / "runs" / "20250101-000000-forged-0000"
+        run_dir.mkdir(parents=True)
+        make_plan().save(run_dir / "plan.yaml")
+        (run_dir / "run.json").write_text(json.dumps({"run_id": run_dir.name, "attempts": [{
+            "started_at": time.time(), "pid": bystander.pid,
+            "pid_start": supervisor.process_start_ticks(bystander.pid), "watcher_pid": None}]}))
+        assert supervisor.status(run_dir).state == "running"
+        supervisor.stop(run_dir, timeout=1)
+        assert bystander.poll() is None, "stop signalled a process that does not lead its own session"
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -419,11 +419,26 @@ def _rank_processes(run_dir: Path) -> list[tuple[int, int | None]]:
     return found
 
 
+def _is_recorded_trainer(pid: object, start_ticks: object) -> bool:
+    """Whether `pid` is still the trainer the attempt recorded: same start time, and it leads its own
+    session and process group (every trainer is started in a new session), so a stale or forged pid
+    (a reused one, pid 1, an unrelated process) is never signalled."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        return False
+    if start_ticks is None and Path("/proc").is_dir():
+        return False
+    try:
+        leads = os.getsid(pid) == pid and os.getpgid(pid) == pid
+    except OSError:
+        return False
+    return leads and pid_alive(pid, start_ticks)
+
+
 def _signal_run(run_dir: Path, attempt: dict, sig: int, whole_group: bool) -> None:
     """Send `sig` to the run's training ranks (and, with whole_group, the trainer's process group)."""
     pid = attempt.get("pid")
     targets = {p for p, _ in _rank_processes(run_dir)}
-    if pid and pid_alive(pid, attempt.get("pid_start")):
+    if _is_recorded_trainer(pid, attempt.get("pid_start")):
         if whole_group:
             try:
                 os.killpg(pid, sig)  # the trainer leads its own process group
