@@ -824,7 +824,8 @@ def _watch(run_dir: Path) -> int:
         warm_run = warm.request(run_dir, attempt.get("resume_from"), attempt.get("cwd"), _child_env(),
                                 run_dir / STDOUT_FILE)
     if warm_run is not None:
-        attempt.update(pid=warm_run.pid, pid_start=process_start_ticks(warm_run.pid), warm=True)
+        # warm.request checked the pid (the worker's child, leading its own session) and read its start time.
+        attempt.update(pid=warm_run.pid, pid_start=warm_run.start_ticks, warm=True)
         _write_json_atomic(run_dir / RUN_FILE, info)
         with open(run_dir / STDOUT_FILE, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} forked by the warm worker as pid {warm_run.pid}: "

@@ -5,18 +5,50 @@ Importing the training stack takes about 9 s of the 14 s from `launch()` to the
 first logged loss on 2 CPU cores (bench/launch_latency.py). The warm worker
 pays that once: `python -m trainer.warm serve RUNS_DIR` imports the libraries
 (never Tunewise's own modules, so a child always runs the code on disk), then
-listens on a Unix socket only its user can open. For each request it forks a
-child that starts its own session, redirects its output to the run's
-stdout.log and runs `trainer.runner.main([RUN_DIR, ...])`: the same process a
-cold start would run, minus the imports.
+listens on a Unix socket. For each request it forks a child that starts its
+own session, redirects its output to the run's stdout.log and runs
+`trainer.runner.main([RUN_DIR, ...])`: the same process a cold start would run,
+minus the imports.
 
-Protocol (one JSON object per line): the watcher sends {"run_dir", "resume",
-"cwd", "env", "log"}; the worker answers {"pid": N} once the child exists (or
-{"error": "..."} to make the watcher start cold), and {"returncode": R} when
-it ends (negative: killed by signal -R, as with subprocess). The worker refuses
-run directories outside its runs folder, and requests whose environment
-differs from its own in a variable the libraries read at import time (HF_*,
-CUDA_*, ...): those start cold, so a setting is never silently ignored.
+Who may talk to whom. A launch hands the worker its environment (HF_TOKEN,
+cloud keys) and then signals the pid the worker reports, so both ends must be
+this user's own processes:
+
+- The socket lives in a directory only this user can create entries in
+  (`socket_path`): `<runs>/.warm/warm.sock`, the `.warm` folder made with mode
+  0700; when that path is too long for a Unix socket (107 bytes), in
+  `$XDG_RUNTIME_DIR/tunewise/` (when that folder is ours and 0700), else in
+  `$TMP/tunewise-<uid>/`. Every end checks the folder with lstat (a real
+  directory, not a symlink, owned by us, no access for group or others:
+  `private_dir`); the worker refuses to serve and the client starts cold when
+  it is not, e.g. when another user created `$TMP/tunewise-<uid>` first.
+- Before sending a byte the client checks the socket file (a socket owned by
+  us) and the listening process's uid (SO_PEERCRED); the worker checks each
+  caller's uid the same way and hangs up on anyone else. Without SO_PEERCRED
+  (not Linux) the client never uses a worker.
+- The request carries only the part of the launch environment that differs
+  from the worker's own (`env_set`, `env_unset`): the worker started from the
+  same user's environment, which the client reads from
+  /proc/<worker>/environ (the pid SO_PEERCRED gave). A secret the two share is
+  never sent; one only the launcher has (HF_TOKEN exported in the terminal
+  that runs `tunewise launch`) is, because the run needs it and a cold start
+  would have it. An allow-list would make warm runs differ from cold ones.
+- The client records the pid the worker answers only if /proc/<pid>/stat says
+  it is the worker's child and leads its own session and process group (the
+  child calls setsid() before the worker answers); otherwise the run starts
+  cold. trainer.supervisor signals a recorded pid only while its start time
+  matches and it still leads its own session.
+
+Protocol (one JSON object per line, at most `MAX_REQUEST_BYTES`): the watcher
+sends {"run_dir", "resume", "cwd", "env_set", "env_unset", "log", "python"};
+the worker answers {"pid": N} once the child exists (or {"error": "..."} to
+make the watcher start cold), and {"returncode": R} when it ends (negative:
+killed by signal -R, as with subprocess). `{"ping": true}` and `{"adopt":
+PID}` ask for its state and hand it a new owner. The worker refuses malformed
+requests (not an object, a field of the wrong type), run directories outside
+its runs folder, and requests whose environment differs from its own in a
+variable the libraries read at import time (HF_*, CUDA_*, ...): those start
+cold, so a setting is never silently ignored.
 
 The worker is single-threaded (a selector loop), which keeps fork() safe. It
 exits when its owner (the app that started it, or the app that adopted it
@@ -37,6 +69,8 @@ import os
 import selectors
 import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -53,6 +87,11 @@ IMPORT_TIME_ENV_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "CUDA_", "PY
 DISABLE_ENV = "TUNEWISE_WARM"
 READY_S = 120.0
 IDLE_S = 1800.0
+#: A Unix socket path holds at most 107 bytes (sun_path is 108, with the closing NUL).
+MAX_SOCKET_PATH = 107
+#: A request line longer than this is refused (a real one is a few kB: paths and an environment diff).
+MAX_REQUEST_BYTES = 1 << 20
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def enabled() -> bool:
@@ -61,9 +100,40 @@ def enabled() -> bool:
 
 
 def socket_path(runs_dir: str | Path) -> Path:
-    """The worker's socket for `runs_dir`: short (Unix socket paths are limited), per user and runs folder."""
-    key = hashlib.sha1(str(Path(runs_dir).expanduser().resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"tunewise-warm-{os.getuid()}-{key}.sock"
+    """Where the worker for `runs_dir` listens: in a folder only this user may write to (see the module
+    docstring); `<runs>/.warm/warm.sock` unless that is too long for a Unix socket."""
+    runs = Path(runs_dir).expanduser().resolve()
+    beside_runs = runs / ".warm" / "warm.sock"
+    if len(os.fsencode(beside_runs)) <= MAX_SOCKET_PATH:
+        return beside_runs
+    name = f"warm-{hashlib.sha1(str(runs).encode()).hexdigest()[:16]}.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime.startswith("/") and private_dir(Path(runtime)):
+        return Path(runtime) / "tunewise" / name
+    return Path(tempfile.gettempdir()) / f"tunewise-{os.getuid()}" / name
+
+
+def private_dir(path: str | Path) -> bool:
+    """Whether `path` is a real directory (not a symlink) owned by this user that nobody else may enter."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & 0o077 == 0
+
+
+def _make_private_dir(path: Path) -> bool:
+    """Create `path` with mode 0700 unless it exists; True when it is (now) private (see private_dir)."""
+    old_umask = os.umask(0o077)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    finally:
+        os.umask(old_umask)
+    return private_dir(path)
 
 
 def import_env(env: dict) -> dict:
@@ -71,15 +141,34 @@ def import_env(env: dict) -> dict:
     return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV_PREFIXES)}
 
 
-def _connect(path: Path, timeout: float) -> socket.socket | None:
+def _peer(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected Unix socket (Linux: SO_PEERCRED)."""
+    return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+
+
+def _connect(path: Path, timeout: float) -> tuple[socket.socket, int] | None:
+    """A connection to the worker at `path` and the worker's pid, or None unless everything is ours:
+    the folder (private_dir), the socket file, and the process listening on it (SO_PEERCRED)."""
+    if not hasattr(socket, "SO_PEERCRED") or not private_dir(path.parent):
+        return None
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != os.getuid():
+        return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
+        pid, uid, _ = _peer(sock)
     except OSError:
         sock.close()
         return None
-    return sock
+    if uid != os.getuid() or pid <= 0:
+        sock.close()
+        return None
+    return sock, pid
 
 
 def _send(sock: socket.socket, message: dict) -> None:
@@ -87,13 +176,15 @@ def _send(sock: socket.socket, message: dict) -> None:
 
 
 class _Lines:
-    """Newline-delimited JSON from a socket."""
+    """Newline-delimited JSON objects from a socket (anything else, or a line over the limit, ends it)."""
 
     def __init__(self, sock: socket.socket):
-        self.sock, self.buffer = sock, b""
+        self.sock, self.buffer = sock, bytearray()
 
     def next(self) -> dict | None:
         while b"\n" not in self.buffer:
+            if len(self.buffer) > MAX_REQUEST_BYTES:
+                return None
             try:
                 chunk = self.sock.recv(65536)
             except OSError:
@@ -101,19 +192,61 @@ class _Lines:
             if not chunk:
                 return None
             self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer = bytearray(rest)
         try:
-            return json.loads(line)
-        except ValueError:
+            message = json.loads(line)
+        except (ValueError, RecursionError):
             return None
+        return message if isinstance(message, dict) else None
+
+
+def _environ_of(pid: int) -> dict | None:
+    """The environment process `pid` (one of ours) was started with, as /proc/<pid>/environ holds it."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    env: dict[str, str] = {}
+    for entry in raw.split(b"\0"):
+        name, sep, value = entry.partition(b"=")
+        if sep and name:
+            env.setdefault(os.fsdecode(name), os.fsdecode(value))
+    return env
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: [state, ppid, pgrp, session, ...] (man 5 proc, from field 3)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().decode("ascii", "replace").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _forked_child_start(pid: object, worker_pid: int) -> int | None:
+    """The start time (clock ticks) of `pid` if it is a live child of `worker_pid` that leads its own
+    session and process group, as the worker's children do; else None (the pid must not be trusted)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        return None
+    fields = _stat_fields(pid)
+    try:
+        state, ppid, pgrp, session = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+        start_ticks = int(fields[19])
+    except (TypeError, IndexError, ValueError):
+        return None
+    if state == "Z" or ppid != worker_pid or pgrp != pid or session != pid:
+        return None
+    return start_ticks
 
 
 def ping(runs_dir: str | Path, timeout: float = 1.0) -> dict | None:
     """The worker's {"pid", "ready", "runs_dir", "children"} if one answers for `runs_dir`, else None."""
-    sock = _connect(socket_path(runs_dir), timeout)
-    if sock is None:
+    connected = _connect(socket_path(runs_dir), timeout)
+    if connected is None:
         return None
-    with sock:
+    with connected[0] as sock:
         try:
             _send(sock, {"ping": True})
             return _Lines(sock).next()
@@ -127,8 +260,8 @@ def ensure_warm(runs_dir: str | Path, owner_pid: int | None = None, idle_s: floa
     Returns at once: the worker imports in the background and serves requests once
     ready; until then launches start cold.
     """
-    if not enabled() or not hasattr(os, "fork"):
-        return None
+    if not enabled() or not hasattr(os, "fork") or not hasattr(socket, "SO_PEERCRED"):
+        return None  # (without SO_PEERCRED neither end could tell who is at the other)
     answer = ping(runs_dir)
     if answer:
         if owner_pid and answer.get("owner") != owner_pid:
@@ -160,9 +293,9 @@ def ensure_warm(runs_dir: str | Path, owner_pid: int | None = None, idle_s: floa
 
 
 def _adopt(runs_dir: str | Path, owner_pid: int) -> None:
-    sock = _connect(socket_path(runs_dir), 1.0)
-    if sock is not None:
-        with sock:
+    connected = _connect(socket_path(runs_dir), 1.0)
+    if connected is not None:
+        with connected[0] as sock:
             try:
                 _send(sock, {"adopt": owner_pid})
                 _Lines(sock).next()
@@ -171,8 +304,7 @@ def _adopt(runs_dir: str | Path, owner_pid: int) -> None:
 
 
 def lock_path(runs_dir: str | Path) -> Path:
-    """The lock that says "a worker lives (or is starting)": in the runs folder, beside `.warm.log`
-    (the socket goes to the temporary folder only because socket paths must be short)."""
+    """The lock that says "a worker lives (or is starting)": in the runs folder, beside `.warm.log`."""
     return Path(runs_dir).expanduser().resolve() / ".warm.lock"
 
 
@@ -195,10 +327,10 @@ def wait_ready(runs_dir: str | Path, timeout: float = READY_S) -> bool:
 
 
 class WarmRun:
-    """The watcher's handle on a forked trainer: its pid, and `wait()` for its return code."""
+    """The watcher's handle on a forked trainer: its pid and start time, and `wait()` for its return code."""
 
-    def __init__(self, sock: socket.socket, pid: int):
-        self.sock, self.pid, self._lines = sock, pid, _Lines(sock)
+    def __init__(self, sock: socket.socket, pid: int, start_ticks: int):
+        self.sock, self.pid, self.start_ticks, self._lines = sock, pid, start_ticks, _Lines(sock)
 
     def wait(self) -> int | None:
         """The child's return code (negative: killed by that signal); None when the worker went away first."""
@@ -208,36 +340,52 @@ class WarmRun:
                 message = self._lines.next()
                 if message is None:
                     return None
-                if "returncode" in message:
-                    return int(message["returncode"])
+                if isinstance(message.get("returncode"), int):
+                    return message["returncode"]
         finally:
             self.sock.close()
 
 
 def request(run_dir: Path, resume: str | None, cwd: str | None, env: dict, log: Path) -> WarmRun | None:
-    """Ask the warm worker for `run_dir`'s runs folder to fork the trainer; None means start cold."""
+    """Ask the warm worker for `run_dir`'s runs folder to fork the trainer with environment `env`;
+    None means start cold (no worker, one that is not ours, a refusal, or an answer that fails the checks)."""
     if not enabled():
         return None
-    sock = _connect(socket_path(Path(run_dir).parent), timeout=2.0)
-    if sock is None:
+    connected = _connect(socket_path(Path(run_dir).parent), timeout=2.0)
+    if connected is None:
         return None
-    try:
-        _send(sock, {"run_dir": str(run_dir), "resume": resume, "cwd": cwd, "env": env, "log": str(log),
-                     "python": sys.executable})
-        answer = _Lines(sock).next()
-    except OSError:
-        answer = None
-    if not answer or "pid" not in answer:
+    sock, worker_pid = connected
+    base = _environ_of(worker_pid)  # what the worker started with: only the difference is sent
+    if base is None:
         sock.close()
         return None
-    return WarmRun(sock, int(answer["pid"]))
+    message = {"run_dir": str(run_dir), "resume": resume, "cwd": cwd, "log": str(log), "python": sys.executable,
+               "env_set": {k: v for k, v in env.items() if base.get(k) != v},
+               "env_unset": sorted(k for k in base if k not in env)}
+    try:
+        line = (json.dumps(message) + "\n").encode()
+        if len(line) > MAX_REQUEST_BYTES:
+            sock.close()
+            return None
+        sock.sendall(line)
+        answer = _Lines(sock).next()
+    except (OSError, ValueError):  # ValueError: an environment value JSON cannot carry
+        answer = None
+    start_ticks = _forked_child_start(answer.get("pid"), worker_pid) if answer else None
+    if start_ticks is None:
+        if answer and "pid" in answer:
+            print(f"trainer.warm: the worker (pid {worker_pid}) answered pid {answer['pid']!r}, which is not a "
+                  "child of it leading its own session: starting cold", file=sys.stderr, flush=True)
+        sock.close()
+        return None
+    return WarmRun(sock, answer["pid"], start_ticks)
 
 
 # -- the worker ----------------------------------------------------------------------------------
 
 
-def _child(message: dict, inherited: list) -> None:
-    """In the forked child: become the trainer. Never returns."""
+def _child(message: dict, env: dict, started: int, inherited: list) -> None:
+    """In the forked child: become the trainer; write to `started` once in a session of our own. Never returns."""
     code = 1
     try:
         for item in inherited:  # the worker's sockets, selector and lock: the trainer must not hold them
@@ -245,10 +393,13 @@ def _child(message: dict, inherited: list) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()
+        run_dir = message["run_dir"]
+        os.write(started, b"1")  # the worker answers {"pid"} only now, so the watcher sees the new session
+        os.close(started)
         if message.get("cwd"):
             os.chdir(message["cwd"])
         os.environ.clear()
-        os.environ.update(message.get("env") or {})
+        os.environ.update(env)
         for entry in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
             if entry and entry not in sys.path:
                 sys.path.insert(0, entry)
@@ -259,7 +410,7 @@ def _child(message: dict, inherited: list) -> None:
         os.dup2(log, 2)
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
-        argv = [message["run_dir"]] + (["--resume", message["resume"]] if message.get("resume") else [])
+        argv = [run_dir] + (["--resume", message["resume"]] if message.get("resume") else [])
         sys.argv = ["trainer.runner", *argv]
         from trainer import runner
 
@@ -277,19 +428,58 @@ def _child(message: dict, inherited: list) -> None:
             os._exit(code)
 
 
-def _refusal(message: dict, runs_dir: Path, own_env: dict) -> str | None:
-    """Why this request must start cold instead (None: fork it)."""
+#: The fields of a fork request and the types each may have.
+REQUEST_FIELDS = {"run_dir": (str,), "log": (str,), "resume": (str, type(None)), "cwd": (str, type(None)),
+                  "python": (str, type(None)), "env_set": (dict,), "env_unset": (list,)}
+
+
+def _env_name_ok(name: object) -> bool:
+    return isinstance(name, str) and name != "" and "=" not in name and "\0" not in name
+
+
+def _requested_env(message: dict, base_env: dict) -> dict | str:
+    """The environment the child runs with (the worker's start-up environment with the request's changes),
+    or why the request's `env_set` / `env_unset` are malformed."""
+    env_set, env_unset = message["env_set"], message["env_unset"]
+    if not all(_env_name_ok(k) and isinstance(v, str) and "\0" not in v for k, v in env_set.items()):
+        return "env_set must map variable names to strings"
+    if not all(_env_name_ok(name) for name in env_unset):
+        return "env_unset must list variable names"
+    env = {k: v for k, v in base_env.items() if k not in env_unset}
+    env.update(env_set)
+    return env
+
+
+def _refusal(message: dict, runs_dir: Path, own_env: dict, env: dict) -> str | None:
+    """Why this well-formed request must start cold instead (None: fork it with `env`)."""
     try:
         run_dir = Path(message["run_dir"]).resolve()
         log = Path(message["log"]).resolve()
-    except (KeyError, TypeError):
-        return "the request has no run directory"
+    except (OSError, ValueError):
+        return "the run directory is not a valid path"
     if run_dir.parent != runs_dir or not (run_dir / "plan.yaml").is_file() or log.parent != run_dir:
         return f"{run_dir} is not a run directory of {runs_dir}"
-    if message.get("python") not in (None, sys.executable):
+    if message["cwd"] is not None and not Path(message["cwd"]).is_dir():
+        return f"{message['cwd']} is not a directory"
+    if message["python"] not in (None, sys.executable):
         return "a different Python"
-    if import_env(message.get("env") or {}) != own_env:
+    if import_env(env) != own_env:
         return "the environment differs in a variable the libraries read at import time"
+    return None
+
+
+def _malformed(message: object) -> str | None:
+    """Why `message` is not a request the worker understands (None: it is one)."""
+    if not isinstance(message, dict):
+        return "a request must be a JSON object"
+    unknown = sorted(set(message) - set(REQUEST_FIELDS))
+    if unknown:
+        return f"unknown request fields: {', '.join(unknown)}"
+    for name, types in REQUEST_FIELDS.items():
+        if name not in message and type(None) not in types:
+            return f"the request has no {name}"
+        if not isinstance(message.get(name), types):
+            return f"{name} must be {' or '.join('null' if t is type(None) else t.__name__ for t in types)}"
     return None
 
 
@@ -297,6 +487,13 @@ def serve(runs_dir: Path, owner: int | None = None, idle_s: float = IDLE_S, lock
     """Import the training stack, then fork trainers on request until idle or orphaned."""
     runs_dir = Path(runs_dir).resolve()
     path = socket_path(runs_dir)
+    if not hasattr(socket, "SO_PEERCRED"):
+        print("not serving: this system has no SO_PEERCRED to tell who connects; launches start cold", flush=True)
+        return 1
+    if not _make_private_dir(path.parent):
+        print(f"not serving: {path.parent} is not a folder only this user (uid {os.getuid()}) can use "
+              "(it must be a directory, not a symlink, owned by us, with mode 0700); launches start cold", flush=True)
+        return 1
     if lock_fd is None:  # started by hand: take the lock ourselves
         lock_fd = os.open(lock_path(runs_dir), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -308,7 +505,7 @@ def serve(runs_dir: Path, owner: int | None = None, idle_s: float = IDLE_S, lock
     os.ftruncate(lock_fd, 0)
     os.pwrite(lock_fd, str(os.getpid()).encode(), 0)
     path.unlink(missing_ok=True)
-    old_umask = os.umask(0o077)  # only this user may ask for a fork
+    old_umask = os.umask(0o077)  # the folder already keeps others out; the socket file too
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     os.umask(old_umask)
@@ -321,10 +518,15 @@ def serve(runs_dir: Path, owner: int | None = None, idle_s: float = IDLE_S, lock
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
-    buffers: dict[socket.socket, bytes] = {}
+    buffers: dict[socket.socket, bytearray] = {}
     waiting: dict[int, socket.socket] = {}  # child pid -> the watcher waiting for its end
     ready = False
     last_request = time.time()
+    # What the worker started with, read the way a client reads it (request() sends only the difference).
+    base_env = _environ_of(os.getpid())
+    if base_env is None:
+        base_env = dict(os.environ)
+    own_env = import_env(base_env)
 
     def answer(conn: socket.socket, message: dict) -> None:
         try:
@@ -343,28 +545,52 @@ def serve(runs_dir: Path, owner: int | None = None, idle_s: float = IDLE_S, lock
         buffers.pop(conn, None)
         conn.close()
 
-    def handle(conn: socket.socket, message: dict) -> None:
+    def refuse(conn: socket.socket, reason: str) -> None:
+        answer(conn, {"error": reason})
+        close(conn)
+
+    def handle(conn: socket.socket, message: object) -> None:
         nonlocal last_request, owner
-        if message.get("ping"):
+        if isinstance(message, dict) and message.get("ping") is True:
             answer(conn, {"pid": os.getpid(), "ready": ready, "runs_dir": str(runs_dir), "children": len(waiting),
                           "owner": owner})
             close(conn)
             return
-        if isinstance(message.get("adopt"), int):
-            owner = message["adopt"]
+        if isinstance(message, dict) and "adopt" in message:
+            adopt = message["adopt"]
+            if not isinstance(adopt, int) or isinstance(adopt, bool) or adopt <= 0:
+                refuse(conn, "adopt must be a process id")
+                return
+            owner = adopt
             print(f"{time.strftime('%H:%M:%S')} new owner {owner}", flush=True)
             answer(conn, {"owner": owner})
             close(conn)
             return
         last_request = time.time()
-        reason = "still importing" if not ready else _refusal(message, runs_dir, own_env)
+        reason = _malformed(message)
+        env = None
+        if reason is None:
+            env = _requested_env(message, base_env)
+            if isinstance(env, str):
+                reason = env
+        if reason is None:
+            reason = "still importing" if not ready else _refusal(message, runs_dir, own_env, env)
         if reason:
-            answer(conn, {"error": reason})
-            close(conn)
+            refuse(conn, reason)
             return
+        child_started, child_started_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            _child(message, [lock_fd, listener, selector, *buffers, *waiting.values()])
+            os.close(child_started)
+            _child(message, env, child_started_w, [lock_fd, listener, selector, *buffers, *waiting.values()])
+        os.close(child_started_w)
+        try:
+            in_session = os.read(child_started, 1) == b"1"  # the child writes at once, or dies and we read EOF
+        finally:
+            os.close(child_started)
+        if not in_session:
+            refuse(conn, "the forked trainer died before it started")
+            return
         selector.unregister(conn)
         buffers.pop(conn, None)
         waiting[pid] = conn
@@ -379,9 +605,18 @@ def serve(runs_dir: Path, owner: int | None = None, idle_s: float = IDLE_S, lock
                     conn, _ = listener.accept()
                 except OSError:
                     continue
+                try:
+                    caller_uid = _peer(conn)[1]
+                except OSError:
+                    caller_uid = None
+                if caller_uid != os.getuid():  # only this user may ask for a fork (or learn we exist)
+                    conn.close()
+                    continue
                 conn.setblocking(False)
                 selector.register(conn, selectors.EVENT_READ)
-                buffers[conn] = b""
+                buffers[conn] = bytearray()
+                continue
+            if sock not in buffers:  # closed earlier in this round
                 continue
             try:
                 chunk = sock.recv(65536)
@@ -390,15 +625,20 @@ def serve(runs_dir: Path, owner: int | None = None, idle_s: float = IDLE_S, lock
             if not chunk:
                 close(sock)
                 continue
-            buffers[sock] += chunk
-            if b"\n" in buffers[sock]:
-                line = buffers[sock].split(b"\n", 1)[0]
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    close(sock)
-                    continue
-                handle(sock, message)
+            buffer = buffers[sock]
+            newline = chunk.find(b"\n")
+            buffer += chunk if newline < 0 else chunk[:newline]
+            if len(buffer) > MAX_REQUEST_BYTES:
+                refuse(sock, f"a request may be at most {MAX_REQUEST_BYTES} bytes")
+                continue
+            if newline < 0:
+                continue
+            try:
+                message = json.loads(bytes(buffer))
+            except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
+                close(sock)
+                continue
+            handle(sock, message)
 
     def reap() -> None:
         while waiting:
@@ -414,7 +654,6 @@ def serve(runs_dir: Path, owner: int | None = None, idle_s: float = IDLE_S, lock
                 conn.close()
 
     # Answer pings while importing, so a second ensure_warm() does not start another worker.
-    own_env = import_env(dict(os.environ))
     import importlib
 
     for name in HEAVY_MODULES:
