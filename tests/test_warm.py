@@ -5,7 +5,8 @@ same way, requests it must not serve start cold, and it exits when its owner is 
 Its socket is this user's alone: another user (uid 65534, a forked process that drops to it)
 squatting where the socket used to live, or in a folder it created first, receives nothing
 and cannot get a pid signalled; a pid the worker answers is used only if it is the worker's
-child leading its own session; malformed and huge requests are refused without harm."""
+child leading its own session; malformed and huge requests are refused without harm; forked
+trainers carry their own process name."""
 
 from __future__ import annotations
 
@@ -510,3 +511,22 @@ def test_a_huge_request_is_cut_off_quickly(warm_runs):
     assert sent <= 4 * warm.MAX_REQUEST_BYTES, f"{sent} bytes were taken"
     assert time.monotonic() - started < 10
     assert warm.ping(runs)["pid"] == warm_runs["pid"]
+
+
+def test_forked_trainers_carry_their_own_process_title(make_plan, warm_runs):
+    runs = warm_runs["runs"]
+    run_id = supervisor.launch(make_plan({"training.max_steps": 100_000, "training.save_steps": 1000}), runs_dir=runs)
+    try:
+        assert _attempt(runs / run_id).get("warm") is True
+        pid = supervisor.status(run_id, runs).pid
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "tunewise-train"
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        assert cmdline == f"tunewise-train {runs / run_id}"
+        ps = subprocess.run(["ps", "-o", "comm=,args=", "-p", str(pid)], capture_output=True, text=True, check=True)
+        assert ps.stdout.split()[:2] == ["tunewise-train", "tunewise-train"] and "trainer.warm" not in ps.stdout
+        hunted = subprocess.run(["pgrep", "-f", "trainer.warm serve"], capture_output=True, text=True)
+        assert str(warm_runs["pid"]) in hunted.stdout.split() and str(pid) not in hunted.stdout.split()
+        wait_for(lambda: _losses(runs / run_id), 120, "a first logged loss")  # the renamed trainer still trains
+    finally:
+        stopped = supervisor.stop(run_id, timeout=120, runs_dir=runs)
+    assert stopped.state == "stopped"

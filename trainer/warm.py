@@ -6,7 +6,8 @@ first logged loss on 2 CPU cores (bench/launch_latency.py). The warm worker
 pays that once: `python -m trainer.warm serve RUNS_DIR` imports the libraries
 (never Tunewise's own modules, so a child always runs the code on disk), then
 listens on a Unix socket. For each request it forks a child that starts its
-own session, redirects its output to the run's stdout.log and runs
+own session, names itself `tunewise-train` (see `_set_process_title`),
+redirects its output to the run's stdout.log and runs
 `trainer.runner.main([RUN_DIR, ...])`: the same process a cold start would run,
 minus the imports.
 
@@ -62,6 +63,7 @@ single-process runs use it; `accelerate launch` runs start cold.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -91,7 +93,11 @@ IDLE_S = 1800.0
 MAX_SOCKET_PATH = 107
 #: A request line longer than this is refused (a real one is a few kB: paths and an environment diff).
 MAX_REQUEST_BYTES = 1 << 20
+#: What a forked trainer calls itself: its comm (`ps -o comm`, `pgrep tunewise-train`) and the start of its
+#: command line, so `pkill -f trainer.warm` hits the worker, not training runs.
+TRAINER_TITLE = "tunewise-train"
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PR_SET_NAME = 15
 
 
 def enabled() -> bool:
@@ -384,6 +390,33 @@ def request(run_dir: Path, resume: str | None, cwd: str | None, env: dict, log: 
 # -- the worker ----------------------------------------------------------------------------------
 
 
+def _set_process_title(*titles: str) -> None:
+    """Make the forked trainer look like one: comm (`ps -o comm`, `pgrep NAME`) through prctl(PR_SET_NAME),
+    and /proc/self/cmdline (`ps -o args`, `pgrep -f`) by overwriting the memory holding the worker's
+    argv, which the kernel reads it from (what the setproctitle package does). The first of `titles`
+    that fits in the old command line is used, else the last one cut to fit. Best effort: a failure
+    leaves the worker's name."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, TRAINER_TITLE.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    fields = _stat_fields(os.getpid())
+    try:
+        arg_start, arg_end = int(fields[45]), int(fields[46])  # man 5 proc: fields 48 and 49
+        with open("/proc/self/cmdline", "rb") as handle:
+            current = handle.read()
+    except (TypeError, IndexError, ValueError, OSError):
+        return
+    size = arg_end - arg_start
+    # Write only where the kernel says argv is and only if it holds what /proc shows (ending in NUL,
+    # which keeps the kernel reading exactly that range).
+    if arg_start <= 0 or size < 2 or len(current) != size or ctypes.string_at(arg_start, size) != current:
+        return
+    encoded = [title.encode() for title in titles]
+    title = next((t for t in encoded if len(t) < size), encoded[-1][:size - 1])
+    ctypes.memmove(arg_start, title.ljust(size, b"\0"), size)
+
+
 def _child(message: dict, env: dict, started: int, inherited: list) -> None:
     """In the forked child: become the trainer; write to `started` once in a session of our own. Never returns."""
     code = 1
@@ -394,6 +427,7 @@ def _child(message: dict, env: dict, started: int, inherited: list) -> None:
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()
         run_dir = message["run_dir"]
+        _set_process_title(f"{TRAINER_TITLE} {run_dir}", f"{TRAINER_TITLE} {Path(run_dir).name}")
         os.write(started, b"1")  # the worker answers {"pid"} only now, so the watcher sees the new session
         os.close(started)
         if message.get("cwd"):
