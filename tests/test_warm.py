@@ -59,10 +59,12 @@ def warm_runs():
     yield {"runs": runs, "owner": owner, "pid": worker_pid}
     owner.kill()
     owner.wait()
-    # No run is going: the worker notices its owner is gone and exits, removing its socket.
-    wait_for(lambda: warm.ping(runs) is None and not warm.socket_path(runs).exists(), 15, "the worker to exit")
-    assert "exiting: owner gone" in (runs / ".warm.log").read_text()
-    shutil.rmtree(top, ignore_errors=True)
+    try:
+        # No run is going: the worker notices its owner is gone and exits, removing its socket.
+        wait_for(lambda: warm.ping(runs) is None and not warm.socket_path(runs).exists(), 15, "the worker to exit")
+        assert "exiting: owner gone" in (runs / ".warm.log").read_text()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def _attempt(run_dir: Path) -> dict:
