@@ -364,7 +364,7 @@ def build_app(config: AppConfig):
                         with gr.Row():
                             gpu = gr.Dropdown(choices=wizard.gpu_choices(), value=wizard.NO_GPU, label="GPU", elem_id="gpu",
                                               info="What you will train on; the plan is sized for it.")
-                            num_gpus = Number(value=1, precision=0, minimum=1, maximum=1024, label="Number of GPUs",
+                            num_gpus = Number(value=1, precision=0, minimum=1, maximum=wizard.widget_maximum("num_gpus"), label="Number of GPUs",
                                                  elem_id="num_gpus")
                     with gr.Column(scale=4):
                         model_card = gr.Markdown(elem_id="model-card")
@@ -428,36 +428,36 @@ def build_app(config: AppConfig):
                                             value="none", label="Sharding")
                     with gr.Row():
                         lora_rank = Number(value=16, precision=0, minimum=1, label="LoRA rank", elem_id="lora-rank")
-                        lora_alpha = Number(value=32, label="LoRA alpha")
-                        lora_dropout = Number(value=0.05, minimum=0, maximum=0.9, step=0.01, label="LoRA dropout")
+                        lora_alpha = Number(value=32, maximum=wizard.widget_maximum("lora_alpha"), label="LoRA alpha")
+                        lora_dropout = Number(value=0.05, minimum=0, maximum=wizard.widget_maximum("lora_dropout"), step=0.01, label="LoRA dropout")
                         lora_targets = gr.Dropdown(choices=["q_proj", "k_proj", "v_proj", "o_proj"], multiselect=True,
                                                    allow_custom_value=True, value=["q_proj", "k_proj", "v_proj", "o_proj"],
                                                    label="Target modules", scale=2)
                         double_quant = gr.Checkbox(value=True, label="Double quantization (QLoRA)")
                     with gr.Row():
-                        learning_rate = Number(value=2e-4, label="Learning rate", step=1e-5, elem_id="learning-rate")
-                        warmup_ratio = Number(value=0.05, minimum=0, maximum=0.5, step=0.01, label="Warmup share")
+                        learning_rate = Number(value=2e-4, maximum=wizard.widget_maximum("learning_rate"), label="Learning rate", step=1e-5, elem_id="learning-rate")
+                        warmup_ratio = Number(value=0.05, minimum=0, maximum=wizard.widget_maximum("warmup_ratio"), step=0.01, label="Warmup share")
                         lr_scheduler = gr.Dropdown(choices=["cosine", "linear", "constant", "constant_with_warmup"],
                                                    value="cosine", label="LR schedule")
-                        epochs = Number(value=1, minimum=0.01, label="Epochs")
-                        max_steps = Number(value=30, precision=0, minimum=0, label="Max steps (0: run the epochs)",
+                        epochs = Number(value=1, minimum=0.01, maximum=wizard.widget_maximum("epochs"), label="Epochs")
+                        max_steps = Number(value=30, precision=0, minimum=0, maximum=wizard.widget_maximum("max_steps"), label="Max steps (0: run the epochs)",
                                               elem_id="max-steps")
                     with gr.Row():
-                        micro_batch = Number(value=4, precision=0, minimum=1, label="Micro-batch", elem_id="micro-batch")
-                        grad_accum = Number(value=1, precision=0, minimum=1, label="Gradient accumulation")
-                        seq_len = Number(value=512, precision=0, minimum=8, label="Sequence length", elem_id="seq-len")
+                        micro_batch = Number(value=4, precision=0, minimum=1, maximum=wizard.widget_maximum("micro_batch"), label="Micro-batch", elem_id="micro-batch")
+                        grad_accum = Number(value=1, precision=0, minimum=1, maximum=wizard.widget_maximum("grad_accum"), label="Gradient accumulation")
+                        seq_len = Number(value=512, precision=0, minimum=8, maximum=wizard.widget_maximum("seq_len"), label="Sequence length", elem_id="seq-len")
                         gradient_checkpointing = gr.Checkbox(value=False, label="Gradient checkpointing")
                         packing = gr.Checkbox(value=False, label="Packing")
                         attn = gr.Dropdown(choices=["sdpa", "eager"], value="sdpa", label="Attention")
                     with gr.Row():
-                        replay_fraction = Number(value=0.0, minimum=0, maximum=0.5, step=0.01, label="Replay share (forgetting)")
-                        ewc_lambda = Number(value=0.0, minimum=0, label="EWC strength")
-                        forgetting_eval_every = Number(value=10, precision=0, minimum=1,
+                        replay_fraction = Number(value=0.0, minimum=0, maximum=wizard.widget_maximum("replay_fraction"), step=0.01, label="Replay share (forgetting)")
+                        ewc_lambda = Number(value=0.0, minimum=0, maximum=wizard.widget_maximum("ewc_lambda"), label="EWC strength")
+                        forgetting_eval_every = Number(value=10, precision=0, minimum=1, maximum=wizard.widget_maximum("forgetting_eval_every"),
                                                           label="Forgetting check every (steps)")
-                        forgetting_threshold = Number(value=20.0, minimum=0.1, label="Forgetting alert at +% loss")
+                        forgetting_threshold = Number(value=20.0, minimum=0.1, maximum=wizard.widget_maximum("forgetting_threshold"), label="Forgetting alert at +% loss")
                         stop_on_threshold = gr.Checkbox(value=False, label="Stop when forgetting crosses it")
-                        beta = Number(value=0.1, minimum=0.001, step=0.05, label="DPO beta")
-                        kl_coef = Number(value=0.05, minimum=0.001, step=0.01, label="PPO KL coefficient")
+                        beta = Number(value=0.1, minimum=0.001, maximum=wizard.widget_maximum("beta"), step=0.05, label="DPO beta")
+                        kl_coef = Number(value=0.05, minimum=0.001, maximum=wizard.widget_maximum("kl_coef"), step=0.01, label="PPO KL coefficient")
                     readvise = gr.Button("Re-advise, keeping my changes", size="sm", elem_id="readvise")
                 with gr.Row():
                     with gr.Column(scale=3):

@@ -135,8 +135,9 @@ def _gpu_bytes(gpu_name: str | None, gpu_memory_gb: float | None) -> tuple[str |
         gpu = gpus.find_gpu(gpu_name)
         label, num_bytes = gpu.name, int(gpu.memory_bytes)
     if gpu_memory_gb is not None:
-        if gpu_memory_gb <= 0:
-            raise TunewiseError(f"--gpu-memory-gb must be a positive number of GB, got {gpu_memory_gb:g}", field="gpu_memory_gb")
+        from advisor.plan import check_number
+
+        check_number("hardware.gpu_memory_gb", gpu_memory_gb, name="--gpu-memory-gb")  # refuses nan, inf, 1e308
         num_bytes = int(gpu_memory_gb * GB)
         label = label or f"{gpu_memory_gb:g} GB GPU"
     return label, num_bytes

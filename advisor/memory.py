@@ -42,11 +42,13 @@ Pure Python and fast (a few microseconds per estimate): no torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from advisor.errors import TunewiseError
-from advisor.plan import ATTENTIONS, METHODS, OPTIMIZERS, PRECISIONS, SHARDINGS, STAGES, PlanError
+from advisor.plan import (ATTENTIONS, FIELD_LIMITS, MAX_GRAD_ACCUM, MAX_MICRO_BATCH, MAX_SEQ_LEN, METHODS, OPTIMIZERS,
+                          PRECISIONS, SHARDINGS, STAGES, PlanError)
 from advisor.specs import ModelSpec, linear_layers, norms_per_layer, param_counts, resolve_targets
 
 GB = 10**9
@@ -127,9 +129,12 @@ class TrainingSetup:
             if value not in allowed:
                 raise PlanError(field_name, f"{value!r} is not one of {', '.join(map(str, allowed))}")
 
-        def whole(field_name, value, low=1):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise PlanError(field_name, f"must be a whole number of at least {low}, got {value!r}")
+        def whole(field_name, value, low=1, high=None):
+            # The plan's maxima (advisor.plan.FIELD_LIMITS) hold here too, so a setup built without a Plan
+            # cannot send the searches below huge numbers either.
+            high = FIELD_LIMITS[field_name].high if high is None else high
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise PlanError(field_name, f"must be a whole number from {low} to {high:,}, got {value!r}")
 
         choice("method.method", self.method, METHODS)
         choice("method.precision", self.precision, PRECISIONS)
@@ -140,7 +145,8 @@ class TrainingSetup:
         choice("runtime", self.runtime, RUNTIMES)
         whole("training.micro_batch", self.micro_batch)
         whole("training.seq_len", self.seq_len)
-        whole("training.grad_accum", self.grad_accum)
+        # The cheapest fix trades micro-batch for accumulation, so a setup may carry up to their product.
+        whole("training.grad_accum", self.grad_accum, high=MAX_GRAD_ACCUM * MAX_MICRO_BATCH)
         whole("method.lora_rank", self.lora_rank)
         whole("hardware.num_gpus", self.num_gpus)
         whole("preference.max_new_tokens", self.generation_len, 0)
@@ -753,7 +759,11 @@ def _with_size(setup: TrainingSetup, **changes) -> TrainingSetup:
 
 
 def _largest(fits_at, low: int, cap: int) -> int:
-    """Largest x in [low, cap] with fits_at(x), assuming monotonic; 0 if none."""
+    """Largest x in [low, cap] with fits_at(x), assuming monotonic; 0 if none.
+
+    Doubling then bisection: about 2 x log2(cap) estimates. Memory never falls as the micro-batch or the
+    sequence grows (every term is a non-negative multiple of batch, seq or seq^2; see _cheapest_fix), so
+    "fits" is true up to some x and false after it."""
     if not fits_at(low):
         return 0
     hi = low
@@ -774,6 +784,17 @@ def _largest(fits_at, low: int, cap: int) -> int:
 MAX_MICRO_BATCH_SEARCH = 1024
 
 
+def _divisors(n: int) -> list[int]:
+    """The divisors of n in increasing order, by trial division up to sqrt(n) (n <= 65536: 256 tries)."""
+    small, large = [], []
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            small.append(d)
+            if d != n // d:
+                large.append(n // d)
+    return small + large[::-1]
+
+
 def gpu_fit(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> FitResult:
     """Fit `setup` on a GPU of `gpu_bytes`; search the largest micro-batch and sequence; suggest a fix."""
     if not isinstance(gpu_bytes, int) or gpu_bytes <= 0:
@@ -781,7 +802,9 @@ def gpu_fit(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> FitResult:
     total = estimate(spec, setup).total_bytes
     fits = total <= gpu_bytes
     max_batch = _largest(lambda b: _fits(spec, _with_size(setup, micro_batch=b), gpu_bytes), 1, MAX_MICRO_BATCH_SEARCH)
-    max_seq = _largest(lambda s: _fits(spec, _with_size(setup, seq_len=s), gpu_bytes), 1, spec.max_position_embeddings)
+    # A model's own config may claim any length: the search stops at the longest sequence a plan may have.
+    max_seq = _largest(lambda s: _fits(spec, _with_size(setup, seq_len=s), gpu_bytes), 1,
+                       min(spec.max_position_embeddings, MAX_SEQ_LEN))
     fix, fixed = (None, None) if fits else _cheapest_fix(spec, setup, gpu_bytes)
     return FitResult(fits, gpu_bytes, total, gpu_bytes - total, max_batch, max_seq, fix, fixed)
 
@@ -810,18 +833,41 @@ def _cheapest_fix(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> tupl
             if gpus > setup.num_gpus:
                 yield said + [f"shard with ZeRO-3 / FSDP over {gpus} GPUs of this size"], current.with_(num_gpus=gpus, shard="zero3")
 
+    def answer(words: list[str], option: TrainingSetup) -> tuple[str, TrainingSetup]:
+        total = _estimate_cached(spec, option).total_bytes
+        sentence = "; ".join(words)
+        return f"{sentence[0].upper()}{sentence[1:]}: needs {total / GB:.1f} GB of {gpu_bytes / GB:.1f} GB.", option
+
+    # Smaller micro-batches keep the effective batch: b must divide the micro-batch.
+    divisors = _divisors(setup.micro_batch)[:-1]
     for said, candidate in rungs():
-        options = [(said, candidate)]
-        for b in range(setup.micro_batch - 1, 0, -1):
-            if setup.micro_batch % b == 0:
-                accum = setup.grad_accum * setup.micro_batch // b
-                options.append((said + [f"lower the micro-batch to {b} with gradient accumulation {accum} (same effective batch)"],
-                                candidate.with_(micro_batch=b, grad_accum=accum)))
-        for words, option in options:
-            if _fits(spec, option, gpu_bytes):
-                total = _estimate_cached(spec, option).total_bytes
-                sentence = "; ".join(words)
-                return f"{sentence[0].upper()}{sentence[1:]}: needs {total / GB:.1f} GB of {gpu_bytes / GB:.1f} GB.", option
+        if _fits(spec, candidate, gpu_bytes):
+            return answer(said, candidate)
+
+        def smaller(b: int) -> TrainingSetup:
+            return candidate.with_(micro_batch=b, grad_accum=setup.grad_accum * setup.micro_batch // b)
+
+        # The largest divisor b that fits, by bisection over the sorted divisors. Valid because memory
+        # never falls as b grows: activations, logits, the value model's activations and the KV cache are
+        # b x (bytes per sequence), the padding mask b x s^2 (b > 1), and per-token bytes only step up once,
+        # at b = 2 (k/v expanded to every head); weights, adapters, gradients and optimizer state do not
+        # depend on b. Accumulation enters the estimate only as "more than 1" (gradients live alongside the
+        # activations), and every b below the micro-batch gives accumulation of at least 2, so it is the same
+        # for all of them. Fitting is therefore true up to some divisor and false after it: log2(divisors)
+        # estimates (at most ~8 for b <= 65536) instead of one try per smaller micro-batch.
+        if not divisors or not _fits(spec, smaller(divisors[0]), gpu_bytes):
+            continue
+        lo, hi = 0, len(divisors)  # divisors[lo] fits; divisors[hi] (if any) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _fits(spec, smaller(divisors[mid]), gpu_bytes):
+                lo = mid
+            else:
+                hi = mid
+        b = divisors[lo]
+        option = smaller(b)
+        return answer(said + [f"lower the micro-batch to {b} with gradient accumulation {option.grad_accum} "
+                              "(same effective batch)"], option)
     return None, None
 
 

@@ -60,14 +60,153 @@ def _choice(group: str, name: str, value: Any, allowed: tuple) -> None:
         raise PlanError(f"{group}.{name}", f"{value!r} is not one of {', '.join(map(str, allowed))}")
 
 
-def _positive(group: str, name: str, value: float, hint: str = "") -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise PlanError(f"{group}.{name}", f"must be a positive number, got {value!r}{hint}")
+@dataclass(frozen=True)
+class Limit:
+    """The range a numeric plan setting may take (checked wherever a Plan is built)."""
+
+    low: float
+    """The smallest value allowed (excluded when `low_open`)."""
+    high: float
+    """The largest value allowed."""
+    whole: bool = False
+    """A whole number (int) rather than any finite number."""
+    low_open: bool = False
+    """`low` itself is refused (the value must be above it)."""
+    hint: str = ""
+    """Typical values, added to the message."""
 
 
-def _fraction(group: str, name: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (low <= value <= high):
-        raise PlanError(f"{group}.{name}", f"must be between {low} and {high}, got {value!r}")
+# Maxima: no real run comes near them, but they keep every number the planner multiplies, searches
+# over or formats finite and small enough to answer at once. The arithmetic behind each:
+#: Training steps: a million steps is a long pretraining run (Llama-2 70B: 500k); fine-tuning stays far below.
+MAX_STEPS = 100_000_000
+#: Tokens per sequence: the longest context windows models are trained at are about 1M tokens; 2^21 leaves room.
+MAX_SEQ_LEN = 2**21
+#: Sequences per device per forward pass: even 100M-parameter classifiers at 128 tokens run a few thousand.
+MAX_MICRO_BATCH = 65_536
+#: Micro-batches per optimizer step: 1M x micro-batch 1 is a million sequences per step, above any published
+#: batch (Llama 3: 16M tokens = 2k-4k sequences).
+MAX_GRAD_ACCUM = 1_000_000
+#: LoRA rank: beyond the adapted matrix's smaller side (the hidden size) a rank adds weights, not capacity;
+#: the widest released dense model (Llama 3.1 405B) has hidden size 16384.
+MAX_LORA_RANK = 16_384
+#: Examples and tokens of a dataset: the largest pretraining corpora hold ~15T tokens (Llama 3).
+MAX_EXAMPLES = 10**12
+MAX_TOKENS = 10**15
+#: Alert thresholds: a huge value is the way to switch an alert off in practice, so the cap only refuses
+#: infinity (and numbers that would overflow when multiplied).
+MAX_THRESHOLD = 1e9
+#: Memory of one GPU in GB: today's largest accelerators hold 288 GB.
+MAX_GPU_MEMORY_GB = 10_000.0
+
+#: Every numeric plan setting and its range, by dotted name. The plan's dataclasses check their fields
+#: against it, the planner's memory setup reuses it, and the wizard's number boxes take their maxima from it.
+FIELD_LIMITS: dict[str, Limit] = {
+    "data.eval_fraction": Limit(0.0, 0.5),
+    "data.max_examples": Limit(1, MAX_EXAMPLES, whole=True),
+    "data.examples": Limit(1, MAX_EXAMPLES, whole=True),
+    "data.tokens": Limit(1, MAX_TOKENS, whole=True),
+    "method.lora_rank": Limit(1, MAX_LORA_RANK, whole=True, hint=" (the guide uses 4-256)"),
+    # scaling = alpha / rank; twice the largest rank, doubled again, covers every published choice.
+    "method.lora_alpha": Limit(0.0, 4.0 * MAX_LORA_RANK, low_open=True, hint=" (typical: 2 x rank)"),
+    "method.lora_dropout": Limit(0.0, 0.9),
+    # Above 1.0 every optimizer diverges at once (Adam's step is about lr per weight).
+    "training.learning_rate": Limit(0.0, 1.0, low_open=True, hint=" (LoRA: 1e-4 to 3e-4; full: 1e-5 to 5e-5)"),
+    "training.warmup_ratio": Limit(0.0, 0.5, hint=" (guide: 0.05-0.10)"),
+    # Hundreds of passes already memorise any dataset.
+    "training.epochs": Limit(0.0, 10_000.0, low_open=True),
+    "training.max_steps": Limit(1, MAX_STEPS, whole=True),
+    "training.micro_batch": Limit(1, MAX_MICRO_BATCH, whole=True),
+    "training.grad_accum": Limit(1, MAX_GRAD_ACCUM, whole=True),
+    "training.seq_len": Limit(1, MAX_SEQ_LEN, whole=True),
+    # NumPy's seed (set by transformers' set_seed) must fit in 32 bits.
+    "training.seed": Limit(0, 2**32 - 1, whole=True),
+    "training.logging_steps": Limit(1, MAX_STEPS, whole=True),
+    "training.eval_steps": Limit(1, MAX_STEPS, whole=True),
+    "training.save_steps": Limit(1, MAX_STEPS, whole=True),
+    "training.keep_checkpoints": Limit(1, 100_000, whole=True),
+    "training.weight_decay": Limit(0.0, 1.0),
+    # A norm of 1e9 never clips in practice; above that only infinity is left to refuse.
+    "training.max_grad_norm": Limit(0.0, 1e9, low_open=True),
+    "forgetting.eval_every": Limit(1, MAX_STEPS, whole=True),
+    "forgetting.threshold_pct": Limit(0.0, MAX_THRESHOLD, low_open=True),
+    "forgetting.replay_fraction": Limit(0.0, 0.5, hint=" (guide: 0.01-0.10)"),
+    # The trainer normalises the Fisher information to mean 1 (trainer/forgetting.py) and starts at 1:
+    # a million times that pins every weight it protects.
+    "forgetting.ewc_lambda": Limit(0.0, 1e6, hint=" (0 is off; Tunewise starts at 1)"),
+    "forgetting.max_eval_examples": Limit(1, 100_000, whole=True),
+    "forgetting.ewc_batches": Limit(1, 100_000, whole=True),
+    # The guide's ranges are 0.1-0.5 (beta) and 0.01-0.1 (KL); 100 is far past any use of either.
+    "preference.beta": Limit(0.0, 100.0, low_open=True, hint=" (guide: 0.1-0.5)"),
+    "preference.kl_coef": Limit(0.0, 100.0, low_open=True, hint=" (guide: 0.01-0.1)"),
+    "preference.target_kl": Limit(0.0, MAX_THRESHOLD, low_open=True),
+    "preference.kl_limit": Limit(0.0, MAX_THRESHOLD, low_open=True),
+    "preference.kl_rate_limit": Limit(0.0, MAX_THRESHOLD, low_open=True),
+    # A fall of more than 100% below the start is impossible (diversity is never negative).
+    "preference.diversity_drop_pct": Limit(0.0, 100.0, low_open=True),
+    "preference.sample_every": Limit(1, MAX_STEPS, whole=True),
+    "preference.num_samples": Limit(1, 100_000, whole=True),
+    # Long chain-of-thought RL generates up to 32k-64k tokens per completion.
+    "preference.max_new_tokens": Limit(1, 2**17, whole=True),
+    "hardware.gpu_memory_gb": Limit(0.0, MAX_GPU_MEMORY_GB, low_open=True),
+    "hardware.num_gpus": Limit(1, 1024, whole=True),
+}
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: huge integers as a power of ten (Python refuses to print ints of 4300+ digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        if value.bit_length() < 1000:
+            return f"{float(value):.3g}"
+        return f"a number with about {int(value.bit_length() * 0.30103)} digits"
+    return repr(value)
+
+
+def _bound(number: float) -> str:
+    """1000000.0 -> "1,000,000"; 0.5 -> "0.5"."""
+    if float(number).is_integer() and abs(number) < 1e16:
+        return f"{int(number):,}"
+    return f"{number:g}"
+
+
+def _range_text(limit: Limit) -> str:
+    if limit.whole:
+        return f"a whole number from {_bound(limit.low)} to {_bound(limit.high)}"
+    if limit.low_open:
+        return f"a number above {_bound(limit.low)} and at most {_bound(limit.high)}"
+    return f"a number from {_bound(limit.low)} to {_bound(limit.high)}"
+
+
+def check_number(dotted: str, value: Any, limit: Limit | None = None, name: str | None = None) -> None:
+    """Refuse `value` for setting `dotted` unless it is a finite number in the setting's range
+    (`FIELD_LIMITS`); the PlanError names the setting (or `name`, for inputs named otherwise) and the range."""
+    limit = limit or FIELD_LIMITS[dotted]
+    dotted = name or dotted
+    wanted = f"must be {_range_text(limit)}"
+    if limit.whole:
+        ok_type = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok_type:
+        raise PlanError(dotted, f"{wanted}, got {_shown(value)}{limit.hint}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PlanError(dotted, f"{wanted}, got {value!r} (not a finite number){limit.hint}")
+    too_low = value <= limit.low if limit.low_open else value < limit.low
+    if too_low or value > limit.high:
+        raise PlanError(dotted, f"{wanted}, got {_shown(value)}{limit.hint}")
+
+
+def _check_limits(group: str, settings: Any) -> None:
+    """Check every numeric field of one settings group against FIELD_LIMITS (None passes where allowed)."""
+    for f in fields(settings):
+        dotted = f"{group}.{f.name}"
+        limit = FIELD_LIMITS.get(dotted)
+        if limit is None:
+            continue
+        value = getattr(settings, f.name)
+        if value is None and "None" in str(f.type):
+            continue
+        check_number(dotted, value, limit)
 
 
 @dataclass(frozen=True)
@@ -112,9 +251,7 @@ class DataSettings:
         if not isinstance(self.dataset, str) or not self.dataset.strip():
             raise PlanError("data.dataset", "is empty: give a file path or a bundled name such as demo-sft")
         _choice("data", "format", self.format, DATA_FORMATS)
-        _fraction("data", "eval_fraction", self.eval_fraction, 0.0, 0.5)
-        if self.max_examples is not None:
-            _positive("data", "max_examples", self.max_examples)
+        _check_limits("data", self)
 
 
 @dataclass(frozen=True)
@@ -149,11 +286,7 @@ class MethodSettings:
         _choice("method", "precision", self.precision, PRECISIONS)
         _choice("method", "optimizer", self.optimizer, OPTIMIZERS)
         _choice("method", "attn", self.attn, ATTENTIONS)
-        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank <= 0:
-            raise PlanError("method.lora_rank", f"must be a whole number of at least 1, got {self.lora_rank!r} (the guide uses 4-256)")
-        if self.lora_alpha is not None:
-            _positive("method", "lora_alpha", self.lora_alpha, " (typical: 2 x rank)")
-        _fraction("method", "lora_dropout", self.lora_dropout, 0.0, 0.9)
+        _check_limits("method", self)
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets", tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
         else:
@@ -207,23 +340,8 @@ class TrainingSettings:
     """Gradient clipping norm."""
 
     def __post_init__(self):
-        _positive("training", "learning_rate", self.learning_rate, " (LoRA: 1e-4 to 3e-4; full: 1e-5 to 5e-5)")
-        if self.learning_rate > 1.0:
-            raise PlanError("training.learning_rate", f"{self.learning_rate} is far too large (LoRA: 1e-4 to 3e-4; full: 1e-5 to 5e-5)")
-        _fraction("training", "warmup_ratio", self.warmup_ratio, 0.0, 0.5)
         _choice("training", "lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        _positive("training", "epochs", self.epochs)
-        for name in ("max_steps", "logging_steps", "eval_steps", "save_steps", "keep_checkpoints"):
-            value = getattr(self, name)
-            if value is not None:
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    raise PlanError(f"training.{name}", f"must be a whole number of at least 1, got {value!r}")
-        for name in ("micro_batch", "grad_accum", "seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise PlanError(f"training.{name}", f"must be a whole number of at least 1, got {value!r}")
-        _fraction("training", "weight_decay", self.weight_decay, 0.0, 1.0)
-        _positive("training", "max_grad_norm", self.max_grad_norm)
+        _check_limits("training", self)
 
 
 @dataclass(frozen=True)
@@ -253,13 +371,7 @@ class ForgettingSettings:
     """Original-domain batches (of `training.micro_batch` examples) for EWC's Fisher estimate."""
 
     def __post_init__(self):
-        _positive("forgetting", "eval_every", self.eval_every)
-        _positive("forgetting", "threshold_pct", self.threshold_pct)
-        _fraction("forgetting", "replay_fraction", self.replay_fraction, 0.0, 0.5)
-        if not isinstance(self.ewc_lambda, (int, float)) or self.ewc_lambda < 0:
-            raise PlanError("forgetting.ewc_lambda", f"must be 0 (off) or positive, got {self.ewc_lambda!r}")
-        _positive("forgetting", "max_eval_examples", self.max_eval_examples)
-        _positive("forgetting", "ewc_batches", self.ewc_batches)
+        _check_limits("forgetting", self)
         if self.replay_data is not None and (not isinstance(self.replay_data, str) or not self.replay_data.strip()):
             raise PlanError("forgetting.replay_data", "is empty: name a bundled dataset or a file, or leave it unset")
 
@@ -298,16 +410,8 @@ class PreferenceSettings:
     """Tokens generated per sample."""
 
     def __post_init__(self):
-        _positive("preference", "beta", self.beta, " (guide: 0.1-0.5)")
-        _positive("preference", "kl_coef", self.kl_coef, " (guide: 0.01-0.1)")
-        _positive("preference", "target_kl", self.target_kl)
         _choice("preference", "algorithm", self.algorithm, ONLINE_RL)
-        _positive("preference", "kl_limit", self.kl_limit)
-        _positive("preference", "kl_rate_limit", self.kl_rate_limit)
-        _positive("preference", "diversity_drop_pct", self.diversity_drop_pct)
-        _positive("preference", "sample_every", self.sample_every)
-        _positive("preference", "num_samples", self.num_samples)
-        _positive("preference", "max_new_tokens", self.max_new_tokens)
+        _check_limits("preference", self)
 
 
 @dataclass(frozen=True)
@@ -328,12 +432,9 @@ class HardwareSettings:
     """auto, cpu or cuda."""
 
     def __post_init__(self):
-        if not isinstance(self.num_gpus, int) or isinstance(self.num_gpus, bool) or not (1 <= self.num_gpus <= 1024):
-            raise PlanError("hardware.num_gpus", f"must be a whole number from 1 to 1024, got {self.num_gpus!r}")
+        _check_limits("hardware", self)
         _choice("hardware", "shard", self.shard, SHARDINGS)
         _choice("hardware", "device", self.device, ("auto", "cpu", "cuda"))
-        if self.gpu_memory_gb is not None:
-            _positive("hardware", "gpu_memory_gb", self.gpu_memory_gb)
         if self.cpu_offload and self.shard == "none":
             raise PlanError("hardware.cpu_offload", "needs sharding: set shard to zero2 or zero3")
 
@@ -394,6 +495,8 @@ class Plan:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise PlanError("plan", f"is not valid YAML: {exc}") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise PlanError("plan", f"holds a value Python cannot read: {exc}") from None
         if data is not None and not isinstance(data, dict):
             raise PlanError("plan", "must be a mapping of settings (key: value)")
         return cls.from_dict(data)
@@ -518,7 +621,10 @@ def _coerce(value: Any, f: dataclasses.Field, dotted: str) -> Any:
                 raise PlanError(dotted, f"must be a number, got {value!r}") from None
         if not isinstance(value, (int, float)):
             raise PlanError(dotted, f"must be a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the largest float (about 1.8e308)
+            raise PlanError(dotted, f"must be a finite number, got {_shown(value)}") from None
     if annotation.startswith("str"):
         if not isinstance(value, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -190,25 +190,20 @@ class AdvisorInputs:
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model.strip():
             raise _bad("model", "is empty: give a catalogue id, a local model directory or a size such as 7B")
-        if not isinstance(self.examples, int) or isinstance(self.examples, bool) or self.examples < 1:
-            raise _bad("examples", f"must be a whole number of at least 1, got {self.examples!r}")
-        if self.tokens is not None and (not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens < 1):
-            raise _bad("tokens", f"must be a whole number of at least 1, got {self.tokens!r}")
+        from advisor.plan import check_number
+
+        # The plan's ranges (advisor.plan.FIELD_LIMITS): no search or sum below meets a number beyond them.
+        for name, dotted in (("examples", "data.examples"), ("tokens", "data.tokens"), ("seq_len", "training.seq_len"),
+                             ("max_steps", "training.max_steps"), ("gpu_memory_gb", "hardware.gpu_memory_gb")):
+            value = getattr(self, name)
+            if value is not None or name == "examples":
+                check_number(dotted, value, name=name)
         for name, allowed in (("task", TASKS), ("domain_shift", DOMAIN_SHIFTS), ("priority", PRIORITIES),
                               ("stage", STAGES), ("pipeline", PIPELINES)):
             if getattr(self, name) not in allowed:
                 raise _bad(name, f"{getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not isinstance(self.num_gpus, int) or isinstance(self.num_gpus, bool) or not 1 <= self.num_gpus <= 1024:
             raise _bad("num_gpus", f"must be a whole number from 1 to 1024, got {self.num_gpus!r}")
-        if self.gpu_memory_gb is not None and (
-            isinstance(self.gpu_memory_gb, bool) or not isinstance(self.gpu_memory_gb, (int, float))
-            or not math.isfinite(self.gpu_memory_gb) or self.gpu_memory_gb <= 0
-        ):
-            raise _bad("gpu_memory_gb", f"must be a positive number of GB, got {self.gpu_memory_gb!r}")
-        if self.seq_len is not None and (not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 1):
-            raise _bad("seq_len", f"must be a whole number of at least 1, got {self.seq_len!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool) or self.max_steps < 1):
-            raise _bad("max_steps", f"must be a whole number of at least 1, got {self.max_steps!r}")
 
     @property
     def heaviest_stage(self) -> str:

@@ -131,6 +131,14 @@ LABELS = {
 }
 
 
+def widget_maximum(name: str) -> float | int:
+    """The largest value the plan accepts for number widget `name` (advisor.plan.FIELD_LIMITS), for the
+    page's number boxes: one table decides both."""
+    from advisor.plan import FIELD_LIMITS
+
+    return FIELD_LIMITS[PLAN_WIDGETS[name]].high
+
+
 def widget_for(dotted: str) -> str | None:
     """The widget that edits plan setting `dotted` (None when the page has no widget for it)."""
     for name, target in PLAN_WIDGETS.items():

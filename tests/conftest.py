@@ -13,6 +13,8 @@ Hub), small enough that a training step on the CPU takes milliseconds:
   quickly memorises the repeated answer patterns, so losses fall.
 - `demo_model_dir` (session): the bundled `assets/demo-model/` (skips the
   test when it has not been built).
+- `poisoned_model_dir` (session): the tiny model with one infinite weight, as
+  a damaged download would be (`poisoned_copy` makes one from any model).
 - `runs_dir`: an empty runs folder for this test, also set as
   `$TUNEWISE_RUNS_DIR` so code using the default runs folder lands there.
 - `make_plan(**overrides)`: a `Plan` for the tiny model and data with small,
@@ -151,6 +153,30 @@ def build_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     model = LlamaForCausalLM(config)
     model.save_pretrained(directory)
     return directory
+
+
+def poisoned_copy(model_dir: str | Path, directory: str | Path,
+                  tensor: str = "model.layers.0.mlp.down_proj.weight") -> Path:
+    """Copy a saved model with one weight of `tensor` set to infinity (what a damaged download or checkpoint
+    looks like): every forward pass through it gives NaN, so training on it must fail, not finish."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    shutil.copytree(model_dir, directory)
+    weights = load_file(directory / "model.safetensors")
+    weights[tensor][0, 0] = float("inf")
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    assert not torch.isfinite(load_file(directory / "model.safetensors")[tensor]).all()
+    return directory
+
+
+@pytest.fixture(scope="session")
+def poisoned_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model with one infinite weight (see `poisoned_copy`)."""
+    return poisoned_copy(tiny_model_dir, tmp_path_factory.mktemp("poisoned") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,11 @@ CLI_CASES = [
     c("unknown stage", TRAIN + " --stage pretrain", "stage", "pretrain", rc=2),
     c("unknown precision", TRAIN + " --precision fp8", "method.precision", rc=2),
     c("eval fraction 0.9", TRAIN + " --eval-fraction 0.9", "data.eval_fraction", rc=2),
+    c("EWC strength infinity", TRAIN + " --ewc inf", "forgetting.ewc_lambda", "not a finite number", rc=2),
+    c("EWC strength NaN", TRAIN + " --ewc nan", "forgetting.ewc_lambda", "not a finite number", rc=2),
+    c("EWC strength 1e308", TRAIN + " --ewc 1e308", "forgetting.ewc_lambda", "from 0 to 1,000,000", rc=2),
+    c("DPO beta infinity", TRAIN + " --beta inf", "preference.beta", rc=2),
+    c("micro-batch 10 million (train)", TRAIN + " --micro-batch 10000000", "training.micro_batch", "from 1 to 65,536", rc=2),
     c("LoRA target the model does not have", TRAIN + " --lora-targets nonexistent_proj", "nonexistent_proj", rc=2),
     c("CUDA asked on a machine without one", TRAIN.replace("--device cpu", "--device cuda"), "no CUDA GPU", rc=2),
     c("PPO without a reward model", TRAIN.replace("messages.jsonl", "prompt_completion.jsonl") + " --stage ppo",
@@ -101,6 +106,8 @@ CLI_CASES = [
     c("plan file that is not YAML", "train {data}/plan_broken.yaml --runs-dir {runs}", "not valid YAML", rc=2),
     c("plan file not UTF-8", "train {data}/plan_latin1.yaml --runs-dir {runs}", "not UTF-8", rc=2),
     c("plan file missing", "train {data}/no_such_plan.yaml --runs-dir {runs}", "no_such_plan.yaml does not exist", rc=2),
+    c("plan file with EWC .inf", "train {data}/plan_ewc_inf.yaml --runs-dir {runs}", "forgetting.ewc_lambda",
+      "not a finite number", rc=2),
     # runs
     c("status of an unknown run", "status 20990101-nope --runs-dir {runs}", "no run '20990101-nope'", rc=2),
     c("stop of a finished run", "stop {fake}/finished --runs-dir {runs}", "already finished", rc=2),
@@ -141,6 +148,7 @@ def bad(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     (data / "plan_list.yaml").write_text("- model: demo\n- training: {}\n")
     (data / "plan_broken.yaml").write_text("model: [demo\ntraining: {max_steps: 3\n")
     (data / "plan_latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    (data / "plan_ewc_inf.yaml").write_text("model:\n  name: demo\nforgetting:\n  ewc_lambda: .inf\n")
 
     from advisor.plan import Plan
 
@@ -327,3 +335,144 @@ def test_ui_huge_upload_is_refused_by_the_server(ui, tmp_path):
         answer = httpx.post(url + "gradio_api/upload", files={"files": ("huge.jsonl", handle)}, timeout=60)
     assert answer.status_code == 413 and "maximum allowed size" in answer.text, (answer.status_code, answer.text[:300])
     assert not list((work / "runs").rglob("huge*"))
+
+
+# -- hostile numbers: a clear answer at once, never a search that grows with the number ------------------------
+
+#: Longer than this beyond an ordinary request of the same command (which includes the process start) is a hang.
+HANDLER_SECONDS = 1.0
+#: How long a request may run before the test gives up on it (the old search took minutes to forever).
+GIVE_UP_SECONDS = 30
+
+PLAN_7B = "plan --model llama-2-7b --gpu RTX-4090"
+RECOMMEND_7B = "recommend --model llama-2-7b --examples 20000 --task qa --gpu RTX-4090"
+
+#: (arguments, exit code, substrings of the output)
+HOSTILE_CLI = [
+    (PLAN_7B + " --micro-batch 10000000", 2, ("training.micro_batch", "from 1 to 65,536", "got 10000000")),
+    (PLAN_7B + f" --micro-batch {10**30}", 2, ("training.micro_batch", "from 1 to 65,536")),
+    (PLAN_7B + " --micro-batch 1e30", 2, ("--micro-batch", "invalid int value")),
+    (PLAN_7B + f" --lora-rank {10**19}", 2, ("method.lora_rank", "from 1 to 16,384")),
+    (PLAN_7B + f" --seq-len {10**30}", 2, ("training.seq_len", "from 1 to 2,097,152")),
+    (PLAN_7B + " --gpus 10000000", 2, ("hardware.num_gpus", "from 1 to 1,024")),
+    (PLAN_7B + " --lora-dropout nan", 2, ("method.lora_dropout", "not a finite number")),
+    ("plan --model llama-2-7b --gpu-memory-gb 1e308", 2, ("--gpu-memory-gb", "at most 10,000")),
+    ("plan --model llama-2-7b --gpu-memory-gb nan", 2, ("--gpu-memory-gb", "not a finite number")),
+    ("plan --model llama-2-7b --gpu-memory-gb inf", 2, ("--gpu-memory-gb", "not a finite number")),
+    # The largest micro-batch allowed still gets its fix, found by bisection.
+    (PLAN_7B + " --micro-batch 65536", 0, ("lower the micro-batch to", "(same effective batch)")),
+    (RECOMMEND_7B + " --set micro_batch=10000000", 2, ("training.micro_batch", "from 1 to 65,536")),
+    (RECOMMEND_7B + f" --set micro_batch={10**30}", 2, ("training.micro_batch",)),
+    (RECOMMEND_7B + f" --set lora_rank={10**19}", 2, ("method.lora_rank", "from 1 to 16,384")),
+    (RECOMMEND_7B + " --set ewc_lambda=.inf", 2, ("forgetting.ewc_lambda", "not a finite number")),
+    (RECOMMEND_7B + " --set learning_rate=1e308", 2, ("training.learning_rate", "at most 1")),
+    (RECOMMEND_7B + " --set micro_batch=65536", 0, ("micro_batch", "does not fit")),
+    (f"recommend --model llama-2-7b --examples {10**30} --task qa", 2, ("examples", "from 1 to 1,000,000,000,000")),
+    (RECOMMEND_7B + f" --tokens {10**30}", 2, ("tokens", "from 1 to")),
+    (RECOMMEND_7B + " --seq-len 10000000", 2, ("seq_len", "from 1 to 2,097,152")),
+    (RECOMMEND_7B + " --gpu-memory-gb 1e308", 2, ("gpu_memory_gb", "at most 10,000")),
+]
+
+
+def _cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, CLI, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=GIVE_UP_SECONDS)
+    return done, time.monotonic() - began
+
+
+@pytest.fixture(scope="module")
+def ordinary_cli_seconds(tmp_path_factory) -> dict[str, float]:
+    """How long an ordinary `plan` / `recommend` on the same model and GPU takes, process start included."""
+    work = tmp_path_factory.mktemp("ordinary")
+    times = {}
+    for command in (PLAN_7B, RECOMMEND_7B):
+        runs = [_cli(command.split(), work) for _ in range(2)]
+        assert all(done.returncode == 0 for done, _ in runs), runs[0][0].stderr
+        times[command.split()[0]] = min(seconds for _, seconds in runs)
+    return times
+
+
+@pytest.mark.parametrize("args, rc, expect", HOSTILE_CLI,
+                         ids=[case[0].replace(PLAN_7B, "plan").replace(RECOMMEND_7B, "recommend")[:60] for case in HOSTILE_CLI])
+def test_cli_hostile_numbers_answer_at_once(args, rc, expect, ordinary_cli_seconds, tmp_path):
+    done, seconds = _cli(args.split(), tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == rc, output
+    assert "Traceback" not in output, output
+    for text in expect:
+        assert text in output, f"{text!r} not in:\n{output}"
+    ordinary = ordinary_cli_seconds[args.split()[0]]
+    assert seconds < ordinary + HANDLER_SECONDS, f"took {seconds:.2f}s (an ordinary request: {ordinary:.2f}s)"
+
+
+@pytest.fixture(scope="module")
+def demo_app(tmp_path_factory):
+    """`python app.py --demo-mode --no-warm-worker` on a free port; yields a gradio_client Client."""
+    from gradio_client import Client
+
+    from conftest import start_app, stop_app
+
+    root = tmp_path_factory.mktemp("hostile-app")
+    proc, url = start_app(root / "runs", "--demo-mode", "--no-warm-worker", log_path=root / "app.log")
+    try:
+        yield Client(url, verbose=False)
+    finally:
+        stop_app(proc)
+
+
+SEVEN_B = {"model": "meta-llama/Llama-2-7b-hf", "gpu": "RTX-4090", "method": "lora"}
+
+#: (endpoint, arguments beyond SEVEN_B, substrings of the message). Number boxes refuse values beyond the
+#: plan's maxima themselves; LoRA rank (no maximum on its box) is refused by the plan, naming the range.
+HOSTILE_UI = [
+    ("/estimate", {"micro_batch": 1e30}, ("Micro-batch: 1e+30 is out of range", "from 1 to 65536")),
+    ("/estimate", {"micro_batch": 10**30}, ("Micro-batch:", "out of range", "65536")),
+    ("/estimate", {"micro_batch": 10**7}, ("Micro-batch: 1e+07 is out of range",)),
+    ("/estimate", {"micro_batch": 1e308}, ("Micro-batch:", "out of range")),
+    ("/estimate", {"lora_rank": 10**19}, ("method.lora_rank", "from 1 to 16,384")),
+    ("/estimate", {"lora_rank": 10**30}, ("method.lora_rank", "from 1 to 16,384")),
+    ("/estimate", {"lora_rank": 1e308}, ("method.lora_rank", "from 1 to 16,384")),
+    ("/estimate", {"seq_len": 1e308}, ("Sequence length:", "out of range")),
+    ("/estimate", {"grad_accum": 10**30}, ("Gradient accumulation:", "out of range")),
+    ("/estimate", {"max_steps": 1e308}, ("Max steps (0: run the epochs):", "out of range")),
+    ("/estimate", {"epochs": 1e308}, ("Epochs:", "out of range")),
+    ("/estimate", {"learning_rate": 1e308}, ("Learning rate:", "out of range")),
+    ("/estimate", {"ewc_lambda": 1e308}, ("EWC strength:", "out of range")),
+    ("/estimate", {"lora_alpha": 1e308}, ("LoRA alpha:", "out of range")),
+    ("/recommend", {"max_steps": 1e30}, ("Max steps (0: run the epochs):", "out of range")),
+    ("/recommend", {"num_gpus": 10**7}, ("Number of GPUs:", "out of range")),
+    ("/readvise", {"micro_batch": 10**7}, ("Micro-batch:", "out of range")),
+    ("/readvise", {"lora_rank": 10**19}, ("method.lora_rank", "from 1 to 16,384")),
+    ("/readvise", {"lora_rank": 10**30}, ("method.lora_rank", "from 1 to 16,384")),
+]
+
+
+def _timed_predict(client, endpoint: str, arguments: dict):
+    """(result or the AppError raised, seconds); gives up (fails) after GIVE_UP_SECONDS."""
+    from gradio_client.exceptions import AppError
+
+    began = time.monotonic()
+    job = client.submit(**arguments, api_name=endpoint)
+    try:
+        outcome = job.result(timeout=GIVE_UP_SECONDS)
+    except AppError as exc:
+        outcome = exc
+    return outcome, time.monotonic() - began
+
+
+@pytest.mark.parametrize("endpoint, arguments, expect", HOSTILE_UI,
+                         ids=[f"{e[1:]}-{name}={float(value):g}" for e, a, _ in HOSTILE_UI for name, value in a.items()])
+def test_ui_hostile_numbers_answer_at_once(demo_app, endpoint, arguments, expect):
+    from gradio_client.exceptions import AppError
+
+    ordinary, ordinary_seconds = _timed_predict(demo_app, endpoint, SEVEN_B)
+    assert not isinstance(ordinary, AppError), ordinary
+    outcome, seconds = _timed_predict(demo_app, endpoint, {**SEVEN_B, **arguments})
+    assert isinstance(outcome, AppError), f"accepted: {outcome!r:.300}"
+    message = str(outcome)
+    assert "Traceback" not in message and "This is a bug" not in message, message
+    for text in expect:
+        assert text in message, f"{text!r} not in {message!r}"
+    assert seconds < ordinary_seconds + HANDLER_SECONDS, f"took {seconds:.2f}s (an ordinary request: {ordinary_seconds:.2f}s)"

@@ -254,3 +254,80 @@ def test_planning_70b_imports_no_torch():
             "print(sorted(m for m in ('torch','transformers','gradio') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _cheapest_fix_by_trying_every_micro_batch(spec, setup, gpu_bytes):
+    """The fix search as it was before bisection: every divisor of the micro-batch, largest first, on each rung.
+    The reference the bounded search must agree with."""
+    def rungs():
+        current, said = setup, []
+        if not setup.gradient_checkpointing:
+            current = current.with_(gradient_checkpointing=True)
+            said.append("turn on gradient checkpointing (about 30% slower, same results)")
+            yield said, current
+        if setup.optimizer == "adamw":
+            current = current.with_(optimizer="adamw_8bit")
+            said = said + ["switch to 8-bit AdamW"]
+            yield said, current
+        if setup.method != "qlora" and setup.stage != "ppo":
+            current = current.with_(method="qlora", precision="bf16" if setup.precision == "fp32" else setup.precision,
+                                    optimizer="paged_adamw_8bit" if current.optimizer != "sgd" else "sgd")
+            said = said + ["use QLoRA (4-bit NF4 base, double quantization)"]
+            yield said, current
+        for gpus in (2, 4, 8, 16, 32, 64):
+            if gpus > setup.num_gpus:
+                yield said + [f"shard with ZeRO-3 / FSDP over {gpus} GPUs of this size"], current.with_(num_gpus=gpus, shard="zero3")
+
+    for said, candidate in rungs():
+        options = [(said, candidate)]
+        for b in range(setup.micro_batch - 1, 0, -1):
+            if setup.micro_batch % b == 0:
+                accum = setup.grad_accum * setup.micro_batch // b
+                options.append((said + [f"lower the micro-batch to {b} with gradient accumulation {accum} (same effective batch)"],
+                                candidate.with_(micro_batch=b, grad_accum=accum)))
+        for words, option in options:
+            if estimate(spec, option).total_bytes <= gpu_bytes:
+                sentence = "; ".join(words)
+                total = estimate(spec, option).total_bytes
+                return f"{sentence[0].upper()}{sentence[1:]}: needs {total / GB:.1f} GB of {gpu_bytes / GB:.1f} GB.", option
+    return None, None
+
+
+@pytest.mark.parametrize("model", ["llama-2-7b", "gpt2", "llama-2-70b"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "ppo"])
+def test_bounded_fix_search_finds_what_trying_every_micro_batch_finds(model, stage):
+    spec = resolve_model(model, allow_hub=False)
+    checked = 0
+    for method, precision in (("full", "amp"), ("lora", "bf16"), ("qlora", "bf16")):
+        if method == "qlora" and stage == "ppo":
+            continue
+        for micro_batch, seq_len, grad_accum in ((1, 512, 1), (12, 1024, 1), (64, 2048, 2), (96, 512, 1), (360, 256, 3)):
+            setup = TrainingSetup(method=method, precision=precision, micro_batch=micro_batch, seq_len=seq_len,
+                                  grad_accum=grad_accum, stage=stage)
+            for gpu in GPUS:
+                fit = gpu_fit(spec, setup, gpu.memory_bytes)
+                if fit.fits:
+                    continue
+                want_fix, want_setup = _cheapest_fix_by_trying_every_micro_batch(spec, setup, gpu.memory_bytes)
+                assert (fit.cheapest_fix, fit.fixed_setup) == (want_fix, want_setup), (method, setup, gpu.name)
+                checked += 1
+    assert checked > 20  # the grid really exercises the search
+
+
+def test_planner_searches_stay_fast_at_the_largest_allowed_numbers():
+    import time
+
+    spec = resolve_model("llama-2-7b", allow_hub=False)
+    rtx = find_gpu("RTX-4090")
+    began = time.perf_counter()
+    # The largest setup a plan may describe: nothing fits, and the search says so at once.
+    fit = gpu_fit(spec, TrainingSetup(method="lora", micro_batch=65_536, seq_len=2**21, lora_rank=16_384), rtx.memory_bytes)
+    assert not fit.fits and fit.cheapest_fix is None and fit.max_micro_batch == 0
+    fit = gpu_fit(spec, TrainingSetup(method="lora", micro_batch=65_536, seq_len=512), rtx.memory_bytes)
+    assert "lower the micro-batch to" in fit.cheapest_fix and fit.fixed_setup.micro_batch * fit.fixed_setup.grad_accum == 65_536
+    assert time.perf_counter() - began < 1.0
+    for changes, field in (({"micro_batch": 10**7}, "training.micro_batch"), ({"lora_rank": 10**19}, "method.lora_rank"),
+                           ({"seq_len": 10**30}, "training.seq_len"), ({"num_gpus": 10**6}, "hardware.num_gpus")):
+        with pytest.raises(PlanError) as info:
+            TrainingSetup(**changes)
+        assert info.value.field == field and "from 1 to" in str(info.value)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 
-from advisor.plan import Plan, PlanError
+from advisor.plan import FIELD_LIMITS, Limit, Plan, PlanError
 
 
 def test_default_plan_round_trips_through_yaml(tmp_path):
@@ -85,3 +88,83 @@ def test_plan_file_that_is_not_a_mapping_is_refused(tmp_path):
 def test_qlora_needs_16_bit_compute():
     with pytest.raises(PlanError, match="method.precision"):
         Plan().with_overrides({"method.method": "qlora", "method.precision": "fp32"})
+
+
+# -- ranges: every number in a plan is finite and within a range no real run leaves ---------------------------
+
+#: Numeric settings whose value is a choice, not a range.
+CHOICES = {"method.quant_bits"}
+
+#: The plan's groups of settings: {"training": TrainingSettings, ...}.
+GROUPS = {f.name: type(f.default_factory()) for f in dataclasses.fields(Plan) if f.default_factory is not dataclasses.MISSING}
+
+
+def _numeric_fields(kind: str):
+    """(dotted name, field) of every plan setting annotated with `kind` (int or float)."""
+    for group, cls in GROUPS.items():
+        for f in dataclasses.fields(cls):
+            if str(f.type).split(" ")[0] == kind:
+                yield f"{group}.{f.name}", f
+
+
+FLOAT_FIELDS = [dotted for dotted, _ in _numeric_fields("float")]
+INT_FIELDS = [dotted for dotted, _ in _numeric_fields("int")]
+
+
+def test_every_numeric_setting_has_a_range():
+    assert FLOAT_FIELDS and INT_FIELDS
+    missing = [d for d in FLOAT_FIELDS + INT_FIELDS if d not in FIELD_LIMITS and d not in CHOICES]
+    assert not missing, f"settings without a range in FIELD_LIMITS: {missing}"
+    for dotted in INT_FIELDS:
+        if dotted not in CHOICES:
+            assert FIELD_LIMITS[dotted].whole, dotted
+    assert all(math.isfinite(limit.high) for limit in FIELD_LIMITS.values())
+
+
+@pytest.mark.parametrize("dotted", FLOAT_FIELDS)
+@pytest.mark.parametrize("text, value", [(".nan", math.nan), (".inf", math.inf), ("-.inf", -math.inf), ("1.0e+308", 1e308)])
+def test_every_float_setting_refuses_nan_infinity_and_1e308(dotted, text, value, tmp_path):
+    group, name = dotted.split(".")
+    limit = FIELD_LIMITS[dotted]
+    assert not (limit.low <= value <= limit.high)  # 1e308 is out of every float range too
+    # From widgets and CLI flags (with_overrides, as a number and as the flag's text), from a YAML plan file,
+    # and from Python (the dataclass itself).
+    attempts = [lambda: Plan().with_overrides({dotted: value}), lambda: Plan().with_overrides({dotted: str(value)})]
+    path = tmp_path / "plan.yaml"
+    path.write_text(f"{group}:\n  {name}: {text}\n", encoding="utf-8")
+    attempts.append(lambda: Plan.load(path))
+    attempts.append(lambda: GROUPS[group](**{name: value}))
+    for attempt in attempts:
+        with pytest.raises(PlanError) as info:
+            attempt()
+        assert info.value.field == dotted and str(info.value).startswith(f"{dotted}: must be a number")
+
+
+@pytest.mark.parametrize("dotted", sorted(FIELD_LIMITS))
+def test_each_range_keeps_its_maximum_and_refuses_beyond_it(dotted):
+    limit: Limit = FIELD_LIMITS[dotted]
+    assert Plan().with_overrides({dotted: limit.high}).to_dict()[dotted.split(".")[0]][dotted.split(".")[1]] == limit.high
+    beyond = [limit.high + 1 if limit.whole else limit.high * 1.5, 10**30, 10**19]
+    if not limit.whole:
+        beyond.append(1e308)
+    for value in beyond:
+        with pytest.raises(PlanError) as info:
+            Plan().with_overrides({dotted: value})
+        message = str(info.value)
+        assert info.value.field == dotted and message.startswith(f"{dotted}: must be")
+        assert " to " in message or "at most" in message, message  # the range is named
+
+
+def test_hostile_integers_get_range_errors_not_memory_figures():
+    with pytest.raises(PlanError, match=r"method\.lora_rank: must be a whole number from 1 to 16,384, got 10000000000000000000"):
+        Plan().with_overrides({"method.lora_rank": 10**19})
+    with pytest.raises(PlanError, match=r"training\.micro_batch: must be a whole number from 1 to 65,536"):
+        Plan().with_overrides({"training.micro_batch": 1e30})  # a whole float, as a number box sends it
+    with pytest.raises(PlanError, match=r"training\.learning_rate: must be a finite number"):
+        Plan().with_overrides({"training.learning_rate": 10**400})  # too large to be a float at all
+    with pytest.raises(PlanError, match=r"training\.seq_len: must be a whole number from 1 to 2,097,152, got a number with about"):
+        Plan().with_overrides({"training.seq_len": 10**5000})
+    # Big but real runs stay allowed.
+    big = Plan().with_overrides({"training.seq_len": 1_048_576, "method.lora_rank": 4096, "training.micro_batch": 4096,
+                                 "training.grad_accum": 100_000, "training.max_steps": 2_000_000, "hardware.num_gpus": 1024})
+    assert big.training.seq_len == 1_048_576 and big.method.lora_rank == 4096

@@ -218,3 +218,57 @@ def test_online_rl_uses_the_reward_model_and_logs_ppo_names(algorithm, tmp_path,
         assert log["kl_coef"] == pytest.approx(0.05)  # beta = preference.kl_coef
     result = json.loads((tmp_path / algorithm / "result.json").read_text())
     assert result["status"] == "finished" and result["algorithm"] == algorithm
+
+
+# -- a run that stops being numbers fails, in every stage ---------------------------------------------------
+
+#: (id, stage, overrides, whether the poisoned model is the policy (else the reward model)). PPO starts from a
+#: healthy policy and a reward model that scores NaN, so the NaN arrives through the rewards and the value model
+#: (which starts from the reward model). GRPO and RLOO ignore NaN rewards by design (they count them as missing),
+#: so there the policy itself is the broken model.
+NON_FINITE_CASES = [
+    ("rm", "rm", {}, True),
+    ("dpo", "dpo", {}, True),
+    ("ppo", "ppo", {"preference.algorithm": "ppo"}, False),
+    ("grpo", "ppo", {"preference.algorithm": "grpo"}, True),
+    ("rloo", "ppo", {"preference.algorithm": "rloo"}, True),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, overrides, poisoned_policy", [case[1:] for case in NON_FINITE_CASES],
+                         ids=[case[0] for case in NON_FINITE_CASES])
+def test_a_non_finite_loss_fails_every_stage_with_an_alert_and_no_output(stage, overrides, poisoned_policy, tmp_path,
+                                                                          tiny_preference_setup, poisoned_model_dir):
+    import torch
+
+    from trainer.events import read_all_events
+    from trainer.runner import run
+
+    setup = {**tiny_preference_setup, "model": poisoned_model_dir if poisoned_policy else tiny_preference_setup["model"]}
+    extra = {}
+    if stage == "ppo":  # the online algorithms score with a reward model: the broken one, or a healthy one
+        extra["preference.reward_model"] = str(tiny_preference_setup["model"] if poisoned_policy else poisoned_model_dir)
+    plan = preference_plan(setup["model"], setup["data"], stage, {"training.max_steps": 3, "training.save_steps": 1,
+                                                                  **extra, **overrides})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    plan.save(run_dir / "plan.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = run(run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    events = read_all_events(run_dir / "events.jsonl")
+    kinds = [event["event"] for event in events]
+    assert code == 2 and kinds[-1] == "failed", events[-1]
+    assert "finished" not in kinds and "stopped" not in kinds
+    failed = events[-1]
+    assert failed["user_error"] is True and "traceback" not in failed, failed
+    assert "training diverged at step 1: " in failed["error"] and " is nan" in failed["error"], failed["error"]
+    assert "lower the learning rate" in failed["error"]
+    alerts = [event for event in events if event["event"] == "alert" and event.get("kind") == "non_finite"]
+    assert len(alerts) == 1 and alerts[0]["step"] == 1 and alerts[0]["message"] == failed["error"]
+    assert not (run_dir / "output").exists()
+    assert not list((run_dir / "checkpoints").glob("checkpoint-*"))

@@ -202,6 +202,9 @@ BAD_PLANS = [
     ("negative learning rate", {"training": {"learning_rate": -1e-4}}, "training.learning_rate"),
     ("zero learning rate", {"training": {"learning_rate": 0}}, "training.learning_rate"),
     ("sequence longer than the model", {"training": {"seq_len": 4096}}, "training.seq_len"),
+    ("EWC strength infinity", {"forgetting": {"ewc_lambda": float("inf")}}, "forgetting.ewc_lambda"),
+    ("EWC strength NaN", {"forgetting": {"ewc_lambda": float("nan")}}, "forgetting.ewc_lambda"),
+    ("micro-batch 10 million", {"training": {"micro_batch": 10_000_000}}, "training.micro_batch: must be a whole number from 1 to 65,536"),
 ]
 
 
@@ -234,6 +237,94 @@ def test_bad_plans_fail_before_training(label, changes, expected, tmp_path, tiny
     assert expected in failed["error"], failed["error"]
     assert failed["user_error"] is True and "traceback" not in failed
     assert elapsed < 30  # nothing was loaded or trained
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_run_whose_loss_turns_nan_fails_with_an_alert_and_saves_nothing(method, tmp_path, poisoned_model_dir,
+                                                                         tiny_data_dir):
+    """A model with one infinite weight (a damaged download) gives a NaN loss at the first step: the run must
+    end `failed` saying what went non-finite where and what to do, with an alert, no checkpoint of the broken
+    weights and no output, never `finished` (as it did, with loss 0.0, before)."""
+    plan = tiny_plan(poisoned_model_dir, tiny_data_dir, {"method.method": method, "training.save_steps": 1})
+    run_dir = tmp_path / "run"
+    code, events = run_in_process(plan, run_dir)
+    kinds = [event["event"] for event in events]
+    assert code == 2, events[-1]
+    assert kinds[-1] == "failed" and "finished" not in kinds and "stopped" not in kinds, kinds
+    failed = events[-1]
+    assert failed["user_error"] is True and "traceback" not in failed
+    assert "training diverged at step 1: loss is nan, grad_norm is nan" in failed["error"], failed["error"]
+    assert "lower the learning rate (now 0.005)" in failed["error"] and "check the data" in failed["error"]
+    alerts = of_kind(events, "alert")
+    assert len(alerts) == 1 and alerts[0]["kind"] == "non_finite" and alerts[0]["step"] == 1
+    assert alerts[0]["message"] == failed["error"] and alerts[0]["non_finite"] == ["grad_norm", "loss"]
+    assert of_kind(events, "log")[0]["loss"] is None  # logged as it was (JSON has no NaN), not as 0.0
+    assert not of_kind(events, "checkpoint") and not list((run_dir / "checkpoints").glob("checkpoint-*"))
+    assert not (run_dir / "output").exists()
+
+    from trainer import supervisor
+
+    status = supervisor.status(run_dir.name, run_dir.parent)
+    assert status.state == "failed" and "training diverged at step 1" in status.error
+
+
+def test_fp16_loss_scaler_overflows_are_tolerated_until_they_persist(tmp_path, make_plan):
+    """Under fp16 autocast the loss scaler skips a step whose gradients overflowed (an infinite gradient norm
+    with a finite loss): normal at the start of fp16 training, so only FP16_OVERFLOW_LOGS in a row fail the
+    run. (The rule, driven by the Trainer's own argument and state objects: fp16 needs a GPU to train.)"""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from trainer.callbacks import FP16_OVERFLOW_LOGS, NonFiniteCallback, NonFiniteTraining
+    from trainer.context import RunContext
+    from trainer.events import EventWriter
+
+    ctx = RunContext(plan=make_plan(), run_dir=tmp_path, events=EventWriter(tmp_path / "events.jsonl"))
+    state, control = TrainerState(), TrainerControl()
+    fp16 = TrainingArguments(output_dir=str(tmp_path / "out"), fp16=True, use_cpu=True, report_to="none")
+    fp32 = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    inf, nan = float("inf"), float("nan")
+
+    def feed(guard, args, step, **logs):
+        state.global_step = step
+        guard.on_log(args, state, control, logs=logs)
+
+    guard = NonFiniteCallback(ctx)
+    for step in range(1, FP16_OVERFLOW_LOGS):  # 9 overflows in a row: skipped steps, not divergence
+        feed(guard, fp16, step, loss=2.5, grad_norm=inf)
+    feed(guard, fp16, 10, loss=2.4, grad_norm=3.0)  # the scale came down: a finite step restarts the count
+    last = 10 + FP16_OVERFLOW_LOGS
+    for step in range(11, last):
+        feed(guard, fp16, step, loss=2.5, grad_norm=inf)
+    with pytest.raises(NonFiniteTraining, match=f"at step {last}: grad_norm is inf"):
+        feed(guard, fp16, last, loss=2.5, grad_norm=inf)  # the 10th in a row
+    with pytest.raises(NonFiniteTraining, match="at step 50: loss is nan.*float16 overflows above 65504: use bf16"):
+        feed(NonFiniteCallback(ctx), fp16, 50, loss=nan, grad_norm=1.0)  # a NaN loss fails at once
+    with pytest.raises(NonFiniteTraining, match="at step 60: grad_norm is inf"):
+        feed(NonFiniteCallback(ctx), fp32, 60, loss=2.5, grad_norm=inf)  # no loss scaler: at once
+    alerts = [e for e in read_all_events(tmp_path / "events.jsonl") if e["event"] == "alert"]
+    assert [(a["kind"], a["step"]) for a in alerts] == [("non_finite", last), ("non_finite", 50), ("non_finite", 60)]
+
+
+def test_non_finite_trained_weights_at_the_end_fail_the_run(tmp_path, make_plan, poisoned_model_dir, tiny_model_dir):
+    """The last check, when training ends (steps that were not logged; weights that were never finite): the
+    trainable weights of the model the Trainer hands over. Frozen weights are not this run's product."""
+    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
+
+    from trainer.callbacks import NonFiniteCallback, NonFiniteTraining
+    from trainer.context import RunContext
+    from trainer.events import EventWriter
+
+    ctx = RunContext(plan=make_plan(), run_dir=tmp_path, events=EventWriter(tmp_path / "events.jsonl"))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    state = TrainerState()
+    state.global_step = 8
+    NonFiniteCallback(ctx).on_train_end(args, state, TrainerControl(), model=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    broken = AutoModelForCausalLM.from_pretrained(poisoned_model_dir)
+    with pytest.raises(NonFiniteTraining, match=r"at step 8: the trained weights hold NaN or infinite values "
+                                                r"\(1 tensors, e.g. model.layers.0.mlp.down_proj.weight\)"):
+        NonFiniteCallback(ctx).on_train_end(args, state, TrainerControl(), model=broken)
+    broken.model.layers[0].mlp.down_proj.weight.requires_grad_(False)  # frozen: not this run's weights
+    NonFiniteCallback(ctx).on_train_end(args, state, TrainerControl(), model=broken)
 
 
 def test_merge_reproduces_base_plus_adapter(lora_run, tmp_path):

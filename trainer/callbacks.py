@@ -12,17 +12,25 @@
   any rank stops them all at the same step), so no rank waits forever in a
   collective the others skipped. `request_stop(ctx, reason)` is how a
   monitor inside the process asks for the same thing.
+- `NonFiniteCallback(ctx)` fails the run the moment training stops being
+  numbers: a NaN or infinite training loss (`loss`, PPO's `loss/*`, the
+  final `train_loss`) or gradient norm in a log, or non-finite trainable
+  weights at the end. It writes an `alert` event (kind `non_finite`) and
+  raises `NonFiniteTraining`, so the stage saves nothing and the runner
+  records `failed` with the message (what, at which step, what to do).
 
-Only rank 0 writes events (`ctx.emit` does that). Every stage uses both
+Only rank 0 writes events (`ctx.emit` does that). Every stage uses these
 callbacks, so SFT, reward model, DPO and PPO runs report the same way.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from advisor.errors import TunewiseError
 from trainer.context import STOP_FILE, RunContext
 
 #: Keys of the Trainer's end-of-training summary log (reported as `train_end`, not `log`).
@@ -119,3 +127,101 @@ class StopCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+# -- non-finite training ---------------------------------------------------------------------------
+
+#: A float16 loss scaler skips a step whose gradients overflowed and halves its scale; after this many
+#: logs in a row with a non-finite gradient norm (the scale down by 2^10) it is divergence, not overflow.
+FP16_OVERFLOW_LOGS = 10
+
+
+class NonFiniteTraining(TunewiseError):
+    """Training produced a NaN or infinite loss, gradient norm or weight; the run fails instead of saving it."""
+
+
+def _watched(key: str) -> bool:
+    """Log keys that must stay finite: the training loss of every stage (`loss`; PPO's `loss/policy_avg`,
+    `loss/value_avg`; the run's mean `train_loss`) and the gradient norm before clipping."""
+    return key in ("loss", "train_loss", "grad_norm") or key.startswith("loss/")
+
+
+def _as_float(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:  # a 0-d tensor
+        try:
+            return float(value.item())
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    return None
+
+
+class NonFiniteCallback(TrainerCallback):
+    """Ends the run with a clear failure when the loss, the gradient norm or the weights stop being numbers.
+
+    Once a loss is NaN the optimizer writes NaN into every weight it updates, and nothing after that step
+    can recover; saving would hand on a model that only produces NaN. So: an `alert` event, then
+    `NonFiniteTraining` raised from the hook, which ends `Trainer.train()` before any save of that step
+    (the Trainer logs, then evaluates, then saves). The logged numbers are the same on every rank (the
+    Trainer averages the loss over processes and the gradient norm is global), so under DDP every rank
+    raises at the same step. The runner turns the error into the `failed` event.
+    """
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.overflow_logs = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bad = {}
+        for key, value in (logs or {}).items():
+            number = _as_float(value)
+            if _watched(key) and number is not None and not math.isfinite(number):
+                bad[key] = number
+        if not bad:
+            self.overflow_logs = 0
+            return
+        if set(bad) == {"grad_norm"} and getattr(args, "fp16", False):
+            # With a float16 loss scaler an overflowing step is skipped (weights untouched) and the scale
+            # halved: normal at the start of fp16 training. Only a long run of them is divergence.
+            self.overflow_logs += 1
+            if self.overflow_logs < FP16_OVERFLOW_LOGS:
+                return
+        self._fail(args, state, ", ".join(f"{key} is {value}" for key, value in bad.items()), sorted(bad))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # The logs see every optimizer step's loss; this catches the rest (a last step that was not logged,
+        # a model that arrived with broken weights and was never updated). Trainable weights only: a frozen
+        # (possibly quantized) base is not what this run produced.
+        bad_names = []
+        if model is not None:
+            import torch
+
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    # A sum is NaN or infinite when any element is (trained weights are far below fp32's
+                    # 3e38), and unlike isfinite(parameter) it needs no temporary the size of the tensor.
+                    if parameter.requires_grad and parameter.numel() and not math.isfinite(
+                            float(parameter.sum(dtype=torch.float32))):
+                        bad_names.append(name)
+        if _any_rank(bool(bad_names)):  # under sharding each rank holds a slice: agree before failing
+            where = f" ({len(bad_names)} tensors, e.g. {bad_names[0]})" if bad_names else " (on another process)"
+            self._fail(args, state, f"the trained weights hold NaN or infinite values{where}", ["weights"])
+
+    def _fail(self, args, state, what: str, keys: list[str]) -> None:
+        step = state.global_step
+        plan = self.ctx.plan
+        advice = []
+        if getattr(args, "fp16", False):
+            advice.append("float16 overflows above 65504: use bf16 (or fp32) if the GPU has it")
+        advice.append(f"lower the learning rate (now {plan.training.learning_rate:g}) by 10x or more, with warmup")
+        if plan.forgetting.ewc_lambda > 0:
+            advice.append(f"lower forgetting.ewc_lambda (now {plan.forgetting.ewc_lambda:g})")
+        advice.append("check the data for empty, enormous or garbled examples")
+        advice.append("check that the starting model's weights are finite (a damaged download or checkpoint)")
+        message = (f"training diverged at step {step}: {what}. The run stopped without saving these weights "
+                   f"(they are no longer numbers). To fix it: {'; '.join(advice)}.")
+        self.ctx.emit("alert", step=step, kind="non_finite", message=message, action="stop", non_finite=keys)
+        raise NonFiniteTraining(message)

@@ -13,8 +13,8 @@
   config; `load_base` loads a causal LM or a one-logit classifier in the
   plan's precision (4-bit for QLoRA).
 - Events: `monitored_context` installs the preference monitors on the
-  run's event writer; `callbacks_for` gives the log and stop callbacks
-  (trainer.callbacks', or minimal ones when that module is absent).
+  run's event writer; `callbacks_for` gives the log, stop and non-finite
+  callbacks (trainer.callbacks', or minimal ones when that module is absent).
 
 Runs inside the training process only; torch & co are imported in functions
 so that the pipeline module can import this cheaply.
@@ -321,11 +321,11 @@ def preference_forgetting_ctx(ctx):
 
 
 def callbacks_for(ctx) -> list:
-    """The run's log and stop callbacks: trainer.callbacks' when present, else the minimal ones here."""
+    """The run's log, stop and non-finite callbacks: trainer.callbacks' when present, else the minimal ones here."""
     try:
-        from trainer.callbacks import EventsCallback, StopCallback
+        from trainer.callbacks import EventsCallback, NonFiniteCallback, StopCallback
 
-        return [EventsCallback(ctx), StopCallback(ctx)]
+        return [EventsCallback(ctx), StopCallback(ctx), NonFiniteCallback(ctx)]
     except ImportError:
         log_events, stop_on_request = _define_callbacks()
         return [log_events(ctx), stop_on_request(ctx)]

@@ -123,9 +123,12 @@ def sample_completions(policy, tokenizer, prompts: Sequence[Any], max_new_tokens
             # Left padding, so every prompt ends where generation begins.
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+            # remove_invalid_values: a policy whose weights went NaN would make sampling raise ("probability
+            # tensor contains inf, nan") before trainer.callbacks.NonFiniteCallback can fail the run with its
+            # clear message; finite logits are untouched.
             out = policy.generate(input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=1.0,
                                   top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                  eos_token_id=tokenizer.eos_token_id)
+                                  eos_token_id=tokenizer.eos_token_id, remove_invalid_values=True)
             for row in out[:, width:].tolist():
                 if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in row:
                     row = row[: row.index(tokenizer.eos_token_id) + 1]

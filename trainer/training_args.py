@@ -69,6 +69,9 @@ def training_kwargs(ctx: RunContext, precision: Precision, has_eval: bool) -> di
         logging_strategy="steps",
         logging_steps=training.logging_steps,
         logging_first_step=True,
+        # Log a NaN or infinite loss as it is (transformers' default reports the running mean instead), so
+        # trainer.callbacks.NonFiniteCallback sees it and the run fails rather than "finishing" with loss 0.0.
+        logging_nan_inf_filter=False,
         save_strategy="steps" if training.save_steps else "no",
         save_steps=training.save_steps or 500,
         save_total_limit=training.keep_checkpoints,

@@ -123,7 +123,9 @@ class ObjectiveKeysCallback(TrainerCallback):
             return
         length = logs.get("completions/mean_length") or 0.0
         # TRL's `kl` is per token; times the mean completion length it is per sequence, like PPO's.
-        kl = logs.get("kl", 0.0) * length
+        # TRL reports a non-finite mean as None: keep it non-finite (NonFiniteCallback judges the run).
+        kl_per_token = logs.get("kl", 0.0)
+        kl = float("nan") if kl_per_token is None else kl_per_token * length
         logs["objective/scores"] = score
         logs["objective/kl"] = kl
         logs["objective/rlhf_reward"] = score - self.beta * kl
@@ -275,8 +277,11 @@ def _rloo_or_grpo(ctx, plan, start, tokenizer, train_rows, heldout, reward_model
     if batch < 2:
         raise TunewiseError(f"training.micro_batch: {plan.preference.algorithm} compares at least 2 completions per "
                             f"prompt: set micro_batch x grad_accum to 2 or more", field="training.micro_batch")
+    # remove_invalid_values: a policy gone NaN then samples garbage instead of raising inside generate(), and
+    # its NaN loss fails the run with NonFiniteCallback's message (finite logits are untouched).
     config = Config(**args, beta=plan.preference.kl_coef, num_generations=generations,
-                    max_completion_length=plan.preference.max_new_tokens, temperature=1.0, log_completions=False)
+                    max_completion_length=plan.preference.max_new_tokens, temperature=1.0, log_completions=False,
+                    generation_kwargs={"remove_invalid_values": True})
     reward_model.config.pad_token_id = tokenizer.pad_token_id
     reward_name = reward_model.config._name_or_path.split("/")[-1]
     fctx = preference_forgetting_ctx(ctx)

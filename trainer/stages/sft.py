@@ -10,7 +10,8 @@ setup -> train -> save:
   every plan setting (`trainer.training_args.training_kwargs` plus
   max_length = seq_len and packing).
 - train: `SFTTrainer.train(resume_from_checkpoint=ctx.resume_from)` with
-  `EventsCallback` (events.jsonl) and `StopCallback` (cooperative stop); with
+  `EventsCallback` (events.jsonl), `StopCallback` (cooperative stop) and
+  `NonFiniteCallback` (a NaN / infinite loss fails the run, unsaved); with
   EWC the loss gets the penalty added in a small `SFTTrainer` subclass.
 - save: the adapter (LoRA / QLoRA) or the whole model, with the tokenizer,
   in `ctx.output_dir`, also when stopped early (a checkpoint for resuming is
@@ -29,7 +30,7 @@ import math
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from trainer.callbacks import EventsCallback, StopCallback
+from trainer.callbacks import EventsCallback, NonFiniteCallback, StopCallback
 from trainer.context import RunContext
 from trainer.data import load_training_data, sft_loss_options
 from trainer.models import load_model, load_tokenizer, resolve_precision, trainable_parameters
@@ -119,8 +120,9 @@ def run(ctx: RunContext) -> dict:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        # The forgetting callbacks first: EWC adds `ewc_penalty` to each log before EventsCallback writes it.
-        callbacks=[*extra_callbacks, EventsCallback(ctx), stop],
+        # The forgetting callbacks first: EWC adds `ewc_penalty` to each log before EventsCallback writes it;
+        # NonFiniteCallback last, so the log it fails on is written first.
+        callbacks=[*extra_callbacks, EventsCallback(ctx), stop, NonFiniteCallback(ctx)],
     )
     if ctx.stop_requested() and ctx.resume_from is None:
         return {"status": "stopped", "reason": "stopped before training started", "step": 0}
