@@ -307,8 +307,8 @@ def _number_component(gr):
                 return check(payload)
             except gr.Error:
                 low, high = component.minimum, component.maximum
-                fits = (f"from {low:g} to {high:g}" if low is not None and high is not None
-                        else f"at least {low:g}" if low is not None else f"at most {high:g}")
+                fits = (f"from {low:,g} to {high:,g}" if low is not None and high is not None
+                        else f"at least {low:,g}" if low is not None else f"at most {high:,g}")
                 raise gr.Error(f"{component.label}: {payload:g} is out of range; enter a value {fits}.",
                                title="Check this value") from None
 
@@ -427,7 +427,7 @@ def build_app(config: AppConfig):
                         shard = gr.Dropdown(choices=[("none (DDP)", "none"), ("ZeRO-2", "zero2"), ("ZeRO-3 / FSDP", "zero3")],
                                             value="none", label="Sharding")
                     with gr.Row():
-                        lora_rank = Number(value=16, precision=0, minimum=1, label="LoRA rank", elem_id="lora-rank")
+                        lora_rank = Number(value=16, precision=0, minimum=1, maximum=wizard.widget_maximum("lora_rank"), label="LoRA rank", elem_id="lora-rank")
                         lora_alpha = Number(value=32, maximum=wizard.widget_maximum("lora_alpha"), label="LoRA alpha")
                         lora_dropout = Number(value=0.05, minimum=0, maximum=wizard.widget_maximum("lora_dropout"), step=0.01, label="LoRA dropout")
                         lora_targets = gr.Dropdown(choices=["q_proj", "k_proj", "v_proj", "o_proj"], multiselect=True,

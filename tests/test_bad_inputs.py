@@ -264,8 +264,8 @@ UI_CASES = [
     ("empty model", "/estimate", {"model": "  "}, ("model.name", "empty")),
     ("negative learning rate", "/estimate", {"model": SMALL, "learning_rate": -1}, ("training.learning_rate",)),
     # Gradio's own range checks on number boxes: they name the value and the limit, not the field.
-    ("LoRA rank 0", "/estimate", {"model": SMALL, "lora_rank": 0}, ("LoRA rank: 0 is out of range; enter a value at least 1",)),
-    ("GPU count 0", "/estimate", {"model": SMALL, "gpu": "A100-80GB", "num_gpus": 0}, ("Number of GPUs: 0 is out of range; enter a value from 1 to 1024",)),
+    ("LoRA rank 0", "/estimate", {"model": SMALL, "lora_rank": 0}, ("LoRA rank: 0 is out of range; enter a value from 1 to 16,384",)),
+    ("GPU count 0", "/estimate", {"model": SMALL, "gpu": "A100-80GB", "num_gpus": 0}, ("Number of GPUs: 0 is out of range; enter a value from 1 to 1,024",)),
     ("dropout 1.5", "/estimate", {"model": SMALL, "lora_dropout": 1.5}, ("LoRA dropout: 1.5 is out of range; enter a value from 0 to 0.9",)),
     ("sequence longer than the model's maximum", "/estimate", {"model": SMALL, "seq_len": 100_000},
      ("training.seq_len", "maximum of 8192")),
@@ -425,15 +425,15 @@ def demo_app(tmp_path_factory):
 SEVEN_B = {"model": "meta-llama/Llama-2-7b-hf", "gpu": "RTX-4090", "method": "lora"}
 
 #: (endpoint, arguments beyond SEVEN_B, substrings of the message). Number boxes refuse values beyond the
-#: plan's maxima themselves; LoRA rank (no maximum on its box) is refused by the plan, naming the range.
+#: plan's maxima themselves; LoRA rank too.
 HOSTILE_UI = [
-    ("/estimate", {"micro_batch": 1e30}, ("Micro-batch: 1e+30 is out of range", "from 1 to 65536")),
-    ("/estimate", {"micro_batch": 10**30}, ("Micro-batch:", "out of range", "65536")),
+    ("/estimate", {"micro_batch": 1e30}, ("Micro-batch: 1e+30 is out of range", "from 1 to 65,536")),
+    ("/estimate", {"micro_batch": 10**30}, ("Micro-batch:", "out of range", "65,536")),
     ("/estimate", {"micro_batch": 10**7}, ("Micro-batch: 1e+07 is out of range",)),
     ("/estimate", {"micro_batch": 1e308}, ("Micro-batch:", "out of range")),
-    ("/estimate", {"lora_rank": 10**19}, ("method.lora_rank", "from 1 to 16,384")),
-    ("/estimate", {"lora_rank": 10**30}, ("method.lora_rank", "from 1 to 16,384")),
-    ("/estimate", {"lora_rank": 1e308}, ("method.lora_rank", "from 1 to 16,384")),
+    ("/estimate", {"lora_rank": 10**19}, ("LoRA rank", "from 1 to 16,384")),
+    ("/estimate", {"lora_rank": 10**30}, ("LoRA rank", "from 1 to 16,384")),
+    ("/estimate", {"lora_rank": 1e308}, ("LoRA rank", "from 1 to 16,384")),
     ("/estimate", {"seq_len": 1e308}, ("Sequence length:", "out of range")),
     ("/estimate", {"grad_accum": 10**30}, ("Gradient accumulation:", "out of range")),
     ("/estimate", {"max_steps": 1e308}, ("Max steps (0: run the epochs):", "out of range")),
@@ -444,8 +444,8 @@ HOSTILE_UI = [
     ("/recommend", {"max_steps": 1e30}, ("Max steps (0: run the epochs):", "out of range")),
     ("/recommend", {"num_gpus": 10**7}, ("Number of GPUs:", "out of range")),
     ("/readvise", {"micro_batch": 10**7}, ("Micro-batch:", "out of range")),
-    ("/readvise", {"lora_rank": 10**19}, ("method.lora_rank", "from 1 to 16,384")),
-    ("/readvise", {"lora_rank": 10**30}, ("method.lora_rank", "from 1 to 16,384")),
+    ("/readvise", {"lora_rank": 10**19}, ("LoRA rank", "from 1 to 16,384")),
+    ("/readvise", {"lora_rank": 10**30}, ("LoRA rank", "from 1 to 16,384")),
 ]
 
 
