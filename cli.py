@@ -9,6 +9,8 @@ so `tunewise plan` stays instant.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 
@@ -33,13 +35,20 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.errors import TunewiseError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that went away (`| head -1`) is met here, not at exit
+        return code
     except TunewiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader closed the pipe: stop quietly, like a command killed by SIGPIPE. Python would try to
+        # flush stdout again at exit and print another error, so point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ The event keys read here are the trainer's contract (trainer/events.py):
 `learning_rate`, TRL's `rewards/margins`, `objective/kl`, ...), `eval` events
 carry `eval_loss`, `forgetting` events carry `baseline_loss`, `loss`,
 `degradation_pct` and `threshold_pct`, `alert` events carry a `message`.
+A resumed run logs again from its checkpoint's step, so the loss chart draws
+each attempt as its own line (`attempts`), split at the `resumed` events.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ COLORS = {
     "baseline": "#64748b",
     "threshold": "#dc2626",
 }
+#: Training-loss colours of a run's attempts: the first, then each resume in turn (cycled).
+ATTEMPT_COLORS = ("#4f46e5", "#0891b2", "#c026d3", "#65a30d", "#ea580c")
 
 #: Memory components in stacking order (bottom to top) with their colours.
 COMPONENT_COLORS = {
@@ -113,6 +117,28 @@ def _series(events: Iterable[Mapping], kind: str | tuple[str, ...], key: str) ->
     return steps, values
 
 
+def attempts(events: Iterable[Mapping]) -> list[list[Mapping]]:
+    """The events split into one list per attempt of the run, oldest first.
+
+    An attempt after the first begins at its `resumed` event (the supervisor writes one before a
+    resumed attempt starts, with the checkpoint's step), or, where that marker is missing (lost to a
+    damaged log), at a `log` whose step is not after the previous one's: a resumed attempt logs again
+    the steps after its checkpoint, which the attempt before it may have logged already."""
+    parts: list[list[Mapping]] = [[]]
+    last_logged: int | None = None
+    for event in events:
+        kind, step = event.get("event"), event.get("step")
+        new_attempt = kind == "resumed" or (
+            kind == "log" and isinstance(step, int) and last_logged is not None and step <= last_logged)
+        if new_attempt and parts[-1]:
+            parts.append([])
+            last_logged = None
+        parts[-1].append(event)
+        if kind == "log" and isinstance(step, int):
+            last_logged = step
+    return parts
+
+
 def _first_key(events: Sequence[Mapping], kinds: tuple[str, ...], keys: Sequence[str]) -> str | None:
     """The first of `keys` that appears with a number in any event of `kinds`."""
     for key in keys:
@@ -123,28 +149,43 @@ def _first_key(events: Sequence[Mapping], kinds: tuple[str, ...], keys: Sequence
 
 def loss_figure(events: Sequence[Mapping], title: str = "Loss") -> go.Figure:
     """Training loss (every `log`), eval loss (`eval` events), EWC's penalty when the safeguard is on,
-    and the learning rate on a second axis."""
-    train_steps, train_loss = _series(events, "log", "loss")
-    eval_steps, eval_loss = _series(events, "eval", "eval_loss")
-    lr_steps, lr = _series(events, "log", "learning_rate")
-    if not train_steps and not eval_steps:
+    and the learning rate on a second axis.
+
+    One line per attempt (see `attempts`): after a resume the steps from the checkpoint on are logged
+    again, and one line through both attempts would run back along the x axis. The first attempt's
+    line is "training loss", a resumed one's "training loss (resumed at step N)"; the other series'
+    later attempts join their first line's legend entry."""
+    parts = attempts(events)
+    resumed_at = [next((e.get("step") for e in part if e.get("event") == "resumed"), None) for part in parts]
+    if not any(_series(part, "log", "loss")[0] or _series(part, "eval", "eval_loss")[0] for part in parts):
         return empty_figure(title, "Waiting for the first logged step...")
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=train_steps, y=train_loss, name="training loss", mode="lines+markers",
-                             marker={"size": 4}, line={"color": COLORS["loss"], "width": 2}))
-    if eval_steps:
-        fig.add_trace(go.Scatter(x=eval_steps, y=eval_loss, name="eval loss", mode="lines+markers",
-                                 marker={"size": 8, "symbol": "diamond"}, line={"color": COLORS["eval"], "width": 2}))
-    ewc_steps, ewc = _series(events, "log", "ewc_penalty")
-    if ewc_steps:
+    for index, part in enumerate(parts):
+        steps, loss = _series(part, "log", "loss")
+        if not steps:
+            continue
+        start = resumed_at[index] if isinstance(resumed_at[index], int) else steps[0] - 1
+        name = "training loss" if not fig.data else f"training loss (resumed at step {start})"
+        fig.add_trace(go.Scatter(x=steps, y=loss, name=name, mode="lines+markers", marker={"size": 4},
+                                 line={"color": ATTEMPT_COLORS[len(fig.data) % len(ATTEMPT_COLORS)], "width": 2}))
+    for kind, key, name, style in (
+        ("eval", "eval_loss", "eval loss", {"mode": "lines+markers", "marker": {"size": 8, "symbol": "diamond"},
+                                            "line": {"color": COLORS["eval"], "width": 2}}),
         # EWC's share of the training loss: how hard the safeguard is pulling towards the original weights.
-        fig.add_trace(go.Scatter(x=ewc_steps, y=ewc, name="EWC penalty (part of the loss)", mode="lines",
-                                 line={"color": COLORS["forgetting"], "width": 1.5, "dash": "dash"}))
-    if lr_steps:
-        fig.add_trace(go.Scatter(x=lr_steps, y=lr, name="learning rate", mode="lines", yaxis="y2",
-                                 line={"color": COLORS["lr"], "width": 1.5, "dash": "dot"}))
-        fig.update_layout(yaxis2={"title": "learning rate", "overlaying": "y", "side": "right",
-                                  "showgrid": False, "exponentformat": "e", "rangemode": "tozero"})
+        ("log", "ewc_penalty", "EWC penalty (part of the loss)",
+         {"mode": "lines", "line": {"color": COLORS["forgetting"], "width": 1.5, "dash": "dash"}}),
+        ("log", "learning_rate", "learning rate",
+         {"mode": "lines", "yaxis": "y2", "line": {"color": COLORS["lr"], "width": 1.5, "dash": "dot"}}),
+    ):
+        first = True
+        for part in parts:
+            steps, values = _series(part, kind, key)
+            if steps:
+                fig.add_trace(go.Scatter(x=steps, y=values, name=name, legendgroup=name, showlegend=first, **style))
+                first = False
+        if key == "learning_rate" and not first:
+            fig.update_layout(yaxis2={"title": "learning rate", "overlaying": "y", "side": "right",
+                                      "showgrid": False, "exponentformat": "e", "rangemode": "tozero"})
     _base_layout(fig, title, y_title="loss")
     return fig
 

@@ -61,3 +61,22 @@ def test_corrupt_line_is_reported_and_skipped(tmp_path):
 
 def test_missing_file_reads_as_empty(tmp_path):
     assert read_events(tmp_path / "nope.jsonl", 0) == ([], 0)
+
+
+def test_a_writer_after_a_half_written_line_starts_a_new_line(tmp_path):
+    # A writer killed mid-line (or cut short by a full disk) leaves a fragment without its newline;
+    # the next event, e.g. the supervisor's `resumed`, must not be glued onto it and lost.
+    path = tmp_path / "events.jsonl"
+    writer = EventWriter(path)
+    writer.emit("log", step=6, loss=2.0)
+    with open(path, "ab") as handle:
+        handle.write(b'{"event": "log", "time": 179610929')
+    EventWriter(path).emit("resumed", step=5, checkpoint="checkpoints/checkpoint-5")
+    writer.emit("log", step=6, loss=1.9)
+    events = read_all_events(path)
+    assert [e["event"] for e in events] == ["log", "corrupt", "resumed", "log"]
+    assert events[1]["text"] == '{"event": "log", "time": 179610929'
+    assert events[2]["checkpoint"] == "checkpoints/checkpoint-5" and events[2]["step"] == 5
+    assert path.read_bytes().endswith(b'"loss": 1.9}\n')
+    # A file that ends with a newline gets no blank line.
+    assert path.read_bytes().count(b"\n\n") == 0

@@ -109,3 +109,40 @@ def test_overlay_and_alerts():
     assert [t.name for t in fig.data] == ["run a", "run b"]
     alerts = figures.alert_messages([{"event": "alert", "step": 7, "message": "KL above 10 nats"}])
     assert alerts == ["step 7: KL above 10 nats"]
+
+
+def test_a_resumed_run_draws_one_loss_line_per_attempt():
+    # Attempt 1 logs steps 1-12 and is killed; checkpoint-10 is resumed, which logs 11-14 again.
+    events = [{"event": "started", "time": 100.0, "step": 0},
+              {"event": "train_begin", "time": 100.0, "step": 0, "max_steps": 14}]
+    events += [_log(s, loss=3.0 - 0.1 * s, learning_rate=1e-3) for s in range(1, 13)]
+    events.append({"event": "eval", "time": 113.0, "step": 10, "eval_loss": 2.5})
+    events.append({"event": "failed", "time": 114.0, "step": 12, "signal": 9})
+    events.append({"event": "resumed", "time": 120.0, "step": 10, "checkpoint": "checkpoints/checkpoint-10"})
+    events.append({"event": "train_begin", "time": 125.0, "step": 10, "max_steps": 14, "start_step": 10})
+    events += [_log(s, loss=2.0 - 0.1 * s, learning_rate=1e-3) for s in range(11, 15)]
+    events.append({"event": "eval", "time": 131.0, "step": 14, "eval_loss": 0.5})
+    fig = figures.loss_figure(events)
+    losses = [t for t in fig.data if t.name.startswith("training loss")]
+    assert [t.name for t in losses] == ["training loss", "training loss (resumed at step 10)"]
+    assert list(losses[0].x) == list(range(1, 13)) and list(losses[1].x) == [11, 12, 13, 14]
+    assert list(losses[1].y) == [2.0 - 0.1 * s for s in range(11, 15)]
+    assert losses[0].line.color != losses[1].line.color
+    # Every line only goes forward in x; the eval and learning-rate lines split the same way, one legend entry each.
+    assert all(list(t.x) == sorted(set(t.x)) for t in fig.data)
+    evals = [t for t in fig.data if t.name == "eval loss"]
+    assert [list(t.x) for t in evals] == [[10], [14]] and [t.showlegend for t in evals] == [True, False]
+    lrs = [t for t in fig.data if t.name == "learning rate"]
+    assert [len(t.x) for t in lrs] == [12, 4] and all(t.yaxis == "y2" for t in lrs)
+
+
+def test_attempts_split_where_logged_steps_go_back_without_a_resumed_marker():
+    # A `resumed` line lost to a damaged log (read as `corrupt`): the steps going back still split the run.
+    events = [_log(s, loss=1.0) for s in (1, 2, 3, 4)] + [{"event": "corrupt", "offset": 0, "text": "{"}]
+    events += [_log(s, loss=0.5) for s in (3, 4, 5)]
+    parts = figures.attempts(events)
+    assert [[e["step"] for e in part if e["event"] == "log"] for part in parts] == [[1, 2, 3, 4], [3, 4, 5]]
+    fig = figures.loss_figure(events)
+    assert [t.name for t in fig.data if t.name.startswith("training")] == [
+        "training loss", "training loss (resumed at step 2)"]
+    assert figures.attempts([]) == [[]] and len(figures.attempts(events[:4])) == 1

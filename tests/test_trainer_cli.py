@@ -92,3 +92,29 @@ def test_mistakes_are_errors_that_name_the_problem(argv, expected, runs_dir, cap
     assert err.startswith("error: ") and expected in err
     assert "Traceback" not in err
     assert list(runs_dir.iterdir()) == []  # nothing was launched
+
+
+@pytest.mark.parametrize("command", [["runs"], ["status", "20250101-000000-piped"]], ids=["runs", "status"])
+def test_output_into_a_closed_pipe_prints_no_traceback(command, runs_dir, make_plan):
+    """`tunewise status RUN | head -1`: the reader goes away before everything is written."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    run_dir = runs_dir / "20250101-000000-piped"
+    run_dir.mkdir()
+    make_plan().save(run_dir / "plan.yaml")
+    (run_dir / "run.json").write_text(json.dumps({"run_id": run_dir.name, "created_at": time.time(), "attempts": [
+        {"started_at": time.time() - 9, "pid": 999_999_999, "ended_at": time.time() - 1, "exit_code": 0}]}))
+    (run_dir / "events.jsonl").write_text(json.dumps({"event": "finished", "time": time.time() - 1, "step": 3}) + "\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `head -1` after its line; here before the first one, so it never races
+    try:
+        done = subprocess.run([sys.executable, "-m", "cli", *command, "--runs-dir", str(runs_dir)], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(cli.__file__).parent, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 141, (done.returncode, done.stderr)  # 128 + SIGPIPE, as a shell reports it

@@ -118,14 +118,14 @@ def _print_json(data) -> None:
 # -- train (foreground) and launch (detached) --------------------------------------------------------
 
 
-def follow(run_id: str, runs_dir: str | None, quiet: bool = False):
-    """Show a run's progress from its events until it ends; Ctrl-C asks it to stop. Returns its status."""
+def follow(run_id: str, runs_dir: str | None, quiet: bool = False, offset: int = 0):
+    """Show a run's progress from its events (from byte `offset`: a resume shows only its own attempt) until
+    it ends; Ctrl-C asks it to stop. Returns its status."""
     from tqdm import tqdm
 
     from trainer import supervisor
 
     bar = None if quiet else tqdm(total=None, unit="step", desc=run_id, dynamic_ncols=True)
-    offset = 0
     stopping = False
     try:
         while True:
@@ -257,6 +257,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  output     {current.output_dir}")
     if current.reason:
         print(f"  reason     {current.reason}")
+    if current.hint:
+        print(f"  stalled?   {current.hint}")
+    if current.damage:
+        print(f"  damaged    {current.damage}")
     if current.error:
         print(f"  error      {current.error}")
         for line in current.error_lines:
@@ -281,13 +285,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from trainer import supervisor
 
-    run_id = supervisor.resume(args.run, args.runs_dir)
+    resumed = supervisor.resume_run(args.run, args.runs_dir)
+    run_id = resumed.run_id
+    if not args.json:
+        print(f"resumed {run_id}: {resumed.message}", flush=True)
     if args.follow:
-        return _finish(follow(run_id, args.runs_dir, quiet=args.json), args.json)
+        return _finish(follow(run_id, args.runs_dir, quiet=args.json, offset=resumed.events_offset), args.json)
     if args.json:
         _print_json(supervisor.status(run_id, args.runs_dir).to_dict())
-    else:
-        print(f"resumed {run_id}")
     return 0
 
 

@@ -9,6 +9,8 @@ The run directory layout (the contract between the UI and the trainer):
         events.jsonl     append-only events (see trainer/events.py)
         stdout.log       everything the training process printed
         STOP             present when a stop was requested (cooperative stop)
+        .lock            flock'd by a launch, resume or stop while it changes the run
+        .disk-reserve    32 KiB kept free for the last records should the disk fill up
         checkpoints/     checkpoint-<step>/ directories (HF Trainer layout)
         output/          the final adapter or model, with its tokenizer
         steps/           pipelines only: one run directory per step
@@ -29,6 +31,11 @@ from advisor.plan import Plan
 from trainer.events import EventWriter
 
 STOP_FILE = "STOP"
+#: The runner's exit code when it stopped because the run's disk is full (whether or not its `failed`
+#: event still fitted): the watcher and status() say so even when nothing else could be written.
+EXIT_DISK_FULL = 3
+#: Below this many free bytes on the run's disk, a failure while writing is blamed on a full disk.
+DISK_FULL_BYTES = 1_000_000
 
 
 @dataclass

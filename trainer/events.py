@@ -29,11 +29,20 @@ lines after `offset` and the offset to resume from: a half-written last line
 is left for the next read, and a corrupt line is skipped and reported as a
 `corrupt` pseudo-event rather than raising.
 
+A full disk. A writer whose line was cut short removes its fragment when it
+can; one that finds the file ending mid-line (a writer killed, or a fragment
+it could not remove) starts a new line first, so the fragment reads as one
+`corrupt` line and the next event is intact. Each attempt of a run keeps a
+small reserve file (`.disk-reserve`, made by the supervisor): a write that
+fails with ENOSPC deletes it and tries once more, so the `failed` event that
+says the disk is full, and the watcher's record of the exit, still fit.
+
 Imports nothing heavy: the UI and the supervisor use it too.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -44,6 +53,41 @@ from typing import Any
 
 EVENTS_FILE = "events.jsonl"
 TERMINAL_EVENTS = ("finished", "failed", "stopped")
+RESERVE_FILE = ".disk-reserve"
+#: Room kept for the last records of an attempt on a full disk: the `failed` event, the watcher's
+#: run.json and its log line, each rounded up to a 4 KiB block, with room to spare.
+RESERVE_BYTES = 32 * 1024
+
+
+def make_reserve(directory: str | Path, size: int = RESERVE_BYTES) -> bool:
+    """Create (or top up) the disk reserve in `directory`; False when there is no room for it.
+
+    Random bytes, not zeros: a compressing filesystem would store zeros in no space at all."""
+    path = Path(directory) / RESERVE_FILE
+    try:
+        if path.is_file() and path.stat().st_size >= size:
+            return True
+        with open(path, "wb") as handle:
+            handle.write(os.urandom(size))
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+    except OSError:
+        Path(path).unlink(missing_ok=True)
+        return False
+
+
+def release_reserve(directory: str | Path) -> bool:
+    """Delete the disk reserve in `directory` to make room; True when there was one to delete."""
+    try:
+        (Path(directory) / RESERVE_FILE).unlink()
+        return True
+    except OSError:
+        return False
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _clean(value: Any) -> Any:
@@ -80,15 +124,36 @@ class EventWriter:
             self.step = int(step)
         record = {"event": event, "time": round(time.time(), 3), "step": self.step}
         record.update(_clean(fields))
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            # Open per write: append mode is atomic per write() for small lines, and a
-            # second process (DDP rank, supervisor) can append without sharing a handle.
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
+            try:
+                self._append(data)
+            except OSError as exc:
+                if not (is_disk_full(exc) and release_reserve(self.path.parent)):
+                    raise
+                self._append(data)  # the reserve made room for this line and the run's last few records
         return record
+
+    def _append(self, data: bytes) -> None:
+        # Open per write: append mode is atomic per write() for small lines, and a second
+        # process (DDP rank, supervisor) can append without sharing a handle.
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # the file ends mid-line: end that fragment, or this event would join it
+            written = 0
+            try:
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            except OSError:
+                # Cut short (disk full): take back the fragment unless another writer appended since.
+                if written and os.fstat(fd).st_size == size + written:
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict], int]:

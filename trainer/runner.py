@@ -21,13 +21,14 @@ pid in `procs/rank<N>.pid` so the supervisor can signal (or, as a last
 resort, kill) every training process of a run.
 
 Exit codes: 0 finished or stopped, 1 failed (a bug or crash), 2 failed
-(a problem with the plan or its inputs).
+(a problem with the plan or its inputs), 3 failed because the run's disk is
+full (`trainer.context.EXIT_DISK_FULL`; said on stderr too, in case even the
+`failed` event did not fit).
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import platform
@@ -39,8 +40,8 @@ from pathlib import Path
 
 from advisor.errors import TunewiseError
 from advisor.plan import Plan
-from trainer.context import RunContext
-from trainer.events import EVENTS_FILE, EventWriter
+from trainer.context import DISK_FULL_BYTES, EXIT_DISK_FULL, RunContext
+from trainer.events import EVENTS_FILE, EventWriter, is_disk_full
 
 PLAN_FILE = "plan.yaml"
 PROCS_DIR = "procs"
@@ -184,14 +185,10 @@ def _dispatch(ctx: RunContext) -> dict:
     return get_stage(ctx.plan.stage)(ctx)
 
 
-#: Below this many free bytes on the run's disk, a crash while writing is blamed on a full disk.
-DISK_FULL_BYTES = 1_000_000
-
-
 def _disk_full(exc: BaseException, run_dir: Path) -> bool:
     """Whether `exc` came from a full disk: ENOSPC, or a library's own error (torch's zip writer
     says "unexpected pos ...") raised while the run's disk has (almost) no room left."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if is_disk_full(exc):
         return True
     try:
         return shutil.disk_usage(run_dir).free < DISK_FULL_BYTES
@@ -232,6 +229,26 @@ def _terminal_fields(result: dict) -> dict:
 def run(run_dir: str | Path, resume: str | Path | None = None) -> int:
     """Run the plan in `run_dir`, write its events, return the process exit code."""
     run_dir = Path(run_dir).resolve()
+    try:
+        return _run(run_dir, resume)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # Even the `failed` event did not fit (the disk reserve was gone too): say it where the watcher and
+        # a person can still see it, the exit code and stderr.
+        _say(f"error: {_disk_full_message(exc, run_dir, [])}")
+        return EXIT_DISK_FULL
+
+
+def _say(text: str) -> None:
+    """Print to stderr, which may itself be a file on the full disk."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _run(run_dir: Path, resume: str | Path | None) -> int:
     rank = rank_from_env()
     if not (run_dir / PLAN_FILE).is_file():
         # Writing events would re-create a run directory the user deleted (a ghost run): refuse.
@@ -281,8 +298,10 @@ def run(run_dir: str | Path, resume: str | Path | None = None) -> int:
     except Exception as exc:  # a bug or a crash: report it with where it happened
         if _disk_full(exc, run_dir):
             removed = _drop_partial_checkpoints(run_dir) if rank == 0 else []
-            emit("failed", error=_disk_full_message(exc, run_dir, removed), user_error=True, disk_full=True)
-            return 2
+            message = _disk_full_message(exc, run_dir, removed)
+            _say(f"error: {message}")
+            emit("failed", error=message, user_error=True, disk_full=True)
+            return EXIT_DISK_FULL
         lines = traceback.format_exc().rstrip().splitlines()[-TRACEBACK_LINES:]
         emit("failed", error=f"{type(exc).__name__}: {exc}", traceback=lines, user_error=False)
         if rank != 0:
