@@ -294,23 +294,24 @@ CSS_PATH = REPO_ROOT / "assets" / "ui.css"
 
 
 def _number_component(gr):
-    """A gr.Number factory whose out-of-range message names the field and the range that fits (Gradio's
-    own says only "Value 0 is less than minimum value 1."). It wraps each instance's `preprocess`
-    rather than subclassing: a Component subclass makes Gradio write a .pyi file beside this module."""
+    """A gr.Number factory whose refusals name the field: a value out of range gets the range that fits
+    (Gradio's own says only "Value 0 is less than minimum value 1."), and text, a list, NaN or infinity
+    get "must be a number" (Gradio's own error there is not shown at all). It wraps each instance's
+    `preprocess` rather than subclassing: a Component subclass makes Gradio write a .pyi file beside
+    this module."""
+    from advisor.wizard import NUMBER_LIMITS, number_problem
 
-    def Number(**kwargs):  # noqa: N802 (used like the class it stands for)
-        component = gr.Number(**kwargs)
+    def Number(name: str, **kwargs):  # noqa: N802 (used like the class it stands for)
+        """The number box for plan widget `name`, bounded by wizard.NUMBER_LIMITS."""
+        low, high = NUMBER_LIMITS[name]
+        component = gr.Number(minimum=low, maximum=high, **kwargs)
         check = component.preprocess
 
         def preprocess(payload):
-            try:
-                return check(payload)
-            except gr.Error:
-                low, high = component.minimum, component.maximum
-                fits = (f"from {low:g} to {high:g}" if low is not None and high is not None
-                        else f"at least {low:g}" if low is not None else f"at most {high:g}")
-                raise gr.Error(f"{component.label}: {payload:g} is out of range; enter a value {fits}.",
-                               title="Check this value") from None
+            problem = number_problem(payload, component.minimum, component.maximum)
+            if problem:
+                raise gr.Error(f"{component.label}: {problem}.", title="Check this value")
+            return check(payload)
 
         component.preprocess = preprocess
         return component
@@ -364,7 +365,7 @@ def build_app(config: AppConfig):
                         with gr.Row():
                             gpu = gr.Dropdown(choices=wizard.gpu_choices(), value=wizard.NO_GPU, label="GPU", elem_id="gpu",
                                               info="What you will train on; the plan is sized for it.")
-                            num_gpus = Number(value=1, precision=0, minimum=1, maximum=1024, label="Number of GPUs",
+                            num_gpus = Number("num_gpus", value=1, precision=0, label="Number of GPUs",
                                                  elem_id="num_gpus")
                     with gr.Column(scale=4):
                         model_card = gr.Markdown(elem_id="model-card")
@@ -427,37 +428,37 @@ def build_app(config: AppConfig):
                         shard = gr.Dropdown(choices=[("none (DDP)", "none"), ("ZeRO-2", "zero2"), ("ZeRO-3 / FSDP", "zero3")],
                                             value="none", label="Sharding")
                     with gr.Row():
-                        lora_rank = Number(value=16, precision=0, minimum=1, label="LoRA rank", elem_id="lora-rank")
-                        lora_alpha = Number(value=32, label="LoRA alpha")
-                        lora_dropout = Number(value=0.05, minimum=0, maximum=0.9, step=0.01, label="LoRA dropout")
+                        lora_rank = Number("lora_rank", value=16, precision=0, label="LoRA rank", elem_id="lora-rank")
+                        lora_alpha = Number("lora_alpha", value=32, label="LoRA alpha")
+                        lora_dropout = Number("lora_dropout", value=0.05, step=0.01, label="LoRA dropout")
                         lora_targets = gr.Dropdown(choices=["q_proj", "k_proj", "v_proj", "o_proj"], multiselect=True,
                                                    allow_custom_value=True, value=["q_proj", "k_proj", "v_proj", "o_proj"],
                                                    label="Target modules", scale=2)
                         double_quant = gr.Checkbox(value=True, label="Double quantization (QLoRA)")
                     with gr.Row():
-                        learning_rate = Number(value=2e-4, label="Learning rate", step=1e-5, elem_id="learning-rate")
-                        warmup_ratio = Number(value=0.05, minimum=0, maximum=0.5, step=0.01, label="Warmup share")
+                        learning_rate = Number("learning_rate", value=2e-4, label="Learning rate", step=1e-5, elem_id="learning-rate")
+                        warmup_ratio = Number("warmup_ratio", value=0.05, step=0.01, label="Warmup share")
                         lr_scheduler = gr.Dropdown(choices=["cosine", "linear", "constant", "constant_with_warmup"],
                                                    value="cosine", label="LR schedule")
-                        epochs = Number(value=1, minimum=0.01, label="Epochs")
-                        max_steps = Number(value=30, precision=0, minimum=0, label="Max steps (0: run the epochs)",
+                        epochs = Number("epochs", value=1, label="Epochs")
+                        max_steps = Number("max_steps", value=30, precision=0, label="Max steps (0: run the epochs)",
                                               elem_id="max-steps")
                     with gr.Row():
-                        micro_batch = Number(value=4, precision=0, minimum=1, label="Micro-batch", elem_id="micro-batch")
-                        grad_accum = Number(value=1, precision=0, minimum=1, label="Gradient accumulation")
-                        seq_len = Number(value=512, precision=0, minimum=8, label="Sequence length", elem_id="seq-len")
+                        micro_batch = Number("micro_batch", value=4, precision=0, label="Micro-batch", elem_id="micro-batch")
+                        grad_accum = Number("grad_accum", value=1, precision=0, label="Gradient accumulation")
+                        seq_len = Number("seq_len", value=512, precision=0, label="Sequence length", elem_id="seq-len")
                         gradient_checkpointing = gr.Checkbox(value=False, label="Gradient checkpointing")
                         packing = gr.Checkbox(value=False, label="Packing")
                         attn = gr.Dropdown(choices=["sdpa", "eager"], value="sdpa", label="Attention")
                     with gr.Row():
-                        replay_fraction = Number(value=0.0, minimum=0, maximum=0.5, step=0.01, label="Replay share (forgetting)")
-                        ewc_lambda = Number(value=0.0, minimum=0, label="EWC strength")
-                        forgetting_eval_every = Number(value=10, precision=0, minimum=1,
+                        replay_fraction = Number("replay_fraction", value=0.0, step=0.01, label="Replay share (forgetting)")
+                        ewc_lambda = Number("ewc_lambda", value=0.0, label="EWC strength")
+                        forgetting_eval_every = Number("forgetting_eval_every", value=10, precision=0,
                                                           label="Forgetting check every (steps)")
-                        forgetting_threshold = Number(value=20.0, minimum=0.1, label="Forgetting alert at +% loss")
+                        forgetting_threshold = Number("forgetting_threshold", value=20.0, label="Forgetting alert at +% loss")
                         stop_on_threshold = gr.Checkbox(value=False, label="Stop when forgetting crosses it")
-                        beta = Number(value=0.1, minimum=0.001, step=0.05, label="DPO beta")
-                        kl_coef = Number(value=0.05, minimum=0.001, step=0.01, label="PPO KL coefficient")
+                        beta = Number("beta", value=0.1, step=0.05, label="DPO beta")
+                        kl_coef = Number("kl_coef", value=0.05, step=0.01, label="PPO KL coefficient")
                     readvise = gr.Button("Re-advise, keeping my changes", size="sm", elem_id="readvise")
                 with gr.Row():
                     with gr.Column(scale=3):

@@ -18,6 +18,7 @@ Pure Python: no gradio, torch or transformers.
 
 from __future__ import annotations
 
+import math
 import shlex
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -94,11 +95,19 @@ PLAN_WIDGETS: dict[str, str] = {
     "kl_coef": "preference.kl_coef",
 }
 
+#: Widgets that hold a name (what the name may be, for messages).
+TEXT_WIDGETS = {
+    "model": "a catalogue name, a hub id owner/name or a size like 7B",
+    "dataset": "a bundled dataset name, a file you uploaded, or a file path",
+}
+
 #: Widgets whose empty value means "not set" (None in the plan) rather than an error.
 OPTIONAL_WIDGETS = ("lora_alpha", "max_steps", "gpu")
 
 #: Human names for plan settings, used in messages and the recommendation table.
 LABELS = {
+    "model.name": "Model",
+    "data.dataset": "Dataset",
     "method.method": "Method",
     "method.lora_rank": "LoRA rank",
     "method.lora_alpha": "LoRA alpha",
@@ -139,6 +148,69 @@ def widget_for(dotted: str) -> str | None:
     return None
 
 
+#: Number widgets: (lowest, highest) value the page takes (None: no bound there). The page's boxes use
+#: these, and `plan_from_widgets` refuses anything outside them, so a crafted API call cannot send a
+#: value the page could not (a huge micro-batch or rank overflows the memory arithmetic).
+NUMBER_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "num_gpus": (1, 1024),
+    "lora_rank": (1, 4096),
+    "lora_alpha": (None, 16384),
+    "lora_dropout": (0, 0.9),
+    "learning_rate": (None, 1.0),
+    "warmup_ratio": (0, 0.5),
+    "epochs": (0.01, 1000),
+    "max_steps": (0, 10_000_000),
+    "micro_batch": (1, 4096),
+    "grad_accum": (1, 4096),
+    "seq_len": (8, 1_048_576),
+    "replay_fraction": (0, 0.5),
+    "ewc_lambda": (0, 1e9),
+    "forgetting_eval_every": (1, 1_000_000),
+    "forgetting_threshold": (0.1, 10_000),
+    "beta": (0.001, 100),
+    "kl_coef": (0.001, 100),
+}
+
+
+def _show_number(value: float | int) -> str:
+    """A number for a message: 1e+30 rather than 31 digits (and no OverflowError for a huge int)."""
+    try:
+        return f"{value:g}"
+    except OverflowError:
+        return f"a number with {len(str(abs(value)))} digits"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def number_problem(value: Any, low: float | None, high: float | None) -> str | None:
+    """What is wrong with `value` for a number box bounded by [low, high], or None when it fits (None
+    itself fits: an empty box is judged by whoever reads it). The text reads after the field's name."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number, got {_short(value)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if (low is not None and value < low) or (high is not None and value > high):
+        fits = (f"from {low:g} to {high:g}" if low is not None and high is not None
+                else f"at least {low:g}" if low is not None else f"at most {high:g}")
+        return f"{_show_number(value)} is out of range; enter a value {fits}"
+    return None
+
+
+def text_value(value: Any, dotted: str, what: str) -> str:
+    """`value` as text for a name field (a model or dataset name), or a TunewiseError naming the field."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TunewiseError(f"{dotted}: {LABELS.get(dotted, dotted)} must be text ({what}), got {_short(value)}",
+                            field=dotted)
+    return value.strip()
+
+
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, tuple)) and not value)
 
@@ -160,6 +232,12 @@ def plan_from_widgets(values: Mapping[str, Any], base: Plan | None = None) -> Pl
     base = base or Plan()
     for name, value in values.items():
         dotted = PLAN_WIDGETS[name]
+        if name in NUMBER_LIMITS:
+            problem = number_problem(value, *NUMBER_LIMITS[name])
+            if problem:
+                raise PlanError(dotted, f"{problem} ({LABELS.get(dotted, name)})")
+        if name in TEXT_WIDGETS:
+            text_value(value, dotted, TEXT_WIDGETS[name])
         if name == "goal":
             goal = str(value or "sft")
             if goal.startswith("pipeline:"):
@@ -255,11 +333,11 @@ def check_demo_inputs(model: str | None, dataset: str | None, uploads_dir) -> No
 
     from advisor.plan import DEMO_DATASETS
 
-    name = (model or "").strip()
+    name = text_value(model, "model.name", TEXT_WIDGETS["model"])
     if name and (name.startswith(("/", ".", "~")) or "\\" in name or Path(name).expanduser().is_dir()):
         raise TunewiseError(f"model.name: the public demo does not read folders on the server ({name!r}); pick a "
                             "catalogue model, a hub id (owner/name) or a size like 7B", field="model.name")
-    data = (dataset or "").strip()
+    data = text_value(dataset, "data.dataset", TEXT_WIDGETS["dataset"])
     if data and data not in DEMO_DATASETS:
         uploads = Path(uploads_dir).resolve()
         try:
@@ -580,11 +658,11 @@ def dataset_choices() -> list[tuple[str, str]]:
     return [(f"{name}: {what}", name) for name, what in BUNDLED_DATASETS.items()]
 
 
-def model_summary(name: str):
+def model_summary(name: Any):
     """(ModelSpec, ParamCounts) of a model name (ModelNotFound names the fix)."""
     from advisor import specs
 
-    spec = specs.resolve_model(name)
+    spec = specs.resolve_model(text_value(name, "model.name", TEXT_WIDGETS["model"]))
     return spec, specs.param_counts(spec)
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -256,7 +257,7 @@ UI_CASES = [
     ("empty model", "/estimate", {"model": "  "}, ("model.name", "empty")),
     ("negative learning rate", "/estimate", {"model": SMALL, "learning_rate": -1}, ("training.learning_rate",)),
     # Gradio's own range checks on number boxes: they name the value and the limit, not the field.
-    ("LoRA rank 0", "/estimate", {"model": SMALL, "lora_rank": 0}, ("LoRA rank: 0 is out of range; enter a value at least 1",)),
+    ("LoRA rank 0", "/estimate", {"model": SMALL, "lora_rank": 0}, ("LoRA rank: 0 is out of range; enter a value from 1 to 4096",)),
     ("GPU count 0", "/estimate", {"model": SMALL, "gpu": "A100-80GB", "num_gpus": 0}, ("Number of GPUs: 0 is out of range; enter a value from 1 to 1024",)),
     ("dropout 1.5", "/estimate", {"model": SMALL, "lora_dropout": 1.5}, ("LoRA dropout: 1.5 is out of range; enter a value from 0 to 0.9",)),
     ("sequence longer than the model's maximum", "/estimate", {"model": SMALL, "seq_len": 100_000},
@@ -327,3 +328,76 @@ def test_ui_huge_upload_is_refused_by_the_server(ui, tmp_path):
         answer = httpx.post(url + "gradio_api/upload", files={"files": ("huge.jsonl", handle)}, timeout=60)
     assert answer.status_code == 413 and "maximum allowed size" in answer.text, (answer.status_code, answer.text[:300])
     assert not list((work / "runs").rglob("huge*"))
+
+
+# -- the long tail: every refusal carries a message naming the field ------------------------------------------
+
+
+def _raw(url: str, endpoint: str, data: list) -> tuple[str, Any]:
+    """(event, payload) of one API call over plain HTTP, where the last event is "complete" or "error" and
+    an error's payload is its message ("timeout" after MAX_SECONDS: a handler that never answers sends
+    heartbeats forever). json.dumps writes NaN and Infinity, which gradio_client will not send."""
+    import httpx
+
+    started = httpx.post(f"{url}gradio_api/call/{endpoint}", content=json.dumps({"data": data}),
+                         headers={"content-type": "application/json"}, timeout=30)
+    assert started.status_code == 200, started.text
+    deadline = time.monotonic() + MAX_SECONDS
+    lines = []
+    with httpx.stream("GET", f"{url}gradio_api/call/{endpoint}/{started.json()['event_id']}", timeout=60) as stream:
+        incoming = stream.iter_lines()
+        for line in incoming:
+            lines.append(line)
+            if line in ("event: complete", "event: error"):
+                lines.append(next(incoming, ""))  # its data line
+                break
+            if time.monotonic() > deadline:
+                return "timeout", None
+    text = "\n".join(lines)
+    event = [line[len("event: "):] for line in text.splitlines() if line.startswith("event: ")][-1]
+    payload = json.loads([line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")][-1])
+    return event, (payload or {}).get("error") if event == "error" else payload
+
+
+BAD_NUMBERS = [None, "abc", [], {}, float("nan"), float("inf"), 1e308, 10**30]
+
+
+def test_ui_every_bad_number_is_refused_with_a_message_naming_its_field(ui):
+    from advisor import wizard
+
+    url, client, _ = ui
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/estimate"]["parameters"]
+    names = [p["parameter_name"] for p in params]
+    defaults = [p["parameter_default"] for p in params]
+    labels = {p["parameter_name"]: p["label"] for p in params}
+    numbers = [p["parameter_name"] for p in params if p["component"] == "Number"]
+    assert len(numbers) == 17, numbers
+    assert _raw(url, "estimate", defaults)[0] == "complete"  # so each refusal below is the one field's doing
+    unnamed = []
+    for name in numbers:
+        for value in BAD_NUMBERS:
+            data = list(defaults)
+            data[names.index(name)] = value
+            event, message = _raw(url, "estimate", data)
+            if value is None and name in wizard.OPTIONAL_WIDGETS:
+                if event != "complete":  # an empty optional box means "not set"
+                    unnamed.append((name, value, event, message))
+                continue
+            if event != "error" or not message or not (labels[name] in message or wizard.PLAN_WIDGETS[name] in message) \
+                    or "Something went wrong" in message or "Traceback" in message:
+                unnamed.append((name, value, event, message))
+    assert not unnamed, "\n".join(map(repr, unnamed))
+
+
+@pytest.mark.parametrize("name, value", [("micro_batch", 10**30), ("lora_rank", 1e308), ("seq_len", float("inf")),
+                                         ("learning_rate", float("nan")), ("ewc_lambda", float("inf")),
+                                         ("grad_accum", "many"), ("model", 123), ("dataset", ["a.jsonl"])])
+def test_plan_from_widgets_refuses_what_no_widget_sends_naming_the_setting(name, value):
+    from advisor import wizard
+    from advisor.errors import TunewiseError
+
+    began = time.monotonic()
+    with pytest.raises(TunewiseError) as refused:
+        wizard.plan_from_widgets({name: value})
+    assert time.monotonic() - began < 1
+    assert refused.value.field == wizard.PLAN_WIDGETS[name] and str(refused.value).startswith(wizard.PLAN_WIDGETS[name])
