@@ -25,6 +25,7 @@ Every event has an `api_name`, so the whole wizard can be driven with
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import json
 import logging
@@ -33,6 +34,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -64,6 +66,9 @@ class AppConfig:
     """Where uploaded datasets are kept (under the runs folder, names sanitized)."""
     warm_worker: bool = False
     """Keep a warm trainer (trainer.warm) ready so launches skip the heavy imports (`main` turns it on)."""
+    exports_dir: Path | None = None
+    """Where export archives are written for download (a folder of their own outside the runs folder, which
+    the page never serves; Gradio copies each archive into its cache to serve it). None: the temp folder."""
 
 
 # -- errors: a message in the page, never a traceback ------------------------------------------------------
@@ -924,9 +929,27 @@ def _generate_main(request_json: str) -> int:
     return 0
 
 
+#: Export folders kept in `AppConfig.exports_dir` (older ones are deleted as new exports are made).
+KEEP_EXPORTS = 4
+
+
+def export_folder(config: AppConfig) -> Path:
+    """A new folder for one export archive, outside the runs folder (which the page never serves): under
+    `config.exports_dir`, where only the newest KEEP_EXPORTS are kept, or in the temp folder."""
+    if config.exports_dir is None:
+        return Path(tempfile.mkdtemp(prefix="tunewise-export-"))
+    config.exports_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted((p for p in config.exports_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for folder in old[: max(0, len(old) - (KEEP_EXPORTS - 1))]:
+        shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix="export-", dir=config.exports_dir))
+
+
 def export_run(config: AppConfig, run_dir: Path, reload_16bit: bool = False) -> tuple[str, str]:
     """Merge a run's adapter into its 16-bit base (`tunewise merge`, in a subprocess: torch never loads in
-    the app) and zip the result for download. A full fine-tuning run's output is zipped as it is."""
+    the app) and zip the result for download. A full fine-tuning run's output is zipped as it is. The
+    archive goes to a folder of its own (`export_folder`), never into the run directory: the page serves
+    the archive it returns (Gradio copies it into its cache), and nothing of the run itself."""
     from advisor.errors import TunewiseError
     from advisor.plan import Plan
 
@@ -936,7 +959,7 @@ def export_run(config: AppConfig, run_dir: Path, reload_16bit: bool = False) -> 
         raise TunewiseError(f"run: {run_dir.name} has no output yet (it saves one when it finishes or is stopped)",
                             field="run")
     if plan.method.method == "full":
-        archive = shutil.make_archive(str(run_dir / "export"), "zip", root_dir=output)
+        archive = shutil.make_archive(str(export_folder(config) / f"{run_dir.name}-full"), "zip", root_dir=output)
         return archive, f"Full fine-tuning: the output is already a whole model; zipped `{output.name}/` for download."
     command = [sys.executable, str(REPO_ROOT / "cli.py"), "merge", str(run_dir), "--json"]
     if reload_16bit:
@@ -952,7 +975,7 @@ def export_run(config: AppConfig, run_dir: Path, reload_16bit: bool = False) -> 
         raise TunewiseError(f"export: {message}", field="export")
     report = json.loads(done.stdout[done.stdout.index("{"):])
     merged = Path(report["out_dir"])
-    archive = shutil.make_archive(str(merged), "zip", root_dir=merged)
+    archive = shutil.make_archive(str(export_folder(config) / f"{run_dir.name}-merged"), "zip", root_dir=merged)
     note = (f"Merged into `{merged}` ({report['dtype']}). Largest logit difference, merged vs base + adapter, on "
             f"{len(report['prompts'])} prompts: {report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:.3g}; "
             f"the adapter itself moves logits by up to {report['adapter_effect']:.3g}).")
@@ -1019,8 +1042,12 @@ def main(argv: list[str] | None = None) -> int:
     demo_mode = args.demo_mode or on_space
     runs_dir = Path(args.runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
+    # Export archives live in a private temp folder of this app's own (removed at a clean exit), never in
+    # the runs folder: the page serves no file of the runs folder (see blocked_paths below).
+    exports_dir = Path(tempfile.mkdtemp(prefix="tunewise-exports-"))
+    atexit.register(shutil.rmtree, exports_dir, ignore_errors=True)
     config = AppConfig(runs_dir=runs_dir, demo_mode=demo_mode, uploads_dir=runs_dir / "_uploads",
-                       warm_worker=not args.no_warm_worker)
+                       warm_worker=not args.no_warm_worker, exports_dir=exports_dir)
     app = build_app(config)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     host = "0.0.0.0" if on_space and args.host == "127.0.0.1" else args.host
@@ -1029,9 +1056,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_warm_worker:
         threading.Thread(target=_start_warm_worker, args=(runs_dir, host, args.port), daemon=True).start()
+    # Files: Gradio serves its own upload cache and the files handlers return (copied into that cache: the
+    # export archive); nothing is added to allowed_paths, and the runs folder (plans, logs, uploaded data,
+    # checkpoints) is blocked outright, wherever it lies.
     app.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=args.port, auth=auth, css=css, theme=gr.themes.Soft(primary_hue="indigo"),
-        max_file_size="20mb" if demo_mode else None, allowed_paths=[str(runs_dir)], footer_links=["api", "gradio"],
+        max_file_size="20mb" if demo_mode else None, blocked_paths=[str(runs_dir)], footer_links=["api", "gradio"],
         show_error=False,
     )
     return 0

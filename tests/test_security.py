@@ -335,6 +335,114 @@ def test_demo_limits_are_enforced_by_the_server(demo_app):
                 supervisor.stop(run.run_id, runs_dir=runs, timeout=20)
 
 
+# -- the public demo: each visitor sees only their own runs and uploads; no route serves the runs folder ------
+
+SECRET = "SSN 078-05-1120 belongs to alice"
+
+
+@pytest.fixture(scope="module")
+def public_demo(tmp_path_factory):
+    """A demo-mode app without a warm worker, where visitor A (a gradio_client session of its own) has
+    uploaded a private file and launched a run on it. Yields a dict: url, work, runs, alice (A's client),
+    upload (A's /upload answer), run_id."""
+    from gradio_client import Client, handle_file
+
+    from trainer import supervisor
+
+    work = tmp_path_factory.mktemp("public-demo")
+    proc, url = _serve(work, "--demo-mode", "--no-warm-worker")
+    runs = work / "runs"
+    try:
+        private = work / "outside" / "alice_private.jsonl"
+        private.parent.mkdir()
+        private.write_text("".join(f'{{"text": "{SECRET} #{i}"}}\n' for i in range(40)))
+        alice = Client(url, verbose=False)
+        upload = alice.predict(handle_file(str(private)), api_name="/upload")
+        alice.predict(model="demo", dataset=upload["value"], method="lora", max_steps=40, seq_len=64,
+                      api_name="/launch")
+        (run_dir,) = [p for p in runs.iterdir() if (p / "run.json").is_file()]
+        yield {"url": url, "work": work, "runs": runs, "alice": alice, "upload": upload, "run_id": run_dir.name}
+    finally:
+        if runs.is_dir():
+            for run in supervisor.list_runs(runs):
+                if run.active:
+                    supervisor.stop(run.run_id, runs_dir=runs, timeout=20)
+        _shutdown(proc)
+
+
+def _run_files(runs: Path) -> list[Path]:
+    """Files under the runs folder whose contents a visitor must never get: an upload, a run's data copy,
+    its plan, logs, events and records."""
+    wanted = ("alice_private.jsonl", "plan.yaml", "stdout.log", "events.jsonl", "run.json", "watcher.log")
+    found = [p for p in runs.rglob("*") if p.is_file() and p.name in wanted]
+    assert {p.name for p in found} >= {"alice_private.jsonl", "plan.yaml", "stdout.log", "events.jsonl"}, found
+    return found
+
+
+def _file_routes(url: str, path: Path, work: Path) -> list[str]:
+    """Every way of naming `path` to Gradio's file routes (absolute, relative to the app's folder, through
+    Gradio's own cache folder, URL-encoded), at the API prefix and at the root."""
+    from urllib.parse import quote
+
+    names = [str(path), str(path.relative_to(work)), f"{work}/gradio-tmp/../{path.relative_to(work)}",
+             quote(str(path), safe="")]
+    return [f"{url}{prefix}{route}{name}" for prefix in ("gradio_api/", "") for route in ("file=", "file/")
+            for name in names]
+
+
+def test_no_route_serves_a_file_of_the_runs_folder_in_demo_mode(public_demo):
+    import httpx
+
+    work = public_demo["work"]
+    for path in _run_files(public_demo["runs"]):
+        for address in _file_routes(public_demo["url"], path, work):
+            answer = httpx.get(address)
+            assert answer.status_code != 200, address
+            assert SECRET not in answer.text and "run_id" not in answer.text, address
+
+
+def test_a_logged_in_app_serves_no_run_files_but_its_export_downloads(tiny_model_dir, tiny_data_dir, tmp_path):
+    import io
+    import zipfile
+
+    import httpx
+    from gradio_client import Client
+
+    from trainer import supervisor
+
+    proc, url = _serve(tmp_path, "--no-warm-worker")
+    runs = tmp_path / "runs"
+    try:
+        client = Client(url, verbose=False, download_files=False)
+        client.predict(model=str(tiny_model_dir), dataset=str(tiny_data_dir / "messages.jsonl"), gpu="none",
+                       method="lora", precision="fp32", max_steps=2, seq_len=64, micro_batch=4, api_name="/launch")
+        (run_dir,) = [p for p in runs.iterdir() if (p / "run.json").is_file()]
+        deadline = time.time() + 300
+        while supervisor.status(run_dir.name, runs).state in ("queued", "running") and time.time() < deadline:
+            time.sleep(1)
+        assert supervisor.status(run_dir.name, runs).state == "finished", (run_dir / "stdout.log").read_text()[-2000:]
+        client.predict(api_name="/runs")  # fills this session's run list, as opening the history does
+        note, archive = client.predict(run_dir.name, False, api_name="/export")
+        assert "Merged into" in note
+        # The archive downloads through the address the page got ...
+        answer = httpx.get(archive["url"], timeout=60)
+        assert answer.status_code == 200, answer.text[:300]
+        names = zipfile.ZipFile(io.BytesIO(answer.content)).namelist()
+        assert "config.json" in names and any(n.endswith(".safetensors") for n in names), names
+        # ... and was made outside the runs folder: nothing of the run is served, to a logged-in user either.
+        assert not list(runs.rglob("*.zip"))
+        served = [p for p in runs.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in served) and any(p.name == "plan.yaml" for p in served)
+        for path in served:
+            for address in (f"{url}gradio_api/file={path}", f"{url}gradio_api/file/{path}"):
+                assert httpx.get(address).status_code == 403, address
+    finally:
+        for run in supervisor.list_runs(runs) if runs.is_dir() else []:
+            if run.active:
+                supervisor.stop(run.run_id, runs_dir=runs, timeout=20)
+        _shutdown(proc)
+
+
 def test_torch_load_is_always_weights_only():
     # A pickle in a checkpoint runs code when loaded; our own loads must refuse anything but tensors.
     calls = []
