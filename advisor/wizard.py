@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import shlex
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, Iterable, Mapping, Sequence
 
 from advisor.errors import TunewiseError
@@ -326,9 +327,10 @@ class DemoLimits:
     """Largest dataset file a visitor may upload."""
 
 
-def check_demo_inputs(model: str | None, dataset: str | None, uploads_dir) -> None:
+def check_demo_inputs(model: Any, dataset: Any, uploads: Iterable[Any] = ()) -> None:
     """Public demo: refuse server paths. A model must be a catalogue / hub name or a size (not a folder on
-    the server), and a dataset a bundled name or a file uploaded through the page."""
+    the server), and a dataset a bundled name or one of `uploads`: the files this visitor uploaded through
+    the page (another visitor's upload is refused like any other server file)."""
     from pathlib import Path
 
     from advisor.plan import DEMO_DATASETS
@@ -339,9 +341,9 @@ def check_demo_inputs(model: str | None, dataset: str | None, uploads_dir) -> No
                             "catalogue model, a hub id (owner/name) or a size like 7B", field="model.name")
     data = text_value(dataset, "data.dataset", TEXT_WIDGETS["dataset"])
     if data and data not in DEMO_DATASETS:
-        uploads = Path(uploads_dir).resolve()
         try:
-            inside = Path(data).resolve().is_relative_to(uploads)
+            mine = {Path(p).resolve() for p in uploads}
+            inside = Path(data).resolve() in mine
         except (OSError, ValueError):
             inside = False
         if not inside:
@@ -614,6 +616,27 @@ def run_row(run_id: str, status: Any, summary: Mapping[str, Any] | None = None) 
 
 
 RUN_HEADERS = ["run", "what", "status", "step", "last loss", "forgetting", "started"]
+
+#: File suffixes of the dataset formats Tunewise reads.
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+def dataset_label(dataset: Any) -> str:
+    """How the page names a dataset: a bundled name or a hub id as it is, a file by its name alone (the
+    page never shows where a file lies on the server)."""
+    if not isinstance(dataset, str):
+        return ""
+    name = dataset.strip()
+    path_like = (name.startswith(("/", ".", "~")) or "\\" in name
+                 or PurePath(name).suffix.lower() in DATA_SUFFIXES)
+    return PurePath(name.replace("\\", "/")).name if path_like and name not in BUNDLED_DATASETS else name
+
+
+def run_what(plan: Plan) -> str:
+    """The history's one-line description of a run: `Plan.summary()` with the dataset named by
+    `dataset_label` (so no server path reaches the page)."""
+    what = plan.stage if plan.pipeline == "none" else f"{plan.pipeline} pipeline"
+    return f"{what} {plan.method.method} on {plan.model.name} with {dataset_label(plan.data.dataset)}"
 
 
 def run_summary(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -370,6 +370,68 @@ def public_demo(tmp_path_factory):
         _shutdown(proc)
 
 
+def test_a_demo_visitor_sees_their_upload_by_name_and_their_run_in_the_history(public_demo):
+    import json
+
+    work, run_id = public_demo["work"], public_demo["run_id"]
+    upload = public_demo["upload"]
+    # The dropdown gets the file's name, never where the server keeps it.
+    assert upload["value"] == "alice_private.jsonl"
+    assert str(work) not in json.dumps(upload) and "_uploads" not in json.dumps(upload)
+    # The run trains on its own copy of the upload, and the history names the file, not the copy's path.
+    copy = work / "runs" / run_id / "data" / "alice_private.jsonl"
+    assert SECRET in copy.read_text()
+    history, choice, _compare = public_demo["alice"].predict(api_name="/runs")
+    (row,) = history["data"]
+    assert row[0] == run_id and row[1] == "sft lora on demo with alice_private.jsonl"
+    assert choice["choices"] == [[run_id, run_id]]
+
+
+def test_another_demo_visitor_cannot_list_watch_stop_or_use_a_run_or_upload(public_demo):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from trainer import supervisor
+
+    url, runs, run_id = public_demo["url"], public_demo["runs"], public_demo["run_id"]
+    bob = Client(url, verbose=False)
+    history, choice, compare = bob.predict(api_name="/runs")
+    assert history["data"] == [] and choice["choices"] == [] and compare["choices"] == []
+    opened = bob.predict(api_name="/attach")  # opening the page attaches to no one else's run
+    assert run_id not in str(opened)
+    for endpoint, args in (("/watch", (run_id,)), ("/overlay", ([run_id], "loss")), ("/samples", (run_id, "hi")),
+                           ("/export", (run_id, False))):
+        with pytest.raises(AppError) as refused:
+            bob.predict(*args, api_name=endpoint)
+        assert run_id in str(refused.value) and "not in the list" in str(refused.value), (endpoint, refused.value)
+    with pytest.raises(AppError, match="nothing to stop"):
+        bob.predict(api_name="/stop")
+    assert "no run selected" in str(bob.predict(api_name="/log_tail"))
+    # Alice's upload is hers: neither its name nor its path on the server gets Bob anywhere.
+    (kept,) = (runs / "_uploads").rglob("alice_private.jsonl")
+    for name in ("alice_private.jsonl", str(kept)):
+        with pytest.raises(AppError, match="data.dataset") as refused:
+            bob.predict(dataset=name, model="demo", api_name="/profile")
+        assert SECRET not in str(refused.value)
+        with pytest.raises(AppError, match="data.dataset"):
+            bob.predict(model="demo", dataset=name, max_steps=5, api_name="/launch")
+    # Bob's own launch waits for the demo's one run, without being told whose it is or what it trains on.
+    state = supervisor.status(run_id, runs).state
+    if state in ("queued", "running"):
+        with pytest.raises(AppError, match="one run at a time") as queued:
+            bob.predict(model="demo", dataset="demo-sft", max_steps=5, api_name="/launch")
+        assert run_id not in str(queued.value) and "alice" not in str(queued.value)
+    # None of that stopped Alice's run; Alice herself can.
+    assert not (runs / run_id / "STOP").exists()
+    assert supervisor.status(run_id, runs).state in ("queued", "running", "finished")
+    alice = public_demo["alice"]
+    alice.predict(api_name="/stop")
+    deadline = time.time() + 120
+    while supervisor.status(run_id, runs).state in ("queued", "running") and time.time() < deadline:
+        time.sleep(1)
+    assert supervisor.status(run_id, runs).state in ("stopped", "finished")
+
+
 def _run_files(runs: Path) -> list[Path]:
     """Files under the runs folder whose contents a visitor must never get: an upload, a run's data copy,
     its plan, logs, events and records."""
