@@ -156,10 +156,18 @@ def _run_dir(config: AppConfig, run_id: str) -> Path:
 
 
 def sanitize_filename(name: str) -> str:
-    """A safe file name for an upload: no directories, no leading dots, only [A-Za-z0-9._-]."""
-    base = Path(name or "upload").name
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".") or "upload"
-    return base[:120]
+    """A safe file name for an upload: no directories, no leading dots, only [A-Za-z0-9._-], at most 120
+    characters, and the suffix kept (the profile reads a file by its suffix): a long name is cut before
+    its suffix, and a data file with no name before its suffix (`....jsonl`) becomes `upload.jsonl`."""
+    from advisor.wizard import DATA_SUFFIXES
+
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name or "upload").name)
+    stem, dot, tail = base.rpartition(".")
+    if dot and re.fullmatch(r"[A-Za-z0-9]{1,16}", tail) and (stem.strip(".") or f".{tail.lower()}" in DATA_SUFFIXES):
+        stem, suffix = stem.lstrip(".") or "upload", f".{tail}"
+    else:
+        stem, suffix = base.lstrip(".") or "upload", ""
+    return stem[: 120 - len(suffix)] + suffix
 
 
 def hide_server_paths(text: str, roots: list[Path]) -> str:

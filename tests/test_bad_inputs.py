@@ -434,6 +434,18 @@ def test_ui_upload_of_a_file_that_was_not_uploaded_is_refused_with_a_message(ui,
     assert "upload box" in message
 
 
+def test_ui_upload_keeps_the_suffix_of_a_long_name(ui, tmp_path):
+    from gradio_client import handle_file
+
+    _, client, _ = ui
+    source = tmp_path / ("a" * 240 + ".jsonl")
+    source.write_text("".join(f'{{"text": "line {i}"}}\n' for i in range(5)))
+    kept = client.predict(handle_file(str(source)), api_name="/upload")["value"]
+    assert kept == "a" * 114 + ".jsonl"
+    rows, _histogram = client.predict(dataset=kept, model="demo", api_name="/profile")
+    assert dict((r[0], r[1]) for r in rows["data"])["examples"] == "5"
+
+
 @pytest.mark.parametrize("name, value", [("micro_batch", 10**30), ("lora_rank", 1e308), ("seq_len", float("inf")),
                                          ("learning_rate", float("nan")), ("ewc_lambda", float("inf")),
                                          ("grad_accum", "many"), ("model", 123), ("dataset", ["a.jsonl"])])

@@ -216,6 +216,10 @@ def test_app_binds_to_localhost_by_default_and_auth_guards_every_route(tmp_path)
         ("", "upload"),
         ("...", "upload"),
         ("日本語.jsonl", "_.jsonl"),
+        # The suffix survives: the profile reads a file by it.
+        ("a" * 300 + ".jsonl", "a" * 114 + ".jsonl"),
+        ("....jsonl", "upload.jsonl"),
+        (".csv", "upload.csv"),
     ],
 )
 def test_upload_names_are_sanitized(name, safe):
