@@ -20,7 +20,7 @@ the handlers below, not only in the page. Each visitor sees and drives only
 the runs launched from their own browser session and names their uploads by
 file name (both kept in gr.State); messages show no server paths. In every
 mode the page serves no file of the runs folder (only the export archive it
-hands out).
+hands out), and with `--auth` every route but the login page needs the login.
 
 Every event has an `api_name`, so the whole wizard can be driven with
 `gradio_client` (tests/test_app_api.py does).
@@ -353,6 +353,51 @@ def _number_component(gr):
         return component
 
     return Number
+
+
+class RequireLogin:
+    """ASGI middleware: with a login (`--auth`), only the login page and what it loads answer without the
+    login cookie. Gradio checks the login on most of its routes but not on all of them (POST
+    /gradio_api/cancel and /gradio_api/reset answer anyone), so this checks it once, in front of every
+    route, the way Gradio does (its `access-token` cookie, looked up in the app's tokens)."""
+
+    #: What the login page needs before anyone has logged in (Gradio's own routes check /config).
+    PUBLIC = frozenset({"/", "/login", "/login/", "/logout", "/config", "/config/", "/favicon.ico", "/theme.css",
+                        "/robots.txt", "/manifest.json", "/pwa_icon", "/gradio_api/startup-events"})
+    PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon/")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and not self._allowed(scope):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            from starlette.responses import JSONResponse
+
+            await JSONResponse({"detail": "Not authenticated"}, status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope) -> bool:
+        server = scope.get("app")
+        if getattr(server, "auth", None) is None and getattr(server, "auth_dependency", None) is None:
+            return True  # no login asked for
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if path in self.PUBLIC or path.startswith(self.PUBLIC_PREFIXES):
+            return True
+        if getattr(server, "auth_dependency", None) is not None:
+            return True  # an external login (not used by this app) is Gradio's to check
+        from starlette.requests import HTTPConnection
+
+        cookies = HTTPConnection(scope).cookies
+        cookie_id = getattr(server, "cookie_id", "")
+        token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+        return token is not None and token in getattr(server, "tokens", {})
 
 
 def build_app(config: AppConfig):
@@ -1151,6 +1196,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_warm_worker:
         threading.Thread(target=_start_warm_worker, args=(runs_dir, host, args.port), daemon=True).start()
+    from starlette.middleware import Middleware
+
     # Files: Gradio serves its own upload cache and the files handlers return (copied into that cache: the
     # export archive); nothing is added to allowed_paths, and the runs folder (plans, logs, uploaded data,
     # checkpoints) is blocked outright, wherever it lies. show_error=True: a refusal by Gradio's own input
@@ -1158,7 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
     app.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=args.port, auth=auth, css=css, theme=gr.themes.Soft(primary_hue="indigo"),
         max_file_size="20mb" if demo_mode else None, blocked_paths=[str(runs_dir)], footer_links=["api", "gradio"],
-        show_error=True,
+        show_error=True, app_kwargs={"middleware": [Middleware(RequireLogin)]},
     )
     return 0
 

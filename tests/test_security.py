@@ -187,17 +187,31 @@ def test_app_binds_to_localhost_by_default_and_auth_guards_every_route(tmp_path)
             assert _listening_addresses(port) <= {"0100007F", "00000000000000000000000001000000"}
             assert _listening_addresses(port), "no listening socket found for the app's port"
 
-        # Without credentials: no config, no API description, no upload, no call.
-        for method, route in (("GET", "config"), ("GET", "gradio_api/info"), ("POST", "gradio_api/upload"),
-                              ("POST", "gradio_api/call/model_info")):
-            answer = httpx.request(method, url + route, json={"data": ["demo"]} if "call" in route else None)
+        # Without credentials: no config, no API description, no upload, no call, and none of the routes
+        # Gradio leaves open itself (cancel and reset answered {"success": true} to anyone).
+        cancel = {"event_id": "x", "session_hash": "y", "fn_index": 0}
+        closed = [("GET", "config"), ("GET", "gradio_api/info"), ("POST", "gradio_api/upload"),
+                  ("POST", "gradio_api/call/model_info"), ("POST", "gradio_api/cancel"), ("POST", "gradio_api/reset"),
+                  ("GET", "gradio_api/heartbeat/x"), ("GET", "gradio_api/app_id"), ("GET", "gradio_api/user"),
+                  ("GET", "gradio_api/token"), ("GET", "openapi.json"), ("GET", "monitoring"),
+                  ("GET", "gradio_api/queue/status"), ("GET", "gradio_api/file=" + str(tmp_path / "app.log"))]
+        for method, route in closed:
+            body = {"data": ["demo"]} if "call" in route else cancel if method == "POST" else None
+            answer = httpx.request(method, url + route, json=body)
             assert answer.status_code == 401, (route, answer.status_code, answer.text[:200])
+            assert "success" not in answer.text, (route, answer.text[:200])
+        # The login page itself (and what it loads) still answers, so a person can log in.
+        for route in ("", "theme.css", "manifest.json"):
+            assert httpx.get(url + route).status_code == 200, route
         assert httpx.post(url + "login", data={"username": "alice", "password": "wrong"}).status_code == 400
         with pytest.raises(Exception, match="credentials"):
             Client(url, verbose=False)
-        # With them, the API works.
-        card = Client(url, auth=("alice", "s3cret-pw"), verbose=False).predict("demo", api_name="/model_info")
+        # With them, the API works, and so do the routes closed above.
+        client = Client(url, auth=("alice", "s3cret-pw"), verbose=False)
+        card = client.predict("demo", api_name="/model_info")
         assert "parameters" in card
+        assert httpx.post(url + "gradio_api/cancel", json=cancel, cookies=client.cookies).json() == {"success": True}
+        assert httpx.get(url + "gradio_api/app_id", cookies=client.cookies).status_code == 200
     finally:
         _shutdown(proc)
     # An --auth without a password is refused at start.
