@@ -72,7 +72,8 @@ class AppConfig:
     """Keep a warm trainer (trainer.warm) ready so launches skip the heavy imports (`main` turns it on)."""
     exports_dir: Path | None = None
     """Where export archives are written for download (a folder of their own outside the runs folder, which
-    the page never serves; Gradio copies each archive into its cache to serve it). None: the temp folder."""
+    the page never serves; Gradio copies each archive into its cache to serve it). None: a private temp
+    folder of this process, made on the first export and removed at a clean exit."""
 
 
 # -- errors: a message in the page, never a traceback ------------------------------------------------------
@@ -1073,16 +1074,24 @@ def _generate_main(request_json: str) -> int:
 KEEP_EXPORTS = 4
 
 
+@functools.lru_cache(maxsize=1)
+def _private_exports_dir() -> Path:
+    """This process's own folder for export archives (mode 0700, in the temp folder), made on the first
+    export, so an app that never exports leaves nothing behind; removed at a clean exit."""
+    folder = Path(tempfile.mkdtemp(prefix="tunewise-exports-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def export_folder(config: AppConfig) -> Path:
-    """A new folder for one export archive, outside the runs folder (which the page never serves): under
-    `config.exports_dir`, where only the newest KEEP_EXPORTS are kept, or in the temp folder."""
-    if config.exports_dir is None:
-        return Path(tempfile.mkdtemp(prefix="tunewise-export-"))
-    config.exports_dir.mkdir(parents=True, exist_ok=True)
-    old = sorted((p for p in config.exports_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    """A new folder for one export archive, outside the runs folder (which the page never serves), in
+    `config.exports_dir` (default `_private_exports_dir()`), where only the newest KEEP_EXPORTS are kept."""
+    parent = config.exports_dir or _private_exports_dir()
+    parent.mkdir(parents=True, exist_ok=True)
+    old = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     for folder in old[: max(0, len(old) - (KEEP_EXPORTS - 1))]:
         shutil.rmtree(folder, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix="export-", dir=config.exports_dir))
+    return Path(tempfile.mkdtemp(prefix="export-", dir=parent))
 
 
 def export_run(config: AppConfig, run_dir: Path, reload_16bit: bool = False) -> tuple[str, str]:
@@ -1182,12 +1191,10 @@ def main(argv: list[str] | None = None) -> int:
     demo_mode = args.demo_mode or on_space
     runs_dir = Path(args.runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    # Export archives live in a private temp folder of this app's own (removed at a clean exit), never in
-    # the runs folder: the page serves no file of the runs folder (see blocked_paths below).
-    exports_dir = Path(tempfile.mkdtemp(prefix="tunewise-exports-"))
-    atexit.register(shutil.rmtree, exports_dir, ignore_errors=True)
+    # Export archives go to a private temp folder of this app's own (AppConfig.exports_dir), never into the
+    # runs folder: the page serves no file of the runs folder (see blocked_paths below).
     config = AppConfig(runs_dir=runs_dir, demo_mode=demo_mode, uploads_dir=runs_dir / "_uploads",
-                       warm_worker=not args.no_warm_worker, exports_dir=exports_dir)
+                       warm_worker=not args.no_warm_worker)
     app = build_app(config)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     host = "0.0.0.0" if on_space and args.host == "127.0.0.1" else args.host

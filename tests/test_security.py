@@ -481,7 +481,8 @@ def test_no_route_serves_a_file_of_the_runs_folder_in_demo_mode(public_demo):
             assert SECRET not in answer.text and "run_id" not in answer.text, address
 
 
-def test_a_logged_in_app_serves_no_run_files_but_its_export_downloads(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_a_logged_in_app_serves_no_run_files_but_its_export_downloads(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                      monkeypatch):
     import io
     import zipfile
 
@@ -490,6 +491,8 @@ def test_a_logged_in_app_serves_no_run_files_but_its_export_downloads(tiny_model
 
     from trainer import supervisor
 
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the app's export folder lands here, not in /tmp
+    (tmp_path / "tmp").mkdir()
     proc, url = _serve(tmp_path, "--no-warm-worker")
     runs = tmp_path / "runs"
     try:
@@ -509,8 +512,11 @@ def test_a_logged_in_app_serves_no_run_files_but_its_export_downloads(tiny_model
         assert answer.status_code == 200, answer.text[:300]
         names = zipfile.ZipFile(io.BytesIO(answer.content)).namelist()
         assert "config.json" in names and any(n.endswith(".safetensors") for n in names), names
-        # ... and was made outside the runs folder: nothing of the run is served, to a logged-in user either.
+        # ... and was made outside the runs folder, in the app's own export folder: nothing of the run is
+        # served, to a logged-in user either.
         assert not list(runs.rglob("*.zip"))
+        assert [p.name for p in (tmp_path / "tmp").glob("tunewise-exports-*/export-*/*.zip")] == \
+            [f"{run_dir.name}-merged.zip"]
         served = [p for p in runs.rglob("*") if p.is_file()]
         assert any(p.suffix == ".safetensors" for p in served) and any(p.name == "plan.yaml" for p in served)
         for path in served:
