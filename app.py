@@ -16,7 +16,11 @@ they load in the training process, or in a subprocess for sample generations.
 Demo mode (`--demo-mode`, or automatically on a Hugging Face Space where
 SPACE_ID is set) lets visitors train only the bundled demo model, with bounded
 steps, one run at a time, and old runs cleaned up; the limits are enforced in
-the handlers below, not only in the page.
+the handlers below, not only in the page. Each visitor sees and drives only
+the runs launched from their own browser session and names their uploads by
+file name (both kept in gr.State); messages show no server paths. In every
+mode the page serves no file of the runs folder (only the export archive it
+hands out), and with `--auth` every route but the login page needs the login.
 
 Every event has an `api_name`, so the whole wizard can be driven with
 `gradio_client` (tests/test_app_api.py does).
@@ -25,6 +29,7 @@ Every event has an `api_name`, so the whole wizard can be driven with
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import json
 import logging
@@ -33,6 +38,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -64,6 +70,10 @@ class AppConfig:
     """Where uploaded datasets are kept (under the runs folder, names sanitized)."""
     warm_worker: bool = False
     """Keep a warm trainer (trainer.warm) ready so launches skip the heavy imports (`main` turns it on)."""
+    exports_dir: Path | None = None
+    """Where export archives are written for download (a folder of their own outside the runs folder, which
+    the page never serves; Gradio copies each archive into its cache to serve it). None: a private temp
+    folder of this process, made on the first export and removed at a clean exit."""
 
 
 # -- errors: a message in the page, never a traceback ------------------------------------------------------
@@ -82,15 +92,19 @@ def user_message(exc: BaseException) -> str:
             "the details are in the server log.")
 
 
-def friendly(fn: Callable) -> Callable:
-    """Wrap an event handler so that any exception reaches the page as `gr.Error(message)`."""
+def friendly(fn: Callable, shown: Callable[[str], str] | None = None) -> Callable:
+    """Wrap an event handler so that any exception reaches the page as `gr.Error(message)`; `shown` edits
+    each message first (the public demo cuts server paths out)."""
     import gradio as gr
+
+    shown = shown or (lambda text: text)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as exc:
+            exc.message = shown(exc.message)
             raise
         except Exception as exc:  # every handler: the page gets a message, the log gets the traceback
             from advisor.errors import TunewiseError
@@ -99,7 +113,7 @@ def friendly(fn: Callable) -> Callable:
                 LOG.error("handler %s failed:\n%s", fn.__name__, traceback.format_exc())
             field_name = getattr(exc, "field", None)
             title = f"Check {field_name}" if field_name else ("Check your input" if isinstance(exc, TunewiseError) else "Error")
-            raise gr.Error(user_message(exc), title=title, print_exception=False) from None
+            raise gr.Error(shown(user_message(exc)), title=title, print_exception=False) from None
 
     return wrapper
 
@@ -108,14 +122,16 @@ def friendly(fn: Callable) -> Callable:
 
 
 def new_session() -> dict:
-    """Per-browser-session state of the plan step (a gr.State): the dataset profile and the last advice."""
-    return {"advice": {}, "profile": None}
+    """Per-browser-session state of the plan step (a gr.State): the dataset profile, the last advice, and
+    (demo mode) this visitor's uploads by file name."""
+    return {"advice": {}, "profile": None, "uploads": {}}
 
 
 def new_watch() -> dict:
     """Per-browser-session state of the monitor (a gr.State): the run watched, how far its events.jsonl
-    was read (byte offset), and the events read so far."""
-    return {"run_id": None, "offset": 0, "events": []}
+    was read (byte offset), the events read so far, and the runs this session launched (`own`: in demo
+    mode a visitor sees and drives only those)."""
+    return {"run_id": None, "offset": 0, "events": [], "own": []}
 
 
 def _watch(session: dict, run_id: str | None) -> dict:
@@ -141,10 +157,29 @@ def _run_dir(config: AppConfig, run_id: str) -> Path:
 
 
 def sanitize_filename(name: str) -> str:
-    """A safe file name for an upload: no directories, no leading dots, only [A-Za-z0-9._-]."""
-    base = Path(name or "upload").name
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".") or "upload"
-    return base[:120]
+    """A safe file name for an upload: no directories, no leading dots, only [A-Za-z0-9._-], at most 120
+    characters, and the suffix kept (the profile reads a file by its suffix): a long name is cut before
+    its suffix, and a data file with no name before its suffix (`....jsonl`) becomes `upload.jsonl`."""
+    from advisor.wizard import DATA_SUFFIXES
+
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name or "upload").name)
+    stem, dot, tail = base.rpartition(".")
+    if dot and re.fullmatch(r"[A-Za-z0-9]{1,16}", tail) and (stem.strip(".") or f".{tail.lower()}" in DATA_SUFFIXES):
+        stem, suffix = stem.lstrip(".") or "upload", f".{tail}"
+    else:
+        stem, suffix = base.lstrip(".") or "upload", ""
+    return stem[: 120 - len(suffix)] + suffix
+
+
+def hide_server_paths(text: str, roots: list[Path]) -> str:
+    """`text` with every path under one of `roots` cut to its last part (`/srv/runs/_uploads/x/a.jsonl` ->
+    `a.jsonl`): what a public demo's visitors see of the server's folders."""
+    for root in roots:
+        for form in sorted({str(root).rstrip("/"), str(Path(root).resolve()).rstrip("/")}, key=len, reverse=True):
+            if form:
+                text = re.sub(re.escape(form) + r"(?![\w-])(?:/[^\s'\"`/]+)*/?",
+                              lambda match: match.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+    return text
 
 
 def keep_upload(config: AppConfig, temp_path: str) -> Path:
@@ -200,19 +235,21 @@ def sorted_runs(config: AppConfig) -> list:
     return list(_supervisor().list_runs(config.runs_dir))
 
 
-def run_history(config: AppConfig) -> tuple[list[list[Any]], list[str]]:
-    """Rows of the run-history table (newest first) and the run ids."""
+def run_history(config: AppConfig, only: list[str] | None = None) -> tuple[list[list[Any]], list[str]]:
+    """Rows of the run-history table (newest first) and the run ids; with `only`, just those runs."""
     from advisor import wizard
     from advisor.plan import Plan
     from trainer.events import EVENTS_FILE, read_events
 
     rows, ids = [], []
     for status in sorted_runs(config):
+        if only is not None and status.run_id not in only:
+            continue
         run_dir = config.runs_dir / status.run_id
         events, _ = read_events(run_dir / EVENTS_FILE, 0)
         summary = wizard.run_summary(events)
         try:
-            summary["what"] = Plan.load(run_dir / "plan.yaml").summary()
+            summary["what"] = wizard.run_what(Plan.load(run_dir / "plan.yaml"))
         except Exception:  # a damaged plan file still lists the run
             summary["what"] = "(plan unreadable)"
         started = status.created_at or (events[0].get("time") if events else None)
@@ -294,28 +331,74 @@ CSS_PATH = REPO_ROOT / "assets" / "ui.css"
 
 
 def _number_component(gr):
-    """A gr.Number factory whose out-of-range message names the field and the range that fits (Gradio's
-    own says only "Value 0 is less than minimum value 1."). It wraps each instance's `preprocess`
-    rather than subclassing: a Component subclass makes Gradio write a .pyi file beside this module."""
+    """A gr.Number factory whose refusals name the field: a value out of range gets the range that fits
+    (Gradio's own says only "Value 0 is less than minimum value 1."), and text, a list, NaN or infinity
+    get "must be a number" (Gradio's own error there is not shown at all). It wraps each instance's
+    `preprocess` rather than subclassing: a Component subclass makes Gradio write a .pyi file beside
+    this module."""
+    from advisor.wizard import NUMBER_LIMITS, number_problem
 
-    def Number(**kwargs):  # noqa: N802 (used like the class it stands for)
-        component = gr.Number(**kwargs)
+    def Number(name: str, **kwargs):  # noqa: N802 (used like the class it stands for)
+        """The number box for plan widget `name`, bounded by wizard.NUMBER_LIMITS."""
+        low, high = NUMBER_LIMITS[name]
+        component = gr.Number(minimum=low, maximum=high, **kwargs)
         check = component.preprocess
 
         def preprocess(payload):
-            try:
-                return check(payload)
-            except gr.Error:
-                low, high = component.minimum, component.maximum
-                fits = (f"from {low:,g} to {high:,g}" if low is not None and high is not None
-                        else f"at least {low:,g}" if low is not None else f"at most {high:,g}")
-                raise gr.Error(f"{component.label}: {payload:g} is out of range; enter a value {fits}.",
-                               title="Check this value") from None
+            problem = number_problem(payload, component.minimum, component.maximum)
+            if problem:
+                raise gr.Error(f"{component.label}: {problem}.", title="Check this value")
+            return check(payload)
 
         component.preprocess = preprocess
         return component
 
     return Number
+
+
+class RequireLogin:
+    """ASGI middleware: with a login (`--auth`), only the login page and what it loads answer without the
+    login cookie. Gradio checks the login on most of its routes but not on all of them (POST
+    /gradio_api/cancel and /gradio_api/reset answer anyone), so this checks it once, in front of every
+    route, the way Gradio does (its `access-token` cookie, looked up in the app's tokens)."""
+
+    #: What the login page needs before anyone has logged in (Gradio's own routes check /config).
+    PUBLIC = frozenset({"/", "/login", "/login/", "/logout", "/config", "/config/", "/favicon.ico", "/theme.css",
+                        "/robots.txt", "/manifest.json", "/pwa_icon", "/gradio_api/startup-events"})
+    PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon/")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and not self._allowed(scope):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            from starlette.responses import JSONResponse
+
+            await JSONResponse({"detail": "Not authenticated"}, status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope) -> bool:
+        server = scope.get("app")
+        if getattr(server, "auth", None) is None and getattr(server, "auth_dependency", None) is None:
+            return True  # no login asked for
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if path in self.PUBLIC or path.startswith(self.PUBLIC_PREFIXES):
+            return True
+        if getattr(server, "auth_dependency", None) is not None:
+            return True  # an external login (not used by this app) is Gradio's to check
+        from starlette.requests import HTTPConnection
+
+        cookies = HTTPConnection(scope).cookies
+        cookie_id = getattr(server, "cookie_id", "")
+        token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+        return token is not None and token in getattr(server, "tokens", {})
 
 
 def build_app(config: AppConfig):
@@ -364,7 +447,7 @@ def build_app(config: AppConfig):
                         with gr.Row():
                             gpu = gr.Dropdown(choices=wizard.gpu_choices(), value=wizard.NO_GPU, label="GPU", elem_id="gpu",
                                               info="What you will train on; the plan is sized for it.")
-                            num_gpus = Number(value=1, precision=0, minimum=1, maximum=wizard.widget_maximum("num_gpus"), label="Number of GPUs",
+                            num_gpus = Number("num_gpus", value=1, precision=0, label="Number of GPUs",
                                                  elem_id="num_gpus")
                     with gr.Column(scale=4):
                         model_card = gr.Markdown(elem_id="model-card")
@@ -427,37 +510,37 @@ def build_app(config: AppConfig):
                         shard = gr.Dropdown(choices=[("none (DDP)", "none"), ("ZeRO-2", "zero2"), ("ZeRO-3 / FSDP", "zero3")],
                                             value="none", label="Sharding")
                     with gr.Row():
-                        lora_rank = Number(value=16, precision=0, minimum=1, maximum=wizard.widget_maximum("lora_rank"), label="LoRA rank", elem_id="lora-rank")
-                        lora_alpha = Number(value=32, maximum=wizard.widget_maximum("lora_alpha"), label="LoRA alpha")
-                        lora_dropout = Number(value=0.05, minimum=0, maximum=wizard.widget_maximum("lora_dropout"), step=0.01, label="LoRA dropout")
+                        lora_rank = Number("lora_rank", value=16, precision=0, label="LoRA rank", elem_id="lora-rank")
+                        lora_alpha = Number("lora_alpha", value=32, label="LoRA alpha")
+                        lora_dropout = Number("lora_dropout", value=0.05, step=0.01, label="LoRA dropout")
                         lora_targets = gr.Dropdown(choices=["q_proj", "k_proj", "v_proj", "o_proj"], multiselect=True,
                                                    allow_custom_value=True, value=["q_proj", "k_proj", "v_proj", "o_proj"],
                                                    label="Target modules", scale=2)
                         double_quant = gr.Checkbox(value=True, label="Double quantization (QLoRA)")
                     with gr.Row():
-                        learning_rate = Number(value=2e-4, maximum=wizard.widget_maximum("learning_rate"), label="Learning rate", step=1e-5, elem_id="learning-rate")
-                        warmup_ratio = Number(value=0.05, minimum=0, maximum=wizard.widget_maximum("warmup_ratio"), step=0.01, label="Warmup share")
+                        learning_rate = Number("learning_rate", value=2e-4, label="Learning rate", step=1e-5, elem_id="learning-rate")
+                        warmup_ratio = Number("warmup_ratio", value=0.05, step=0.01, label="Warmup share")
                         lr_scheduler = gr.Dropdown(choices=["cosine", "linear", "constant", "constant_with_warmup"],
                                                    value="cosine", label="LR schedule")
-                        epochs = Number(value=1, minimum=0.01, maximum=wizard.widget_maximum("epochs"), label="Epochs")
-                        max_steps = Number(value=30, precision=0, minimum=0, maximum=wizard.widget_maximum("max_steps"), label="Max steps (0: run the epochs)",
+                        epochs = Number("epochs", value=1, label="Epochs")
+                        max_steps = Number("max_steps", value=30, precision=0, label="Max steps (0: run the epochs)",
                                               elem_id="max-steps")
                     with gr.Row():
-                        micro_batch = Number(value=4, precision=0, minimum=1, maximum=wizard.widget_maximum("micro_batch"), label="Micro-batch", elem_id="micro-batch")
-                        grad_accum = Number(value=1, precision=0, minimum=1, maximum=wizard.widget_maximum("grad_accum"), label="Gradient accumulation")
-                        seq_len = Number(value=512, precision=0, minimum=8, maximum=wizard.widget_maximum("seq_len"), label="Sequence length", elem_id="seq-len")
+                        micro_batch = Number("micro_batch", value=4, precision=0, label="Micro-batch", elem_id="micro-batch")
+                        grad_accum = Number("grad_accum", value=1, precision=0, label="Gradient accumulation")
+                        seq_len = Number("seq_len", value=512, precision=0, label="Sequence length", elem_id="seq-len")
                         gradient_checkpointing = gr.Checkbox(value=False, label="Gradient checkpointing")
                         packing = gr.Checkbox(value=False, label="Packing")
                         attn = gr.Dropdown(choices=["sdpa", "eager"], value="sdpa", label="Attention")
                     with gr.Row():
-                        replay_fraction = Number(value=0.0, minimum=0, maximum=wizard.widget_maximum("replay_fraction"), step=0.01, label="Replay share (forgetting)")
-                        ewc_lambda = Number(value=0.0, minimum=0, maximum=wizard.widget_maximum("ewc_lambda"), label="EWC strength")
-                        forgetting_eval_every = Number(value=10, precision=0, minimum=1, maximum=wizard.widget_maximum("forgetting_eval_every"),
+                        replay_fraction = Number("replay_fraction", value=0.0, step=0.01, label="Replay share (forgetting)")
+                        ewc_lambda = Number("ewc_lambda", value=0.0, label="EWC strength")
+                        forgetting_eval_every = Number("forgetting_eval_every", value=10, precision=0,
                                                           label="Forgetting check every (steps)")
-                        forgetting_threshold = Number(value=20.0, minimum=0.1, maximum=wizard.widget_maximum("forgetting_threshold"), label="Forgetting alert at +% loss")
+                        forgetting_threshold = Number("forgetting_threshold", value=20.0, label="Forgetting alert at +% loss")
                         stop_on_threshold = gr.Checkbox(value=False, label="Stop when forgetting crosses it")
-                        beta = Number(value=0.1, minimum=0.001, maximum=wizard.widget_maximum("beta"), step=0.05, label="DPO beta")
-                        kl_coef = Number(value=0.05, minimum=0.001, maximum=wizard.widget_maximum("kl_coef"), step=0.01, label="PPO KL coefficient")
+                        beta = Number("beta", value=0.1, step=0.05, label="DPO beta")
+                        kl_coef = Number("kl_coef", value=0.05, step=0.01, label="PPO KL coefficient")
                     readvise = gr.Button("Re-advise, keeping my changes", size="sm", elem_id="readvise")
                 with gr.Row():
                     with gr.Column(scale=3):
@@ -545,29 +628,77 @@ def build_app(config: AppConfig):
 
         # ================================================================ handlers
 
-        def demo_guard(model=None, dataset=None):
-            if config.demo_mode:
-                wizard.check_demo_inputs(model, dataset, config.uploads_dir)
+        # In demo mode a visitor's uploads are named in the page by their file name only: `session["uploads"]`
+        # maps each name to the kept file, for this browser session alone, so no server path reaches the page
+        # and no visitor can name another's upload.
+        def dataset_path(session, dataset):
+            """The file behind a dataset name this visitor uploaded (demo mode), else `dataset` itself."""
+            if config.demo_mode and isinstance(dataset, str):
+                return (session.get("uploads") or {}).get(dataset.strip(), dataset)
+            return dataset
 
-        @friendly
+        def demo_guard(model=None, dataset=None, session=None):
+            if config.demo_mode:
+                uploads = ((session or {}).get("uploads") or {}).values()
+                wizard.check_demo_inputs(model, dataset_path(session or {}, dataset), uploads)
+
+        # The runs a visitor may see and drive in demo mode: those launched from this browser session
+        # (`watch["own"]`); outside demo mode every run in the runs folder.
+        def check_own(watch, run_id):
+            if config.demo_mode and run_id not in (watch.get("own") or []):
+                raise TunewiseError(f"run: {run_id!r} is not one of your runs; the public demo shows each visitor "
+                                    "only the runs they launched from this page", field="run")
+
+        def own_runs(watch):
+            return list(watch.get("own") or []) if config.demo_mode else None
+
+        def shown(text):
+            """What a visitor may see of a message, log or note: demo mode cuts server paths to file names."""
+            if not config.demo_mode or not isinstance(text, str):
+                return text
+            from gradio.utils import get_upload_folder
+
+            return hide_server_paths(text, [config.runs_dir, config.uploads_dir, REPO_ROOT,
+                                            Path(get_upload_folder()), Path(tempfile.gettempdir())])
+
+        def handler(fn):
+            """friendly(fn), its messages passed through shown()."""
+            return friendly(fn, shown)
+
+        @handler
         def on_model(model):
             demo_guard(model=model)
             spec, counts = wizard.model_summary(model)
             return model_card_markdown(spec, counts)
 
-        @friendly
+        uploaded_here = app.upload_file_set  # every file Gradio's upload route received (its own record)
+
+        @handler
         def on_upload(session, upload):
             if not upload:
                 return gr.skip(), session
+            if str(Path(upload).resolve()) not in {str(Path(p).resolve()) for p in uploaded_here}:
+                # Gradio fetches a URL named in the request itself; only files sent to its upload route count.
+                raise TunewiseError("dataset: only a file sent through the upload box can be used here, not a "
+                                    "file named by its address", field="data.dataset")
             kept = keep_upload(config, upload)
-            return gr.update(value=str(kept), choices=wizard.dataset_choices() + [(kept.name, str(kept))]), session
+            if not config.demo_mode:
+                return gr.update(value=str(kept), choices=wizard.dataset_choices() + [(kept.name, str(kept))]), session
+            uploads = {**(session.get("uploads") or {}), kept.name: str(kept)}
+            session = {**session, "uploads": uploads}
+            return gr.update(value=kept.name, choices=wizard.dataset_choices() + [(name, name) for name in uploads]), session
 
-        @friendly
+        @handler
         def on_profile(session, dataset, model):
-            demo_guard(model=model, dataset=dataset)
+            if not isinstance(dataset, str) or not dataset.strip():
+                wizard.text_value(dataset, "data.dataset", wizard.TEXT_WIDGETS["dataset"])  # not text: says so
+                raise TunewiseError("data.dataset: no dataset chosen; pick a bundled one or upload a file"
+                                    + ("" if config.demo_mode else ", or type a file path"), field="data.dataset")
+            model = wizard.text_value(model, "model.name", wizard.TEXT_WIDGETS["model"])
+            demo_guard(model=model, dataset=dataset, session=session)
             from advisor.profile import profile_dataset
 
-            profile = profile_dataset(dataset, None if not model else model)
+            profile = profile_dataset(dataset_path(session, dataset), model or None)
             session = {**session, "profile": profile.to_dict()}
             fig = figures.token_histogram_figure(profile.histogram.edges, profile.histogram.counts,
                                                  profile.recommended_seq_len, profile.tokens.p95)
@@ -590,9 +721,9 @@ def build_app(config: AppConfig):
                 wizard.plan_yaml(plan),
             )
 
-        @friendly
+        @handler
         def on_recommend(session, keep_changes=False, **values):
-            demo_guard(values.get("model"), values.get("dataset"))
+            demo_guard(values.get("model"), values.get("dataset"), session)
             advisor_values = {name: values[name] for name in advisor_widgets}
             overrides = {name: values[name] for name in wizard.ADVISED_WIDGETS} if keep_changes else None
             steps = values.get("max_steps")
@@ -612,10 +743,10 @@ def build_app(config: AppConfig):
         def recommend_keep(session, **values):
             return on_recommend(session, True, **values)
 
-        @friendly
+        @handler
         def on_estimate(session, **values):
-            demo_guard(values.get("model"), values.get("dataset"))
-            plan = wizard.plan_from_widgets(values)
+            demo_guard(values.get("model"), values.get("dataset"), session)
+            plan = wizard.plan_from_widgets(values)  # an upload keeps its name here: the page shows the plan
             return _plan_outputs(plan, session)
 
         def _poll(session):
@@ -632,7 +763,7 @@ def build_app(config: AppConfig):
             all_events = session.get("events", []) + events
             session = {**session, "offset": offset, "events": all_events}
             progress = figures.run_progress(all_events)
-            header = progress_html(run_id, progress, status)
+            header = shown(progress_html(run_id, progress, status))
             still_going = status is not None and status.state in ("queued", "running")
             timer_update = gr.Timer(active=still_going or bool(events))
             if not events and session.get("drawn"):
@@ -651,12 +782,12 @@ def build_app(config: AppConfig):
                 gr.Row(visible=has_preference),
             ]
 
-        on_poll = friendly(_poll)
+        on_poll = handler(_poll)
 
-        @friendly
-        def on_launch(session, **values):
-            demo_guard(values.get("model"), values.get("dataset"))
-            plan = wizard.plan_from_widgets(values)
+        @handler
+        def on_launch(session, plan_session, **values):
+            demo_guard(values.get("model"), values.get("dataset"), plan_session)
+            plan = wizard.plan_from_widgets({**values, "dataset": dataset_path(plan_session, values.get("dataset"))})
             notes = []
             supervisor = _supervisor()
             if config.demo_mode:
@@ -665,12 +796,14 @@ def build_app(config: AppConfig):
                 busy = active_runs(config) if config.demo_mode else []
                 if busy:
                     current = busy[0]
-                    raise TunewiseError(
-                        f"queue: the public demo trains one run at a time and run {current.run_id} is "
-                        f"{current.state} (step {current.step}/{current.max_steps or '?'}). Watch it in step 4 "
-                        "(it is the one shown there) and launch again when it finishes; the button will work then.",
-                        field="queue",
-                    )
+                    if current.run_id in (session.get("own") or []):
+                        what = (f"your run {current.run_id} is {current.state} (step {current.step}/"
+                                f"{current.max_steps or '?'}). Watch it in step 4 and launch again when it finishes")
+                    else:  # another visitor's: say nothing about it but that it exists
+                        what = (f"another visitor's run is training (at most {demo_limits.max_steps} steps). "
+                                "Launch again in a few minutes")
+                    raise TunewiseError(f"queue: the public demo trains one run at a time and {what}; the button "
+                                        "will work then.", field="queue")
                 if config.demo_mode:
                     cleanup_old_runs(config, demo_limits.keep_runs - 1)
                 # An upload goes into the run's own folder: the run keeps its data when old uploads are cleaned.
@@ -680,14 +813,15 @@ def build_app(config: AppConfig):
                 threading.Thread(target=_ensure_warm, args=(config.runs_dir,), daemon=True).start()
             if notes:
                 gr.Info("Demo limits applied: " + "; ".join(notes))
-            session = _watch(session, run_id)
+            session = {**_watch(session, run_id), "own": [*(session.get("own") or []), run_id]}
             return [gr.Walkthrough(selected=4)] + _poll(session)
 
-        @friendly
+        @handler
         def on_stop(session):
             run_id = session.get("run_id")
             if not run_id:
                 raise TunewiseError("run: nothing to stop; launch a run or open one from the history first", field="run")
+            check_own(session, run_id)
             # stop() waits for the run to save and exit (killing it after 30 s): do that in the
             # background so the page stays live; the monitor shows "stopped" when it is done.
             threading.Thread(target=_supervisor().stop, args=(run_id,),
@@ -695,44 +829,47 @@ def build_app(config: AppConfig):
             gr.Info(f"Stop requested: {run_id} saves a checkpoint and ends after the current step.")
             return _poll(session)
 
-        @friendly
+        @handler
         def on_resume(session):
             run_id = session.get("run_id")
             if not run_id:
                 raise TunewiseError("run: nothing to resume; open a stopped run from the history first", field="run")
+            check_own(session, run_id)
             with launch_lock:
                 if config.demo_mode and active_runs(config):
                     raise TunewiseError("queue: the public demo trains one run at a time; wait for the current run to end",
                                         field="queue")
                 new_id = _supervisor().resume(run_id, config.runs_dir)
             if new_id != run_id:
-                session = _watch(session, new_id)
+                session = {**_watch(session, new_id), "own": [*(session.get("own") or []), new_id]}
             gr.Info(f"Resuming {new_id} from its last checkpoint.")
             return _poll(session)
 
-        @friendly
+        @handler
         def on_log_tail(session):
             run_id = session.get("run_id")
             if not run_id:
                 return gr.update(visible=True, value="(no run selected)")
+            check_own(session, run_id)
             path = _run_dir(config, run_id) / "stdout.log"
-            return gr.update(visible=True, value=tail_text(path, 60))
+            return gr.update(visible=True, value=shown(tail_text(path, 60)))
 
-        @friendly
-        def on_runs():
-            rows, ids = run_history(config)
+        @handler
+        def on_runs(watch):
+            rows, ids = run_history(config, only=own_runs(watch))
             # The newest run is picked and its curve drawn, so the step never opens on an empty chart.
             return rows, gr.update(choices=ids, value=ids[0] if ids else None), gr.update(choices=ids, value=ids[:1])
 
-        @friendly
+        @handler
         def on_watch(session, run_id):
             if not run_id:
                 raise TunewiseError("run: pick a run in the list first", field="run")
             _run_dir(config, run_id)
+            check_own(session, run_id)
             session = _watch(session, run_id)
             return [gr.Walkthrough(selected=4)] + _poll(session)
 
-        @friendly
+        @handler
         def on_attach(session):
             """On page load: watch the newest running run, so reopening the browser shows it again."""
             if session.get("run_id"):
@@ -741,25 +878,34 @@ def build_app(config: AppConfig):
                 runs = sorted_runs(config)
             except Exception:
                 runs = []
-            running = [r for r in runs if getattr(r, "state", None) in ("running", "queued")]
+            mine = own_runs(session)  # demo mode: only a run this visitor launched, never another's
+            running = [r for r in runs if getattr(r, "state", None) in ("running", "queued")
+                       and (mine is None or r.run_id in mine)]
             if running:
                 session = _watch(session, running[0].run_id)
                 return [gr.Walkthrough(selected=4)] + _poll(session)
             return [gr.skip()] + _poll(session)
 
-        @friendly
-        def on_overlay(run_ids, metric):
+        @handler
+        def on_overlay(run_ids, metric, watch):
+            if not isinstance(metric, str) or not metric.strip():
+                raise TunewiseError(f"metric: pick a metric to compare (loss, eval_loss, reward, ...), not {metric!r}",
+                                    field="metric")
+            if run_ids is not None and not isinstance(run_ids, list):
+                raise TunewiseError("run: pick the runs to compare from the list", field="run")
             runs = {}
             for run_id in run_ids or []:
+                check_own(watch, run_id)
                 events, _ = read_events(_run_dir(config, run_id) / EVENTS_FILE, 0)
                 runs[run_id] = events
             kind = "eval" if metric.startswith("eval") else ("sample" if metric in ("reward", "kl_sequence", "kl") else "log")
             return figures.overlay_figure(runs, metric=metric, kind=kind)
 
-        @friendly
-        def on_generate(run_id, prompts):
+        @handler
+        def on_generate(run_id, prompts, watch):
             if not run_id:
                 raise TunewiseError("run: pick a finished run in the list first", field="run")
+            check_own(watch, run_id)
             lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
             if not lines:
                 raise TunewiseError("prompts: write at least one prompt, one per line", field="prompts")
@@ -768,12 +914,13 @@ def build_app(config: AppConfig):
             rows = generate_samples(config, _run_dir(config, run_id), lines)
             return rows
 
-        @friendly
-        def on_export(run_id, reload_16bit):
+        @handler
+        def on_export(run_id, reload_16bit, watch):
             if not run_id:
                 raise TunewiseError("run: pick a finished run in the list first", field="run")
+            check_own(watch, run_id)
             archive, note = export_run(config, _run_dir(config, run_id), bool(reload_16bit))
-            return note, archive
+            return shown(note), archive
 
         # ================================================================ wiring
 
@@ -782,9 +929,9 @@ def build_app(config: AppConfig):
         back_2.click(lambda: gr.Walkthrough(selected=1), outputs=walkthrough, api_name="go_model", **nav)
         back_3.click(lambda: gr.Walkthrough(selected=2), outputs=walkthrough, api_name="back_to_data", **nav)
         history_1.click(lambda: gr.Walkthrough(selected=5), outputs=walkthrough, api_name="go_history", **nav).then(
-            on_runs, outputs=[runs_table, open_run, compare_runs], api_name="runs_after_history")
+            on_runs, inputs=watch, outputs=[runs_table, open_run, compare_runs], api_name="runs_after_history")
         to_results.click(lambda: gr.Walkthrough(selected=5), outputs=walkthrough, api_name="go_results", **nav).then(
-            on_runs, outputs=[runs_table, open_run, compare_runs], api_name="runs_after_nav")
+            on_runs, inputs=watch, outputs=[runs_table, open_run, compare_runs], api_name="runs_after_nav")
 
         plan_outputs = [memory_table, memory_plot, fit_table, recommendations, plan_status, explanations, cli_text,
                         yaml_text]
@@ -811,7 +958,7 @@ def build_app(config: AppConfig):
 
         monitor_outputs = [watch, run_header, loss_plot, forgetting_plot, reward_time_plot, reward_kl_plot, alerts, timer,
                            reward_row]
-        launch_btn.click(on_launch, inputs=[watch], inputs_kwargs=plan_widgets,
+        launch_btn.click(on_launch, inputs=[watch, session], inputs_kwargs=plan_widgets,
                          outputs=[walkthrough, *monitor_outputs], api_name="launch")
         timer.tick(on_poll, inputs=watch, outputs=monitor_outputs, api_name="poll", show_progress="hidden",
                    trigger_mode="always_last")
@@ -819,13 +966,13 @@ def build_app(config: AppConfig):
         resume_btn.click(on_resume, inputs=watch, outputs=monitor_outputs, api_name="resume")
         log_btn.click(on_log_tail, inputs=watch, outputs=log_tail, api_name="log_tail")
 
-        refresh_btn.click(on_runs, outputs=[runs_table, open_run, compare_runs], api_name="runs")
+        refresh_btn.click(on_runs, inputs=watch, outputs=[runs_table, open_run, compare_runs], api_name="runs")
         watch_btn.click(on_watch, inputs=[watch, open_run], outputs=[walkthrough, *monitor_outputs], api_name="watch")
-        compare_runs.change(on_overlay, inputs=[compare_runs, compare_metric], outputs=overlay_plot, api_name="overlay")
-        compare_metric.change(on_overlay, inputs=[compare_runs, compare_metric], outputs=overlay_plot,
+        compare_runs.change(on_overlay, inputs=[compare_runs, compare_metric, watch], outputs=overlay_plot, api_name="overlay")
+        compare_metric.change(on_overlay, inputs=[compare_runs, compare_metric, watch], outputs=overlay_plot,
                               api_name="overlay_metric")
-        generate_btn.click(on_generate, inputs=[open_run, prompts], outputs=samples_table, api_name="samples")
-        export_btn.click(on_export, inputs=[open_run, export_reload], outputs=[export_note, export_file], api_name="export")
+        generate_btn.click(on_generate, inputs=[open_run, prompts, watch], outputs=samples_table, api_name="samples")
+        export_btn.click(on_export, inputs=[open_run, export_reload, watch], outputs=[export_note, export_file], api_name="export")
 
         # On page load, independently (one failing does not block the others): the model card; the
         # dataset profile, then the advice and the plan's memory; the run to watch and the history.
@@ -837,7 +984,7 @@ def build_app(config: AppConfig):
             on_estimate, inputs=[session], inputs_kwargs=plan_widgets, outputs=plan_outputs,
             api_name="load_estimate")
         app.load(on_attach, inputs=watch, outputs=[walkthrough, *monitor_outputs], api_name="attach").then(
-            on_runs, outputs=[runs_table, open_run, compare_runs], api_name="load_runs")
+            on_runs, inputs=watch, outputs=[runs_table, open_run, compare_runs], api_name="load_runs")
     return app
 
 
@@ -923,9 +1070,35 @@ def _generate_main(request_json: str) -> int:
     return 0
 
 
+#: Export folders kept in `AppConfig.exports_dir` (older ones are deleted as new exports are made).
+KEEP_EXPORTS = 4
+
+
+@functools.lru_cache(maxsize=1)
+def _private_exports_dir() -> Path:
+    """This process's own folder for export archives (mode 0700, in the temp folder), made on the first
+    export, so an app that never exports leaves nothing behind; removed at a clean exit."""
+    folder = Path(tempfile.mkdtemp(prefix="tunewise-exports-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def export_folder(config: AppConfig) -> Path:
+    """A new folder for one export archive, outside the runs folder (which the page never serves), in
+    `config.exports_dir` (default `_private_exports_dir()`), where only the newest KEEP_EXPORTS are kept."""
+    parent = config.exports_dir or _private_exports_dir()
+    parent.mkdir(parents=True, exist_ok=True)
+    old = sorted((p for p in parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for folder in old[: max(0, len(old) - (KEEP_EXPORTS - 1))]:
+        shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix="export-", dir=parent))
+
+
 def export_run(config: AppConfig, run_dir: Path, reload_16bit: bool = False) -> tuple[str, str]:
     """Merge a run's adapter into its 16-bit base (`tunewise merge`, in a subprocess: torch never loads in
-    the app) and zip the result for download. A full fine-tuning run's output is zipped as it is."""
+    the app) and zip the result for download. A full fine-tuning run's output is zipped as it is. The
+    archive goes to a folder of its own (`export_folder`), never into the run directory: the page serves
+    the archive it returns (Gradio copies it into its cache), and nothing of the run itself."""
     from advisor.errors import TunewiseError
     from advisor.plan import Plan
 
@@ -935,7 +1108,7 @@ def export_run(config: AppConfig, run_dir: Path, reload_16bit: bool = False) -> 
         raise TunewiseError(f"run: {run_dir.name} has no output yet (it saves one when it finishes or is stopped)",
                             field="run")
     if plan.method.method == "full":
-        archive = shutil.make_archive(str(run_dir / "export"), "zip", root_dir=output)
+        archive = shutil.make_archive(str(export_folder(config) / f"{run_dir.name}-full"), "zip", root_dir=output)
         return archive, f"Full fine-tuning: the output is already a whole model; zipped `{output.name}/` for download."
     command = [sys.executable, str(REPO_ROOT / "cli.py"), "merge", str(run_dir), "--json"]
     if reload_16bit:
@@ -951,7 +1124,7 @@ def export_run(config: AppConfig, run_dir: Path, reload_16bit: bool = False) -> 
         raise TunewiseError(f"export: {message}", field="export")
     report = json.loads(done.stdout[done.stdout.index("{"):])
     merged = Path(report["out_dir"])
-    archive = shutil.make_archive(str(merged), "zip", root_dir=merged)
+    archive = shutil.make_archive(str(export_folder(config) / f"{run_dir.name}-merged"), "zip", root_dir=merged)
     note = (f"Merged into `{merged}` ({report['dtype']}). Largest logit difference, merged vs base + adapter, on "
             f"{len(report['prompts'])} prompts: {report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:.3g}; "
             f"the adapter itself moves logits by up to {report['adapter_effect']:.3g}).")
@@ -1018,6 +1191,8 @@ def main(argv: list[str] | None = None) -> int:
     demo_mode = args.demo_mode or on_space
     runs_dir = Path(args.runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
+    # Export archives go to a private temp folder of this app's own (AppConfig.exports_dir), never into the
+    # runs folder: the page serves no file of the runs folder (see blocked_paths below).
     config = AppConfig(runs_dir=runs_dir, demo_mode=demo_mode, uploads_dir=runs_dir / "_uploads",
                        warm_worker=not args.no_warm_worker)
     app = build_app(config)
@@ -1028,10 +1203,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_warm_worker:
         threading.Thread(target=_start_warm_worker, args=(runs_dir, host, args.port), daemon=True).start()
+    from starlette.middleware import Middleware
+
+    # Files: Gradio serves its own upload cache and the files handlers return (copied into that cache: the
+    # export archive); nothing is added to allowed_paths, and the runs folder (plans, logs, uploaded data,
+    # checkpoints) is blocked outright, wherever it lies. show_error=True: a refusal by Gradio's own input
+    # checks reaches the page as its message (never a traceback; handler errors are friendly() messages).
     app.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=args.port, auth=auth, css=css, theme=gr.themes.Soft(primary_hue="indigo"),
-        max_file_size="20mb" if demo_mode else None, allowed_paths=[str(runs_dir)], footer_links=["api", "gradio"],
-        show_error=False,
+        max_file_size="20mb" if demo_mode else None, blocked_paths=[str(runs_dir)], footer_links=["api", "gradio"],
+        show_error=True, app_kwargs={"middleware": [Middleware(RequireLogin)]},
     )
     return 0
 

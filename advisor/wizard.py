@@ -18,12 +18,14 @@ Pure Python: no gradio, torch or transformers.
 
 from __future__ import annotations
 
+import math
 import shlex
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, Iterable, Mapping, Sequence
 
 from advisor.errors import TunewiseError
-from advisor.plan import Plan, PlanError
+from advisor.plan import FIELD_LIMITS, Plan, PlanError
 
 GB = 1e9
 """Bytes per GB (decimal, as GPU vendors count)."""
@@ -94,11 +96,19 @@ PLAN_WIDGETS: dict[str, str] = {
     "kl_coef": "preference.kl_coef",
 }
 
+#: Widgets that hold a name (what the name may be, for messages).
+TEXT_WIDGETS = {
+    "model": "a catalogue name, a hub id owner/name or a size like 7B",
+    "dataset": "a bundled dataset name, a file you uploaded, or a file path",
+}
+
 #: Widgets whose empty value means "not set" (None in the plan) rather than an error.
 OPTIONAL_WIDGETS = ("lora_alpha", "max_steps", "gpu")
 
 #: Human names for plan settings, used in messages and the recommendation table.
 LABELS = {
+    "model.name": "Model",
+    "data.dataset": "Dataset",
     "method.method": "Method",
     "method.lora_rank": "LoRA rank",
     "method.lora_alpha": "LoRA alpha",
@@ -131,20 +141,67 @@ LABELS = {
 }
 
 
-def widget_maximum(name: str) -> float | int:
-    """The largest value the plan accepts for number widget `name` (advisor.plan.FIELD_LIMITS), for the
-    page's number boxes: one table decides both."""
-    from advisor.plan import FIELD_LIMITS
-
-    return FIELD_LIMITS[PLAN_WIDGETS[name]].high
-
-
 def widget_for(dotted: str) -> str | None:
     """The widget that edits plan setting `dotted` (None when the page has no widget for it)."""
     for name, target in PLAN_WIDGETS.items():
         if target == dotted:
             return name
     return None
+
+
+#: The lowest value each number box takes (None: no bound there; 0 max steps means "run the epochs").
+#: The page's boxes are bounded by NUMBER_LIMITS and `plan_from_widgets` refuses anything outside it,
+#: so a crafted API call cannot send a value the page could not.
+_NUMBER_LOWS: dict[str, float | None] = {
+    "num_gpus": 1, "lora_rank": 1, "lora_alpha": None, "lora_dropout": 0, "learning_rate": None,
+    "warmup_ratio": 0, "epochs": 0.01, "max_steps": 0, "micro_batch": 1, "grad_accum": 1, "seq_len": 8,
+    "replay_fraction": 0, "ewc_lambda": 0, "forgetting_eval_every": 1, "forgetting_threshold": 0.1,
+    "beta": 0.001, "kl_coef": 0.001,
+}
+#: Number widgets: (lowest, highest) value the page takes. The highest is the plan's own maximum
+#: (advisor.plan.FIELD_LIMITS), so one table decides the page, the API, the CLI and the planner.
+NUMBER_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    name: (low, FIELD_LIMITS[PLAN_WIDGETS[name]].high) for name, low in _NUMBER_LOWS.items()
+}
+
+
+def _show_number(value: float | int) -> str:
+    """A number for a message: 1e+30 rather than 31 digits (and no OverflowError for a huge int)."""
+    try:
+        return f"{value:g}"
+    except OverflowError:
+        return f"a number with {len(str(abs(value)))} digits"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def number_problem(value: Any, low: float | None, high: float | None) -> str | None:
+    """What is wrong with `value` for a number box bounded by [low, high], or None when it fits (None
+    itself fits: an empty box is judged by whoever reads it). The text reads after the field's name."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number, got {_short(value)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if (low is not None and value < low) or (high is not None and value > high):
+        fits = (f"from {low:,g} to {high:,g}" if low is not None and high is not None
+                else f"at least {low:,g}" if low is not None else f"at most {high:,g}")
+        return f"{_show_number(value)} is out of range; enter a value {fits}"
+    return None
+
+
+def text_value(value: Any, dotted: str, what: str) -> str:
+    """`value` as text for a name field (a model or dataset name), or a TunewiseError naming the field."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TunewiseError(f"{dotted}: {LABELS.get(dotted, dotted)} must be text ({what}), got {_short(value)}",
+                            field=dotted)
+    return value.strip()
 
 
 def _blank(value: Any) -> bool:
@@ -168,6 +225,12 @@ def plan_from_widgets(values: Mapping[str, Any], base: Plan | None = None) -> Pl
     base = base or Plan()
     for name, value in values.items():
         dotted = PLAN_WIDGETS[name]
+        if name in NUMBER_LIMITS:
+            problem = number_problem(value, *NUMBER_LIMITS[name])
+            if problem:
+                raise PlanError(dotted, f"{problem} ({LABELS.get(dotted, name)})")
+        if name in TEXT_WIDGETS:
+            text_value(value, dotted, TEXT_WIDGETS[name])
         if name == "goal":
             goal = str(value or "sft")
             if goal.startswith("pipeline:"):
@@ -256,22 +319,23 @@ class DemoLimits:
     """Largest dataset file a visitor may upload."""
 
 
-def check_demo_inputs(model: str | None, dataset: str | None, uploads_dir) -> None:
+def check_demo_inputs(model: Any, dataset: Any, uploads: Iterable[Any] = ()) -> None:
     """Public demo: refuse server paths. A model must be a catalogue / hub name or a size (not a folder on
-    the server), and a dataset a bundled name or a file uploaded through the page."""
+    the server), and a dataset a bundled name or one of `uploads`: the files this visitor uploaded through
+    the page (another visitor's upload is refused like any other server file)."""
     from pathlib import Path
 
     from advisor.plan import DEMO_DATASETS
 
-    name = (model or "").strip()
+    name = text_value(model, "model.name", TEXT_WIDGETS["model"])
     if name and (name.startswith(("/", ".", "~")) or "\\" in name or Path(name).expanduser().is_dir()):
         raise TunewiseError(f"model.name: the public demo does not read folders on the server ({name!r}); pick a "
                             "catalogue model, a hub id (owner/name) or a size like 7B", field="model.name")
-    data = (dataset or "").strip()
+    data = text_value(dataset, "data.dataset", TEXT_WIDGETS["dataset"])
     if data and data not in DEMO_DATASETS:
-        uploads = Path(uploads_dir).resolve()
         try:
-            inside = Path(data).resolve().is_relative_to(uploads)
+            mine = {Path(p).resolve() for p in uploads}
+            inside = Path(data).resolve() in mine
         except (OSError, ValueError):
             inside = False
         if not inside:
@@ -545,6 +609,27 @@ def run_row(run_id: str, status: Any, summary: Mapping[str, Any] | None = None) 
 
 RUN_HEADERS = ["run", "what", "status", "step", "last loss", "forgetting", "started"]
 
+#: File suffixes of the dataset formats Tunewise reads.
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+
+def dataset_label(dataset: Any) -> str:
+    """How the page names a dataset: a bundled name or a hub id as it is, a file by its name alone (the
+    page never shows where a file lies on the server)."""
+    if not isinstance(dataset, str):
+        return ""
+    name = dataset.strip()
+    path_like = (name.startswith(("/", ".", "~")) or "\\" in name
+                 or PurePath(name).suffix.lower() in DATA_SUFFIXES)
+    return PurePath(name.replace("\\", "/")).name if path_like and name not in BUNDLED_DATASETS else name
+
+
+def run_what(plan: Plan) -> str:
+    """The history's one-line description of a run: `Plan.summary()` with the dataset named by
+    `dataset_label` (so no server path reaches the page)."""
+    what = plan.stage if plan.pipeline == "none" else f"{plan.pipeline} pipeline"
+    return f"{what} {plan.method.method} on {plan.model.name} with {dataset_label(plan.data.dataset)}"
+
 
 def run_summary(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Key numbers of a run from its events: last loss, last eval loss, last forgetting degradation %."""
@@ -588,11 +673,11 @@ def dataset_choices() -> list[tuple[str, str]]:
     return [(f"{name}: {what}", name) for name, what in BUNDLED_DATASETS.items()]
 
 
-def model_summary(name: str):
+def model_summary(name: Any):
     """(ModelSpec, ParamCounts) of a model name (ModelNotFound names the fix)."""
     from advisor import specs
 
-    spec = specs.resolve_model(name)
+    spec = specs.resolve_model(text_value(name, "model.name", TEXT_WIDGETS["model"]))
     return spec, specs.param_counts(spec)
 
 

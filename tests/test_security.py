@@ -187,17 +187,31 @@ def test_app_binds_to_localhost_by_default_and_auth_guards_every_route(tmp_path)
             assert _listening_addresses(port) <= {"0100007F", "00000000000000000000000001000000"}
             assert _listening_addresses(port), "no listening socket found for the app's port"
 
-        # Without credentials: no config, no API description, no upload, no call.
-        for method, route in (("GET", "config"), ("GET", "gradio_api/info"), ("POST", "gradio_api/upload"),
-                              ("POST", "gradio_api/call/model_info")):
-            answer = httpx.request(method, url + route, json={"data": ["demo"]} if "call" in route else None)
+        # Without credentials: no config, no API description, no upload, no call, and none of the routes
+        # Gradio leaves open itself (cancel and reset answered {"success": true} to anyone).
+        cancel = {"event_id": "x", "session_hash": "y", "fn_index": 0}
+        closed = [("GET", "config"), ("GET", "gradio_api/info"), ("POST", "gradio_api/upload"),
+                  ("POST", "gradio_api/call/model_info"), ("POST", "gradio_api/cancel"), ("POST", "gradio_api/reset"),
+                  ("GET", "gradio_api/heartbeat/x"), ("GET", "gradio_api/app_id"), ("GET", "gradio_api/user"),
+                  ("GET", "gradio_api/token"), ("GET", "openapi.json"), ("GET", "monitoring"),
+                  ("GET", "gradio_api/queue/status"), ("GET", "gradio_api/file=" + str(tmp_path / "app.log"))]
+        for method, route in closed:
+            body = {"data": ["demo"]} if "call" in route else cancel if method == "POST" else None
+            answer = httpx.request(method, url + route, json=body)
             assert answer.status_code == 401, (route, answer.status_code, answer.text[:200])
+            assert "success" not in answer.text, (route, answer.text[:200])
+        # The login page itself (and what it loads) still answers, so a person can log in.
+        for route in ("", "theme.css", "manifest.json"):
+            assert httpx.get(url + route).status_code == 200, route
         assert httpx.post(url + "login", data={"username": "alice", "password": "wrong"}).status_code == 400
         with pytest.raises(Exception, match="credentials"):
             Client(url, verbose=False)
-        # With them, the API works.
-        card = Client(url, auth=("alice", "s3cret-pw"), verbose=False).predict("demo", api_name="/model_info")
+        # With them, the API works, and so do the routes closed above.
+        client = Client(url, auth=("alice", "s3cret-pw"), verbose=False)
+        card = client.predict("demo", api_name="/model_info")
         assert "parameters" in card
+        assert httpx.post(url + "gradio_api/cancel", json=cancel, cookies=client.cookies).json() == {"success": True}
+        assert httpx.get(url + "gradio_api/app_id", cookies=client.cookies).status_code == 200
     finally:
         _shutdown(proc)
     # An --auth without a password is refused at start.
@@ -216,6 +230,10 @@ def test_app_binds_to_localhost_by_default_and_auth_guards_every_route(tmp_path)
         ("", "upload"),
         ("...", "upload"),
         ("日本語.jsonl", "_.jsonl"),
+        # The suffix survives: the profile reads a file by it.
+        ("a" * 300 + ".jsonl", "a" * 114 + ".jsonl"),
+        ("....jsonl", "upload.jsonl"),
+        (".csv", "upload.csv"),
     ],
 )
 def test_upload_names_are_sanitized(name, safe):
@@ -333,6 +351,182 @@ def test_demo_limits_are_enforced_by_the_server(demo_app):
         for run in supervisor.list_runs(runs):
             if run.active:
                 supervisor.stop(run.run_id, runs_dir=runs, timeout=20)
+
+
+# -- the public demo: each visitor sees only their own runs and uploads; no route serves the runs folder ------
+
+SECRET = "SSN 078-05-1120 belongs to alice"
+
+
+@pytest.fixture(scope="module")
+def public_demo(tmp_path_factory):
+    """A demo-mode app without a warm worker, where visitor A (a gradio_client session of its own) has
+    uploaded a private file and launched a run on it. Yields a dict: url, work, runs, alice (A's client),
+    upload (A's /upload answer), run_id."""
+    from gradio_client import Client, handle_file
+
+    from trainer import supervisor
+
+    work = tmp_path_factory.mktemp("public-demo")
+    proc, url = _serve(work, "--demo-mode", "--no-warm-worker")
+    runs = work / "runs"
+    try:
+        private = work / "outside" / "alice_private.jsonl"
+        private.parent.mkdir()
+        private.write_text("".join(f'{{"text": "{SECRET} #{i}"}}\n' for i in range(40)))
+        alice = Client(url, verbose=False)
+        upload = alice.predict(handle_file(str(private)), api_name="/upload")
+        alice.predict(model="demo", dataset=upload["value"], method="lora", max_steps=40, seq_len=64,
+                      api_name="/launch")
+        (run_dir,) = [p for p in runs.iterdir() if (p / "run.json").is_file()]
+        yield {"url": url, "work": work, "runs": runs, "alice": alice, "upload": upload, "run_id": run_dir.name}
+    finally:
+        if runs.is_dir():
+            for run in supervisor.list_runs(runs):
+                if run.active:
+                    supervisor.stop(run.run_id, runs_dir=runs, timeout=20)
+        _shutdown(proc)
+
+
+def test_a_demo_visitor_sees_their_upload_by_name_and_their_run_in_the_history(public_demo):
+    import json
+
+    work, run_id = public_demo["work"], public_demo["run_id"]
+    upload = public_demo["upload"]
+    # The dropdown gets the file's name, never where the server keeps it.
+    assert upload["value"] == "alice_private.jsonl"
+    assert str(work) not in json.dumps(upload) and "_uploads" not in json.dumps(upload)
+    # The run trains on its own copy of the upload, and the history names the file, not the copy's path.
+    copy = work / "runs" / run_id / "data" / "alice_private.jsonl"
+    assert SECRET in copy.read_text()
+    history, choice, _compare = public_demo["alice"].predict(api_name="/runs")
+    (row,) = history["data"]
+    assert row[0] == run_id and row[1] == "sft lora on demo with alice_private.jsonl"
+    assert choice["choices"] == [[run_id, run_id]]
+
+
+def test_another_demo_visitor_cannot_list_watch_stop_or_use_a_run_or_upload(public_demo):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from trainer import supervisor
+
+    url, runs, run_id = public_demo["url"], public_demo["runs"], public_demo["run_id"]
+    bob = Client(url, verbose=False)
+    history, choice, compare = bob.predict(api_name="/runs")
+    assert history["data"] == [] and choice["choices"] == [] and compare["choices"] == []
+    opened = bob.predict(api_name="/attach")  # opening the page attaches to no one else's run
+    assert run_id not in str(opened)
+    for endpoint, args in (("/watch", (run_id,)), ("/overlay", ([run_id], "loss")), ("/samples", (run_id, "hi")),
+                           ("/export", (run_id, False))):
+        with pytest.raises(AppError) as refused:
+            bob.predict(*args, api_name=endpoint)
+        assert run_id in str(refused.value) and "not in the list" in str(refused.value), (endpoint, refused.value)
+    with pytest.raises(AppError, match="nothing to stop"):
+        bob.predict(api_name="/stop")
+    assert "no run selected" in str(bob.predict(api_name="/log_tail"))
+    # Alice's upload is hers: neither its name nor its path on the server gets Bob anywhere.
+    (kept,) = (runs / "_uploads").rglob("alice_private.jsonl")
+    for name in ("alice_private.jsonl", str(kept)):
+        with pytest.raises(AppError, match="data.dataset") as refused:
+            bob.predict(dataset=name, model="demo", api_name="/profile")
+        assert SECRET not in str(refused.value)
+        with pytest.raises(AppError, match="data.dataset"):
+            bob.predict(model="demo", dataset=name, max_steps=5, api_name="/launch")
+    # Bob's own launch waits for the demo's one run, without being told whose it is or what it trains on.
+    state = supervisor.status(run_id, runs).state
+    if state in ("queued", "running"):
+        with pytest.raises(AppError, match="one run at a time") as queued:
+            bob.predict(model="demo", dataset="demo-sft", max_steps=5, api_name="/launch")
+        assert run_id not in str(queued.value) and "alice" not in str(queued.value)
+    # None of that stopped Alice's run; Alice herself can.
+    assert not (runs / run_id / "STOP").exists()
+    assert supervisor.status(run_id, runs).state in ("queued", "running", "finished")
+    alice = public_demo["alice"]
+    alice.predict(api_name="/stop")
+    deadline = time.time() + 120
+    while supervisor.status(run_id, runs).state in ("queued", "running") and time.time() < deadline:
+        time.sleep(1)
+    assert supervisor.status(run_id, runs).state in ("stopped", "finished")
+
+
+def _run_files(runs: Path) -> list[Path]:
+    """Files under the runs folder whose contents a visitor must never get: an upload, a run's data copy,
+    its plan, logs, events and records."""
+    wanted = ("alice_private.jsonl", "plan.yaml", "stdout.log", "events.jsonl", "run.json", "watcher.log")
+    found = [p for p in runs.rglob("*") if p.is_file() and p.name in wanted]
+    assert {p.name for p in found} >= {"alice_private.jsonl", "plan.yaml", "stdout.log", "events.jsonl"}, found
+    return found
+
+
+def _file_routes(url: str, path: Path, work: Path) -> list[str]:
+    """Every way of naming `path` to Gradio's file routes (absolute, relative to the app's folder, through
+    Gradio's own cache folder, URL-encoded), at the API prefix and at the root."""
+    from urllib.parse import quote
+
+    names = [str(path), str(path.relative_to(work)), f"{work}/gradio-tmp/../{path.relative_to(work)}",
+             quote(str(path), safe="")]
+    return [f"{url}{prefix}{route}{name}" for prefix in ("gradio_api/", "") for route in ("file=", "file/")
+            for name in names]
+
+
+def test_no_route_serves_a_file_of_the_runs_folder_in_demo_mode(public_demo):
+    import httpx
+
+    work = public_demo["work"]
+    for path in _run_files(public_demo["runs"]):
+        for address in _file_routes(public_demo["url"], path, work):
+            answer = httpx.get(address)
+            assert answer.status_code != 200, address
+            assert SECRET not in answer.text and "run_id" not in answer.text, address
+
+
+def test_a_logged_in_app_serves_no_run_files_but_its_export_downloads(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                      monkeypatch):
+    import io
+    import zipfile
+
+    import httpx
+    from gradio_client import Client
+
+    from trainer import supervisor
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the app's export folder lands here, not in /tmp
+    (tmp_path / "tmp").mkdir()
+    proc, url = _serve(tmp_path, "--no-warm-worker")
+    runs = tmp_path / "runs"
+    try:
+        client = Client(url, verbose=False, download_files=False)
+        client.predict(model=str(tiny_model_dir), dataset=str(tiny_data_dir / "messages.jsonl"), gpu="none",
+                       method="lora", precision="fp32", max_steps=2, seq_len=64, micro_batch=4, api_name="/launch")
+        (run_dir,) = [p for p in runs.iterdir() if (p / "run.json").is_file()]
+        deadline = time.time() + 300
+        while supervisor.status(run_dir.name, runs).state in ("queued", "running") and time.time() < deadline:
+            time.sleep(1)
+        assert supervisor.status(run_dir.name, runs).state == "finished", (run_dir / "stdout.log").read_text()[-2000:]
+        client.predict(api_name="/runs")  # fills this session's run list, as opening the history does
+        note, archive = client.predict(run_dir.name, False, api_name="/export")
+        assert "Merged into" in note
+        # The archive downloads through the address the page got ...
+        answer = httpx.get(archive["url"], timeout=60)
+        assert answer.status_code == 200, answer.text[:300]
+        names = zipfile.ZipFile(io.BytesIO(answer.content)).namelist()
+        assert "config.json" in names and any(n.endswith(".safetensors") for n in names), names
+        # ... and was made outside the runs folder, in the app's own export folder: nothing of the run is
+        # served, to a logged-in user either.
+        assert not list(runs.rglob("*.zip"))
+        assert [p.name for p in (tmp_path / "tmp").glob("tunewise-exports-*/export-*/*.zip")] == \
+            [f"{run_dir.name}-merged.zip"]
+        served = [p for p in runs.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in served) and any(p.name == "plan.yaml" for p in served)
+        for path in served:
+            for address in (f"{url}gradio_api/file={path}", f"{url}gradio_api/file/{path}"):
+                assert httpx.get(address).status_code == 403, address
+    finally:
+        for run in supervisor.list_runs(runs) if runs.is_dir() else []:
+            if run.active:
+                supervisor.stop(run.run_id, runs_dir=runs, timeout=20)
+        _shutdown(proc)
 
 
 def test_torch_load_is_always_weights_only():

@@ -624,12 +624,10 @@ def resume_run(run: str | Path, runs_dir: str | Path | None = None) -> Resumed:
     """`resume`, returning what it did (see Resumed). Holds the run's lock: a second resume of the same run
     at the same moment, from any process, is refused instead of starting a second trainer."""
     run_dir = find_run_dir(run, runs_dir)
+    _refuse_resume(status(run_dir))  # a refusal changes nothing in the run directory, not even its lock file
     with _run_lock(run_dir, "resumed"):
         current = status(run_dir)
-        if current.state in ACTIVE_STATES:
-            raise TunewiseError(f"run {current.run_id} is still {current.state}: stop it before resuming")
-        if current.state == "finished":
-            raise TunewiseError(f"run {current.run_id} has finished: there is nothing to resume (launch a new run)")
+        _refuse_resume(current)  # again under the lock: another process may have resumed it meanwhile
         plan = Plan.load(run_dir / PLAN_FILE)
         _close_attempt(run_dir, current)
         if plan.pipeline != "none":
@@ -645,6 +643,14 @@ def resume_run(run: str | Path, runs_dir: str | Path | None = None) -> Resumed:
             skipped_checkpoints=[{"checkpoint": str(path), "problem": problem} for path, problem in skipped])
         offset = _start_attempt(run_dir, plan, resume_from=checkpoint)
     return Resumed(current.run_id, str(checkpoint), tuple((str(p), why) for p, why in skipped), message, offset)
+
+
+def _refuse_resume(current: "RunStatus") -> None:
+    """TunewiseError when the run cannot be resumed: it is still going, or it has finished."""
+    if current.state in ACTIVE_STATES:
+        raise TunewiseError(f"run {current.run_id} is still {current.state}: stop it before resuming")
+    if current.state == "finished":
+        raise TunewiseError(f"run {current.run_id} has finished: there is nothing to resume (launch a new run)")
 
 
 def _resume_message(checkpoint: Path, step: int, skipped: list[tuple[Path, str]]) -> str:
