@@ -38,6 +38,12 @@ DEMO_DATASETS = {
 
 STAGES = ("sft", "rm", "dpo", "ppo")
 PIPELINES = ("none", "rlhf", "dpo", "compare")
+#: The stages each pipeline runs, in order (compare: SFT once, then RM -> PPO beside DPO).
+PIPELINE_STAGES = {
+    "rlhf": ("sft", "rm", "ppo"),
+    "dpo": ("sft", "dpo"),
+    "compare": ("sft", "rm", "ppo", "dpo"),
+}
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32", "amp")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor")

@@ -32,13 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from advisor.errors import TunewiseError
+from advisor.plan import PIPELINE_STAGES, PIPELINES, STAGES
 
 TASKS = ("classification", "qa", "summarization", "instruction", "max")
 DOMAIN_SHIFTS = ("low", "medium", "high")
 PRIORITIES = ("quality", "balanced", "memory")
-STAGES = ("sft", "rm", "dpo", "ppo")
-PIPELINES = ("none", "rlhf", "dpo", "compare")
-
 SET_BY_YOU = "set by you"
 
 # -- the guide's tables, as data -------------------------------------------------------------------
@@ -212,14 +210,9 @@ class AdvisorInputs:
 
     @property
     def preference_stages(self) -> tuple[str, ...]:
-        """The preference stages this run includes."""
-        if self.pipeline == "rlhf":
-            return ("rm", "ppo")
-        if self.pipeline == "dpo":
-            return ("dpo",)
-        if self.pipeline == "compare":
-            return ("rm", "ppo", "dpo")
-        return (self.stage,) if self.stage != "sft" else ()
+        """The preference stages this run includes (a pipeline's steps after SFT)."""
+        stages = PIPELINE_STAGES.get(self.pipeline, (self.stage,))
+        return tuple(stage for stage in stages if stage != "sft")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from advisor.errors import TunewiseError
-from trainer.context import STOP_FILE, RunContext
+from trainer.context import RunContext
+from trainer.rundir import STOP_FILE
 
 #: Keys of the Trainer's end-of-training summary log (reported as `train_end`, not `log`).
 _SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")

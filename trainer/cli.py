@@ -25,6 +25,7 @@ from pathlib import Path
 
 from advisor.errors import TunewiseError
 from advisor.plan import ASSETS_DIR, Plan
+from trainer import rundir
 
 #: (flag, plan field, type, help). Booleans use --flag / --no-flag.
 PLAN_FLAGS: list[tuple[str, str, object, str]] = [
@@ -208,7 +209,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     plan = plan_from_args(args)
     run_id = supervisor.launch(plan, runs_dir=args.runs_dir, name=args.name)
     if not args.json:
-        print(f"run {run_id} in {supervisor.find_run_dir(run_id, args.runs_dir)}")
+        print(f"run {run_id} in {rundir.find_run_dir(run_id, args.runs_dir)}")
     current = follow(run_id, args.runs_dir, quiet=args.json)
     return _finish(current, args.json)
 
@@ -236,7 +237,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         _print_json([run.to_dict() for run in runs])
         return 0
     if not runs:
-        print(f"no runs in {args.runs_dir or supervisor.default_runs_dir()}")
+        print(f"no runs in {args.runs_dir or rundir.default_runs_dir()}")
     for run in runs:
         print(run.describe())
     return 0
@@ -297,12 +298,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from trainer import supervisor
     from trainer.merge import merge_and_export
 
     source = Path(args.run).expanduser()
     if not source.exists():
-        source = supervisor.find_run_dir(args.run, args.runs_dir)
+        source = rundir.find_run_dir(args.run, args.runs_dir)
     report = merge_and_export(
         source,
         args.out,

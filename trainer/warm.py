@@ -57,7 +57,7 @@ after a restart) is gone and no child is running, after `--idle` seconds without
 single-process runs use it; `accelerate launch` runs start cold.
 
 `ensure_warm(runs_dir, owner_pid)` starts a worker unless one answers;
-`request(...)` is the watcher's side (see trainer.supervisor).
+`request(...)` is the watcher's side (see trainer.watcher).
 """
 
 from __future__ import annotations
@@ -286,11 +286,11 @@ def ensure_warm(runs_dir: str | Path, owner_pid: int | None = None, idle_s: floa
                    "--lock-fd", str(lock)]
         if owner_pid:
             command += ["--owner", str(owner_pid)]
-        from trainer.supervisor import _child_env  # noqa: PLC0415 (supervisor imports this module)
+        from trainer.procs import child_env  # (here, not at the top: the worker imports no Tunewise module)
 
         with open(runs_dir / ".warm.log", "ab") as log:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=_child_env(), pass_fds=(lock,))
+                                    start_new_session=True, env=child_env(), pass_fds=(lock,))
         os.ftruncate(lock, 0)
         os.pwrite(lock, str(proc.pid).encode(), 0)
         return proc.pid
@@ -720,7 +720,7 @@ def serve(runs_dir: Path, owner: int | None = None, idle_s: float = IDLE_S, lock
 
 
 def _alive(pid: int) -> bool:
-    """Like supervisor.pid_alive, repeated here: the worker must not import Tunewise modules (its children
+    """Like trainer.procs.pid_alive, repeated here: the worker must not import Tunewise modules (its children
     would inherit them instead of loading the code on disk)."""
     try:
         os.kill(pid, 0)
