@@ -19,13 +19,15 @@ Pure Python: no gradio, torch or transformers.
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Iterable, Mapping, Sequence
 
 from advisor.errors import TunewiseError
 from advisor.plan import FIELD_LIMITS, Plan, PlanError
+from advisor.profile import SUFFIX_FORMATS
 
 GB = 1e9
 """Bytes per GB (decimal, as GPU vendors count)."""
@@ -323,8 +325,6 @@ def check_demo_inputs(model: Any, dataset: Any, uploads: Iterable[Any] = ()) -> 
     """Public demo: refuse server paths. A model must be a catalogue / hub name or a size (not a folder on
     the server), and a dataset a bundled name or one of `uploads`: the files this visitor uploaded through
     the page (another visitor's upload is refused like any other server file)."""
-    from pathlib import Path
-
     from advisor.plan import DEMO_DATASETS
 
     name = text_value(model, "model.name", TEXT_WIDGETS["model"])
@@ -369,6 +369,40 @@ def apply_demo_limits(plan: Plan, limits: DemoLimits) -> tuple[Plan, list[str]]:
         plan = Plan.from_dict({**plan.to_dict(), "output": None})
         notes.append("output kept inside the run directory")
     return plan, notes
+
+
+def step_cap(max_steps: Any) -> int | None:
+    """The "Max steps" box as a cap for the advisor: a whole number of at least 1, else None (run the epochs)."""
+    return int(max_steps) if isinstance(max_steps, (int, float)) and not isinstance(max_steps, bool) and max_steps >= 1 else None
+
+
+def admit_demo_run(plan: Plan, limits: DemoLimits, active: Sequence[Any], own: Sequence[str]) -> tuple[Plan, list[str]]:
+    """The plan a public demo will launch, with notes on what its limits changed; TunewiseError (field
+    "queue") while a run is going (`active`: the queued or running runs' statuses, `own`: the run ids of
+    this visitor). Another visitor's run is only said to exist: no id, no data. Call it under the lock
+    that also covers the launch, so two clicks cannot both be admitted."""
+    plan, notes = apply_demo_limits(plan, limits)
+    if active:
+        current = active[0]
+        if current.run_id in own:
+            what = (f"your run {current.run_id} is {current.state} (step {current.step}/{current.max_steps or '?'}). "
+                    "Watch it in step 4 and launch again when it finishes")
+        else:
+            what = f"another visitor's run is training (at most {limits.max_steps} steps). Launch again in a few minutes"
+        raise TunewiseError(f"queue: the public demo trains one run at a time and {what}; the button will work then.",
+                            field="queue")
+    return plan, notes
+
+
+def hide_server_paths(text: str, roots: Iterable[Path]) -> str:
+    """`text` with every path under one of `roots` cut to its last part (`/srv/runs/_uploads/x/a.jsonl` ->
+    `a.jsonl`): what a public demo's visitors see of the server's folders."""
+    for root in roots:
+        for form in sorted({str(root).rstrip("/"), str(Path(root).resolve()).rstrip("/")}, key=len, reverse=True):
+            if form:
+                text = re.sub(re.escape(form) + r"(?![\w-])(?:/[^\s'\"`/]+)*/?",
+                              lambda match: match.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+    return text
 
 
 # -- the "Show as YAML / CLI" text --------------------------------------------------------------
@@ -582,35 +616,50 @@ def profile_rows(profile: Any) -> list[list[str]]:
     return rows
 
 
-def run_row(run_id: str, status: Any, summary: Mapping[str, Any] | None = None) -> list[Any]:
-    """One row of the run history: id, what, state, step / total, last loss, forgetting %, started."""
-    summary = summary or {}
-    state = getattr(status, "state", "?")
-    exit_info = getattr(status, "exit_code", None)
-    signal_info = getattr(status, "signal", None)
-    if state == "failed" and signal_info:
-        state = f"failed (signal {signal_info})"
-    elif state == "failed" and exit_info not in (None, 0):
-        state = f"failed (exit {exit_info})"
-    step = getattr(status, "step", 0) or 0
-    max_steps = getattr(status, "max_steps", None)
-    loss = summary.get("loss")
-    forgetting = summary.get("degradation_pct")
+def model_card_markdown(spec: Any, counts: Any) -> str:
+    """Step 1's model card: parameters, architecture and the config numbers the planner uses."""
+    kind = f"{spec.model_type}" + (f", mixture of {spec.num_experts} experts ({spec.experts_per_token} per token)"
+                                   if spec.num_experts else "")
+    rough = "\n\n*Rough mode: a Llama-shaped model of this size (the guide's rule of thumb).*" if spec.rough else ""
+    return (
+        f"### {spec.id}\n"
+        f"**{human_count(counts.total)} parameters** ({counts.total:,}) &middot; architecture **{kind}**\n\n"
+        f"| layers | hidden | heads (KV) | MLP | vocab | max context |\n|---|---|---|---|---|---|\n"
+        f"| {spec.num_layers} | {spec.hidden_size} | {spec.num_heads} ({spec.num_kv_heads}) | {spec.intermediate_size} "
+        f"| {spec.vocab_size:,} | {spec.max_position_embeddings:,} |\n\n"
+        f"Embeddings {human_count(counts.embeddings)} &middot; attention {human_count(counts.attention)} &middot; "
+        f"MLP {human_count(counts.mlp)} &middot; norms {human_count(counts.norms)} &middot; lm_head {human_count(counts.lm_head)}"
+        f" &middot; source: {spec.source}{rough}"
+    )
+
+
+def run_row(status: Any) -> list[Any]:
+    """One row of the run history from a trainer.status.RunStatus: id, what, state, step / total, last
+    loss, forgetting %, started."""
+    import time
+
+    state = status.state
+    if state == "failed" and status.signal:
+        state = f"failed (signal {status.signal})"
+    elif state == "failed" and status.exit_code not in (None, 0):
+        state = f"failed (exit {status.exit_code})"
+    step, loss, forgetting = status.step or 0, status.last_loss, status.forgetting_pct
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(status.created_at)) if status.created_at else ""
     return [
-        run_id,
-        summary.get("what", ""),
+        status.run_id,
+        run_what(status),
         state,
-        f"{step}/{max_steps}" if max_steps else str(step),
+        f"{step}/{status.max_steps}" if status.max_steps else str(step),
         f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
         f"{round(forgetting, 1) + 0.0:+.1f}%" if isinstance(forgetting, (int, float)) else "-",  # no "-0.0%"
-        summary.get("started", ""),
+        started,
     ]
 
 
 RUN_HEADERS = ["run", "what", "status", "step", "last loss", "forgetting", "started"]
 
 #: File suffixes of the dataset formats Tunewise reads.
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+DATA_SUFFIXES = tuple(SUFFIX_FORMATS)
 
 
 def dataset_label(dataset: Any) -> str:
@@ -624,25 +673,13 @@ def dataset_label(dataset: Any) -> str:
     return PurePath(name.replace("\\", "/")).name if path_like and name not in BUNDLED_DATASETS else name
 
 
-def run_what(plan: Plan) -> str:
-    """The history's one-line description of a run: `Plan.summary()` with the dataset named by
-    `dataset_label` (so no server path reaches the page)."""
-    what = plan.stage if plan.pipeline == "none" else f"{plan.pipeline} pipeline"
-    return f"{what} {plan.method.method} on {plan.model.name} with {dataset_label(plan.data.dataset)}"
-
-
-def run_summary(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Key numbers of a run from its events: last loss, last eval loss, last forgetting degradation %."""
-    summary: dict[str, Any] = {}
-    for event in events:
-        kind = event.get("event")
-        if kind == "log" and isinstance(event.get("loss"), (int, float)):
-            summary["loss"] = event["loss"]
-        elif kind == "eval" and isinstance(event.get("eval_loss"), (int, float)):
-            summary["eval_loss"] = event["eval_loss"]
-        elif kind == "forgetting" and isinstance(event.get("degradation_pct"), (int, float)):
-            summary["degradation_pct"] = event["degradation_pct"]
-    return summary
+def run_what(status: Any) -> str:
+    """The history's one-line description of a run (a RunStatus): stage or pipeline, method, model, and
+    the dataset named by `dataset_label` (so no server path reaches the page)."""
+    if status.stage is None:
+        return status.summary or "(plan unreadable)"
+    what = status.stage if status.pipeline in (None, "none") else f"{status.pipeline} pipeline"
+    return f"{what} {status.method} on {status.model} with {dataset_label(status.dataset)}"
 
 
 # -- menus ------------------------------------------------------------------------------------------------
@@ -690,8 +727,9 @@ ADVISED_WIDGETS = (
     "grad_accum", "seq_len", "packing", "replay_fraction", "ewc_lambda", "forgetting_eval_every", "beta", "kl_coef",
 )
 
-#: Step-2 widgets that are advisor inputs, not plan settings.
-ADVISOR_ONLY_WIDGETS = ("task", "domain", "priority", "quantized_inference")
+#: What the advice depends on: the plan widgets of steps 1 and 2, and the step-2 widgets that are advisor
+#: inputs, not plan settings (task, domain, priority, quantized_inference).
+ADVISOR_WIDGETS = ("model", "dataset", "goal", "gpu", "num_gpus", "task", "domain", "priority", "quantized_inference")
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,8 @@ def _line(**event) -> bytes:
 
 
 def test_corrupt_and_half_written_event_lines_give_a_clear_status(make_plan, runs_dir):
-    import app
+    from advisor import wizard
+    from trainer import runs
 
     plan = make_plan()
     now = time.time()
@@ -219,7 +220,8 @@ def test_corrupt_and_half_written_event_lines_give_a_clear_status(make_plan, run
     assert (live.step, live.last_loss) == (2, 2.5)
 
     # The app's run history shows both, without an error.
-    rows, ids = app.run_history(app.AppConfig(runs_dir=runs_dir))
+    statuses = runs.history(runs_dir)
+    rows, ids = [wizard.run_row(status) for status in statuses], [status.run_id for status in statuses]
     assert ids == [running.name, finished.name] and len(rows) == 2
 
 
@@ -253,8 +255,9 @@ _NOW = time.time()
      "events.jsonl: a train_begin event has max_steps 'many', not a whole number"),
 ], ids=["attempts-str", "attempts-int", "created-at-str", "run-id-int", "event-time-str", "event-max-steps-str"])
 def test_one_damaged_run_json_or_event_never_breaks_the_listing(make_plan, runs_dir, capsys, record, events, named):
-    import app
     import cli
+    from advisor import wizard
+    from trainer import runs
 
     plan = make_plan()
     good = _fake_run(
@@ -283,7 +286,8 @@ def test_one_damaged_run_json_or_event_never_breaks_the_listing(make_plan, runs_
     assert cli.main(["status", damaged.name, "--runs-dir", str(runs_dir)]) == 0
     assert f"damaged    {named}" in capsys.readouterr().out
     # The app's run history goes through the same listing.
-    rows, ids = app.run_history(app.AppConfig(runs_dir=runs_dir))
+    statuses = runs.history(runs_dir)
+    rows, ids = [wizard.run_row(status) for status in statuses], [status.run_id for status in statuses]
     assert sorted(ids) == sorted([good.name, damaged.name]) and len(rows) == 2
 
 

@@ -181,3 +181,29 @@ def merge_and_export(
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.merge RUN_DIR [--reload-16bit] [--out DIR]`: merge and print the report as one JSON
+    object on stdout (whatever the libraries print goes to stderr), or `error: ...` on stderr and exit 2."""
+    import argparse
+    import contextlib
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.merge", description="Merge a run's adapter, print JSON.")
+    parser.add_argument("run_dir", help="a run directory, a run's output or an adapter folder")
+    parser.add_argument("--out", default=None, help="where the merged model goes (default: <run>/merged)")
+    parser.add_argument("--reload-16bit", action="store_true", help="QLoRA: merge into the base reloaded in 16 bit")
+    args = parser.parse_args(argv)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            report = merge_and_export(args.run_dir, args.out, reload_16bit=args.reload_16bit)
+    except TunewiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -135,6 +135,10 @@ class RunStatus:
     """none, rlhf, dpo or compare."""
     method: str | None = None
     """full, lora or qlora."""
+    model: str | None = None
+    """The plan's model.name."""
+    dataset: str | None = None
+    """The plan's data.dataset (a bundled name, a hub name or a file path)."""
     exit_code: int | None = None
     """The trainer's exit code, once it exited normally."""
     signal: int | None = None
@@ -312,12 +316,39 @@ def digest_events(events_path: Path) -> _Digest:
     return digest
 
 
+#: path -> (file identity, offset, events): whole event lists for charts that compare runs, read
+#: incrementally like the digests; only the newest EVENT_LISTS_KEPT files are kept in memory.
+_EVENT_LISTS: dict[str, tuple[tuple, int, list[dict]]] = {}
+EVENT_LISTS_KEPT = 16
+
+
+def events_so_far(events_path: Path) -> list[dict]:
+    """Every event in `events_path` (complete lines), reading only the bytes added since the last call."""
+    key = str(events_path)
+    try:
+        stat = events_path.stat()
+    except FileNotFoundError:
+        _EVENT_LISTS.pop(key, None)
+        return []
+    identity = (stat.st_ino, stat.st_dev)
+    cached_identity, offset, events = _EVENT_LISTS.pop(key, ((), 0, []))
+    if cached_identity != identity or offset > stat.st_size:
+        offset, events = 0, []
+    if offset < stat.st_size:
+        more, offset = read_events(events_path, offset)
+        events = events + more
+    _EVENT_LISTS[key] = (identity, offset, events)  # (re)inserted last: the dict keeps use order
+    while len(_EVENT_LISTS) > EVENT_LISTS_KEPT:
+        _EVENT_LISTS.pop(next(iter(_EVENT_LISTS)))
+    return events
+
+
 #: plan.yaml path -> (mtime, fields): a plan is parsed once, not at every poll.
 _PLAN_FIELDS: dict[str, tuple[float, dict]] = {}
 
 
 def _plan_fields(path: Path) -> dict:
-    """summary / stage / pipeline / method of a run's plan ({} when it is unreadable)."""
+    """summary / stage / pipeline / method / model / dataset of a run's plan ({} when it is unreadable)."""
     try:
         mtime = path.stat().st_mtime
     except OSError:
@@ -329,7 +360,8 @@ def _plan_fields(path: Path) -> dict:
         plan = Plan.load(path)
     except TunewiseError:
         return {}
-    fields = {"summary": plan.summary(), "stage": plan.stage, "pipeline": plan.pipeline, "method": plan.method.method}
+    fields = {"summary": plan.summary(), "stage": plan.stage, "pipeline": plan.pipeline, "method": plan.method.method,
+              "model": plan.model.name, "dataset": plan.data.dataset}
     _PLAN_FIELDS[str(path)] = (mtime, fields)
     return fields
 

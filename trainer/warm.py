@@ -298,6 +298,31 @@ def ensure_warm(runs_dir: str | Path, owner_pid: int | None = None, idle_s: floa
         os.close(lock)  # the worker holds its own copy of the locked file
 
 
+def ready_for(runs_dir: str | Path, owner_pid: int) -> int | None:
+    """`ensure_warm` for an app: never raises (no worker only means launches start cold, which is logged)."""
+    try:
+        return ensure_warm(runs_dir, owner_pid=owner_pid)
+    except OSError as exc:
+        print(f"trainer.warm: no warm worker, launches start cold: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def start_when_serving(runs_dir: str | Path, host: str, port: int, owner_pid: int, wait_s: float = 120.0) -> int | None:
+    """Once the app answers on `host:port`, start a warm worker for `runs_dir` owned by `owner_pid`.
+
+    Waiting for the server first keeps the worker's imports from slowing the app's start on a small
+    machine. The worker exits when its owner does (once no run it forked is going). Run it in a thread."""
+    address = ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(address, timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    return ready_for(runs_dir, owner_pid)
+
+
 def _adopt(runs_dir: str | Path, owner_pid: int) -> None:
     connected = _connect(socket_path(runs_dir), 1.0)
     if connected is not None:
