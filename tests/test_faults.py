@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import start_app, stop_app, wait_for
+import trainer.status
 from trainer import procs, rundir, supervisor
 from trainer.events import EVENTS_FILE, read_all_events, read_events
 
@@ -565,8 +566,8 @@ def test_a_paused_trainer_gets_a_stall_hint_and_a_forced_stop_says_why_there_is_
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # Small thresholds for the test: 2 s, or 3x the usual gap between logged steps (the defaults are 120 s, 10x).
-    monkeypatch.setattr(supervisor, "STALL_MIN_S", 2.0)
-    monkeypatch.setattr(supervisor, "STALL_FACTOR", 3.0)
+    monkeypatch.setattr(trainer.status, "STALL_MIN_S", 2.0)
+    monkeypatch.setattr(trainer.status, "STALL_FACTOR", 3.0)
     plan = make_plan(training__max_steps=100_000)  # no save_steps: only a stop that ends in time saves
     run_id = supervisor.launch(plan, runs_dir)
     pid = None
