@@ -116,11 +116,11 @@ def test_reward_model_beats_chance_and_loads_for_ppo(trained_reward_model, tiny_
     assert evals and evals[-1]["eval_accuracy"] > 0.5  # 10 held-out pairs; chance is 0.5
     assert result["heldout_accuracy"] > 0.5 and result["heldout_pairs"] == 10
 
-    from trainer.preference import resolve_model_source, start_model_dir
+    from trainer.sources import merged_model_dir, resolve_model_source
     from transformers import AutoModelForSequenceClassification
 
     source = resolve_model_source(str(trained_reward_model["dir"]), "preference.reward_model")
-    merged = start_model_dir(source, "seq_cls", trained_reward_model["dir"])
+    merged = merged_model_dir(source, "seq_cls", trained_reward_model["dir"])
     model = AutoModelForSequenceClassification.from_pretrained(merged)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
 

@@ -1,17 +1,10 @@
-"""Plumbing the preference stages (rm, dpo, ppo) share.
+"""Plumbing the preference stages (rm, dpo, ppo) still share (models and their sources: trainer.models, trainer.sources).
 
-- Where a stage starts from: `resolve_model_source` turns a run id, a run
-  directory or a model path into a model directory; `start_model_dir` merges
-  an adapter output (LoRA SFT, LoRA reward model) into a full 16-bit model
-  once, so the next stage can put its own fresh adapter on top and the
-  adapter-disabled model is exactly the previous stage's result.
 - The data: `load_preference_rows` reads prompt/chosen/rejected rows with
   the profiler's readers, refuses a bad row before any training (the
   message names the row), and splits off held-out pairs.
 - The settings: `trl_args` maps the plan's training settings onto the
-  keyword arguments every TRL config shares; `lora_config` builds the PEFT
-  config; `load_base` loads a causal LM or a one-logit classifier in the
-  plan's precision (4-bit for QLoRA).
+  keyword arguments every TRL config shares.
 - Events: `monitored_context` installs the preference monitors on the
   run's event writer; `callbacks_for` gives the log, stop and non-finite
   callbacks (trainer.callbacks', or minimal ones when that module is absent).
@@ -23,145 +16,10 @@ so that the pipeline module can import this cheaply.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
 from pathlib import Path
-from typing import Any
 
-from advisor.errors import DatasetError, TunewiseError
-
-RUNS_DIR_ENV = "TUNEWISE_RUNS_DIR"
-
-
-# -- where a stage starts from -----------------------------------------------------------------
-
-def _runs_dirs(hint: Path | None) -> list[Path]:
-    dirs = []
-    if hint is not None:
-        dirs += [hint, *hint.parents]
-    dirs.append(Path(os.environ.get(RUNS_DIR_ENV, "runs")))
-    return dirs
-
-
-def _output_of_run(run_dir: Path) -> Path | None:
-    """A run directory's model output: output/ (or the plan's `output`), when it holds a model."""
-    candidates = [run_dir / "output"]
-    plan_file = run_dir / "plan.yaml"
-    if plan_file.is_file():
-        try:
-            import yaml
-
-            output = (yaml.safe_load(plan_file.read_text(encoding="utf-8")) or {}).get("output")
-            if output:
-                candidates.insert(0, Path(output))
-        except Exception:  # a broken plan file: fall back to output/
-            pass
-    for candidate in candidates:
-        if is_model_dir(candidate):
-            return candidate
-    return None
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def is_model_dir(path: Path) -> bool:
-    path = Path(path)
-    return (path / "config.json").is_file() or is_adapter_dir(path)
-
-
-def resolve_model_source(value: str, setting: str, run_dir: Path | None = None) -> Path:
-    """A run id, run directory or model directory -> the model directory it names.
-
-    `setting` is the plan field being resolved (named in the error). A run id is looked up in
-    the folders above `run_dir` and in $TUNEWISE_RUNS_DIR (default ./runs).
-    """
-    from advisor.plan import DEMO_MODEL_DIR
-
-    if value == "demo":
-        return DEMO_MODEL_DIR
-    path = Path(value).expanduser()
-    if is_model_dir(path):
-        return path
-    if path.is_dir():
-        output = _output_of_run(path)
-        if output is not None:
-            return output
-        raise TunewiseError(f"{setting}: {value} is a folder without a model (no config.json, no adapter_config.json, "
-                            f"no output/ of a finished run): give the output of a finished run", field=setting)
-    for runs in _runs_dirs(run_dir):
-        candidate = runs / value
-        if candidate.is_dir():
-            output = _output_of_run(candidate)
-            if output is not None:
-                return output
-            raise TunewiseError(f"{setting}: run {value} has no model output yet (did it finish?)", field=setting)
-    raise TunewiseError(f"{setting}: {value!r} is neither a run id in the runs folder, a run directory, nor a model "
-                        f"directory with config.json", field=setting)
-
-
-def adapter_base(adapter_dir: Path) -> str:
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
-    return config["base_model_name_or_path"]
-
-
-def start_model_dir(source: Path, kind: str, work_dir: Path, trust_remote_code: bool = False) -> Path:
-    """A full model directory for `source`; an adapter is merged into its base (saved once under `work_dir`).
-
-    `kind` is "causal_lm" or "seq_cls" (a reward model's adapter carries its score head).
-    """
-    source = Path(source)
-    if not is_adapter_dir(source):
-        return source
-    target = Path(work_dir) / f"merged-{kind}"
-    if (target / "config.json").is_file():
-        return target
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    base_path = adapter_base(source)
-    if kind == "seq_cls":
-        base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32,
-                                                                  trust_remote_code=trust_remote_code)
-    else:
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
-    tokenizer_dir = source if (source / "tokenizer_config.json").is_file() else Path(base_path)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
-    if kind == "seq_cls":
-        merged.config.pad_token_id = tokenizer.pad_token_id
-    target.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
-
-
-def policy_start(ctx) -> Path:
-    """The directory the policy starts from: the plan's sft_model (merged if an adapter) or the base model."""
-    plan = ctx.plan
-    if plan.preference.sft_model:
-        source = resolve_model_source(plan.preference.sft_model, "preference.sft_model", ctx.run_dir)
-    else:
-        source = resolve_model_source(plan.model.name, "model.name", ctx.run_dir) if plan.model.name == "demo" or \
-            Path(plan.model.name).expanduser().exists() else Path(plan.model.name)
-        if not isinstance(source, Path):
-            source = Path(source)
-    if is_model_dir(source):
-        return start_model_dir(source, "causal_lm", ctx.run_dir, plan.model.trust_remote_code)
-    return source  # a hub id: from_pretrained resolves it
-
-
-def reward_model_dir(ctx) -> Path:
-    """The reward model named by the plan, as a full seq-cls directory (an adapter is merged)."""
-    value = ctx.plan.preference.reward_model
-    if not value:
-        raise TunewiseError("preference.reward_model: PPO needs a reward model: give a reward-model run id, its "
-                            "directory or a model path (the rlhf pipeline fills it in)", field="preference.reward_model")
-    source = resolve_model_source(value, "preference.reward_model", ctx.run_dir)
-    return start_model_dir(source, "seq_cls", ctx.run_dir, ctx.plan.model.trust_remote_code)
+from advisor.errors import DatasetError
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -242,58 +100,6 @@ def trl_args(ctx, has_eval: bool, config_cls) -> dict:
     args["remove_unused_columns"] = False
     known = {f.name for f in dataclasses.fields(config_cls)}
     return {key: value for key, value in args.items() if key in known}
-
-
-def lora_config(plan, kind: str = "causal_lm"):
-    """PEFT LoRA config from the plan (kind causal_lm or seq_cls)."""
-    from trainer.models import lora_config as plan_lora_config
-
-    return plan_lora_config(plan, kind)
-
-
-def load_base(path: Path | str, plan, kind: str = "causal_lm", trainable: bool = True):
-    """A causal LM or one-logit classifier at `path`, in the precision this machine really uses
-    (trainer.models.resolve_precision), quantized for QLoRA, and without adapters.
-
-    The preference stages hand LoRA to TRL as a `peft_config`, so TRL wraps a bare base and
-    computes the reference with the adapter disabled (no second copy, no "ref" adapter).
-    trainable=False: eval mode, gradients off (a reference, reward model, or frozen base).
-    """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from trainer.models import _hub_kwargs, quantization_config, resolve_precision
-
-    precision = resolve_precision(plan)
-    kwargs: dict[str, Any] = dict(_hub_kwargs(plan, str(path)))
-    kwargs["dtype"] = precision.torch_dtype
-    kwargs["attn_implementation"] = plan.method.attn
-    quant = quantization_config(plan, precision)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
-                                if precision.device == "cuda" else "cpu"}
-    if kind == "seq_cls":
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    if quant is not None and trainable:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.method.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not trainable:
-        model.requires_grad_(False)
-        model.eval()
-    return model
-
-
-def load_tokenizer_for(path: Path | str, plan, padding_side: str = "right"):
-    """The tokenizer saved with `path` (its base's for an adapter), with a pad token."""
-    from trainer.models import load_tokenizer
-
-    tokenizer = load_tokenizer(plan, model_name=str(path))
-    tokenizer.padding_side = padding_side
-    return tokenizer
 
 
 # -- events -------------------------------------------------------------------------------------

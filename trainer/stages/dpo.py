@@ -28,21 +28,17 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from trainer.forgetting import setup_forgetting
+from trainer.models import load_model, load_tokenizer, lora_config
 from trainer.preference import (
     callbacks_for,
     conversational,
-    load_base,
     load_preference_rows,
-    load_tokenizer_for,
-    lora_config,
     monitored_context,
     policy_result,
-    policy_start,
     preference_forgetting_ctx,
-    resolve_model_source,
-    start_model_dir,
     trl_args,
 )
+from trainer.sources import merged_model_dir, policy_start, resolve_model_source
 from trainer.sampling import SampleCallback
 
 
@@ -73,21 +69,24 @@ def run(ctx) -> dict:
     plan = ctx.plan
     torch.manual_seed(plan.training.seed)
     start = policy_start(ctx)
-    tokenizer = load_tokenizer_for(start, plan)
+    tokenizer = load_tokenizer(plan, model_name=str(start))
+    tokenizer.padding_side = "right"
     train_rows, heldout = load_preference_rows(plan)
     train_dataset = Dataset.from_list(conversational(train_rows, tokenizer))
     eval_dataset = Dataset.from_list(conversational(heldout, tokenizer)) if heldout else None
 
     use_adapter = plan.method.method in ("lora", "qlora")
-    model = load_base(start, plan, "causal_lm", trainable=True)
+    model = load_model(plan, "causal_lm", trainable=True, model_name=str(start), adapters=False)
     # Full fine-tuning: a frozen copy is the reference. LoRA/QLoRA: None, and TRL disables the adapter.
-    reference = None if use_adapter else load_base(start, plan, "causal_lm", trainable=False)
+    reference = None if use_adapter else load_model(plan, "causal_lm", trainable=False, model_name=str(start),
+                                                     adapters=False)
 
     reward_model = None
     if plan.preference.reward_model:
-        rm_dir = start_model_dir(resolve_model_source(plan.preference.reward_model, "preference.reward_model",
+        rm_dir = merged_model_dir(resolve_model_source(plan.preference.reward_model, "preference.reward_model",
                                                       ctx.run_dir), "seq_cls", ctx.run_dir)
-        reward_model = load_base(rm_dir, plan.with_overrides({"method.method": "full"}), "seq_cls", trainable=False)
+        reward_model = load_model(plan.with_overrides({"method.method": "full"}), "seq_cls", trainable=False,
+                                  model_name=str(rm_dir), adapters=False)
 
     fctx = preference_forgetting_ctx(ctx)
     train_dataset, forgetting_callbacks, penalty_fn = setup_forgetting(fctx, model, tokenizer, train_dataset)

@@ -45,20 +45,17 @@ from transformers import TrainerCallback
 
 from advisor.errors import TunewiseError
 from trainer.forgetting import setup_forgetting
+from trainer.models import load_model, load_tokenizer, lora_config
 from trainer.preference import (
     callbacks_for,
     conversational,
-    load_base,
     load_preference_rows,
-    load_tokenizer_for,
-    lora_config,
     monitored_context,
     policy_result,
-    policy_start,
     preference_forgetting_ctx,
-    reward_model_dir,
     trl_args,
 )
+from trainer.sources import policy_start, reward_model_dir
 from trainer.sampling import SampleCallback, prompt_ids
 
 
@@ -173,10 +170,11 @@ def _value_model(rm_dir: Path, plan):
     score head trainable.
     """
     if plan.method.method == "full":
-        return load_base(rm_dir, plan, "seq_cls", trainable=True)
+        return load_model(plan, "seq_cls", trainable=True, model_name=str(rm_dir), adapters=False)
     from peft import inject_adapter_in_model
 
-    model = load_base(rm_dir, plan.with_overrides({"method.method": "full"}), "seq_cls", trainable=False)
+    model = load_model(plan.with_overrides({"method.method": "full"}), "seq_cls", trainable=False,
+                       model_name=str(rm_dir), adapters=False)
     model.train()
     config = lora_config(plan, "seq_cls")
     config.task_type = None
@@ -195,8 +193,9 @@ def _ppo(ctx, plan, start, tokenizer, train_rows, heldout, reward_model, rm_dir,
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     use_adapter = plan.method.method == "lora"
-    policy = load_base(start, plan, "causal_lm", trainable=True)
-    reference = None if use_adapter else load_base(start, plan, "causal_lm", trainable=False)
+    policy = load_model(plan, "causal_lm", trainable=True, model_name=str(start), adapters=False)
+    reference = None if use_adapter else load_model(plan, "causal_lm", trainable=False, model_name=str(start),
+                                                     adapters=False)
     value_model = _value_model(rm_dir, plan)
     value_model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -266,7 +265,7 @@ def _rloo_or_grpo(ctx, plan, start, tokenizer, train_rows, heldout, reward_model
         from trl import GRPOConfig as Config, GRPOTrainer as Trainer
 
     use_adapter = plan.method.method in ("lora", "qlora")
-    policy = load_base(start, plan, "causal_lm", trainable=True)
+    policy = load_model(plan, "causal_lm", trainable=True, model_name=str(start), adapters=False)
     train_dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in conversational(train_rows, tokenizer)])
     t = plan.training
     args = trl_args(ctx, False, Config)
@@ -318,10 +317,12 @@ def run(ctx) -> dict:
     torch.manual_seed(plan.training.seed)
     start = policy_start(ctx)
     rm_dir = reward_model_dir(ctx)
-    tokenizer = load_tokenizer_for(start, plan, padding_side="left")
+    tokenizer = load_tokenizer(plan, model_name=str(start))
+    tokenizer.padding_side = "left"
     train_rows, heldout = load_preference_rows(plan)
     # The reward model stays frozen and unquantized (16-bit on a GPU).
-    reward_model = load_base(rm_dir, plan.with_overrides({"method.method": "full"}), "seq_cls", trainable=False)
+    reward_model = load_model(plan.with_overrides({"method.method": "full"}), "seq_cls", trainable=False,
+                              model_name=str(rm_dir), adapters=False)
     reward_model.config.pad_token_id = tokenizer.pad_token_id
     sampler_kwargs = {"beta": plan.preference.kl_coef}
     if plan.preference.algorithm == "ppo":

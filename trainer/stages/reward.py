@@ -22,18 +22,16 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from trainer.forgetting import forgetting_stop_reason, setup_forgetting
+from trainer.models import load_model, load_tokenizer, lora_config
 from trainer.preference import (
     callbacks_for,
     conversational,
-    load_base,
     load_preference_rows,
-    load_tokenizer_for,
-    lora_config,
     monitored_context,
-    policy_start,
     preference_forgetting_ctx,
     trl_args,
 )
+from trainer.sources import policy_start
 from trainer.stages.dpo import _history, _with_penalty
 
 
@@ -42,12 +40,13 @@ def run(ctx) -> dict:
     plan = ctx.plan
     torch.manual_seed(plan.training.seed)
     start = policy_start(ctx)
-    tokenizer = load_tokenizer_for(start, plan)
+    tokenizer = load_tokenizer(plan, model_name=str(start))
+    tokenizer.padding_side = "right"
     train_rows, heldout = load_preference_rows(plan)
     train_dataset = Dataset.from_list(conversational(train_rows, tokenizer))
     eval_dataset = Dataset.from_list(conversational(heldout, tokenizer)) if heldout else None
 
-    model = load_base(start, plan, "seq_cls", trainable=True)
+    model = load_model(plan, "seq_cls", trainable=True, model_name=str(start), adapters=False)
     # The classifier reads the score at the last non-pad token, so it must know the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     use_adapter = plan.method.method in ("lora", "qlora")
