@@ -29,10 +29,10 @@ from trl import DPOConfig, DPOTrainer
 
 from trainer.callbacks import callbacks_for, metric_history, with_penalty
 from trainer.context import stage_result
+from trainer.data import conversational, load_preference_rows
 from trainer.forgetting import PAIRS_NO_REPLAY, setup_forgetting
 from trainer.models import load_model, load_tokenizer, lora_config
 from trainer.monitors import monitored_context
-from trainer.preference import conversational, load_preference_rows
 from trainer.sampling import SampleCallback
 from trainer.sources import policy_start, reward_model_dir
 from trainer.training_args import trl_args

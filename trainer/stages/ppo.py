@@ -29,9 +29,13 @@ in one place. `preference.algorithm` picks:
   i.e. per sequence), `objective/rlhf_reward` and `kl_coef`, so every
   algorithm plots the same way.
 
+The data: prompts from any format that has them (prompt/completion, chat
+messages: the turns before the last reply, or preference pairs;
+`trainer.data.load_prompt_rows`, which the pre-flight check runs too).
 Every `preference.sample_every` steps a `sample` event measures the policy on
-held-out prompts (KL, reward-model score, diversity, held-out preference
-accuracy; trainer/sampling.py), and the preference monitors watch it all.
+held-out prompts (KL, reward-model score, diversity, and with preference
+data held-out preference accuracy; trainer/sampling.py), and the preference
+monitors watch it all.
 """
 
 from __future__ import annotations
@@ -45,10 +49,10 @@ from transformers import TrainerCallback
 from advisor.errors import TunewiseError
 from trainer.callbacks import callbacks_for, metric_history
 from trainer.context import stage_result
+from trainer.data import conversational, load_prompt_rows
 from trainer.forgetting import PAIRS_NO_REPLAY, setup_forgetting
 from trainer.models import load_model, load_tokenizer, lora_config
 from trainer.monitors import monitored_context
-from trainer.preference import conversational, load_preference_rows
 from trainer.sampling import SampleCallback, prompt_ids
 from trainer.sources import policy_start, reward_model_dir
 from trainer.training_args import trl_args
@@ -180,7 +184,7 @@ def _value_model(rm_dir: Path, plan):
     return model
 
 
-def _ppo(ctx, plan, policy_dir, tokenizer, train_rows, heldout, reward_model, rm_dir, sampler_kwargs):
+def _ppo(ctx, plan, policy_dir, tokenizer, train_rows, heldout, pairs, reward_model, rm_dir, sampler_kwargs):
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     use_adapter = plan.method.method == "lora"
@@ -216,7 +220,7 @@ def _ppo(ctx, plan, policy_dir, tokenizer, train_rows, heldout, reward_model, rm
         "EWC is not applied to PPO (TRL's PPO loop has no hook for an extra loss term); the forgetting monitor "
         "still runs."))
     policy_of = (lambda model: getattr(model, "policy", model))
-    sampler = SampleCallback(ctx, tokenizer, [r["prompt"] for r in heldout], pairs=heldout, reference=reference,
+    sampler = SampleCallback(ctx, tokenizer, [r["prompt"] for r in heldout], pairs=pairs, reference=reference,
                              reward_model=reward_model, policy_of=policy_of, **sampler_kwargs)
     kl_callback = AdaptiveKLCallback(config, "kl_coef", plan.preference.target_kl if plan.preference.adaptive_kl
                                      else None, batch)
@@ -246,7 +250,7 @@ def _ppo(ctx, plan, policy_dir, tokenizer, train_rows, heldout, reward_model, rm
     return trainer, sampler, forgetting, stopped
 
 
-def _rloo_or_grpo(ctx, plan, policy_dir, tokenizer, train_rows, heldout, reward_model, sampler_kwargs):
+def _rloo_or_grpo(ctx, plan, policy_dir, tokenizer, train_rows, heldout, pairs, reward_model, sampler_kwargs):
     if plan.preference.algorithm == "rloo":
         from trl import RLOOConfig as Config, RLOOTrainer as Trainer
     else:
@@ -273,7 +277,7 @@ def _rloo_or_grpo(ctx, plan, policy_dir, tokenizer, train_rows, heldout, reward_
     reward_name = reward_model.config._name_or_path.split("/")[-1]
     forgetting = setup_forgetting(ctx, policy, tokenizer, train_dataset, replay=PAIRS_NO_REPLAY, ewc=(
         f"EWC is not applied to {plan.preference.algorithm}; the forgetting monitor still runs."))
-    sampler = SampleCallback(ctx, tokenizer, [r["prompt"] for r in heldout], pairs=heldout,
+    sampler = SampleCallback(ctx, tokenizer, [r["prompt"] for r in heldout], pairs=pairs,
                              reward_model=reward_model, **sampler_kwargs)
     objective = ObjectiveKeysCallback(reward_name, plan.preference.kl_coef)
     trainer = Trainer(
@@ -305,7 +309,9 @@ def run(ctx) -> dict:
     rm_dir = reward_model_dir(ctx)
     tokenizer = load_tokenizer(plan, model_name=str(policy_dir))
     tokenizer.padding_side = "left"
-    train_rows, heldout = load_preference_rows(plan)
+    train_rows, heldout = load_prompt_rows(plan)
+    # Held-out pairs (preference data) also measure preference accuracy; other data gives prompts only.
+    pairs = heldout if heldout and "chosen" in heldout[0] else None
     # The reward model stays frozen and unquantized (16-bit on a GPU).
     reward_model = load_model(plan.with_overrides({"method.method": "full"}), "seq_cls", trainable=False,
                               model_name=str(rm_dir), adapters=False)
@@ -316,11 +322,11 @@ def run(ctx) -> dict:
     if plan.preference.algorithm == "ppo":
         if ctx.resume_from:
             ctx.emit("note", message="TRL's PPO cannot resume mid-run from a checkpoint: starting this stage afresh.")
-        trainer, sampler, forgetting, stopped = _ppo(ctx, plan, policy_dir, tokenizer, train_rows, heldout,
+        trainer, sampler, forgetting, stopped = _ppo(ctx, plan, policy_dir, tokenizer, train_rows, heldout, pairs,
                                                      reward_model, rm_dir, sampler_kwargs)
     else:
         trainer, sampler, forgetting, stopped = _rloo_or_grpo(ctx, plan, policy_dir, tokenizer, train_rows, heldout,
-                                                              reward_model, sampler_kwargs)
+                                                              pairs, reward_model, sampler_kwargs)
 
     # -- save -------------------------------------------------------------------------------------
     tokenizer.padding_side = "right"

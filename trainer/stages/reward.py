@@ -25,10 +25,10 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
 from trainer.callbacks import callbacks_for, metric_history, with_penalty
+from trainer.data import conversational, load_preference_rows
 from trainer.forgetting import PAIRS_NO_REPLAY, setup_forgetting
 from trainer.models import load_model, load_tokenizer, lora_config
 from trainer.monitors import monitored_context
-from trainer.preference import conversational, load_preference_rows
 from trainer.sources import policy_start
 from trainer.training_args import trl_args
 
