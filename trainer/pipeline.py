@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.context import RunContext
-from trainer.events import EVENTS_FILE, EventWriter, read_all_events
+from trainer.events import EVENTS_FILE, EventWriter
 
 STEPS = {
     "rlhf": ("sft", "rm", "ppo"),
@@ -223,16 +223,3 @@ def comparison(results: dict[str, dict], pipeline: str) -> dict:
              "SFT model on those samples (kl_sequence: per completion); forgetting: original-domain loss change.")
     return {"pipeline": pipeline, "branches": branches, "sft": results.get("sft", {}).get("output_dir"),
             "notes": notes}
-
-
-def load_comparison(run_dir: str | Path) -> dict | None:
-    """A finished pipeline's comparison report, or None."""
-    try:
-        return json.loads((Path(run_dir) / COMPARISON_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def pipeline_events(run_dir: str | Path) -> list[dict]:
-    """All of a pipeline's own events (convenience for tests and the UI)."""
-    return read_all_events(Path(run_dir) / EVENTS_FILE)
