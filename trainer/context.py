@@ -5,7 +5,8 @@ The run directory it works in is described in trainer/rundir.py.
 
 A stage module exposes `run(ctx) -> dict`; the dict has at least
 `status` ("finished" or "stopped"), optionally `reason`, `output_dir` and
-key metrics. Exceptions mean failure: the runner records `failed`.
+key metrics. Exceptions mean failure: the runner records `failed`. The
+policy stages (DPO, PPO / RLOO / GRPO) build theirs with `stage_result`.
 """
 
 from __future__ import annotations
@@ -61,3 +62,33 @@ class RunContext:
         if self.rank == 0:
             return self.events.emit(event, step=step, **fields)
         return None
+
+
+#: The held-out numbers of a policy stage's last `sample` event that its result carries (the
+#: pipeline's comparison report reads these).
+SAMPLE_RESULT_KEYS = ("heldout_accuracy", "kl", "kl_sequence", "reward", "reward_source")
+
+
+def stage_result(ctx: RunContext, stopped: bool, forgetting, samples: list[dict], **fields) -> dict:
+    """What a policy stage returns: its status, its own `fields`, the last policy sample's held-out
+    numbers (`SAMPLE_RESULT_KEYS`), the alert count and the forgetting monitor's summary.
+
+    `stopped`: the stage's trainer ended early on its own; a stop request or the forgetting monitor
+    (`forgetting.stop_reason()`) also count. `forgetting` is the stage's `trainer.forgetting.Forgetting`,
+    `samples` its sampler's history. A stopped result says why: the forgetting monitor's reason, else
+    the first alert that asked to stop, else "stop requested".
+    """
+    stop_reason = forgetting.stop_reason()
+    stopped = stopped or ctx.stop_requested() or stop_reason is not None
+    last = samples[-1] if samples else {}
+    result = {
+        "status": "stopped" if stopped else "finished",
+        "output_dir": str(ctx.output_dir),
+        **fields,
+        **{key: last.get(key) for key in SAMPLE_RESULT_KEYS},
+        "alerts": len(ctx.events.alerts),
+    }
+    if stopped:
+        result["reason"] = stop_reason or next((a.message for a in ctx.events.alerts if a.stop), "stop requested")
+    result.update(forgetting.summary())
+    return result

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from advisor.plan import PIPELINE_STAGES
 from trainer.context import RunContext
-from trainer.events import EVENTS_FILE, EventWriter, read_all_events
+from trainer.events import EVENTS_FILE, EventWriter
 from trainer.rundir import COMPARISON_FILE, PLAN_FILE, RESULT_FILE, last_checkpoint, step_dirs
 
 FORWARDED_EVENTS = ("log", "eval", "sample", "alert", "forgetting")
@@ -214,16 +214,3 @@ def comparison(results: dict[str, dict], pipeline: str) -> dict:
              "SFT model on those samples (kl_sequence: per completion); forgetting: original-domain loss change.")
     return {"pipeline": pipeline, "branches": branches, "sft": results.get("sft", {}).get("output_dir"),
             "notes": notes}
-
-
-def load_comparison(run_dir: str | Path) -> dict | None:
-    """A finished pipeline's comparison report, or None."""
-    try:
-        return json.loads((Path(run_dir) / COMPARISON_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def pipeline_events(run_dir: str | Path) -> list[dict]:
-    """All of a pipeline's own events (convenience for tests and the UI)."""
-    return read_all_events(Path(run_dir) / EVENTS_FILE)

@@ -109,7 +109,7 @@ def preflight(ctx: RunContext) -> None:
         _check_lora_targets(plan, base or resolved)
     if plan.pipeline == "none" and plan.stage == "ppo":
         # The PPO stage would find out only after importing TRL and loading the policy.
-        from trainer.preference import resolve_model_source
+        from trainer.sources import resolve_model_source
 
         if not plan.preference.reward_model:
             raise TunewiseError("preference.reward_model: PPO needs a reward model: give a reward-model run id, its "
