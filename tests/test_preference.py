@@ -178,6 +178,20 @@ def test_preflight_refuses_in_seconds_what_the_stage_would_refuse(stage, dataset
         assert ("HF_HUB_OFFLINE" in expected) is hub_off
 
 
+@pytest.mark.parametrize("pipeline", ["rlhf", "dpo", "compare"])
+def test_preflight_checks_a_pipelines_data_for_every_step(pipeline, tmp_path, tiny_preference_setup):
+    """A pipeline's reward-model or DPO step needs pairs: chat data is refused before its SFT step trains."""
+    plan = preference_plan(tiny_preference_setup["model"], tiny_preference_setup["data"], "sft",
+                           {"pipeline": pipeline, "data.dataset": str(tiny_preference_setup["data"] / "messages.jsonl")})
+    expected = stage_refusal(tmp_path / "stage", plan.with_overrides({"pipeline": "none",
+                                                                      "stage": "rm" if pipeline != "dpo" else "dpo"}))
+    code, events, seconds = launch(tmp_path / "run", plan)
+    failed = events[-1]
+    assert code == 2 and failed["event"] == "failed" and failed["error"] == expected, failed
+    assert not [e for e in events if e["event"] in ("stage", "train_begin", "log", "model_loaded")]
+    assert seconds < 30, seconds
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["messages.jsonl", "prompt_completion.jsonl"])
 def test_ppo_trains_on_the_prompts_of_data_without_pairs(dataset, tmp_path, tiny_preference_setup):

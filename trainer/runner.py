@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 
 from advisor.errors import TunewiseError
-from advisor.plan import Plan
+from advisor.plan import PIPELINE_STAGES, Plan
 from advisor.profile import config_max_length
 from trainer.context import RunContext
 from trainer.events import EVENTS_FILE, EventWriter, is_disk_full
@@ -49,8 +49,6 @@ TRACEBACK_LINES = 12
 
 #: The data each stage reads (see trainer.data.DATA_KINDS).
 STAGE_DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompts"}
-
-
 
 
 
@@ -115,8 +113,11 @@ def preflight(ctx: RunContext) -> None:
             raise TunewiseError("preference.reward_model: PPO needs a reward model: give a reward-model run id, its "
                                 "directory or a model path (the rlhf pipeline fills it in)", field="preference.reward_model")
         resolve_model_source(plan.preference.reward_model, "preference.reward_model", ctx.run_dir)
-    kind = STAGE_DATA_KIND[plan.stage] if plan.pipeline == "none" else "sft"
-    check_dataset(plan, kind)
+    # A pipeline's steps all read the plan's dataset: check it the way each of them will load it, so an
+    # rlhf pipeline on chat data is refused now, not after its SFT step has trained.
+    stages = (plan.stage,) if plan.pipeline == "none" else PIPELINE_STAGES[plan.pipeline]
+    for kind in dict.fromkeys(STAGE_DATA_KIND[stage] for stage in stages):
+        check_dataset(plan, kind)
     precision = resolve_precision(plan)
     quantization_config(plan, precision)  # QLoRA without bitsandbytes fails here
     if plan.hardware.num_gpus > 1 and world_size_from_env() == 1:
