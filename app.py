@@ -412,8 +412,6 @@ def build_app(config: AppConfig):
     from advisor.errors import TunewiseError
     from trainer.events import EVENTS_FILE, read_events
 
-    from trainer.cli import PLAN_FLAGS as cli_flags
-
     demo_limits = wizard.DemoLimits(max_steps=config.demo_max_steps, keep_runs=config.demo_keep_runs)
     # The demo's one-run-at-a-time check and the launch must not interleave between requests (the queue
     # runs handlers concurrently): both happen under this lock.
@@ -717,7 +715,7 @@ def build_app(config: AppConfig):
                 rows,
                 status,
                 view.explanations,
-                wizard.train_command(plan, cli_flags),
+                wizard.train_command(plan),
                 wizard.plan_yaml(plan),
             )
 

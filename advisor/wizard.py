@@ -25,7 +25,7 @@ from pathlib import PurePath
 from typing import Any, Iterable, Mapping, Sequence
 
 from advisor.errors import TunewiseError
-from advisor.plan import FIELD_LIMITS, Plan, PlanError
+from advisor.plan import FIELD_LIMITS, Plan, PlanError, settings
 
 GB = 1e9
 """Bytes per GB (decimal, as GPU vendors count)."""
@@ -379,54 +379,34 @@ def plan_yaml(plan: Plan) -> str:
     return plan.to_yaml()
 
 
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def train_command(plan: Plan, flags: Sequence[tuple] = (), plan_file: str = "plan.yaml",
-                  runs_dir: str | None = None) -> str:
+def train_command(plan: Plan, plan_file: str = "plan.yaml", runs_dir: str | None = None) -> str:
     """The exact commands that run this plan from a terminal.
 
-    `flags` is the CLI's (flag, dotted setting, type, help) list (`trainer.cli.PLAN_FLAGS`): every setting
-    that differs from the defaults and has a flag goes on one `tunewise train ...` line; settings only the
-    plan file carries are named, and the plan-file form is given too.
+    Every setting that differs from the defaults goes on one `tunewise train ...` line, as its flag
+    (advisor.plan.settings()); settings no flag can carry (no flag, or None where the default is not)
+    are named, and the plan-file form is given too.
     """
-    default = _flat(Plan().to_dict())
-    current = _flat(plan.to_dict())
+    from advisor.cli import flag_argv
+
+    default = Plan()
     always = ("model.name", "data.dataset", "method.method")  # say what runs, even when it is the default
-    changed = {k: v for k, v in current.items() if v != default.get(k) or k in always}
-    by_setting = {dotted: (flag, kind) for flag, dotted, kind, *_ in flags}
     parts = ["tunewise", "train"]
     missing = []
-    for dotted, value in changed.items():
-        if dotted not in by_setting:
-            missing.append(dotted)
+    for setting in settings():
+        value = setting.value(plan)
+        if value == setting.value(default) and setting.dotted not in always:
             continue
-        flag, kind = by_setting[dotted]
-        if kind is bool:
-            parts.append(flag if value else "--no-" + flag[2:])
-        elif value is None:
-            missing.append(dotted)
-        else:
-            parts += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}"
-                      if isinstance(value, float) else str(value)]
+        argv = flag_argv(setting, value) if setting.flag else []
+        if not argv:
+            missing.append(setting.dotted)
+        parts += argv
     extra = ["--runs-dir", runs_dir] if runs_dir else []
-    lines = []
-    if flags:
-        lines.append("# one line, with the settings that differ from the defaults:")
-        lines.append(shlex.join(parts + extra))
-        if missing:
-            lines.append(f"# (only the plan file carries: {', '.join(missing)})")
-        lines.append("")
-    lines.append(f"# or save the plan below as {plan_file} and run it:")
-    lines.append(shlex.join(["tunewise", "train", plan_file] + extra))
-    lines.append("# (tunewise launch ... runs it in the background instead)")
+    lines = ["# one line, with the settings that differ from the defaults:", shlex.join(parts + extra)]
+    if missing:
+        lines.append(f"# (only the plan file carries: {', '.join(missing)})")
+    lines += ["", f"# or save the plan below as {plan_file} and run it:",
+              shlex.join(["tunewise", "train", plan_file] + extra),
+              "# (tunewise launch ... runs it in the background instead)"]
     return "\n".join(lines)
 
 
