@@ -219,3 +219,17 @@ def test_choices_and_ranges_are_checked_from_the_field_descriptions():
         if s.limit is not None:
             assert FIELD_LIMITS[s.dotted] is s.limit
             assert s.default is None or s.limit.low <= s.default <= s.limit.high, s.dotted
+
+
+def test_the_memory_setup_and_the_wizard_come_from_the_descriptions():
+    from advisor import memory, wizard
+    from advisor.plan import settings
+
+    plan = Plan().with_overrides({"method.lora_rank": 8, "training.grad_accum": 3, "preference.max_new_tokens": 99})
+    setup = memory.setup_from_plan(plan)
+    assert (setup.lora_rank, setup.grad_accum, setup.generation_len) == (8, 3, 99)
+    widgets = {s.name: s.dotted for s in settings() if s.widget}
+    assert wizard.PLAN_WIDGETS == {"goal": "stage", **widgets}
+    assert wizard.LABELS["training.micro_batch"] == "Micro-batch" and wizard.LABELS["hardware.num_gpus"] == "Number of GPUs"
+    assert wizard.NUMBER_LIMITS["lora_rank"] == (1, FIELD_LIMITS["method.lora_rank"].high)
+    assert wizard.NUMBER_LIMITS["max_steps"][0] == 0  # 0 on the page: run the epochs
