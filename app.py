@@ -53,7 +53,6 @@ from advisor import wizard
 from advisor.errors import TunewiseError, user_message
 from advisor.profile import profile_dataset
 from trainer import runs, samples, supervisor, warm
-from trainer.cli import PLAN_FLAGS  # (until the flags are derived from the plan's own fields)
 from trainer.events import EVENTS_FILE
 from trainer.rundir import STDOUT_FILE, run_path, tail_lines
 from trainer.status import events_so_far
@@ -528,7 +527,7 @@ class Handlers:
             p.recommendations: wizard.recommendation_rows(plan_state.get("advice") or {}, wizard.widgets_from_plan(plan)),
             p.plan_status: view.status_markdown,
             p.explanations: view.explanations,
-            p.cli_text: wizard.train_command(plan, PLAN_FLAGS),
+            p.cli_text: wizard.train_command(plan),
             p.yaml_text: wizard.plan_yaml(plan),
         }
 
