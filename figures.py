@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import plotly.graph_objects as go
 
@@ -346,9 +346,19 @@ def token_histogram_figure(bin_edges: Sequence[float], counts: Sequence[int], re
     return fig
 
 
-def overlay_figure(runs: Mapping[str, Sequence[Mapping]], metric: str = "loss", kind: str = "log",
+#: Metrics that sample events carry (policy samples of the preference stages); eval_* come from eval events.
+SAMPLE_METRICS = ("reward", "kl_sequence", "kl")
+
+
+def metric_kind(metric: str) -> str:
+    """The event kind that carries `metric`: eval for eval_*, sample for the policy-sample numbers, else log."""
+    return "eval" if metric.startswith("eval") else ("sample" if metric in SAMPLE_METRICS else "log")
+
+
+def overlay_figure(runs: Mapping[str, Sequence[Mapping]], metric: str = "loss", kind: str | None = None,
                    title: str | None = None) -> go.Figure:
-    """One line per run ({label: events}) of `metric` from events of `kind`, to compare runs."""
+    """One line per run ({label: events}) of `metric` from events of `kind` (default: `metric_kind`)."""
+    kind = kind or metric_kind(metric)
     title = title or f"{metric} by run"
     fig = go.Figure()
     for label, events in runs.items():
@@ -441,3 +451,46 @@ def format_duration(seconds: float | None) -> str:
     if seconds >= 60:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds} s"
+
+
+# -- the monitor's text: its header and the alerts (HTML / Markdown strings) -----------------------------
+
+
+def _escape(text: Any) -> str:
+    import html
+
+    return html.escape(str(text))
+
+
+def run_header_html(run_id: str | None, progress: RunProgress | None, status: Any = None) -> str:
+    """The monitor's header: run id, state badge, a progress bar, step / total, time left and elapsed;
+    the reason when the run failed or stopped. `status` is the run's trainer.status.RunStatus (or None)."""
+    if not run_id:
+        return ("<div class='tw-run tw-idle'><b>No run yet.</b> Launch the plan from step 3, or open a run "
+                "from the history in step 5.</div>")
+    state = getattr(status, "state", None) or progress.state
+    if state == "training":
+        state = "running"
+    total = progress.max_steps
+    pct = int(round(progress.fraction * 100))
+    steps = f"step {progress.step} / {total}" if total else f"step {progress.step}"
+    eta = f" &middot; about {format_duration(progress.eta_s)} left" if progress.eta_s is not None and state == "running" else ""
+    loss = f" &middot; loss {progress.last_loss:.4f}" if progress.last_loss is not None else ""
+    stage = f" &middot; stage {progress.stage}" if progress.stage else ""
+    reason = ""
+    if state in ("failed", "stopped") and (progress.reason or getattr(status, "error", None)):
+        reason = f"<div class='tw-reason'>{_escape(progress.reason or getattr(status, 'error', ''))}</div>"
+    return (
+        f"<div class='tw-run tw-{state}'>"
+        f"<div class='tw-run-head'><span class='tw-badge tw-badge-{state}'>{state}</span> "
+        f"<code>{_escape(run_id)}</code> &middot; {steps}{eta}{loss}{stage} "
+        f"&middot; elapsed {format_duration(progress.elapsed_s)}</div>"
+        f"<div class='tw-bar'><div class='tw-bar-fill' style='width:{pct}%'></div></div>{reason}</div>"
+    )
+
+
+def alerts_markdown(messages: Sequence[str]) -> str:
+    """The monitor's alert list (the newest 20), or a line saying what the monitors watch."""
+    if not messages:
+        return "No alerts so far. The monitors watch forgetting, KL explosion, reward hacking and mode collapse."
+    return "\n".join(f"- **{_escape(m)}**" for m in messages[-20:])

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from advisor.errors import TunewiseError
-from advisor.plan import ATTENTIONS, METHODS, OPTIMIZERS, PRECISIONS, SHARDINGS, STAGES, Plan, PlanError
+from advisor.plan import METHODS, STAGES, Plan, PlanError, Setting, settings
 
 GB = 1e9
 
@@ -21,6 +21,58 @@ GB = 1e9
 def _gb(num_bytes: int | float | None) -> str:
     """Bytes as GB (1e9) with 2 decimals, the unit of every table here."""
     return "-" if num_bytes is None else f"{num_bytes / GB:.2f}"
+
+
+# -- plan settings as flags (both CLIs build theirs here, from advisor.plan.settings()) ------------------
+
+
+def _shown_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return _number_text(value) if isinstance(value, float) else str(value)
+
+
+def _number_text(value: float) -> str:
+    """A float as short as it reads back exactly: 0.0002, 1e-05, 3 (not 3.0)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def add_plan_flags(parser, chosen: Iterable[Setting], defaults: Mapping[str, str] | None = None) -> None:
+    """Add a flag for each of the `chosen` settings (its help is the setting's docstring, and its default
+    the plan's, unless `defaults` says otherwise by dotted name). Unset flags read None, so they change
+    nothing (`plan_overrides`); a yes/no setting takes --flag / --no-flag."""
+    for setting in chosen:
+        default = (defaults or {}).get(setting.dotted)
+        if default is None and setting.default is not None:
+            default = _shown_default(setting.default)
+        text = setting.help + (f" Default: {default}." if default else "")
+        names = [setting.flag, *setting.aliases]
+        common = {"dest": setting.dotted, "default": None, "help": text.replace("%", "%%")}
+        if setting.type is bool:
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
+        else:
+            kind = setting.type if setting.type in (int, float) else str
+            parser.add_argument(*names, type=kind, metavar={int: "N", float: "X"}.get(kind, "NAME"), **common)
+
+
+def plan_overrides(args: argparse.Namespace, chosen: Iterable[Setting]) -> dict[str, Any]:
+    """The flags of `add_plan_flags` as dotted plan settings (None where a flag was not given)."""
+    return {setting.dotted: getattr(args, setting.dotted) for setting in chosen}
+
+
+def flag_argv(setting: Setting, value: Any) -> list[str]:
+    """What to type for `setting` to take `value` (the inverse of `add_plan_flags`); [] for None, which no
+    flag can say (an unset flag keeps the plan's value)."""
+    if value is None:
+        return []
+    if setting.type is bool:
+        return [setting.flag if value else "--no-" + setting.flag[2:]]
+    if isinstance(value, (list, tuple)):
+        return [setting.flag, ",".join(map(str, value))]
+    return [setting.flag, _number_text(value) if isinstance(value, float) else str(value)]
 
 
 def register(subparsers) -> None:
@@ -32,21 +84,8 @@ def register(subparsers) -> None:
     )
     plan.add_argument("--model", required=True, help="catalogue id or alias, local directory with config.json, or a size like 7B")
     plan.add_argument("--method", choices=METHODS, help="estimate one method (default: all three)")
-    plan.add_argument("--stage", choices=STAGES, default="sft", help="sft (default), rm, dpo or ppo")
-    plan.add_argument("--micro-batch", type=int, help="examples per GPU per forward pass (default 4)")
-    plan.add_argument("--seq-len", type=int, help="tokens per example (default 512)")
-    plan.add_argument("--precision", choices=PRECISIONS, help="bf16 (default), fp16, fp32 or amp (fp32 master weights)")
-    plan.add_argument("--optimizer", choices=OPTIMIZERS, help="default adamw")
-    plan.add_argument("--lora-rank", type=int, help="LoRA rank r (default 16)")
-    plan.add_argument("--lora-targets", help="comma-separated module names, or all-linear (default: the guide's recommended set, all attention)")
-    plan.add_argument("--lora-dropout", type=float, help="default 0.05")
-    plan.add_argument("--quant-bits", type=int, choices=(4, 8), help="QLoRA base: 4 (NF4, default) or 8")
-    plan.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None, help="QLoRA double quantization (default on)")
-    plan.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="recompute activations (default off)")
-    plan.add_argument("--attn", choices=ATTENTIONS, help="attention kernel: eager or sdpa (default)")
-    plan.add_argument("--gpus", type=int, help="number of GPUs (default 1)")
-    plan.add_argument("--shard", choices=SHARDINGS, help="none (DDP, default), zero2 or zero3")
-    plan.add_argument("--cpu-offload", action="store_true", default=None, help="offload optimizer state to the CPU (needs --shard)")
+    add_plan_flags(plan.add_argument_group("memory settings (the plan's defaults unless given)"), _memory_settings(),
+                   defaults={"method.lora_targets": "the guide's recommended set for the model, all attention"})
     plan.add_argument("--gpu", help="GPU name (e.g. A100-80GB, T4) to check the fit on")
     plan.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GB to check the fit on (overrides --gpu's)")
     plan.add_argument("--explain", action="store_true", help="show how each component was computed")
@@ -99,31 +138,19 @@ def register(subparsers) -> None:
 # -- plan -----------------------------------------------------------------------------------------------
 
 
+def _memory_settings() -> list[Setting]:
+    """The settings `tunewise plan` takes as flags: those the memory estimate reads (--method is its own)."""
+    return [setting for setting in settings() if setting.memory and setting.dotted != "method.method"]
+
+
 def _plan_overrides(args, spec) -> dict[str, Any]:
     """CLI flags as dotted plan settings (unset flags are None and skipped by with_overrides)."""
     from advisor import specs
 
-    targets = args.lora_targets
-    if targets is None:
-        targets = specs.target_module_sets(spec)["recommended"]
-    return {
-        "model.name": args.model,
-        "stage": args.stage,
-        "training.micro_batch": args.micro_batch,
-        "training.seq_len": args.seq_len,
-        "method.precision": args.precision,
-        "method.optimizer": args.optimizer,
-        "method.lora_rank": args.lora_rank,
-        "method.lora_targets": targets,
-        "method.lora_dropout": args.lora_dropout,
-        "method.quant_bits": args.quant_bits,
-        "method.double_quant": args.double_quant,
-        "method.gradient_checkpointing": args.gradient_checkpointing,
-        "method.attn": args.attn,
-        "hardware.num_gpus": args.gpus,
-        "hardware.shard": args.shard,
-        "hardware.cpu_offload": args.cpu_offload,
-    }
+    overrides = {"model.name": args.model, **plan_overrides(args, _memory_settings())}
+    if overrides["method.lora_targets"] is None:
+        overrides["method.lora_targets"] = specs.target_module_sets(spec)["recommended"]
+    return overrides
 
 
 def _gpu_bytes(gpu_name: str | None, gpu_memory_gb: float | None) -> tuple[str | None, int | None]:

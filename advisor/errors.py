@@ -23,3 +23,15 @@ class ModelNotFound(TunewiseError):
 
 class DatasetError(TunewiseError):
     """The dataset is missing, unreadable, or has a malformed row (the message names it)."""
+
+
+def user_message(exc: BaseException) -> str:
+    """What a page shows for an exception: TunewiseError messages as they are (they name the field and
+    the fix); anything else as a short bug report without the traceback."""
+
+    if isinstance(exc, TunewiseError):
+        return str(exc)
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return f"{exc.filename or 'file'}: {exc.strerror or exc}. Check the path and try again."
+    return (f"Something went wrong ({type(exc).__name__}: {exc}). This is a bug in Tunewise, not in your input; "
+            "the details are in the server log.")

@@ -48,7 +48,7 @@ from functools import lru_cache
 
 from advisor.errors import TunewiseError
 from advisor.plan import (ATTENTIONS, FIELD_LIMITS, MAX_GRAD_ACCUM, MAX_MICRO_BATCH, MAX_SEQ_LEN, METHODS, OPTIMIZERS,
-                          PRECISIONS, SHARDINGS, STAGES, PlanError)
+                          PRECISIONS, SHARDINGS, STAGES, PlanError, settings)
 from advisor.specs import ModelSpec, linear_layers, norms_per_layer, param_counts, resolve_targets
 
 GB = 10**9
@@ -176,28 +176,9 @@ class TrainingSetup:
 
 
 def setup_from_plan(plan) -> TrainingSetup:
-    """The memory-relevant settings of an `advisor.plan.Plan`."""
-    m, t, hw = plan.method, plan.training, plan.hardware
-    return TrainingSetup(
-        method=m.method,
-        precision=m.precision,
-        optimizer=m.optimizer,
-        micro_batch=t.micro_batch,
-        seq_len=t.seq_len,
-        gradient_checkpointing=m.gradient_checkpointing,
-        attn=m.attn,
-        lora_rank=m.lora_rank,
-        lora_targets=m.lora_targets,
-        lora_dropout=m.lora_dropout,
-        quant_bits=m.quant_bits,
-        double_quant=m.double_quant,
-        grad_accum=t.grad_accum,
-        stage=plan.stage,
-        generation_len=plan.preference.max_new_tokens,
-        num_gpus=hw.num_gpus,
-        shard=hw.shard,
-        cpu_offload=hw.cpu_offload,
-    )
+    """The memory-relevant settings of an `advisor.plan.Plan`: those whose field names a TrainingSetup
+    field (`Setting.memory`)."""
+    return TrainingSetup(**{s.memory: s.value(plan) for s in settings() if s.memory})
 
 
 @dataclass(frozen=True)

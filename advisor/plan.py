@@ -4,6 +4,13 @@ A plan is a tree of frozen dataclasses, one per group of settings. Every field
 is documented where it is declared; conflicting or impossible values are
 rejected at construction with a `PlanError` naming the field and the fix.
 
+A field is also the one description of its setting: its metadata gives the
+wizard's label, the CLI flag, the range or choices, and whether the wizard and
+the memory planner use it; its docstring is the help text. `settings()` reads
+them all (the docstrings from this file's source), and the CLIs' flags, the
+wizard's widgets and labels, the planner's memory setup and `FIELD_LIMITS`
+are built from it, so a new setting is one edit here.
+
 A plan round-trips through plain dicts and YAML (`to_dict`, `from_dict`,
 `save`, `load`). Unknown keys are refused, so a typo in a plan file is an
 error rather than a silently ignored setting. `with_overrides` applies dotted
@@ -14,7 +21,9 @@ Pure Python: no torch, transformers or gradio.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,6 +47,12 @@ DEMO_DATASETS = {
 
 STAGES = ("sft", "rm", "dpo", "ppo")
 PIPELINES = ("none", "rlhf", "dpo", "compare")
+#: The stages each pipeline runs, in order (compare: SFT once, then RM -> PPO beside DPO).
+PIPELINE_STAGES = {
+    "rlhf": ("sft", "rm", "ppo"),
+    "dpo": ("sft", "dpo"),
+    "compare": ("sft", "rm", "ppo", "dpo"),
+}
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("bf16", "fp16", "fp32", "amp")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "sgd", "adafactor")
@@ -46,6 +61,7 @@ SHARDINGS = ("none", "zero2", "zero3")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference")
 ONLINE_RL = ("ppo", "rloo", "grpo")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class PlanError(TunewiseError, ValueError):
@@ -53,11 +69,6 @@ class PlanError(TunewiseError, ValueError):
 
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}", field=field_name)
-
-
-def _choice(group: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise PlanError(f"{group}.{name}", f"{value!r} is not one of {', '.join(map(str, allowed))}")
 
 
 @dataclass(frozen=True)
@@ -99,58 +110,6 @@ MAX_THRESHOLD = 1e9
 #: Memory of one GPU in GB: today's largest accelerators hold 288 GB.
 MAX_GPU_MEMORY_GB = 10_000.0
 
-#: Every numeric plan setting and its range, by dotted name. The plan's dataclasses check their fields
-#: against it, the planner's memory setup reuses it, and the wizard's number boxes take their maxima from it.
-FIELD_LIMITS: dict[str, Limit] = {
-    "data.eval_fraction": Limit(0.0, 0.5),
-    "data.max_examples": Limit(1, MAX_EXAMPLES, whole=True),
-    "data.examples": Limit(1, MAX_EXAMPLES, whole=True),
-    "data.tokens": Limit(1, MAX_TOKENS, whole=True),
-    "method.lora_rank": Limit(1, MAX_LORA_RANK, whole=True, hint=" (the guide uses 4-256)"),
-    # scaling = alpha / rank; twice the largest rank, doubled again, covers every published choice.
-    "method.lora_alpha": Limit(0.0, 4.0 * MAX_LORA_RANK, low_open=True, hint=" (typical: 2 x rank)"),
-    "method.lora_dropout": Limit(0.0, 0.9),
-    # Above 1.0 every optimizer diverges at once (Adam's step is about lr per weight).
-    "training.learning_rate": Limit(0.0, 1.0, low_open=True, hint=" (LoRA: 1e-4 to 3e-4; full: 1e-5 to 5e-5)"),
-    "training.warmup_ratio": Limit(0.0, 0.5, hint=" (guide: 0.05-0.10)"),
-    # Hundreds of passes already memorise any dataset.
-    "training.epochs": Limit(0.0, 10_000.0, low_open=True),
-    "training.max_steps": Limit(1, MAX_STEPS, whole=True),
-    "training.micro_batch": Limit(1, MAX_MICRO_BATCH, whole=True),
-    "training.grad_accum": Limit(1, MAX_GRAD_ACCUM, whole=True),
-    "training.seq_len": Limit(1, MAX_SEQ_LEN, whole=True),
-    # NumPy's seed (set by transformers' set_seed) must fit in 32 bits.
-    "training.seed": Limit(0, 2**32 - 1, whole=True),
-    "training.logging_steps": Limit(1, MAX_STEPS, whole=True),
-    "training.eval_steps": Limit(1, MAX_STEPS, whole=True),
-    "training.save_steps": Limit(1, MAX_STEPS, whole=True),
-    "training.keep_checkpoints": Limit(1, 100_000, whole=True),
-    "training.weight_decay": Limit(0.0, 1.0),
-    # A norm of 1e9 never clips in practice; above that only infinity is left to refuse.
-    "training.max_grad_norm": Limit(0.0, 1e9, low_open=True),
-    "forgetting.eval_every": Limit(1, MAX_STEPS, whole=True),
-    "forgetting.threshold_pct": Limit(0.0, MAX_THRESHOLD, low_open=True),
-    "forgetting.replay_fraction": Limit(0.0, 0.5, hint=" (guide: 0.01-0.10)"),
-    # The trainer normalises the Fisher information to mean 1 (trainer/forgetting.py) and starts at 1:
-    # a million times that pins every weight it protects.
-    "forgetting.ewc_lambda": Limit(0.0, 1e6, hint=" (0 is off; Tunewise starts at 1)"),
-    "forgetting.max_eval_examples": Limit(1, 100_000, whole=True),
-    "forgetting.ewc_batches": Limit(1, 100_000, whole=True),
-    # The guide's ranges are 0.1-0.5 (beta) and 0.01-0.1 (KL); 100 is far past any use of either.
-    "preference.beta": Limit(0.0, 100.0, low_open=True, hint=" (guide: 0.1-0.5)"),
-    "preference.kl_coef": Limit(0.0, 100.0, low_open=True, hint=" (guide: 0.01-0.1)"),
-    "preference.target_kl": Limit(0.0, MAX_THRESHOLD, low_open=True),
-    "preference.kl_limit": Limit(0.0, MAX_THRESHOLD, low_open=True),
-    "preference.kl_rate_limit": Limit(0.0, MAX_THRESHOLD, low_open=True),
-    # A fall of more than 100% below the start is impossible (diversity is never negative).
-    "preference.diversity_drop_pct": Limit(0.0, 100.0, low_open=True),
-    "preference.sample_every": Limit(1, MAX_STEPS, whole=True),
-    "preference.num_samples": Limit(1, 100_000, whole=True),
-    # Long chain-of-thought RL generates up to 32k-64k tokens per completion.
-    "preference.max_new_tokens": Limit(1, 2**17, whole=True),
-    "hardware.gpu_memory_gb": Limit(0.0, MAX_GPU_MEMORY_GB, low_open=True),
-    "hardware.num_gpus": Limit(1, 1024, whole=True),
-}
 
 
 def _shown(value: Any) -> str:
@@ -196,15 +155,29 @@ def check_number(dotted: str, value: Any, limit: Limit | None = None, name: str 
         raise PlanError(dotted, f"{wanted}, got {_shown(value)}{limit.hint}")
 
 
-def _check_limits(group: str, settings: Any) -> None:
-    """Check every numeric field of one settings group against FIELD_LIMITS (None passes where allowed)."""
+# -- one description per setting --------------------------------------------------------------------
+
+
+def _setting(default: Any, *, label: str, flag: str | None, name: str | None = None, limit: Limit | None = None,
+             choices: tuple = (), aliases: tuple[str, ...] = (), widget: bool = False, memory: bool | str = False,
+             no_flag: str = "") -> Any:
+    """A plan field and what the CLIs, the wizard and the planner need to know about it (see `Setting`);
+    its help text is the docstring written under the field."""
+    metadata = {"label": label, "flag": flag, "name": name, "limit": limit, "choices": tuple(choices),
+                "aliases": tuple(aliases), "widget": widget, "memory": memory, "no_flag": no_flag}
+    return field(default=default, metadata=metadata)
+
+
+def _check_fields(group: str, settings: Any) -> None:
+    """Check every field of one settings group against its choices and range (None passes where allowed)."""
     for f in fields(settings):
-        dotted = f"{group}.{f.name}"
-        limit = FIELD_LIMITS.get(dotted)
-        if limit is None:
-            continue
+        dotted = f"{group}.{f.name}" if group else f.name
         value = getattr(settings, f.name)
-        if value is None and "None" in str(f.type):
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise PlanError(dotted, f"{value!r} is not one of {', '.join(map(str, choices))}")
+        limit = f.metadata.get("limit")
+        if limit is None or (value is None and "None" in str(f.type)):
             continue
         check_number(dotted, value, limit)
 
@@ -213,13 +186,13 @@ def _check_limits(group: str, settings: Any) -> None:
 class ModelSettings:
     """Which base model to start from."""
 
-    name: str = "demo"
+    name: str = _setting("demo", label="Model", flag="--model", name="model", widget=True)
     """Catalogue id or alias, hub id, local directory with config.json, a bare size ("7B"),
     or "demo" for the bundled offline model."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = _setting(False, label="Trust remote code", flag="--trust-remote-code")
     """Run the model repository's own Python code. Off unless you turn it on: it executes
     code from the model's authors on this machine."""
-    revision: str | None = None
+    revision: str | None = _setting(None, label="Model revision", flag="--revision")
     """Hub revision (branch, tag or commit); None for the default branch."""
 
     def __post_init__(self):
@@ -227,74 +200,84 @@ class ModelSettings:
             raise PlanError("model.name", "is empty: give a catalogue id, hub id, local path or 'demo'")
 
 
+#: Why the data size has no flag: the advisor writes it down; training counts the data itself.
+_ADVISOR_RECORD = "the advisor's record of the data size; training reads the data itself and never this"
+
+
 @dataclass(frozen=True)
 class DataSettings:
     """The training data and how to read it."""
 
-    dataset: str = "demo-sft"
+    dataset: str = _setting("demo-sft", label="Dataset", flag="--dataset", widget=True)
     """A bundled name (demo-sft, demo-preference), a local JSONL/JSON/CSV/Parquet file,
     or a `datasets` hub name."""
-    format: str = "auto"
+    format: str = _setting("auto", label="Data format", flag="--format", choices=DATA_FORMATS)
     """auto (detect from columns), text, prompt_completion, messages or preference."""
-    eval_fraction: float = 0.1
+    eval_fraction: float = _setting(0.1, label="Evaluation share", flag="--eval-fraction", limit=Limit(0.0, 0.5))
     """Share of examples held out for evaluation (0 disables eval)."""
-    max_examples: int | None = None
+    max_examples: int | None = _setting(None, label="Max training examples", flag="--max-examples",
+                                        limit=Limit(1, MAX_EXAMPLES, whole=True))
     """Use at most this many training examples (None: all)."""
-    packing: bool = False
+    packing: bool = _setting(False, label="Packing", flag="--packing", widget=True)
     """Pack several short examples into each sequence (SFT only)."""
-    examples: int | None = None
+    examples: int | None = _setting(None, label="Examples", flag=None, no_flag=_ADVISOR_RECORD,
+                                    limit=Limit(1, MAX_EXAMPLES, whole=True))
     """Number of examples, when known (used by the advisor)."""
-    tokens: int | None = None
+    tokens: int | None = _setting(None, label="Tokens", flag=None, no_flag=_ADVISOR_RECORD,
+                                  limit=Limit(1, MAX_TOKENS, whole=True))
     """Total tokens, when known (used by the advisor)."""
 
     def __post_init__(self):
         if not isinstance(self.dataset, str) or not self.dataset.strip():
             raise PlanError("data.dataset", "is empty: give a file path or a bundled name such as demo-sft")
-        _choice("data", "format", self.format, DATA_FORMATS)
-        _check_limits("data", self)
+        _check_fields("data", self)
 
 
 @dataclass(frozen=True)
 class MethodSettings:
     """How the weights are trained: full, LoRA or QLoRA, and the memory-relevant knobs."""
 
-    method: str = "lora"
+    method: str = _setting("lora", label="Method", flag="--method", choices=METHODS, widget=True, memory=True)
     """full (all weights), lora (adapters on a 16-bit base) or qlora (adapters on a quantized base)."""
-    precision: str = "bf16"
+    precision: str = _setting("bf16", label="Precision", flag="--precision", choices=PRECISIONS, widget=True,
+                              memory=True)
     """bf16 / fp16 (pure 16-bit), fp32, or amp (16-bit compute with fp32 master weights)."""
-    optimizer: str = "adamw"
+    optimizer: str = _setting("adamw", label="Optimizer", flag="--optimizer", choices=OPTIMIZERS, widget=True,
+                              memory=True)
     """adamw, adamw_8bit, paged_adamw_8bit, sgd or adafactor."""
-    lora_rank: int = 16
+    # Beyond the adapted matrix's smaller side (the hidden size) a rank adds weights, not capacity.
+    lora_rank: int = _setting(16, label="LoRA rank", flag="--lora-rank", widget=True, memory=True,
+                              limit=Limit(1, MAX_LORA_RANK, whole=True, hint=" (the guide uses 4-256)"))
     """LoRA rank r: the inner dimension of the low-rank update BA."""
-    lora_alpha: float | None = None
+    # scaling = alpha / rank; twice the largest rank, doubled again, covers every published choice.
+    lora_alpha: float | None = _setting(None, label="LoRA alpha", flag="--lora-alpha", widget=True,
+                                        limit=Limit(0.0, 4.0 * MAX_LORA_RANK, low_open=True, hint=" (typical: 2 x rank)"))
     """LoRA alpha; scaling = alpha / rank. None means 2 x rank (the guide's typical choice)."""
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    """Module names to adapt, or ("all-linear",)."""
-    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = _setting(("q_proj", "k_proj", "v_proj", "o_proj"), label="Target modules",
+                                             flag="--lora-targets", widget=True, memory=True)
+    """Module names to adapt (comma-separated on the command line), or all-linear."""
+    lora_dropout: float = _setting(0.05, label="LoRA dropout", flag="--lora-dropout", widget=True, memory=True,
+                                   limit=Limit(0.0, 0.9))
     """Dropout on the LoRA input."""
-    quant_bits: int = 4
+    quant_bits: int = _setting(4, label="QLoRA base bits", flag="--quant-bits", choices=(4, 8), memory=True)
     """QLoRA base precision: 4 (NF4) or 8 (LLM.int8)."""
-    double_quant: bool = True
+    double_quant: bool = _setting(True, label="Double quantization (QLoRA)", flag="--double-quant", widget=True,
+                                  memory=True)
     """QLoRA: quantize the quantization constants too (saves ~0.37 bits/weight)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = _setting(False, label="Gradient checkpointing", flag="--gradient-checkpointing",
+                                            widget=True, memory=True)
     """Recompute activations in the backward pass: much less memory, ~30% slower."""
-    attn: str = "sdpa"
+    attn: str = _setting("sdpa", label="Attention", flag="--attn", choices=ATTENTIONS, widget=True, memory=True)
     """Attention kernel: eager (materializes the attention matrix) or sdpa (fused)."""
 
     def __post_init__(self):
-        _choice("method", "method", self.method, METHODS)
-        _choice("method", "precision", self.precision, PRECISIONS)
-        _choice("method", "optimizer", self.optimizer, OPTIMIZERS)
-        _choice("method", "attn", self.attn, ATTENTIONS)
-        _check_limits("method", self)
+        _check_fields("method", self)
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets", tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
         else:
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if not self.lora_targets:
             raise PlanError("method.lora_targets", "is empty: name modules such as q_proj,v_proj or use all-linear")
-        if self.quant_bits not in (4, 8):
-            raise PlanError("method.quant_bits", f"must be 4 or 8, got {self.quant_bits!r}")
         if self.method == "qlora" and self.precision == "fp32":
             raise PlanError("method.precision", "QLoRA computes in 16 bit: choose bf16 or fp16")
 
@@ -304,74 +287,103 @@ class MethodSettings:
         return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
 
 
+def _steps(label: str, flag: str, default: int | None = None, **more) -> Any:
+    """A setting counted in training steps (1 to MAX_STEPS)."""
+    return _setting(default, label=label, flag=flag, limit=Limit(1, MAX_STEPS, whole=True), **more)
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
     """Optimisation schedule and batch shape."""
 
-    learning_rate: float = 2e-4
+    # Above 1.0 every optimizer diverges at once (Adam's step is about lr per weight).
+    learning_rate: float = _setting(2e-4, label="Learning rate", flag="--lr", name="learning_rate", widget=True,
+                                    limit=Limit(0.0, 1.0, low_open=True, hint=" (LoRA: 1e-4 to 3e-4; full: 1e-5 to 5e-5)"))
     """Peak learning rate (guide: full 1e-5 to 5e-5, LoRA 1e-4 to 3e-4)."""
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = _setting(0.05, label="Warmup share", flag="--warmup-ratio", widget=True,
+                                   limit=Limit(0.0, 0.5, hint=" (guide: 0.05-0.10)"))
     """Share of steps spent warming up (guide: 5-10%)."""
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = _setting("cosine", label="LR schedule", flag="--scheduler", choices=SCHEDULERS, widget=True)
     """cosine, linear, constant or constant_with_warmup."""
-    epochs: float = 1.0
+    # Hundreds of passes already memorise any dataset.
+    epochs: float = _setting(1.0, label="Epochs", flag="--epochs", widget=True,
+                             limit=Limit(0.0, 10_000.0, low_open=True))
     """Passes over the data (ignored when max_steps is set)."""
-    max_steps: int | None = None
+    max_steps: int | None = _steps("Max steps (0: run the epochs)", "--max-steps", widget=True)
     """Stop after this many optimizer steps (None: run the epochs)."""
-    micro_batch: int = 4
+    micro_batch: int = _setting(4, label="Micro-batch", flag="--micro-batch", widget=True, memory=True,
+                                limit=Limit(1, MAX_MICRO_BATCH, whole=True))
     """Examples per device per forward pass."""
-    grad_accum: int = 1
+    grad_accum: int = _setting(1, label="Gradient accumulation", flag="--grad-accum", widget=True, memory=True,
+                               limit=Limit(1, MAX_GRAD_ACCUM, whole=True))
     """Micro-batches accumulated per optimizer step."""
-    seq_len: int = 512
+    seq_len: int = _setting(512, label="Sequence length", flag="--seq-len", widget=True, memory=True,
+                            limit=Limit(1, MAX_SEQ_LEN, whole=True))
     """Maximum tokens per example (longer ones are truncated)."""
-    seed: int = 42
+    # NumPy's seed (set by transformers' set_seed) must fit in 32 bits.
+    seed: int = _setting(42, label="Seed", flag="--seed", limit=Limit(0, 2**32 - 1, whole=True))
     """Random seed: the same seed and plan give the same run."""
-    logging_steps: int = 1
+    logging_steps: int = _steps("Log every (steps)", "--logging-steps", 1)
     """Log metrics every N steps."""
-    eval_steps: int | None = None
+    eval_steps: int | None = _steps("Evaluate every (steps)", "--eval-steps")
     """Evaluate every N steps (None: at the end only)."""
-    save_steps: int | None = None
+    save_steps: int | None = _steps("Checkpoint every (steps)", "--save-steps")
     """Checkpoint every N steps (None: at the end only)."""
-    keep_checkpoints: int | None = 2
+    keep_checkpoints: int | None = _setting(2, label="Checkpoints kept", flag="--keep-checkpoints",
+                                            limit=Limit(1, 100_000, whole=True))
     """Keep only the newest N checkpoints in checkpoints/ (None: keep all; a resume uses the newest)."""
-    weight_decay: float = 0.0
+    weight_decay: float = _setting(0.0, label="Weight decay", flag="--weight-decay", limit=Limit(0.0, 1.0))
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
+    # A norm of 1e9 never clips in practice; above that only infinity is left to refuse.
+    max_grad_norm: float = _setting(1.0, label="Gradient clipping norm", flag="--max-grad-norm",
+                                    limit=Limit(0.0, 1e9, low_open=True))
     """Gradient clipping norm."""
 
     def __post_init__(self):
-        _choice("training", "lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        _check_limits("training", self)
+        _check_fields("training", self)
+
+
+def _threshold(default: float, label: str, flag: str, **more) -> Any:
+    """An alert threshold: any number above 0 (MAX_THRESHOLD only refuses infinity)."""
+    return _setting(default, label=label, flag=flag, limit=Limit(0.0, MAX_THRESHOLD, low_open=True), **more)
 
 
 @dataclass(frozen=True)
 class ForgettingSettings:
     """The guide's catastrophic-forgetting monitor and safeguards."""
 
-    monitor: bool = True
+    monitor: bool = _setting(True, label="Forgetting monitor", flag="--forgetting", name="forgetting_monitor")
     """Measure loss on original-domain data before training and every `eval_every` steps."""
-    original_data: str = "demo-original"
+    original_data: str = _setting("demo-original", label="Original-domain data", flag="--original-data")
     """Original-domain text for the monitor and for replay (bundled name or file)."""
-    eval_every: int = 10
+    eval_every: int = _steps("Forgetting check every (steps)", "--forgetting-every", 10, name="forgetting_eval_every",
+                             widget=True)
     """Steps between forgetting measurements."""
-    threshold_pct: float = 20.0
+    threshold_pct: float = _threshold(20.0, "Forgetting alert at +% loss", "--forgetting-threshold",
+                                      name="forgetting_threshold", widget=True)
     """Alert when original-domain loss rises more than this % above its baseline."""
-    stop_on_threshold: bool = False
+    stop_on_threshold: bool = _setting(False, label="Stop when forgetting crosses it", flag="--stop-on-forgetting",
+                                       widget=True)
     """Stop the run early (saving first) when the threshold is crossed."""
-    replay_fraction: float = 0.0
+    replay_fraction: float = _setting(0.0, label="Replay share (forgetting)", flag="--replay", widget=True,
+                                      limit=Limit(0.0, 0.5, hint=" (guide: 0.01-0.10)"))
     """Mix this share of original-domain examples into training (guide: 0.01-0.10)."""
-    ewc_lambda: float = 0.0
+    # The trainer normalises the Fisher information to mean 1 (trainer/forgetting.py) and starts at 1:
+    # a million times that pins every weight it protects.
+    ewc_lambda: float = _setting(0.0, label="EWC strength", flag="--ewc", widget=True,
+                                 limit=Limit(0.0, 1e6, hint=" (0 is off; Tunewise starts at 1)"))
     """Elastic weight consolidation strength (0: off)."""
-    max_eval_examples: int = 64
+    max_eval_examples: int = _setting(64, label="Forgetting examples per check", flag="--forgetting-examples",
+                                      limit=Limit(1, 100_000, whole=True))
     """Original-domain examples used per measurement."""
-    replay_data: str | None = None
+    replay_data: str | None = _setting(None, label="Replay data", flag="--replay-data")
     """Original-domain text to replay and to estimate EWC's Fisher information on (bundled name or
     file); None: the rows of `original_data` the monitor does not hold out."""
-    ewc_batches: int = 8
+    ewc_batches: int = _setting(8, label="EWC Fisher batches", flag="--ewc-batches", limit=Limit(1, 100_000, whole=True))
     """Original-domain batches (of `training.micro_batch` examples) for EWC's Fisher estimate."""
 
     def __post_init__(self):
-        _check_limits("forgetting", self)
+        _check_fields("forgetting", self)
         if self.replay_data is not None and (not isinstance(self.replay_data, str) or not self.replay_data.strip()):
             raise PlanError("forgetting.replay_data", "is empty: name a bundled dataset or a file, or leave it unset")
 
@@ -380,61 +392,67 @@ class ForgettingSettings:
 class PreferenceSettings:
     """Reward model, DPO and PPO settings (the guide's RLHF and DPO sections)."""
 
-    beta: float = 0.1
+    # The guide's ranges are 0.1-0.5 (beta) and 0.01-0.1 (KL); 100 is far past any use of either.
+    beta: float = _setting(0.1, label="DPO beta", flag="--beta", widget=True,
+                           limit=Limit(0.0, 100.0, low_open=True, hint=" (guide: 0.1-0.5)"))
     """DPO beta: higher stays closer to the reference (guide: 0.1-0.5)."""
-    kl_coef: float = 0.05
+    kl_coef: float = _setting(0.05, label="PPO KL coefficient", flag="--kl-coef", widget=True,
+                              limit=Limit(0.0, 100.0, low_open=True, hint=" (guide: 0.01-0.1)"))
     """PPO KL penalty coefficient (guide: 0.01-0.1)."""
-    adaptive_kl: bool = False
+    adaptive_kl: bool = _setting(False, label="Adaptive KL", flag="--adaptive-kl")
     """Adapt the KL coefficient towards `target_kl`."""
-    target_kl: float = 6.0
+    target_kl: float = _threshold(6.0, "Target KL", "--target-kl")
     """Target KL (nats) for the adaptive controller."""
-    algorithm: str = "ppo"
+    algorithm: str = _setting("ppo", label="Online RL algorithm", flag="--algorithm", choices=ONLINE_RL)
     """Online RL algorithm for the ppo stage: ppo, rloo or grpo."""
-    reward_model: str | None = None
+    reward_model: str | None = _setting(None, label="Reward model", flag="--reward-model")
     """Reward model for ppo: a run id, run directory or model path (pipelines fill it in)."""
-    sft_model: str | None = None
+    sft_model: str | None = _setting(None, label="Starting policy", flag="--sft-model")
     """Starting policy for dpo / ppo: a run id, directory or model path (pipelines fill it in)."""
-    kl_limit: float = 10.0
+    kl_limit: float = _threshold(10.0, "KL alert limit", "--kl-limit")
     """Alert (KL explosion) when KL exceeds this many nats."""
-    kl_rate_limit: float = 2.0
+    kl_rate_limit: float = _threshold(2.0, "KL growth alert", "--kl-rate-limit")
     """Alert when KL grows faster than this many nats per 10 steps."""
-    stop_on_alert: bool = False
+    stop_on_alert: bool = _setting(False, label="Stop on KL alert", flag="--stop-on-alert")
     """Stop the run (saving first) when a KL-explosion alert fires."""
-    diversity_drop_pct: float = 50.0
+    # A fall of more than 100% below the start is impossible (diversity is never negative).
+    diversity_drop_pct: float = _setting(50.0, label="Diversity drop alert %", flag="--diversity-drop",
+                                         limit=Limit(0.0, 100.0, low_open=True))
     """Alert (mode collapse) when sample diversity falls this % below its start."""
-    sample_every: int = 10
+    sample_every: int = _steps("Sample every (steps)", "--sample-every", 10)
     """Steps between policy-sample measurements (KL estimate, diversity)."""
-    num_samples: int = 8
+    num_samples: int = _setting(8, label="Samples per check", flag="--num-samples", limit=Limit(1, 100_000, whole=True))
     """Held-out prompts sampled per measurement."""
-    max_new_tokens: int = 32
+    # Long chain-of-thought RL generates up to 32k-64k tokens per completion.
+    max_new_tokens: int = _setting(32, label="Tokens per sample", flag="--max-new-tokens", memory="generation_len",
+                                   limit=Limit(1, 2**17, whole=True))
     """Tokens generated per sample."""
 
     def __post_init__(self):
-        _choice("preference", "algorithm", self.algorithm, ONLINE_RL)
-        _check_limits("preference", self)
+        _check_fields("preference", self)
 
 
 @dataclass(frozen=True)
 class HardwareSettings:
     """Where the run executes, and the GPU the planner sizes it for."""
 
-    gpu: str | None = None
+    gpu: str | None = _setting(None, label="GPU", flag="--gpu", widget=True)
     """GPU model name for planning (e.g. "A100-80GB"); None: plan for `gpu_memory_gb` or the CPU."""
-    gpu_memory_gb: float | None = None
+    gpu_memory_gb: float | None = _setting(None, label="GPU memory (GB)", flag="--gpu-memory-gb",
+                                           limit=Limit(0.0, MAX_GPU_MEMORY_GB, low_open=True))
     """Memory per GPU in GB (1e9 bytes), when the GPU is not in the list."""
-    num_gpus: int = 1
-    """GPUs (or CPU processes when there is no GPU) to train on."""
-    shard: str = "none"
+    num_gpus: int = _setting(1, label="Number of GPUs", flag="--num-processes", aliases=("--gpus",), widget=True,
+                             memory=True, limit=Limit(1, 1024, whole=True))
+    """GPUs (or CPU processes when there is no GPU) to train on; more than 1 uses accelerate launch."""
+    shard: str = _setting("none", label="Sharding", flag="--shard", choices=SHARDINGS, widget=True, memory=True)
     """none (DDP: full copy per GPU), zero2 (shard optimizer + gradients), zero3 (shard everything; FSDP full shard)."""
-    cpu_offload: bool = False
+    cpu_offload: bool = _setting(False, label="CPU offload", flag="--cpu-offload", memory=True)
     """Offload optimizer state (and with zero3, parameters) to CPU memory."""
-    device: str = "auto"
+    device: str = _setting("auto", label="Device", flag="--device", choices=DEVICES)
     """auto, cpu or cuda."""
 
     def __post_init__(self):
-        _check_limits("hardware", self)
-        _choice("hardware", "shard", self.shard, SHARDINGS)
-        _choice("hardware", "device", self.device, ("auto", "cpu", "cuda"))
+        _check_fields("hardware", self)
         if self.cpu_offload and self.shard == "none":
             raise PlanError("hardware.cpu_offload", "needs sharding: set shard to zero2 or zero3")
 
@@ -443,14 +461,14 @@ class HardwareSettings:
 class Plan:
     """Everything needed to reproduce a run."""
 
-    stage: str = "sft"
+    stage: str = _setting("sft", label="Stage", flag="--stage", choices=STAGES, memory=True)
     """sft, rm (reward model), dpo or ppo."""
-    pipeline: str = "none"
+    pipeline: str = _setting("none", label="Pipeline", flag="--pipeline", choices=PIPELINES)
     """none (one stage), rlhf (sft -> rm -> ppo), dpo (sft -> dpo), compare (both, side by side)."""
-    name: str | None = None
-    """A label for the run (the run id is generated)."""
-    output: str | None = None
-    """Where the output goes (default: <run dir>/output)."""
+    name: str | None = _setting(None, label="Run name", flag="--name")
+    """A label for the run (part of its id, which is generated)."""
+    output: str | None = _setting(None, label="Output folder", flag="--output")
+    """Where the final adapter or model goes (default: <run dir>/output)."""
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     method: MethodSettings = field(default_factory=MethodSettings)
@@ -460,9 +478,7 @@ class Plan:
     hardware: HardwareSettings = field(default_factory=HardwareSettings)
 
     def __post_init__(self):
-        for name, allowed in (("stage", STAGES), ("pipeline", PIPELINES)):
-            if getattr(self, name) not in allowed:
-                raise PlanError(name, f"{getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        _check_fields("", self)
         if self.stage == "ppo" and self.method.method == "qlora" and self.preference.algorithm == "ppo":
             # TRL's PPO needs a separate value model; quantized policies are not supported there.
             raise PlanError("method.method", "PPO does not support QLoRA in TRL: use lora or full, or choose rloo/grpo")
@@ -632,3 +648,115 @@ def _coerce(value: Any, f: dataclasses.Field, dotted: str) -> Any:
             raise PlanError(dotted, f"must be text, got {value!r}")
         return value
     return value
+
+
+# -- the settings, as the CLIs, the wizard and the planner see them ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One plan setting, described once: read from its field's metadata and docstring by `settings()`."""
+
+    dotted: str
+    """Where it lives in the plan: "method.lora_rank" ("stage" for a top-level setting)."""
+    name: str
+    """Its short name, unique in the plan: the wizard's widget (an API parameter name), the advisor's name
+    for its advice, `tunewise recommend --set NAME=...`. The field's name unless the field gives one."""
+    label: str
+    """How the wizard names it, on the page and in its messages."""
+    flag: str | None
+    """Its `tunewise train` / `launch` flag ("--lora-rank"); None when it has none (`no_flag` says why)."""
+    type: type
+    """int, float, str, bool or tuple (of names; comma-separated on the command line)."""
+    optional: bool
+    """None is one of its values (the help says what None means)."""
+    default: Any
+    """Its value in a fresh `Plan()`."""
+    help: str
+    """What it means: the docstring under the field, on one line (the CLIs' help, the wizard's info)."""
+    limit: Limit | None = None
+    """The range of a numeric setting (checked wherever a Plan is built)."""
+    choices: tuple = ()
+    """The values it may take, when it is a choice (checked wherever a Plan is built)."""
+    aliases: tuple[str, ...] = ()
+    """More flags that set it ("--gpus" for "--num-processes")."""
+    widget: bool = False
+    """The wizard's plan step has a widget for it, named `name`."""
+    memory: str | None = None
+    """The `advisor.memory.TrainingSetup` field it feeds (None: the memory estimate does not read it)."""
+    no_flag: str = ""
+    """Why it has no flag (empty when it has one)."""
+
+    def value(self, plan: "Plan") -> Any:
+        """This setting's value in `plan`."""
+        node: Any = plan
+        for part in self.dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple": tuple}
+
+
+def _field_docs() -> dict[tuple[str, str], str]:
+    """(class name, field name) -> the docstring under the field, read from this module's source: the help
+    text is written once, where the field is declared (as LitGPT's and TRL's configs document theirs)."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    docs = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for stmt, after in zip(node.body, node.body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[(node.name, stmt.target.id)] = " ".join(after.value.value.split())
+    return docs
+
+
+@functools.cache
+def settings() -> tuple[Setting, ...]:
+    """Every plan setting (every leaf of the Plan dataclasses), in declaration order."""
+    docs = _field_docs()
+    found: list[Setting] = []
+
+    def walk(cls, prefix: str) -> None:
+        for f in fields(cls):
+            if cls is Plan and f.name in _NESTED:
+                walk(_NESTED[f.name], f"{f.name}.")
+                continue
+            meta = f.metadata
+            annotation = str(f.type)
+            name = meta["name"] or f.name
+            memory = meta["memory"]
+            found.append(Setting(
+                dotted=prefix + f.name, name=name, label=meta["label"], flag=meta["flag"],
+                type=_TYPES[annotation.split("[")[0].split(" ")[0]], optional="None" in annotation,
+                default=f.default, help=docs.get((cls.__name__, f.name), ""), limit=meta["limit"],
+                choices=meta["choices"], aliases=meta["aliases"], widget=meta["widget"],
+                memory=(name if memory is True else memory or None), no_flag=meta["no_flag"],
+            ))
+
+    walk(Plan, "")
+    for key in ("name", "flag"):
+        seen: dict = {}
+        for item in found:
+            for value in [getattr(item, key)] + (list(item.aliases) if key == "flag" else []):
+                if value is not None and seen.setdefault(value, item.dotted) != item.dotted:
+                    raise AssertionError(f"{item.dotted} and {seen[value]} share the {key} {value!r}")
+    return tuple(found)
+
+
+@functools.cache
+def _by_key() -> dict[str, Setting]:
+    return {**{s.name: s for s in settings()}, **{s.dotted: s for s in settings()}}
+
+
+def find_setting(key: str) -> Setting:
+    """The setting named `key`, by its dotted name ("method.lora_rank") or its short name ("lora_rank");
+    KeyError when there is none."""
+    return _by_key()[key]
+
+
+#: Every numeric plan setting's range, by dotted name (the fields declare them; this is their index, for
+#: the planner's memory setup, the wizard's number boxes and messages that name a range).
+FIELD_LIMITS: dict[str, Limit] = {s.dotted: s.limit for s in settings() if s.limit is not None}

@@ -684,6 +684,21 @@ def find_tokenizer_file(model: str | None) -> Path | None:
     return None
 
 
+#: config.json keys that hold a model's longest sequence, in the order transformers' configs use them.
+MAX_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def config_max_length(model_dir: str | Path) -> int | None:
+    """The longest sequence the model in `model_dir` accepts, from its config.json (None: no such file or key)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    return next((config[key] for key in MAX_LENGTH_KEYS if isinstance(config.get(key), int)), None)
+
+
 def model_max_length(model: str | None) -> int | None:
     """The longest sequence `model` accepts (max_position_embeddings), when we can tell offline."""
     if not model:
@@ -691,15 +706,9 @@ def model_max_length(model: str | None) -> int | None:
     from advisor.plan import DEMO_MODEL_DIR
 
     directory = DEMO_MODEL_DIR if model == "demo" else Path(model).expanduser()
-    config_path = directory / "config.json"
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            config = {}
-        for key in ("max_position_embeddings", "n_positions", "seq_length"):
-            if isinstance(config.get(key), int):
-                return config[key]
+    from_config = config_max_length(directory)
+    if from_config is not None:
+        return from_config
     try:
         from advisor import specs
 

@@ -32,13 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from advisor.errors import TunewiseError
+from advisor.plan import PIPELINE_STAGES, PIPELINES, STAGES, find_setting
 
 TASKS = ("classification", "qa", "summarization", "instruction", "max")
 DOMAIN_SHIFTS = ("low", "medium", "high")
 PRIORITIES = ("quality", "balanced", "memory")
-STAGES = ("sft", "rm", "dpo", "ppo")
-PIPELINES = ("none", "rlhf", "dpo", "compare")
-
 SET_BY_YOU = "set by you"
 
 # -- the guide's tables, as data -------------------------------------------------------------------
@@ -109,36 +107,20 @@ MICRO_BATCHES = (64, 32, 16, 8, 4, 2, 1)
 #: GPU counts tried when suggesting "more GPUs" for a plan that does not fit.
 GPU_COUNTS = (2, 4, 8, 16, 32, 64)
 
-#: Advice names, in display order, and the plan field each maps onto (None: information only).
-PLAN_FIELDS: dict[str, str | None] = {
-    "method": "method.method",
-    "precision": "method.precision",
-    "optimizer": "method.optimizer",
-    "gradient_checkpointing": "method.gradient_checkpointing",
-    "attn": "method.attn",
-    "lora_rank": "method.lora_rank",
-    "lora_alpha": "method.lora_alpha",
-    "lora_targets": "method.lora_targets",
-    "lora_dropout": "method.lora_dropout",
-    "quant_bits": "method.quant_bits",
-    "double_quant": "method.double_quant",
-    "shard": "hardware.shard",
-    "seq_len": "training.seq_len",
-    "micro_batch": "training.micro_batch",
-    "grad_accum": "training.grad_accum",
-    "effective_batch": None,
-    "learning_rate": "training.learning_rate",
-    "warmup_ratio": "training.warmup_ratio",
-    "epochs": "training.epochs",
-    "total_steps": None,
-    "forgetting_monitor": "forgetting.monitor",
-    "forgetting_eval_every": "forgetting.eval_every",
-    "replay_fraction": "forgetting.replay_fraction",
-    "ewc_lambda": "forgetting.ewc_lambda",
-    "beta": "preference.beta",
-    "kl_coef": "preference.kl_coef",
-    "preference_method": None,
-}
+#: Values shown with the advice for information only: no plan setting holds them.
+INFO_ONLY = ("effective_batch", "total_steps", "preference_method")
+
+#: What the advisor advises, in display order: plan settings by their short name (`Setting.name` in
+#: advisor.plan.settings()), and the INFO_ONLY values.
+ADVICE = (
+    "method", "precision", "optimizer", "gradient_checkpointing", "attn", "lora_rank", "lora_alpha", "lora_targets",
+    "lora_dropout", "quant_bits", "double_quant", "shard", "seq_len", "micro_batch", "grad_accum", "effective_batch",
+    "learning_rate", "warmup_ratio", "epochs", "total_steps", "forgetting_monitor", "forgetting_eval_every",
+    "replay_fraction", "ewc_lambda", "beta", "kl_coef", "preference_method",
+)
+
+#: Advice name -> the dotted plan setting it fills in (None: information only).
+PLAN_FIELDS: dict[str, str | None] = {name: None if name in INFO_ONLY else find_setting(name).dotted for name in ADVICE}
 
 
 # -- inputs and outputs -------------------------------------------------------------------------------
@@ -212,14 +194,9 @@ class AdvisorInputs:
 
     @property
     def preference_stages(self) -> tuple[str, ...]:
-        """The preference stages this run includes."""
-        if self.pipeline == "rlhf":
-            return ("rm", "ppo")
-        if self.pipeline == "dpo":
-            return ("dpo",)
-        if self.pipeline == "compare":
-            return ("rm", "ppo", "dpo")
-        return (self.stage,) if self.stage != "sft" else ()
+        """The preference stages this run includes (a pipeline's steps after SFT)."""
+        stages = PIPELINE_STAGES.get(self.pipeline, (self.stage,))
+        return tuple(stage for stage in stages if stage != "sft")
 
 
 @dataclass(frozen=True)
@@ -670,8 +647,8 @@ def _ladder(method: str, base_setup, rules: _Rules, bf16: bool) -> list[_Candida
                  ({"gradient_checkpointing": True}, ("gradient checkpointing",))]
         if inputs.num_gpus > 1:
             steps += [({"shard": "zero3"}, ("ZeRO-3",))]
-    user_fixed = {name: rules.overrides[name] for name in ("precision", "optimizer", "gradient_checkpointing", "shard",
-                                                           "quant_bits", "double_quant", "attn") if name in rules.overrides}
+    # What a rung changes, the user may have fixed: their value wins on every rung.
+    user_fixed = {name: rules.overrides[name] for change, _ in steps for name in change if name in rules.overrides}
     candidates = []
     settings: dict[str, Any] = {}
     applied: tuple[str, ...] = ()
@@ -819,6 +796,7 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
             seq_len=int(overrides.get("seq_len", seq_len)),
             lora_rank=int(rank_value or 8),
             lora_targets=tuple(targets_value),
+            attn=overrides.get("attn", "sdpa"),
             grad_accum=1,
             stage=stage,
             num_gpus=inputs.num_gpus,
@@ -1058,16 +1036,12 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
 
 
 def _setup_from_values(base_setup, values: Mapping[str, Advice]):
-    """The estimator's TrainingSetup for the final advice values."""
+    """The estimator's TrainingSetup for the final advice values (those the estimate reads)."""
     changes = {}
-    for name in ("method", "precision", "optimizer", "gradient_checkpointing", "attn", "lora_rank", "lora_targets",
-                 "lora_dropout", "quant_bits", "double_quant", "shard", "seq_len", "micro_batch", "grad_accum"):
-        advice = values.get(name)
-        if advice is not None and advice.value is not None and hasattr(base_setup, name):
-            value = advice.value
-            if name == "lora_targets":
-                value = tuple(value)
-            changes[name] = value
+    read = {f.name for f in dataclasses.fields(base_setup)}
+    for name, advice in values.items():
+        if name in read and advice.value is not None:
+            changes[name] = tuple(advice.value) if name == "lora_targets" else advice.value
     return dataclasses.replace(base_setup, **changes)
 
 

@@ -13,19 +13,25 @@ here, as pure functions that tests call directly:
   dataset profiles and run statuses into rows for the page's tables.
 - `train_command(plan)` / `plan_yaml(plan)`: the "Show as YAML / CLI" text.
 
+Widget names, labels and ranges are not kept here: they come from the plan's own
+description of each setting (`advisor.plan.settings()`).
+
 Pure Python: no gradio, torch or transformers.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Iterable, Mapping, Sequence
 
 from advisor.errors import TunewiseError
-from advisor.plan import FIELD_LIMITS, Plan, PlanError
+from advisor.plan import Plan, PlanError, find_setting, settings
+from advisor.profile import SUFFIX_FORMATS
+from advisor.recommend import ADVICE
 
 GB = 1e9
 """Bytes per GB (decimal, as GPU vendors count)."""
@@ -59,42 +65,10 @@ DOMAIN_CHOICES = (("Close to pretraining", "low"), ("Somewhat different", "mediu
 #: What to favour when the two conflict.
 PRIORITY_CHOICES = (("Best quality", "quality"), ("Balanced", "balanced"), ("Least memory", "memory"))
 
-#: Widget name -> the plan setting it edits (dotted). `goal` is special (stage + pipeline)
-#: and `gpu` maps "none" to no GPU. Widget names are also the API's parameter names.
-PLAN_WIDGETS: dict[str, str] = {
-    "model": "model.name",
-    "dataset": "data.dataset",
-    "goal": "stage",
-    "gpu": "hardware.gpu",
-    "num_gpus": "hardware.num_gpus",
-    "method": "method.method",
-    "precision": "method.precision",
-    "optimizer": "method.optimizer",
-    "lora_rank": "method.lora_rank",
-    "lora_alpha": "method.lora_alpha",
-    "lora_targets": "method.lora_targets",
-    "lora_dropout": "method.lora_dropout",
-    "double_quant": "method.double_quant",
-    "gradient_checkpointing": "method.gradient_checkpointing",
-    "attn": "method.attn",
-    "shard": "hardware.shard",
-    "learning_rate": "training.learning_rate",
-    "warmup_ratio": "training.warmup_ratio",
-    "lr_scheduler": "training.lr_scheduler",
-    "epochs": "training.epochs",
-    "max_steps": "training.max_steps",
-    "micro_batch": "training.micro_batch",
-    "grad_accum": "training.grad_accum",
-    "seq_len": "training.seq_len",
-    "packing": "data.packing",
-    "replay_fraction": "forgetting.replay_fraction",
-    "ewc_lambda": "forgetting.ewc_lambda",
-    "forgetting_eval_every": "forgetting.eval_every",
-    "forgetting_threshold": "forgetting.threshold_pct",
-    "stop_on_threshold": "forgetting.stop_on_threshold",
-    "beta": "preference.beta",
-    "kl_coef": "preference.kl_coef",
-}
+#: Widget name -> the plan setting it edits (dotted): every setting with a widget (`Setting.widget`), by its
+#: short name. `goal` is special (stage + pipeline) and `gpu` maps "none" to no GPU. Widget names are also
+#: the API's parameter names.
+PLAN_WIDGETS: dict[str, str] = {"goal": "stage", **{s.name: s.dotted for s in settings() if s.widget}}
 
 #: Widgets that hold a name (what the name may be, for messages).
 TEXT_WIDGETS = {
@@ -103,65 +77,22 @@ TEXT_WIDGETS = {
 }
 
 #: Widgets whose empty value means "not set" (None in the plan) rather than an error.
-OPTIONAL_WIDGETS = ("lora_alpha", "max_steps", "gpu")
+OPTIONAL_WIDGETS = tuple(s.name for s in settings() if s.widget and s.optional)
 
 #: Human names for plan settings, used in messages and the recommendation table.
-LABELS = {
-    "model.name": "Model",
-    "data.dataset": "Dataset",
-    "method.method": "Method",
-    "method.lora_rank": "LoRA rank",
-    "method.lora_alpha": "LoRA alpha",
-    "method.lora_targets": "Target modules",
-    "method.lora_dropout": "LoRA dropout",
-    "method.precision": "Precision",
-    "method.optimizer": "Optimizer",
-    "method.gradient_checkpointing": "Gradient checkpointing",
-    "method.double_quant": "Double quantization",
-    "method.attn": "Attention",
-    "training.learning_rate": "Learning rate",
-    "training.warmup_ratio": "Warmup share",
-    "training.lr_scheduler": "LR schedule",
-    "training.epochs": "Epochs",
-    "training.max_steps": "Max steps",
-    "training.micro_batch": "Micro-batch",
-    "training.grad_accum": "Gradient accumulation",
-    "training.seq_len": "Sequence length",
-    "data.packing": "Packing",
-    "forgetting.replay_fraction": "Replay share",
-    "forgetting.ewc_lambda": "EWC strength",
-    "forgetting.eval_every": "Forgetting check every (steps)",
-    "forgetting.threshold_pct": "Forgetting threshold %",
-    "forgetting.stop_on_threshold": "Stop on forgetting",
-    "forgetting.monitor": "Forgetting monitor",
-    "preference.beta": "DPO beta",
-    "preference.kl_coef": "PPO KL coefficient",
-    "hardware.shard": "Sharding",
-    "hardware.num_gpus": "GPUs",
-}
+LABELS = {s.dotted: s.label for s in settings()}
 
-
-def widget_for(dotted: str) -> str | None:
-    """The widget that edits plan setting `dotted` (None when the page has no widget for it)."""
-    for name, target in PLAN_WIDGETS.items():
-        if target == dotted:
-            return name
-    return None
-
-
-#: The lowest value each number box takes (None: no bound there; 0 max steps means "run the epochs").
-#: The page's boxes are bounded by NUMBER_LIMITS and `plan_from_widgets` refuses anything outside it,
-#: so a crafted API call cannot send a value the page could not.
-_NUMBER_LOWS: dict[str, float | None] = {
-    "num_gpus": 1, "lora_rank": 1, "lora_alpha": None, "lora_dropout": 0, "learning_rate": None,
-    "warmup_ratio": 0, "epochs": 0.01, "max_steps": 0, "micro_batch": 1, "grad_accum": 1, "seq_len": 8,
-    "replay_fraction": 0, "ewc_lambda": 0, "forgetting_eval_every": 1, "forgetting_threshold": 0.1,
-    "beta": 0.001, "kl_coef": 0.001,
-}
-#: Number widgets: (lowest, highest) value the page takes. The highest is the plan's own maximum
-#: (advisor.plan.FIELD_LIMITS), so one table decides the page, the API, the CLI and the planner.
+#: Where a number box starts when not at its setting's own lowest value (a range open at its low end has
+#: no lowest value: the plan refuses it). 0 max steps means "run the epochs".
+_PAGE_LOWS: dict[str, float] = {"epochs": 0.01, "max_steps": 0, "seq_len": 8, "forgetting_threshold": 0.1,
+                                "beta": 0.001, "kl_coef": 0.001}
+#: Number widgets: (lowest, highest) value the page takes, from the plan's own range (advisor.plan
+#: FIELD_LIMITS), so one description decides the page, the API, the CLI and the planner. The page's boxes
+#: are bounded by it and `plan_from_widgets` refuses anything outside it, so a crafted API call cannot send
+#: a value the page could not.
 NUMBER_LIMITS: dict[str, tuple[float | None, float | None]] = {
-    name: (low, FIELD_LIMITS[PLAN_WIDGETS[name]].high) for name, low in _NUMBER_LOWS.items()
+    s.name: (_PAGE_LOWS.get(s.name, None if s.limit.low_open else s.limit.low), s.limit.high)
+    for s in settings() if s.widget and s.limit is not None
 }
 
 
@@ -323,8 +254,6 @@ def check_demo_inputs(model: Any, dataset: Any, uploads: Iterable[Any] = ()) -> 
     """Public demo: refuse server paths. A model must be a catalogue / hub name or a size (not a folder on
     the server), and a dataset a bundled name or one of `uploads`: the files this visitor uploaded through
     the page (another visitor's upload is refused like any other server file)."""
-    from pathlib import Path
-
     from advisor.plan import DEMO_DATASETS
 
     name = text_value(model, "model.name", TEXT_WIDGETS["model"])
@@ -371,6 +300,40 @@ def apply_demo_limits(plan: Plan, limits: DemoLimits) -> tuple[Plan, list[str]]:
     return plan, notes
 
 
+def step_cap(max_steps: Any) -> int | None:
+    """The "Max steps" box as a cap for the advisor: a whole number of at least 1, else None (run the epochs)."""
+    return int(max_steps) if isinstance(max_steps, (int, float)) and not isinstance(max_steps, bool) and max_steps >= 1 else None
+
+
+def admit_demo_run(plan: Plan, limits: DemoLimits, active: Sequence[Any], own: Sequence[str]) -> tuple[Plan, list[str]]:
+    """The plan a public demo will launch, with notes on what its limits changed; TunewiseError (field
+    "queue") while a run is going (`active`: the queued or running runs' statuses, `own`: the run ids of
+    this visitor). Another visitor's run is only said to exist: no id, no data. Call it under the lock
+    that also covers the launch, so two clicks cannot both be admitted."""
+    plan, notes = apply_demo_limits(plan, limits)
+    if active:
+        current = active[0]
+        if current.run_id in own:
+            what = (f"your run {current.run_id} is {current.state} (step {current.step}/{current.max_steps or '?'}). "
+                    "Watch it in step 4 and launch again when it finishes")
+        else:
+            what = f"another visitor's run is training (at most {limits.max_steps} steps). Launch again in a few minutes"
+        raise TunewiseError(f"queue: the public demo trains one run at a time and {what}; the button will work then.",
+                            field="queue")
+    return plan, notes
+
+
+def hide_server_paths(text: str, roots: Iterable[Path]) -> str:
+    """`text` with every path under one of `roots` cut to its last part (`/srv/runs/_uploads/x/a.jsonl` ->
+    `a.jsonl`): what a public demo's visitors see of the server's folders."""
+    for root in roots:
+        for form in sorted({str(root).rstrip("/"), str(Path(root).resolve()).rstrip("/")}, key=len, reverse=True):
+            if form:
+                text = re.sub(re.escape(form) + r"(?![\w-])(?:/[^\s'\"`/]+)*/?",
+                              lambda match: match.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+    return text
+
+
 # -- the "Show as YAML / CLI" text --------------------------------------------------------------
 
 
@@ -379,54 +342,34 @@ def plan_yaml(plan: Plan) -> str:
     return plan.to_yaml()
 
 
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def train_command(plan: Plan, flags: Sequence[tuple] = (), plan_file: str = "plan.yaml",
-                  runs_dir: str | None = None) -> str:
+def train_command(plan: Plan, plan_file: str = "plan.yaml", runs_dir: str | None = None) -> str:
     """The exact commands that run this plan from a terminal.
 
-    `flags` is the CLI's (flag, dotted setting, type, help) list (`trainer.cli.PLAN_FLAGS`): every setting
-    that differs from the defaults and has a flag goes on one `tunewise train ...` line; settings only the
-    plan file carries are named, and the plan-file form is given too.
+    Every setting that differs from the defaults goes on one `tunewise train ...` line, as its flag
+    (advisor.plan.settings()); settings no flag can carry (no flag, or None where the default is not)
+    are named, and the plan-file form is given too.
     """
-    default = _flat(Plan().to_dict())
-    current = _flat(plan.to_dict())
+    from advisor.cli import flag_argv
+
+    default = Plan()
     always = ("model.name", "data.dataset", "method.method")  # say what runs, even when it is the default
-    changed = {k: v for k, v in current.items() if v != default.get(k) or k in always}
-    by_setting = {dotted: (flag, kind) for flag, dotted, kind, *_ in flags}
     parts = ["tunewise", "train"]
     missing = []
-    for dotted, value in changed.items():
-        if dotted not in by_setting:
-            missing.append(dotted)
+    for setting in settings():
+        value = setting.value(plan)
+        if value == setting.value(default) and setting.dotted not in always:
             continue
-        flag, kind = by_setting[dotted]
-        if kind is bool:
-            parts.append(flag if value else "--no-" + flag[2:])
-        elif value is None:
-            missing.append(dotted)
-        else:
-            parts += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}"
-                      if isinstance(value, float) else str(value)]
+        argv = flag_argv(setting, value) if setting.flag else []
+        if not argv:
+            missing.append(setting.dotted)
+        parts += argv
     extra = ["--runs-dir", runs_dir] if runs_dir else []
-    lines = []
-    if flags:
-        lines.append("# one line, with the settings that differ from the defaults:")
-        lines.append(shlex.join(parts + extra))
-        if missing:
-            lines.append(f"# (only the plan file carries: {', '.join(missing)})")
-        lines.append("")
-    lines.append(f"# or save the plan below as {plan_file} and run it:")
-    lines.append(shlex.join(["tunewise", "train", plan_file] + extra))
-    lines.append("# (tunewise launch ... runs it in the background instead)")
+    lines = ["# one line, with the settings that differ from the defaults:", shlex.join(parts + extra)]
+    if missing:
+        lines.append(f"# (only the plan file carries: {', '.join(missing)})")
+    lines += ["", f"# or save the plan below as {plan_file} and run it:",
+              shlex.join(["tunewise", "train", plan_file] + extra),
+              "# (tunewise launch ... runs it in the background instead)"]
     return "\n".join(lines)
 
 
@@ -518,14 +461,18 @@ def _display(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-#: Labels of advised values that are not a single plan widget.
-ADVICE_LABELS = {
-    "effective_batch": "Effective batch",
-    "total_steps": "Total steps",
-    "preference_method": "RLHF or DPO",
-    "forgetting_monitor": "Forgetting monitor",
-    "quant_bits": "QLoRA base bits",
-}
+#: Labels of the advised values no plan setting holds (advisor.recommend.INFO_ONLY).
+ADVICE_LABELS = {"effective_batch": "Effective batch", "total_steps": "Total steps", "preference_method": "RLHF or DPO"}
+
+
+def advice_label(name: str) -> str:
+    """How the page names advice `name`: its plan setting's label, or ADVICE_LABELS'."""
+    if name in ADVICE_LABELS:
+        return ADVICE_LABELS[name]
+    try:
+        return find_setting(name).label
+    except KeyError:
+        return name.replace("_", " ")
 
 
 def recommendation_rows(advice: Mapping[str, Any], current: Mapping[str, Any] | None = None) -> list[list[str]]:
@@ -544,7 +491,7 @@ def recommendation_rows(advice: Mapping[str, Any], current: Mapping[str, Any] | 
         shown = value
         if name in current and name in PLAN_WIDGETS and not _same(current[name], value):
             shown, overridden = current[name], True
-        label = LABELS.get(PLAN_WIDGETS.get(name, ""), ADVICE_LABELS.get(name, name.replace("_", " ")))
+        label = advice_label(name)
         if overridden and not _same(shown, value):
             why = f"set by you (recommended {_display(value)}: {reason})"
         elif overridden:
@@ -582,35 +529,50 @@ def profile_rows(profile: Any) -> list[list[str]]:
     return rows
 
 
-def run_row(run_id: str, status: Any, summary: Mapping[str, Any] | None = None) -> list[Any]:
-    """One row of the run history: id, what, state, step / total, last loss, forgetting %, started."""
-    summary = summary or {}
-    state = getattr(status, "state", "?")
-    exit_info = getattr(status, "exit_code", None)
-    signal_info = getattr(status, "signal", None)
-    if state == "failed" and signal_info:
-        state = f"failed (signal {signal_info})"
-    elif state == "failed" and exit_info not in (None, 0):
-        state = f"failed (exit {exit_info})"
-    step = getattr(status, "step", 0) or 0
-    max_steps = getattr(status, "max_steps", None)
-    loss = summary.get("loss")
-    forgetting = summary.get("degradation_pct")
+def model_card_markdown(spec: Any, counts: Any) -> str:
+    """Step 1's model card: parameters, architecture and the config numbers the planner uses."""
+    kind = f"{spec.model_type}" + (f", mixture of {spec.num_experts} experts ({spec.experts_per_token} per token)"
+                                   if spec.num_experts else "")
+    rough = "\n\n*Rough mode: a Llama-shaped model of this size (the guide's rule of thumb).*" if spec.rough else ""
+    return (
+        f"### {spec.id}\n"
+        f"**{human_count(counts.total)} parameters** ({counts.total:,}) &middot; architecture **{kind}**\n\n"
+        f"| layers | hidden | heads (KV) | MLP | vocab | max context |\n|---|---|---|---|---|---|\n"
+        f"| {spec.num_layers} | {spec.hidden_size} | {spec.num_heads} ({spec.num_kv_heads}) | {spec.intermediate_size} "
+        f"| {spec.vocab_size:,} | {spec.max_position_embeddings:,} |\n\n"
+        f"Embeddings {human_count(counts.embeddings)} &middot; attention {human_count(counts.attention)} &middot; "
+        f"MLP {human_count(counts.mlp)} &middot; norms {human_count(counts.norms)} &middot; lm_head {human_count(counts.lm_head)}"
+        f" &middot; source: {spec.source}{rough}"
+    )
+
+
+def run_row(status: Any) -> list[Any]:
+    """One row of the run history from a trainer.status.RunStatus: id, what, state, step / total, last
+    loss, forgetting %, started."""
+    import time
+
+    state = status.state
+    if state == "failed" and status.signal:
+        state = f"failed (signal {status.signal})"
+    elif state == "failed" and status.exit_code not in (None, 0):
+        state = f"failed (exit {status.exit_code})"
+    step, loss, forgetting = status.step or 0, status.last_loss, status.forgetting_pct
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(status.created_at)) if status.created_at else ""
     return [
-        run_id,
-        summary.get("what", ""),
+        status.run_id,
+        run_what(status),
         state,
-        f"{step}/{max_steps}" if max_steps else str(step),
+        f"{step}/{status.max_steps}" if status.max_steps else str(step),
         f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
         f"{round(forgetting, 1) + 0.0:+.1f}%" if isinstance(forgetting, (int, float)) else "-",  # no "-0.0%"
-        summary.get("started", ""),
+        started,
     ]
 
 
 RUN_HEADERS = ["run", "what", "status", "step", "last loss", "forgetting", "started"]
 
 #: File suffixes of the dataset formats Tunewise reads.
-DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+DATA_SUFFIXES = tuple(SUFFIX_FORMATS)
 
 
 def dataset_label(dataset: Any) -> str:
@@ -624,25 +586,13 @@ def dataset_label(dataset: Any) -> str:
     return PurePath(name.replace("\\", "/")).name if path_like and name not in BUNDLED_DATASETS else name
 
 
-def run_what(plan: Plan) -> str:
-    """The history's one-line description of a run: `Plan.summary()` with the dataset named by
-    `dataset_label` (so no server path reaches the page)."""
-    what = plan.stage if plan.pipeline == "none" else f"{plan.pipeline} pipeline"
-    return f"{what} {plan.method.method} on {plan.model.name} with {dataset_label(plan.data.dataset)}"
-
-
-def run_summary(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Key numbers of a run from its events: last loss, last eval loss, last forgetting degradation %."""
-    summary: dict[str, Any] = {}
-    for event in events:
-        kind = event.get("event")
-        if kind == "log" and isinstance(event.get("loss"), (int, float)):
-            summary["loss"] = event["loss"]
-        elif kind == "eval" and isinstance(event.get("eval_loss"), (int, float)):
-            summary["eval_loss"] = event["eval_loss"]
-        elif kind == "forgetting" and isinstance(event.get("degradation_pct"), (int, float)):
-            summary["degradation_pct"] = event["degradation_pct"]
-    return summary
+def run_what(status: Any) -> str:
+    """The history's one-line description of a run (a RunStatus): stage or pipeline, method, model, and
+    the dataset named by `dataset_label` (so no server path reaches the page)."""
+    if status.stage is None:
+        return status.summary or "(plan unreadable)"
+    what = status.stage if status.pipeline in (None, "none") else f"{status.pipeline} pipeline"
+    return f"{what} {status.method} on {status.model} with {dataset_label(status.dataset)}"
 
 
 # -- menus ------------------------------------------------------------------------------------------------
@@ -683,15 +633,13 @@ def model_summary(name: Any):
 
 # -- the advice step ------------------------------------------------------------------------------------
 
-#: The plan widgets the advisor fills in (the others come from steps 1 and 2 or keep their values).
-ADVISED_WIDGETS = (
-    "method", "precision", "optimizer", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "double_quant",
-    "gradient_checkpointing", "attn", "shard", "learning_rate", "warmup_ratio", "epochs", "micro_batch",
-    "grad_accum", "seq_len", "packing", "replay_fraction", "ewc_lambda", "forgetting_eval_every", "beta", "kl_coef",
-)
+#: The plan widgets the advisor fills in, in its order (the others come from steps 1 and 2 or keep their
+#: values); packing comes with the dataset profile.
+ADVISED_WIDGETS = tuple(name for name in ADVICE if name in PLAN_WIDGETS) + ("packing",)
 
-#: Step-2 widgets that are advisor inputs, not plan settings.
-ADVISOR_ONLY_WIDGETS = ("task", "domain", "priority", "quantized_inference")
+#: What the advice depends on: the plan widgets of steps 1 and 2, and the step-2 widgets that are advisor
+#: inputs, not plan settings (task, domain, priority, quantized_inference).
+ADVISOR_WIDGETS = ("model", "dataset", "goal", "gpu", "num_gpus", "task", "domain", "priority", "quantized_inference")
 
 
 @dataclass(frozen=True)

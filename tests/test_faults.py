@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from conftest import start_app, stop_app, wait_for
-from trainer import supervisor
+import trainer.status
+from trainer import procs, rundir, supervisor
 from trainer.events import EVENTS_FILE, read_all_events, read_events
 
 pytestmark = pytest.mark.slow
@@ -74,7 +75,7 @@ def test_sigkill_fails_with_signal_9_and_resume_matches_an_uninterrupted_run(mak
     assert killed_steps == list(range(1, killed_steps[-1] + 1)) and killed_steps[-1] >= checkpoint["step"]
 
     # Resume continues from the newest complete checkpoint in the same run directory.
-    newest = supervisor.last_checkpoint(killed_dir)
+    newest = rundir.last_checkpoint(killed_dir)
     resume_step = int(newest.name.split("-")[1])
     assert resume_step >= checkpoint["step"]
     assert supervisor.resume(killed_id, runs_dir) == killed_id
@@ -147,7 +148,7 @@ def test_full_disk_while_checkpointing_fails_clearly_and_keeps_earlier_data(make
     saved = [e["step"] for e in events if e["event"] == "checkpoint"]
     assert saved and saved[0] == 2, saved
     assert sorted(_losses(events))[: saved[-1]] == list(range(1, saved[-1] + 1))
-    newest = supervisor.last_checkpoint(run_dir)
+    newest = rundir.last_checkpoint(run_dir)
     assert newest is not None and newest.name == f"checkpoint-{saved[-1]}", (newest, saved)
     state = json.loads((newest / "trainer_state.json").read_text(encoding="utf-8"))
     assert state["global_step"] == saved[-1]
@@ -174,7 +175,8 @@ def _line(**event) -> bytes:
 
 
 def test_corrupt_and_half_written_event_lines_give_a_clear_status(make_plan, runs_dir):
-    import app
+    from advisor import wizard
+    from trainer import runs
 
     plan = make_plan()
     now = time.time()
@@ -195,7 +197,7 @@ def test_corrupt_and_half_written_event_lines_give_a_clear_status(make_plan, run
         runs_dir, "20250101-000001-running", plan,
         _line(event="started", time=now - 10, step=0) + _line(event="log", time=now - 5, step=1, loss=3.0)
         + b'{"event": "log", "time": 1.0, "step": 2, "lo',
-        {"started_at": now - 12, "pid": os.getpid(), "pid_start": supervisor.process_start_ticks(os.getpid())},
+        {"started_at": now - 12, "pid": os.getpid(), "pid_start": procs.process_start_ticks(os.getpid())},
     )
 
     done = supervisor.status(finished.name, runs_dir)
@@ -219,7 +221,8 @@ def test_corrupt_and_half_written_event_lines_give_a_clear_status(make_plan, run
     assert (live.step, live.last_loss) == (2, 2.5)
 
     # The app's run history shows both, without an error.
-    rows, ids = app.run_history(app.AppConfig(runs_dir=runs_dir))
+    statuses = runs.history(runs_dir)
+    rows, ids = [wizard.run_row(status) for status in statuses], [status.run_id for status in statuses]
     assert ids == [running.name, finished.name] and len(rows) == 2
 
 
@@ -236,7 +239,7 @@ def test_a_truncated_checkpoint_is_never_resumed_from(make_plan, runs_dir):
     cut = run_dir / "checkpoints" / "checkpoint-4"  # the disk filled up while this was saved
     cut.mkdir()
     (cut / "trainer_state.json").write_text('{"global_step": 4, "log_hist', encoding="utf-8")
-    assert supervisor.last_checkpoint(run_dir) == good
+    assert rundir.last_checkpoint(run_dir) == good
 
 
 _NOW = time.time()
@@ -253,8 +256,9 @@ _NOW = time.time()
      "events.jsonl: a train_begin event has max_steps 'many', not a whole number"),
 ], ids=["attempts-str", "attempts-int", "created-at-str", "run-id-int", "event-time-str", "event-max-steps-str"])
 def test_one_damaged_run_json_or_event_never_breaks_the_listing(make_plan, runs_dir, capsys, record, events, named):
-    import app
     import cli
+    from advisor import wizard
+    from trainer import runs
 
     plan = make_plan()
     good = _fake_run(
@@ -283,7 +287,8 @@ def test_one_damaged_run_json_or_event_never_breaks_the_listing(make_plan, runs_
     assert cli.main(["status", damaged.name, "--runs-dir", str(runs_dir)]) == 0
     assert f"damaged    {named}" in capsys.readouterr().out
     # The app's run history goes through the same listing.
-    rows, ids = app.run_history(app.AppConfig(runs_dir=runs_dir))
+    statuses = runs.history(runs_dir)
+    rows, ids = [wizard.run_row(status) for status in statuses], [status.run_id for status in statuses]
     assert sorted(ids) == sorted([good.name, damaged.name]) and len(rows) == 2
 
 
@@ -310,7 +315,7 @@ def test_a_run_without_run_json_is_still_listed(make_plan, runs_dir):
     assert runs[lost.name].summary == plan.summary() and runs[lost.name].created_at is not None
     # Nothing says how the unfinished one ended, and no trainer of it runs: not "queued" forever.
     assert runs[unfinished.name].state == "failed" and "run.json is missing" in runs[unfinished.name].error
-    assert supervisor.find_run_dir("20250101-000013", runs_dir) == lost.resolve()  # a unique prefix finds it too
+    assert rundir.find_run_dir("20250101-000013", runs_dir) == lost.resolve()  # a unique prefix finds it too
 
 
 def test_a_deleted_run_directory_is_reported_and_listing_keeps_working(make_plan, runs_dir, monkeypatch):
@@ -332,7 +337,7 @@ def test_a_deleted_run_directory_is_reported_and_listing_keeps_working(make_plan
         supervisor.read_run_events(run_id, 0, runs_dir)
     assert [s.run_id for s in supervisor.list_runs(runs_dir)] == [kept.name]
     # The orphaned trainer does not go on training unseen: it ends once it cannot write its run.
-    wait_for(lambda: not supervisor.pid_alive(running.pid), timeout=180, poll=0.5, what="the orphaned trainer to end")
+    wait_for(lambda: not procs.pid_alive(running.pid), timeout=180, poll=0.5, what="the orphaned trainer to end")
     assert [s.run_id for s in supervisor.list_runs(runs_dir)] == [kept.name]
 
 
@@ -449,7 +454,7 @@ def _fill(path: Path) -> int:
 def test_a_disk_filled_by_another_process_fails_naming_the_disk_and_loses_no_later_event(make_plan, disk_40m, capsys,
                                                                                          monkeypatch):
     import cli
-    from trainer.context import EXIT_DISK_FULL
+    from trainer.rundir import EXIT_DISK_FULL
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     runs = disk_40m / "runs"
@@ -524,7 +529,7 @@ def test_resume_passes_over_damaged_checkpoints_and_follows_only_the_new_attempt
     _truncate(cut_adapter / "adapter_model.safetensors", 1000)
     optimizer = cut_optimizer / "optimizer.pt"
     _truncate(optimizer, optimizer.stat().st_size // 2)
-    assert supervisor.checkpoint_problem(fallback) is None
+    assert rundir.checkpoint_problem(fallback) is None
 
     # One command: resume (passing over the two damaged checkpoints, saying so) and follow the new attempt.
     code = cli.main(["resume", run_id, "--runs-dir", str(runs_dir), "--follow"])
@@ -561,8 +566,8 @@ def test_a_paused_trainer_gets_a_stall_hint_and_a_forced_stop_says_why_there_is_
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # Small thresholds for the test: 2 s, or 3x the usual gap between logged steps (the defaults are 120 s, 10x).
-    monkeypatch.setattr(supervisor, "STALL_MIN_S", 2.0)
-    monkeypatch.setattr(supervisor, "STALL_FACTOR", 3.0)
+    monkeypatch.setattr(trainer.status, "STALL_MIN_S", 2.0)
+    monkeypatch.setattr(trainer.status, "STALL_FACTOR", 3.0)
     plan = make_plan(training__max_steps=100_000)  # no save_steps: only a stop that ends in time saves
     run_id = supervisor.launch(plan, runs_dir)
     pid = None

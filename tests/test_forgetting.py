@@ -4,7 +4,8 @@ The tiny model is first taught the "original domain" (sentences about things
 living near coloured hills) so that its baseline loss there is low and
 forgetting is measurable; then it is fine-tuned on the colour-question task.
 A full fine-tune at a high learning rate must trip the alert (and stop the run
-when asked); a LoRA run at a low learning rate must stay quiet.
+when asked); a LoRA run at a low learning rate must stay quiet. EWC's penalty
+must count once per optimizer step under gradient accumulation, in SFT and DPO.
 """
 
 from __future__ import annotations
@@ -221,3 +222,66 @@ def test_ewc_and_replay_reduce_forgetting(pretrained_dir, data_dir, tmp_path):
     print("degradation %", worst)
     assert worst["plain"] > 50.0
     assert worst["ewc"] < worst["plain"] and worst["replay"] < worst["plain"], worst
+
+
+# -- EWC under gradient accumulation -------------------------------------------------------------------
+
+def _trained_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "output" / "model.safetensors")
+
+
+def _distance(a: dict, b: dict) -> float:
+    return sum(float((a[name].double() - b[name].double()).pow(2).sum()) for name in a) ** 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_the_ewc_penalty_counts_once_per_optimizer_step_with_gradient_accumulation(stage, tmp_path, data_dir):
+    """Two accumulated micro-batches of 2 must train exactly like one batch of 4, penalty included.
+
+    Plain SGD without clipping makes an optimizer step linear in the summed gradient, and a Fisher
+    estimated on identical texts is the same whatever the micro-batch size, so the only difference
+    a wrong rule can make is the penalty's weight. Counted on both micro-batches without being
+    divided (SFT's loss is already normalised over the accumulated batch, so the penalty must be
+    divided there; TRL's DPO loss is a per-batch mean, which the Trainer divides itself), the
+    penalty weighs twice and the weights go where a batch of 4 with twice the ewc_lambda goes;
+    divided twice, half as far the other way. So the accumulated run must sit far closer to the
+    batch of 4 at the same lambda than that one sits to the batch of 4 at twice the lambda.
+    """
+    from conftest import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model")
+    same_text = tmp_path / "same-text.jsonl"
+    same_text.write_text((json.dumps({"text": ORIGINAL_TEXTS[0]}) + "\n") * 16, encoding="utf-8")
+    common = {
+        "method.method": "full",
+        "method.optimizer": "sgd",
+        # The largest normalised Fisher entry is about 900 here: lr x lambda x 900 stays below 1, so the
+        # penalty pulls the weights back without overshooting.
+        "training.learning_rate": 0.05,
+        "training.max_grad_norm": 1e6,
+        "training.max_steps": 4,
+        "forgetting.monitor": False,
+        "forgetting.original_data": str(same_text),
+        "forgetting.ewc_batches": 2,
+    }
+    if stage == "dpo":
+        common.update({"stage": "dpo", "data.dataset": str(data_dir / "preference.jsonl"),
+                       "preference.sample_every": 100, "preference.num_samples": 1, "preference.max_new_tokens": 4})
+    shapes = {
+        "accumulated": {"training.micro_batch": 2, "training.grad_accum": 2, "forgetting.ewc_lambda": 0.01},
+        "whole": {"training.micro_batch": 4, "training.grad_accum": 1, "forgetting.ewc_lambda": 0.01},
+        "whole_doubled": {"training.micro_batch": 4, "training.grad_accum": 1, "forgetting.ewc_lambda": 0.02},
+    }
+    weights = {}
+    for name, shape in shapes.items():
+        plan = Plan.from_dict(tiny_plan_dict(model_dir, data_dir)).with_overrides({**common, **shape})
+        result, events = train(plan, tmp_path / name)
+        assert result["event"] == "finished", result
+        assert of_kind(events, "log")[-1]["ewc_penalty"] > 0
+        weights[name] = _trained_weights(tmp_path / name)
+    twice_the_penalty = _distance(weights["whole"], weights["whole_doubled"])
+    assert twice_the_penalty > 1e-3  # the penalty moves the weights measurably (runs agree to ~1e-7)
+    assert _distance(weights["accumulated"], weights["whole"]) < 0.01 * twice_the_penalty

@@ -124,10 +124,14 @@ def test_mode_collapse_quiet_on_steady_diversity():
 # -- wiring into the event log --------------------------------------------------------------------
 
 def test_monitored_events_write_alerts_and_stop_file(tmp_path):
+    from advisor.plan import Plan
+    from trainer.context import RunContext
+
     writer = EventWriter(tmp_path / "events.jsonl")
     monitors = PreferenceMonitors(kl_limit=5.0, kl_rate_limit=1e9, kl_budget=1e9, diversity_drop_pct=50.0,
                                   stop_on_alert=True)
-    events = MonitoredEvents(writer, monitors, stop_file=tmp_path / "STOP")
+    ctx = RunContext(plan=Plan(), run_dir=tmp_path, events=writer)
+    events = MonitoredEvents(writer, monitors, ctx=ctx)
     events.emit("log", step=1, **{"objective/kl": 1.0, "objective/scores": 0.0})
     assert not (tmp_path / "STOP").exists()
     events.emit("log", step=2, **{"objective/kl": 8.0, "objective/scores": 0.5})
@@ -136,6 +140,9 @@ def test_monitored_events_write_alerts_and_stop_file(tmp_path):
     alert = records[-1]
     assert alert["kind"] == "kl_explosion" and alert["action"] == "stop" and alert["step"] == 2 and alert["kl"] == 8.0
     assert (tmp_path / "STOP").exists()
+    # The stop goes through callbacks.request_stop: the STOP file says why, and the run's stop flag is up.
+    assert (tmp_path / "STOP").read_text(encoding="utf-8").strip() == alert["message"]
+    assert ctx.stop_requested()
     assert events.path == writer.path  # delegates everything else
 
 

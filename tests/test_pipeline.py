@@ -17,9 +17,10 @@ import pytest
 from advisor.plan import Plan
 from conftest import tiny_plan_dict
 from test_preference import tiny_preference_setup  # noqa: F401  (session fixture)
-from trainer.context import STOP_FILE, RunContext
+from trainer.context import RunContext
 from trainer.events import EventWriter, read_all_events
 from trainer.pipeline import StepContext, run_pipeline
+from trainer.rundir import STOP_FILE, last_checkpoint
 
 
 def pipeline_ctx(run_dir: Path, setup: dict, pipeline: str, overrides: dict | None = None) -> RunContext:
@@ -139,7 +140,7 @@ def test_a_stopped_pipeline_resumes_in_the_background(tmp_path, tiny_preference_
     stopped = supervisor.stop(run_id, timeout=120, runs_dir=runs)
     assert stopped.state == "stopped", stopped.error
     dpo_dir = run_dir / "steps" / "2-dpo"
-    checkpoint = supervisor.last_checkpoint(dpo_dir)
+    checkpoint = last_checkpoint(dpo_dir)
     assert checkpoint is not None  # the stop saved the DPO step
     stopped_at = int(checkpoint.name.split("-")[1])
     assert 0 < stopped_at < 40

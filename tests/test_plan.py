@@ -168,3 +168,68 @@ def test_hostile_integers_get_range_errors_not_memory_figures():
     big = Plan().with_overrides({"training.seq_len": 1_048_576, "method.lora_rank": 4096, "training.micro_batch": 4096,
                                  "training.grad_accum": 100_000, "training.max_steps": 2_000_000, "hardware.num_gpus": 1024})
     assert big.training.seq_len == 1_048_576 and big.method.lora_rank == 4096
+
+
+# -- one description per setting: the fields say everything the CLIs, the wizard and the planner need ----------
+
+
+def _leaves(cls=Plan, prefix=""):
+    """The dotted name of every leaf of the Plan dataclasses, read from the dataclasses themselves."""
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            yield from _leaves(f.default_factory, f"{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+def test_every_plan_field_has_a_label_help_and_a_flag_or_a_reason_for_none():
+    from advisor.plan import settings
+
+    described = {s.dotted: s for s in settings()}
+    assert list(described) == list(_leaves())  # every leaf, once, in declaration order
+    problems = []
+    for s in described.values():
+        if not s.label.strip():
+            problems.append(f"{s.dotted}: no label")
+        if len(s.help.split()) < 2:
+            problems.append(f"{s.dotted}: no help text (a docstring under the field)")
+        if s.flag is None and len(s.no_flag.split()) < 3:
+            problems.append(f"{s.dotted}: no flag, and no reason why not")
+        if s.flag is not None and (not s.flag.startswith("--") or s.no_flag):
+            problems.append(f"{s.dotted}: flag {s.flag!r} (and no_flag {s.no_flag!r})")
+    assert not problems, "\n".join(problems)
+    flags = [flag for s in described.values() for flag in (s.flag, *s.aliases) if flag]
+    assert len(flags) == len(set(flags)), "two settings share a flag"
+    assert len({s.name for s in described.values()}) == len(described), "two settings share a short name"
+    # What the tests, the API and the messages rely on.
+    assert described["method.lora_rank"].flag == "--lora-rank" and described["method.lora_rank"].label == "LoRA rank"
+    assert described["hardware.num_gpus"].aliases == ("--gpus",)
+    assert described["training.learning_rate"].help.startswith("Peak learning rate")
+
+
+def test_choices_and_ranges_are_checked_from_the_field_descriptions():
+    from advisor.plan import settings
+
+    for s in settings():
+        if s.choices:
+            assert s.default in s.choices, s.dotted
+            with pytest.raises(PlanError) as info:
+                Plan().with_overrides({s.dotted: 3 if s.type is int else "no-such-choice"})
+            assert info.value.field == s.dotted and "is not one of" in str(info.value)
+        if s.limit is not None:
+            assert FIELD_LIMITS[s.dotted] is s.limit
+            assert s.default is None or s.limit.low <= s.default <= s.limit.high, s.dotted
+
+
+def test_the_memory_setup_and_the_wizard_come_from_the_descriptions():
+    from advisor import memory, wizard
+    from advisor.plan import settings
+
+    plan = Plan().with_overrides({"method.lora_rank": 8, "training.grad_accum": 3, "preference.max_new_tokens": 99})
+    setup = memory.setup_from_plan(plan)
+    assert (setup.lora_rank, setup.grad_accum, setup.generation_len) == (8, 3, 99)
+    widgets = {s.name: s.dotted for s in settings() if s.widget}
+    assert wizard.PLAN_WIDGETS == {"goal": "stage", **widgets}
+    assert wizard.LABELS["training.micro_batch"] == "Micro-batch" and wizard.LABELS["hardware.num_gpus"] == "Number of GPUs"
+    assert wizard.NUMBER_LIMITS["lora_rank"] == (1, FIELD_LIMITS["method.lora_rank"].high)
+    assert wizard.NUMBER_LIMITS["max_steps"][0] == 0  # 0 on the page: run the epochs

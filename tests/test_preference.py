@@ -4,7 +4,9 @@ What the issue asks, checked on real runs: the reward model beats chance on
 held-out pairs; DPO's first logged loss is ln 2 and its rewards start at 0
 (the policy equals the reference); the DPO KL estimate on policy samples is
 exactly 0 at step 0 and then grows; PPO logs finite, non-negative KL and
-rewards; a bad preference dataset is refused before training, naming the row.
+rewards; a bad preference dataset is refused before training, naming the row;
+pre-flight and the stage load the data the same way (what one refuses, the
+other refuses with the same message; what one accepts, the other trains on).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def _write(path: Path, rows: list[dict]) -> Path:
     ({"prompt": "   ", "chosen": "Red.", "rejected": "Blue?"}, ["line 3", "prompt", "empty"]),
 ])
 def test_bad_preference_rows_are_named(tmp_path, tiny_preference_setup, bad_row, words):
-    from trainer.preference import load_preference_rows
+    from trainer.data import load_preference_rows
 
     good = {"prompt": "Which colour is the sky?", "chosen": "Blue.", "rejected": "Green?"}
     path = _write(tmp_path / "bad.jsonl", [good, good, bad_row, good])
@@ -103,6 +105,142 @@ def test_dpo_refuses_bad_data_before_training(tmp_path, tiny_preference_setup):
     assert [e for e in read_all_events(tmp_path / "run" / "events.jsonl") if e["event"] == "log"] == []
 
 
+# -- pre-flight checks what the stage loads -------------------------------------------------------------
+
+def launch(run_dir: Path, plan: Plan) -> tuple[int, list[dict], float]:
+    """Run `plan` through the training process's entry point, in this process: (exit code, events, seconds)."""
+    import time
+
+    import torch
+
+    from trainer.events import read_all_events
+    from trainer.runner import run
+
+    run_dir.mkdir(parents=True)
+    plan.save(run_dir / "plan.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    try:
+        code = run(run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return code, read_all_events(run_dir / "events.jsonl"), time.monotonic() - started
+
+
+def stage_refusal(run_dir: Path, plan: Plan) -> str:
+    """The DatasetError message the plan's stage gives by itself (no pre-flight check before it)."""
+    from trainer.context import RunContext
+    from trainer.events import EventWriter
+    from trainer.stages import get_stage
+
+    run_dir.mkdir(parents=True)
+    ctx = RunContext(plan=plan, run_dir=run_dir, events=EventWriter(run_dir / "events.jsonl"))
+    with pytest.raises(DatasetError) as info:
+        get_stage(plan.stage)(ctx)
+    return str(info.value)
+
+
+#: (id, stage, dataset: a file of the tiny data or a hub name, whether the Hub is switched off (else unreachable)).
+REFUSED_DATA = [
+    ("dpo-on-messages", "dpo", "messages.jsonl", True),
+    ("rm-on-prompt-completion", "rm", "prompt_completion.jsonl", True),
+    ("ppo-on-plain-text", "ppo", "text.jsonl", True),
+    ("dpo-on-hub-data-hub-off", "dpo", "someone/preference-pairs", True),
+    ("ppo-on-hub-data-no-network", "ppo", "someone/preference-pairs", False),
+]
+
+
+@pytest.mark.parametrize("stage, dataset, hub_off", [case[1:] for case in REFUSED_DATA],
+                         ids=[case[0] for case in REFUSED_DATA])
+def test_preflight_refuses_in_seconds_what_the_stage_would_refuse(stage, dataset, hub_off, tmp_path,
+                                                                   tiny_preference_setup, monkeypatch):
+    from trainer import models
+
+    if not hub_off:  # Hugging Face access allowed, but the Hub does not answer (no network here)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+        monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    name = str(tiny_preference_setup["data"] / dataset) if dataset.endswith(".jsonl") else dataset
+    extra = {"preference.reward_model": str(tiny_preference_setup["model"])} if stage == "ppo" else {}
+    plan = preference_plan(tiny_preference_setup["model"], tiny_preference_setup["data"], stage,
+                           {"data.dataset": name, **extra})
+    expected = stage_refusal(tmp_path / "stage", plan)
+
+    code, events, seconds = launch(tmp_path / "run", plan)
+    failed = events[-1]
+    assert code == 2 and failed["event"] == "failed" and failed["user_error"] is True, failed
+    assert failed["error"] == expected
+    assert not [e for e in events if e["event"] in ("train_begin", "log", "model_loaded")]
+    assert seconds < 30, seconds
+    if "/" in dataset and not dataset.endswith(".jsonl"):
+        assert "hub dataset, which needs the network" in expected
+        assert ("HF_HUB_OFFLINE" in expected) is hub_off
+
+
+@pytest.mark.parametrize("pipeline", ["rlhf", "dpo", "compare"])
+def test_preflight_checks_a_pipelines_data_for_every_step(pipeline, tmp_path, tiny_preference_setup):
+    """A pipeline's reward-model or DPO step needs pairs: chat data is refused before its SFT step trains."""
+    plan = preference_plan(tiny_preference_setup["model"], tiny_preference_setup["data"], "sft",
+                           {"pipeline": pipeline, "data.dataset": str(tiny_preference_setup["data"] / "messages.jsonl")})
+    expected = stage_refusal(tmp_path / "stage", plan.with_overrides({"pipeline": "none",
+                                                                      "stage": "rm" if pipeline != "dpo" else "dpo"}))
+    code, events, seconds = launch(tmp_path / "run", plan)
+    failed = events[-1]
+    assert code == 2 and failed["event"] == "failed" and failed["error"] == expected, failed
+    assert not [e for e in events if e["event"] in ("stage", "train_begin", "log", "model_loaded")]
+    assert seconds < 30, seconds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["messages.jsonl", "prompt_completion.jsonl"])
+def test_ppo_trains_on_the_prompts_of_data_without_pairs(dataset, tmp_path, tiny_preference_setup):
+    """Pre-flight accepts any data with prompts for PPO; so does the stage, which trains on them."""
+    plan = preference_plan(tiny_preference_setup["model"], tiny_preference_setup["data"], "ppo",
+                           {"data.dataset": str(tiny_preference_setup["data"] / dataset), "training.max_steps": 2,
+                            "preference.reward_model": str(tiny_preference_setup["model"])})
+    code, events, _ = launch(tmp_path / "run", plan)
+    assert code == 0 and events[-1]["event"] == "finished", events[-1]
+    logs = [e for e in events if e["event"] == "log" and "objective/kl" in e]
+    assert len(logs) == 2 and all(math.isfinite(e["objective/scores"]) for e in logs)
+    samples = [e for e in events if e["event"] == "sample"]
+    # Held-out prompts are sampled; without pairs there is no held-out preference accuracy.
+    assert samples and all(s["num_samples"] == 4 and "heldout_accuracy" not in s for s in samples)
+    assert events[-1]["steps"] == 2 and events[-1]["heldout_accuracy"] is None
+
+
+@pytest.mark.slow
+def test_dpo_trains_on_a_hub_preference_dataset_when_the_hub_answers(tmp_path, tiny_preference_setup, monkeypatch):
+    """The online path, with `datasets.load_dataset` replaced by a stand-in (tests never use the network):
+    pre-flight and the stage both download the hub dataset, and it trains."""
+    import importlib
+
+    import datasets
+
+    from trainer import models
+
+    importlib.import_module("trainer.stages.dpo")  # TRL and transformers imported while the Hub is still off
+
+    rows = [json.loads(line) for line in (tiny_preference_setup["data"] / "preference.jsonl").read_text().splitlines()]
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return rows
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    plan = preference_plan(tiny_preference_setup["model"], tiny_preference_setup["data"], "dpo",
+                           {"data.dataset": "someone/preference-pairs", "training.max_steps": 2})
+    code, events, _ = launch(tmp_path / "run", plan)
+    assert code == 0 and events[-1]["event"] == "finished", events[-1]
+    assert calls == [("someone/preference-pairs", "train")] * 2  # pre-flight, then the stage
+    assert len([e for e in events if e["event"] == "log" and "rewards/margins" in e]) == 2
+    assert events[-1]["heldout_accuracy"] is not None  # 10 of the 48 pairs held out and measured
+
+
 # -- reward model ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -116,11 +254,11 @@ def test_reward_model_beats_chance_and_loads_for_ppo(trained_reward_model, tiny_
     assert evals and evals[-1]["eval_accuracy"] > 0.5  # 10 held-out pairs; chance is 0.5
     assert result["heldout_accuracy"] > 0.5 and result["heldout_pairs"] == 10
 
-    from trainer.preference import resolve_model_source, start_model_dir
+    from trainer.sources import merged_model_dir, resolve_model_source
     from transformers import AutoModelForSequenceClassification
 
     source = resolve_model_source(str(trained_reward_model["dir"]), "preference.reward_model")
-    merged = start_model_dir(source, "seq_cls", trained_reward_model["dir"])
+    merged = merged_model_dir(source, "seq_cls", trained_reward_model["dir"])
     model = AutoModelForSequenceClassification.from_pretrained(merged)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
 

@@ -237,30 +237,31 @@ def test_app_binds_to_localhost_by_default_and_auth_guards_every_route(tmp_path)
     ],
 )
 def test_upload_names_are_sanitized(name, safe):
-    import app
+    from trainer.runs import sanitize_filename
 
-    cleaned = app.sanitize_filename(name)
+    cleaned = sanitize_filename(name)
     assert cleaned == safe
     assert "/" not in cleaned and "\\" not in cleaned and not cleaned.startswith(".")
 
 
 def test_keep_upload_stores_under_the_runs_folder_and_enforces_the_demo_size(tmp_path):
-    import app
     from advisor.errors import DatasetError
+    from advisor.wizard import DemoLimits
+    from trainer.runs import keep_upload
 
     runs = tmp_path / "runs"
-    config = app.AppConfig(runs_dir=runs, demo_mode=True, uploads_dir=runs / "_uploads")
+    limit = DemoLimits().max_upload_bytes
     odd = tmp_path / "in" / "..evil name;$(id).jsonl"
     odd.parent.mkdir()
     odd.write_text('{"text": "hello"}\n')
-    kept = app.keep_upload(config, str(odd))
+    kept = keep_upload(runs / "_uploads", str(odd), max_bytes=limit)
     assert kept.resolve().is_relative_to((runs / "_uploads").resolve())
     assert kept.name == "evil_name_id_.jsonl" and kept.read_text() == '{"text": "hello"}\n'
     big = tmp_path / "in" / "big.jsonl"
     with open(big, "wb") as handle:
         handle.truncate(20_000_001)
     with pytest.raises(DatasetError, match="up to 20 MB"):
-        app.keep_upload(config, str(big))
+        keep_upload(runs / "_uploads", str(big), max_bytes=limit)
     assert not list(runs.rglob("big.jsonl"))
 
 

@@ -19,7 +19,8 @@ import pytest
 from conftest import wait_for
 
 from advisor.plan import Plan
-from trainer import supervisor
+import trainer.status
+from trainer import rundir, supervisor
 from trainer.events import read_all_events
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def test_kill_resume_then_stop(make_plan, runs_dir):
     logged_steps = [e["step"] for e in events if e["event"] == "log"]
     assert logged_steps == list(range(1, len(logged_steps) + 1))  # every step up to the kill is there
 
-    checkpoint = supervisor.last_checkpoint(run_dir)
+    checkpoint = rundir.last_checkpoint(run_dir)
     resumed_from = int(checkpoint.name.split("-")[1])
     assert resumed_from % 3 == 0 and resumed_from >= 3
     assert supervisor.resume(run_id, runs_dir) == run_id
@@ -66,13 +67,13 @@ def test_kill_resume_then_stop(make_plan, runs_dir):
     stopped = supervisor.stop(run_id, timeout=120, runs_dir=runs_dir)
     assert stopped.state == "stopped" and stopped.reason == "stopped by the user"
     assert stopped.exit_code == 0 and stopped.signal is None
-    final = supervisor.last_checkpoint(run_dir)
+    final = rundir.last_checkpoint(run_dir)
     state = json.loads((final / "trainer_state.json").read_text())
     assert state["global_step"] == stopped.step > resumed_from
     assert [e["event"] for e in read_all_events(run_dir / "events.jsonl")].count("stopped") == 1
 
     # A fresh process (a restarted UI) rebuilds the same picture from the run directory alone.
-    supervisor._DIGESTS.clear()
+    trainer.status._DIGESTS.clear()
     again = supervisor.status(run_id, runs_dir)
     assert (again.state, again.step, again.attempts) == ("stopped", stopped.step, 2)
     assert [run.run_id for run in supervisor.list_runs(runs_dir)] == [run_id]
@@ -139,7 +140,7 @@ def test_unknown_runs_are_refused_clearly(runs_dir):
     with pytest.raises(TunewiseError, match="no run 'nope'"):
         supervisor.status("nope", runs_dir)
     assert supervisor.list_runs(runs_dir) == []
-    assert supervisor.default_runs_dir() == runs_dir  # $TUNEWISE_RUNS_DIR
+    assert rundir.default_runs_dir() == runs_dir  # $TUNEWISE_RUNS_DIR
 
 
 def test_a_copied_dataset_keeps_the_run_going_when_the_original_goes(make_plan, runs_dir, tmp_path):

@@ -118,3 +118,78 @@ def test_output_into_a_closed_pipe_prints_no_traceback(command, runs_dir, make_p
         os.close(write_end)
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
     assert done.returncode == 141, (done.returncode, done.stderr)  # 128 + SIGPIPE, as a shell reports it
+
+
+# -- the flags come from the plan's own description of each setting (advisor.plan.settings()) ----------------
+
+
+def _parser():
+    """(the `tunewise` parser with the training subcommands, those subcommands by name)."""
+    import argparse
+
+    from trainer.cli import register
+
+    parser = argparse.ArgumentParser(prog="tunewise")
+    subcommands = parser.add_subparsers(dest="command")
+    register(subcommands)
+    return parser, subcommands.choices
+
+
+def _other_value(setting):
+    """A valid value of `setting` that is not its default (awkward where it can be: a float that `:g` would
+    round, several target modules)."""
+    if setting.choices:
+        return next(choice for choice in setting.choices if choice != setting.default)
+    if setting.type is bool:
+        return not setting.default
+    if setting.type is tuple:
+        return ("q_proj", "v_proj", "gate_proj")
+    if setting.type is str:
+        return f"some {setting.name}"  # a space: the command line must quote it
+    low, high = setting.limit.low, setting.limit.high
+    if setting.type is int:
+        return low + 3 if setting.default != low + 3 else low + 2
+    return low + (min(high, 1000.0) - low) * 0.123456789
+
+
+def test_every_flag_is_listed_with_its_help_and_accepted():
+    from advisor.cli import flag_argv
+    from advisor.plan import settings
+    from trainer.cli import plan_from_args
+
+    parser, commands = _parser()
+    for command in ("train", "launch"):
+        shown = "".join(commands[command].format_help().split())  # argparse wraps the help: compare without spaces
+        for setting in settings():
+            if setting.flag:
+                assert setting.flag in shown and "".join(setting.help.split()) in shown, (command, setting.dotted)
+    for setting in settings():
+        if setting.flag:
+            value = _other_value(setting)
+            # (--shard first: CPU offload needs sharding)
+            plan = plan_from_args(parser.parse_args(["launch", "--shard", "zero3", *flag_argv(setting, value)]))
+            assert setting.value(plan) == value, setting.dotted
+
+
+def test_a_plan_round_trips_through_the_command_the_wizard_prints():
+    import shlex
+
+    from advisor import wizard
+    from advisor.plan import settings
+    from trainer.cli import plan_from_args
+
+    changed = {s.dotted: _other_value(s) for s in settings()}
+    plan = Plan().with_overrides(changed)
+    assert all(s.value(plan) != s.default for s in settings())  # every setting differs from its default
+    text = wizard.train_command(plan, runs_dir="my runs")
+    line = next(line for line in text.splitlines() if line.startswith("tunewise train --"))
+    unflagged = [s.dotted for s in settings() if not s.flag]
+    assert f"# (only the plan file carries: {', '.join(unflagged)})" in text
+    argv = shlex.split(line)
+    assert argv[-2:] == ["--runs-dir", "my runs"]
+    parsed = plan_from_args(_parser()[0].parse_args(argv[1:]))
+    # Only what no flag carries is lost: the advisor's record of the data size.
+    assert unflagged == ["data.examples", "data.tokens"]
+    assert parsed == Plan.from_dict({**plan.to_dict(), "data": {**plan.to_dict()["data"], "examples": None, "tokens": None}})
+    # The defaults need no flags but what runs.
+    assert wizard.train_command(Plan()).splitlines()[1] == "tunewise train --model demo --dataset demo-sft --method lora"

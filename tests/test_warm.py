@@ -29,7 +29,7 @@ import pytest
 
 from conftest import wait_for
 
-from trainer import supervisor, warm
+from trainer import procs, rundir, supervisor, warm
 from trainer.events import read_all_events
 
 pytestmark = pytest.mark.slow
@@ -105,7 +105,7 @@ def test_warm_stop_resume_and_sigkill_are_recorded(make_plan, warm_runs):
 
     stopped = supervisor.stop(run_id, timeout=120, runs_dir=runs)
     assert stopped.state == "stopped" and stopped.exit_code == 0 and stopped.signal is None
-    checkpoint = supervisor.last_checkpoint(run_dir)
+    checkpoint = rundir.last_checkpoint(run_dir)
     assert checkpoint is not None
 
     supervisor.resume(run_id, runs)
@@ -387,7 +387,7 @@ def test_stop_never_signals_a_recorded_pid_that_is_not_a_trainer(make_plan, tmp_
         make_plan().save(run_dir / "plan.yaml")
         (run_dir / "run.json").write_text(json.dumps({"run_id": run_dir.name, "attempts": [{
             "started_at": time.time(), "pid": bystander.pid,
-            "pid_start": supervisor.process_start_ticks(bystander.pid), "watcher_pid": None}]}))
+            "pid_start": procs.process_start_ticks(bystander.pid), "watcher_pid": None}]}))
         assert supervisor.status(run_dir).state == "running"
         supervisor.stop(run_dir, timeout=1)
         assert bystander.poll() is None, "stop signalled a process that does not lead its own session"
@@ -420,7 +420,7 @@ def test_the_socket_folder_must_be_ours_and_private(tmp_path):
     os.chmod(runs / ".warm", 0o777)
     assert warm.socket_path(runs).parent == runs / ".warm"
     worker = subprocess.run([sys.executable, "-m", "trainer.warm", "serve", str(runs), "--idle", "5"],
-                            capture_output=True, text=True, timeout=60, env=supervisor._child_env())
+                            capture_output=True, text=True, timeout=60, env=procs.child_env())
     assert worker.returncode == 1 and "not serving" in worker.stdout, worker.stdout + worker.stderr
     assert not warm.socket_path(runs).exists()
 

@@ -20,7 +20,13 @@
   records `failed` with the message (what, at which step, what to do).
 
 Only rank 0 writes events (`ctx.emit` does that). Every stage uses these
-callbacks, so SFT, reward model, DPO and PPO runs report the same way.
+callbacks (`callbacks_for(ctx)` gives all three), so SFT, reward model, DPO
+and PPO runs report the same way.
+
+Two helpers every stage shares sit beside them: `with_penalty(trainer_cls,
+penalty_fn)`, the Trainer subclass that adds EWC's penalty to the training
+loss once per optimizer step, and `metric_history(log_history, key)`, one
+metric's finite values from `trainer.state.log_history`.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from advisor.errors import TunewiseError
-from trainer.context import STOP_FILE, RunContext
+from trainer.context import RunContext
+from trainer.rundir import STOP_FILE
 
 #: Keys of the Trainer's end-of-training summary log (reported as `train_end`, not `log`).
 _SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
@@ -127,6 +134,63 @@ class StopCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def callbacks_for(ctx: RunContext) -> list:
+    """The callbacks every stage ends its list with: events, cooperative stop, non-finite failure (last,
+    so the log it fails on is written first)."""
+    return [EventsCallback(ctx), StopCallback(ctx), NonFiniteCallback(ctx)]
+
+
+def metric_history(log_history: list[dict], key: str) -> list[float]:
+    """The finite values `key` took in a Trainer's `state.log_history`, in order."""
+    return [entry[key] for entry in log_history
+            if isinstance(entry.get(key), (int, float)) and math.isfinite(entry[key])]
+
+
+def with_penalty(trainer_cls, penalty_fn):
+    """`trainer_cls` whose training loss has `penalty_fn(model)` added (EWC); unchanged when penalty_fn is None.
+
+    The penalty counts once per optimizer step, and only while training (an eval loss stays the
+    task's loss). `Trainer.training_step` divides each micro-batch's loss by the accumulation steps
+    unless the loss is already normalised over the whole accumulated batch; the subclass asks the
+    Trainer's own rule which case it is in:
+
+    - SFTTrainer: the model accepts loss kwargs, so with `num_items_in_batch` the loss is a sum over
+      the accumulated batch's tokens divided by their count and is not divided again; the penalty is
+      divided here, so the accumulated micro-batches add up to one penalty.
+    - DPOTrainer, RewardTrainer (TRL 1.12): they compute their own per-batch mean loss and set
+      `model_accepts_loss_kwargs = False`, so the Trainer divides loss + penalty by the accumulation
+      steps itself; the penalty is left as it is.
+    """
+    if penalty_fn is None:
+        return trainer_cls
+
+    class PenalizedTrainer(trainer_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            if model.training:
+                penalty = penalty_fn(model)
+                if _loss_scaled_for_accumulation(self, num_items_in_batch):
+                    penalty = penalty / self.current_gradient_accumulation_steps
+                loss = loss + penalty
+            return (loss, outputs) if return_outputs else loss
+
+    PenalizedTrainer.__name__ = f"Penalized{trainer_cls.__name__}"
+    return PenalizedTrainer
+
+
+def _loss_scaled_for_accumulation(trainer, num_items_in_batch) -> bool:
+    """Whether `Trainer.training_step` will take this loss as already scaled for gradient accumulation
+    (its own test, transformers 5.24: `loss_is_scaled_for_ga` when a subclass sets it, else a loss
+    normalised by `num_items_in_batch` in the model or in `compute_loss_func`)."""
+    explicit = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if explicit is not None:
+        return bool(explicit)
+    return bool((trainer.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                or trainer.compute_loss_func is not None)
 
 
 # -- non-finite training ---------------------------------------------------------------------------

@@ -24,77 +24,19 @@ import time
 from pathlib import Path
 
 from advisor.errors import TunewiseError
-from advisor.plan import ASSETS_DIR, Plan
+from advisor.cli import add_plan_flags, plan_overrides
+from advisor.plan import ASSETS_DIR, Plan, settings
+from trainer import rundir
 
-#: (flag, plan field, type, help). Booleans use --flag / --no-flag.
-PLAN_FLAGS: list[tuple[str, str, object, str]] = [
-    ("--stage", "stage", str, "sft, rm (reward model), dpo or ppo"),
-    ("--pipeline", "pipeline", str, "none, rlhf (sft -> rm -> ppo), dpo (sft -> dpo) or compare"),
-    ("--model", "model.name", str, "demo, a catalogue id, a hub id or a local model folder"),
-    ("--trust-remote-code", "model.trust_remote_code", bool, "run the model repository's own code (off by default)"),
-    ("--revision", "model.revision", str, "hub revision (branch, tag or commit)"),
-    ("--dataset", "data.dataset", str, "demo-sft, demo-preference, a JSONL/JSON/CSV/Parquet file or a hub dataset"),
-    ("--format", "data.format", str, "auto, text, prompt_completion, messages or preference"),
-    ("--eval-fraction", "data.eval_fraction", float, "share of examples held out for evaluation (0 disables)"),
-    ("--max-examples", "data.max_examples", int, "use at most this many training examples"),
-    ("--packing", "data.packing", bool, "pack short examples into full sequences"),
-    ("--method", "method.method", str, "full, lora or qlora"),
-    ("--precision", "method.precision", str, "bf16, fp16, fp32 or amp"),
-    ("--optimizer", "method.optimizer", str, "adamw, adamw_8bit, paged_adamw_8bit, sgd or adafactor"),
-    ("--lora-rank", "method.lora_rank", int, "LoRA rank r"),
-    ("--lora-alpha", "method.lora_alpha", float, "LoRA alpha (default 2 x rank)"),
-    ("--lora-targets", "method.lora_targets", str, "comma-separated module names, or all-linear"),
-    ("--lora-dropout", "method.lora_dropout", float, "dropout on the LoRA input"),
-    ("--quant-bits", "method.quant_bits", int, "QLoRA base: 4 (NF4) or 8"),
-    ("--double-quant", "method.double_quant", bool, "QLoRA double quantization"),
-    ("--gradient-checkpointing", "method.gradient_checkpointing", bool, "recompute activations to save memory"),
-    ("--attn", "method.attn", str, "attention kernel: eager or sdpa"),
-    ("--lr", "training.learning_rate", float, "peak learning rate"),
-    ("--warmup-ratio", "training.warmup_ratio", float, "share of steps spent warming up"),
-    ("--scheduler", "training.lr_scheduler", str, "cosine, linear, constant or constant_with_warmup"),
-    ("--epochs", "training.epochs", float, "passes over the data (ignored with --max-steps)"),
-    ("--max-steps", "training.max_steps", int, "stop after this many optimizer steps"),
-    ("--micro-batch", "training.micro_batch", int, "examples per device per forward pass"),
-    ("--grad-accum", "training.grad_accum", int, "micro-batches per optimizer step"),
-    ("--seq-len", "training.seq_len", int, "maximum tokens per example"),
-    ("--seed", "training.seed", int, "random seed (same seed, same run)"),
-    ("--logging-steps", "training.logging_steps", int, "log metrics every N steps"),
-    ("--eval-steps", "training.eval_steps", int, "evaluate every N steps"),
-    ("--save-steps", "training.save_steps", int, "checkpoint every N steps"),
-    ("--weight-decay", "training.weight_decay", float, "AdamW weight decay"),
-    ("--forgetting", "forgetting.monitor", bool, "monitor loss on original-domain data"),
-    ("--original-data", "forgetting.original_data", str, "original-domain data for the forgetting monitor and replay"),
-    ("--forgetting-threshold", "forgetting.threshold_pct", float, "alert when original-domain loss rises this % above baseline"),
-    ("--stop-on-forgetting", "forgetting.stop_on_threshold", bool, "stop (saving first) when the threshold is crossed"),
-    ("--replay", "forgetting.replay_fraction", float, "share of original-domain examples mixed into training (0.01-0.10)"),
-    ("--ewc", "forgetting.ewc_lambda", float, "elastic weight consolidation strength (0: off)"),
-    ("--beta", "preference.beta", float, "DPO beta (0.1-0.5)"),
-    ("--kl-coef", "preference.kl_coef", float, "PPO KL penalty coefficient (0.01-0.1)"),
-    ("--algorithm", "preference.algorithm", str, "online RL for the ppo stage: ppo, rloo or grpo"),
-    ("--reward-model", "preference.reward_model", str, "reward model for ppo: a run id, run directory or model path"),
-    ("--sft-model", "preference.sft_model", str, "starting policy for dpo / ppo: a run id, run directory or model path"),
-    ("--num-processes", "hardware.num_gpus", int, "processes (GPUs, or CPU processes without a GPU); >1 uses accelerate launch"),
-    ("--shard", "hardware.shard", str, "with several processes: none (DDP), zero2 or zero3 (FSDP)"),
-    ("--device", "hardware.device", str, "auto, cpu or cuda"),
-    ("--output", "output", str, "where the final adapter or model goes (default: <run dir>/output)"),
-]
-
-
-def _dest(flag: str) -> str:
-    return "plan_" + flag.lstrip("-").replace("-", "_")
+def _flagged() -> list:
+    """Every plan setting that has a flag (advisor.plan.settings(): the flag, its help and its type are
+    declared once, on the Plan's field)."""
+    return [setting for setting in settings() if setting.flag]
 
 
 def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", nargs="?", help="a plan file (YAML); flags override its settings")
-    group = parser.add_argument_group("plan settings (override the plan file)")
-    for flag, dotted, kind, text in PLAN_FLAGS:
-        if kind is bool:
-            group.add_argument(flag, dest=_dest(flag), action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            metavar = {int: "N", float: "X"}.get(kind, "NAME")
-            group.add_argument(flag, dest=_dest(flag), type=kind, default=None, metavar=metavar, help=text)
-    group.add_argument("--gpus", dest=_dest("--num-processes"), type=int, default=None, metavar="N", help="same as --num-processes")
-    parser.add_argument("--name", help="a label for the run (part of its id)")
+    add_plan_flags(parser.add_argument_group("plan settings (override the plan file)"), _flagged())
     _add_runs_dir(parser)
 
 
@@ -105,10 +47,7 @@ def _add_runs_dir(parser: argparse.ArgumentParser) -> None:
 def plan_from_args(args: argparse.Namespace) -> Plan:
     """The plan file (or the defaults) with the flags applied; PlanError names a bad setting."""
     plan = Plan.load(args.plan) if getattr(args, "plan", None) else Plan()
-    overrides = {dotted: getattr(args, _dest(flag)) for flag, dotted, _, _ in PLAN_FLAGS}
-    if getattr(args, "name", None):
-        overrides["name"] = args.name
-    return plan.with_overrides(overrides)
+    return plan.with_overrides(plan_overrides(args, _flagged()))
 
 
 def _print_json(data) -> None:
@@ -206,9 +145,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer import supervisor
 
     plan = plan_from_args(args)
-    run_id = supervisor.launch(plan, runs_dir=args.runs_dir, name=args.name)
+    run_id = supervisor.launch(plan, runs_dir=args.runs_dir, name=plan.name)
     if not args.json:
-        print(f"run {run_id} in {supervisor.find_run_dir(run_id, args.runs_dir)}")
+        print(f"run {run_id} in {rundir.find_run_dir(run_id, args.runs_dir)}")
     current = follow(run_id, args.runs_dir, quiet=args.json)
     return _finish(current, args.json)
 
@@ -217,7 +156,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from trainer import supervisor
 
     plan = plan_from_args(args)
-    run_id = supervisor.launch(plan, runs_dir=args.runs_dir, name=args.name)
+    run_id = supervisor.launch(plan, runs_dir=args.runs_dir, name=plan.name)
     if args.json:
         _print_json(supervisor.status(run_id, args.runs_dir).to_dict())
     else:
@@ -236,7 +175,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         _print_json([run.to_dict() for run in runs])
         return 0
     if not runs:
-        print(f"no runs in {args.runs_dir or supervisor.default_runs_dir()}")
+        print(f"no runs in {args.runs_dir or rundir.default_runs_dir()}")
     for run in runs:
         print(run.describe())
     return 0
@@ -297,12 +236,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from trainer import supervisor
     from trainer.merge import merge_and_export
 
     source = Path(args.run).expanduser()
     if not source.exists():
-        source = supervisor.find_run_dir(args.run, args.runs_dir)
+        source = rundir.find_run_dir(args.run, args.runs_dir)
     report = merge_and_export(
         source,
         args.out,

@@ -1,23 +1,12 @@
 """What a training stage receives: the plan, its run directory, the event writer,
 where to resume from, and how to tell that a stop was requested.
 
-The run directory layout (the contract between the UI and the trainer):
-
-    <runs>/<run id>/
-        plan.yaml        the plan, enough to reproduce the run
-        run.json         supervisor bookkeeping: pid, command, launch time, exit code / signal
-        events.jsonl     append-only events (see trainer/events.py)
-        stdout.log       everything the training process printed
-        STOP             present when a stop was requested (cooperative stop)
-        .lock            flock'd by a launch, resume or stop while it changes the run
-        .disk-reserve    32 KiB kept free for the last records should the disk fill up
-        checkpoints/     checkpoint-<step>/ directories (HF Trainer layout)
-        output/          the final adapter or model, with its tokenizer
-        steps/           pipelines only: one run directory per step
+The run directory it works in is described in trainer/rundir.py.
 
 A stage module exposes `run(ctx) -> dict`; the dict has at least
 `status` ("finished" or "stopped"), optionally `reason`, `output_dir` and
-key metrics. Exceptions mean failure: the runner records `failed`.
+key metrics. Exceptions mean failure: the runner records `failed`. The
+policy stages (DPO, PPO / RLOO / GRPO) build theirs with `stage_result`.
 """
 
 from __future__ import annotations
@@ -29,13 +18,7 @@ from pathlib import Path
 
 from advisor.plan import Plan
 from trainer.events import EventWriter
-
-STOP_FILE = "STOP"
-#: The runner's exit code when it stopped because the run's disk is full (whether or not its `failed`
-#: event still fitted): the watcher and status() say so even when nothing else could be written.
-EXIT_DISK_FULL = 3
-#: Below this many free bytes on the run's disk, a failure while writing is blamed on a full disk.
-DISK_FULL_BYTES = 1_000_000
+from trainer.rundir import CHECKPOINTS_DIR, STOP_FILE, output_dir
 
 
 @dataclass
@@ -54,11 +37,12 @@ class RunContext:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.plan.output) if self.plan.output else self.run_dir / "output"
+        """Where the stage saves its final adapter or model (trainer.rundir.output_dir)."""
+        return output_dir(self.run_dir, self.plan.output)
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.run_dir / CHECKPOINTS_DIR
 
     def stop_requested(self) -> bool:
         """True once the user asked to stop (STOP file or SIGTERM/SIGINT)."""
@@ -78,3 +62,33 @@ class RunContext:
         if self.rank == 0:
             return self.events.emit(event, step=step, **fields)
         return None
+
+
+#: The held-out numbers of a policy stage's last `sample` event that its result carries (the
+#: pipeline's comparison report reads these).
+SAMPLE_RESULT_KEYS = ("heldout_accuracy", "kl", "kl_sequence", "reward", "reward_source")
+
+
+def stage_result(ctx: RunContext, stopped: bool, forgetting, samples: list[dict], **fields) -> dict:
+    """What a policy stage returns: its status, its own `fields`, the last policy sample's held-out
+    numbers (`SAMPLE_RESULT_KEYS`), the alert count and the forgetting monitor's summary.
+
+    `stopped`: the stage's trainer ended early on its own; a stop request or the forgetting monitor
+    (`forgetting.stop_reason()`) also count. `forgetting` is the stage's `trainer.forgetting.Forgetting`,
+    `samples` its sampler's history. A stopped result says why: the forgetting monitor's reason, else
+    the first alert that asked to stop, else "stop requested".
+    """
+    stop_reason = forgetting.stop_reason()
+    stopped = stopped or ctx.stop_requested() or stop_reason is not None
+    last = samples[-1] if samples else {}
+    result = {
+        "status": "stopped" if stopped else "finished",
+        "output_dir": str(ctx.output_dir),
+        **fields,
+        **{key: last.get(key) for key in SAMPLE_RESULT_KEYS},
+        "alerts": len(ctx.events.alerts),
+    }
+    if stopped:
+        result["reason"] = stop_reason or next((a.message for a in ctx.events.alerts if a.stop), "stop requested")
+    result.update(forgetting.summary())
+    return result

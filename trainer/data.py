@@ -1,26 +1,37 @@
-"""Turn the plan's dataset into the `datasets.Dataset`s a TRL trainer takes.
+"""Turn the plan's dataset into what a stage trains on: `datasets.Dataset`s or plain rows.
 
 Reading, format detection and row validation are the profiler's
 (`advisor.profile`): a file that profiles cleanly also trains, and a
 malformed row is reported the same way ("line 7 of data.jsonl: ...") before
-any model is loaded. This module adds what training needs on top:
+any model is loaded. So is the rule for a hub dataset: a name that is not a
+local file but has a hub id's shape (`resolve_dataset` raises
+`HubDatasetName`), read only when Hugging Face access is on and the Hub
+answers, with the profiler's offline message otherwise. This module adds
+what training needs on top, one loader per kind of data, which the runner's
+pre-flight check calls too, so pre-flight accepts exactly what a stage loads:
 
-- `check_dataset(plan, kind)`: the cheap pre-flight check the runner calls
-  (file exists, every row well formed, the columns fit the stage).
-- `load_training_data(plan, tokenizer, kind)`: canonical columns (`text`;
-  `prompt`/`completion`; `messages`; `prompt`/`chosen`/`rejected`; `prompt`),
-  a seeded eval split of `data.eval_fraction`, `data.max_examples`.
+- `load_training_data(plan, tokenizer, kind)`: SFT's `Dataset`s, canonical
+  columns (`text`; `prompt`/`completion`; `messages`), a seeded eval split of
+  `data.eval_fraction`, `data.max_examples`.
+- `load_preference_rows(plan)`: the reward model's and DPO's
+  prompt/chosen/rejected rows and held-out pairs.
+- `load_prompt_rows(plan)`: online RL's prompts (from any format with
+  prompts) and held-out rows, which are pairs when the data has them.
+- `check_dataset(plan, kind)`: the pre-flight check (the loader of `kind`).
+- `split_heldout(records, fraction, seed)`: the one eval split they share.
 - `sft_loss_options(tokenizer, dataset)`: where SFT's loss goes. Chat data
   trains on the assistant turns only: with TRL's `assistant_only_loss` when
   the chat template marks them with `{% generation %}`, otherwise by turning
   each conversation into prompt (the turns before the last reply) and
   completion (the last reply), which TRL trains completion-only.
+- `conversational(rows, tokenizer)`: plain-text prompts and replies as chat
+  turns, for a tokenizer with a chat template.
 
 Kinds: "sft" (text, prompt_completion or messages; preference data trains on
 prompt + chosen), "preference" (prompt/chosen/rejected, for reward models and
 DPO) and "prompts" (prompts only, for online RL: the prompt of any format).
 
-`datasets` is imported inside the functions.
+`datasets` and NumPy are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -31,6 +42,15 @@ from typing import Callable
 
 from advisor.errors import DatasetError, TunewiseError
 from advisor.plan import Plan
+from advisor.profile import (
+    HubDatasetName,
+    detect_format,
+    hub_offline,
+    normalize_record,
+    read_records,
+    resolve_dataset,
+    validate_records,
+)
 
 DATA_KINDS = ("sft", "preference", "prompts")
 
@@ -60,21 +80,25 @@ class LoadedRecords:
     """Where it came from (file path or hub name), for messages and events."""
 
 
-def _hub_records(name: str) -> tuple[list[dict], str]:
-    """Rows of a `datasets` hub dataset's train split (online only)."""
-    from advisor.profile import hub_dataset_message
+def _hub_rows(name: str) -> list[tuple[int, dict]]:
+    """`(row_number, record)` for every row of hub dataset `name`'s train split.
 
-    from trainer.models import _hub_reachable
+    Hugging Face access switched off (`hub_offline`, the profiler's rule) or a Hub that does not
+    answer (`trainer.models.hub_reachable`: a TCP connect of a few seconds, so an offline machine is
+    told so at once instead of after the download's retries) gives the profiler's offline message,
+    as does a download that fails.
+    """
+    from trainer.models import hub_reachable
 
-    if not _hub_reachable():
-        raise DatasetError(hub_dataset_message(name))
+    if hub_offline() or not hub_reachable():
+        raise HubDatasetName(name)
     try:
         import datasets
 
         loaded = datasets.load_dataset(name, split="train")
-    except Exception as exc:  # unknown name, gated, network: all user-fixable
-        raise DatasetError(f"could not load hub dataset {name!r}: {type(exc).__name__}: {exc}") from None
-    return [dict(row) for row in loaded], name
+    except Exception as exc:  # unknown name, gated, network: all mean "not available here"
+        raise HubDatasetName(name, f"{type(exc).__name__}: {exc}") from None
+    return list(enumerate((dict(row) for row in loaded), start=1))
 
 
 def read_dataset(name: str, expected_format: str = "auto") -> LoadedRecords:
@@ -83,29 +107,12 @@ def read_dataset(name: str, expected_format: str = "auto") -> LoadedRecords:
     Raises `DatasetError` naming the file and row for anything malformed, and
     listing the columns found when the format cannot be told.
     """
-    from advisor.profile import (
-        SUFFIX_FORMATS,
-        detect_format,
-        normalize_record,
-        read_records,
-        resolve_dataset,
-        validate_records,
-    )
-
     try:
         path = resolve_dataset(name)
-    except DatasetError:
-        from trainer.models import _HUB_ID
-
-        text = str(name).strip()
-        maybe_hub = _HUB_ID.match(text) and Path(text).suffix.lower() not in SUFFIX_FORMATS
-        if not maybe_hub or Path(text).expanduser().exists():
-            raise
-        raw_rows, source = _hub_records(text)
-        rows = list(enumerate(raw_rows, start=1))
+    except HubDatasetName as hub:
+        rows, source = _hub_rows(hub.name), hub.name
     else:
-        rows = list(read_records(path))
-        source = str(path)
+        rows, source = list(read_records(path)), str(path)
     source_name = Path(source).name if Path(source).exists() else source
     detected = detect_format((record for _, record in rows[:200]), expected_format, source=source_name)
     validate_records(rows, detected, source)
@@ -129,9 +136,11 @@ def _adapt(loaded: LoadedRecords, kind: str) -> tuple[list[dict], str | None]:
             [{"prompt": r["prompt"], "completion": r["chosen"]} for r in records],
             "SFT on preference data: training on prompt + chosen reply",
         )
-    if kind == "preference" and "prompt" not in records[0]:
-        # Implicit-prompt pairs (the prompt inside chosen/rejected) are what TRL accepts too.
-        return records, None
+    if fmt == "preference" and "prompt" not in records[0]:
+        # Implicit-prompt pairs (the prompt inside chosen/rejected) would train, but the stages sample the
+        # policy on held-out prompts, so they need the prompt on its own.
+        raise DatasetError(f"{Path(loaded.source).name}: preference rows need a prompt column (prompt, question or "
+                           f"instruction) so that the policy can be sampled on held-out prompts")
     if kind == "prompts":
         if fmt == "text":
             raise DatasetError(f"{Path(loaded.source).name} holds plain text: online RL needs prompts ({_NEEDS[kind]})")
@@ -147,14 +156,85 @@ def _adapt(loaded: LoadedRecords, kind: str) -> tuple[list[dict], str | None]:
     return records, None
 
 
-def check_dataset(plan: Plan, kind: str = "sft") -> str:
-    """Pre-flight: the dataset exists, every row is well formed, the columns fit `kind`.
+def split_heldout(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): `fraction` of `records` held out, drawn with `seed`, so a plan always splits the same way.
 
-    Returns the detected format. Raises `DatasetError` naming the problem.
+    At least one record is held out when the fraction is above 0 and there are two or more, and at
+    least one is left to train on. The draw is `datasets.Dataset.train_test_split(test_size=count,
+    seed=seed)`'s: a NumPy PCG64 permutation whose first `count` indices are held out and the rest
+    train, in that order (SFT split that way before this helper, and its losses stay the same).
+    """
+    import numpy as np
+
+    if fraction <= 0 or len(records) < 2:
+        return list(records), []
+    count = min(len(records) - 1, max(1, round(len(records) * fraction)))
+    order = np.random.default_rng(seed).permutation(len(records))
+    return [records[i] for i in order[count:]], [records[i] for i in order[:count]]
+
+
+def _capped(rows: list, plan: Plan) -> list:
+    """The training rows, at most `data.max_examples` of them."""
+    return rows[: plan.data.max_examples] if plan.data.max_examples is not None else rows
+
+
+def load_preference_rows(plan: Plan) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) of {"prompt", "chosen", "rejected"} for the reward model and DPO.
+
+    Every row is checked before training starts: a missing `rejected`, an empty string or identical
+    chosen / rejected answers are refused with the row's line number (DatasetError); so is data of
+    another format, and pairs without a prompt column.
+    """
+    records, _ = _adapt(read_dataset(plan.data.dataset, plan.data.format), "preference")
+    train, heldout = split_heldout(records, plan.data.eval_fraction, plan.training.seed)
+    return _capped(train, plan), heldout
+
+
+def load_prompt_rows(plan: Plan) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) for online RL, each with a "prompt".
+
+    Any format with prompts will do: prompt/completion, chat messages (the turns before the last
+    assistant reply) or preference pairs, whose rows keep "chosen" and "rejected" so that the held-out
+    pairs also measure preference accuracy. Plain text is refused (DatasetError).
     """
     loaded = read_dataset(plan.data.dataset, plan.data.format)
-    _adapt(loaded, kind)
-    return loaded.format
+    rows, _ = _adapt(loaded, "prompts")
+    if loaded.format == "preference":
+        rows = loaded.records
+    train, heldout = split_heldout(rows, plan.data.eval_fraction, plan.training.seed)
+    return _capped(train, plan), heldout
+
+
+def check_dataset(plan: Plan, kind: str = "sft") -> None:
+    """Pre-flight: the dataset loads the way the stage of `kind` will load it.
+
+    "preference" and "prompts" run the stage's own loader; "sft" reads, validates and reshapes
+    the rows as `load_training_data` does (the chat-template check needs the tokenizer, so it waits
+    for the stage). Raises `DatasetError` naming the problem.
+    """
+    if kind == "preference":
+        load_preference_rows(plan)
+    elif kind == "prompts":
+        load_prompt_rows(plan)
+    else:
+        _adapt(read_dataset(plan.data.dataset, plan.data.format), kind)
+
+
+def conversational(rows: list[dict], tokenizer) -> list[dict]:
+    """Plain-text prompts (and chosen / rejected replies) become chat turns when the tokenizer has a chat
+    template (TRL then applies it); chat-shaped values stay as they are."""
+    if not getattr(tokenizer, "chat_template", None):
+        return rows
+    out = []
+    for row in rows:
+        turns = dict(row)
+        if isinstance(row.get("prompt"), str):
+            turns["prompt"] = [{"role": "user", "content": row["prompt"]}]
+        for key in ("chosen", "rejected"):
+            if isinstance(row.get(key), str):
+                turns[key] = [{"role": "assistant", "content": row[key].strip()}]
+        out.append(turns)
+    return out
 
 
 def has_generation_markers(tokenizer) -> bool:
@@ -181,10 +261,10 @@ def load_training_data(
 ):
     """(train_dataset, eval_dataset or None) as `datasets.Dataset`s for `kind`.
 
-    The eval split holds `data.eval_fraction` of the examples (at least one when
-    the fraction is above 0 and there are 2+ examples), drawn with the plan's
-    seed, so the same plan splits the same way. `data.max_examples` caps the
-    training split. For SFT chat data without generation markers in the chat
+    The eval split holds `data.eval_fraction` of the examples (`split_heldout`:
+    at least one when the fraction is above 0 and there are 2+ examples), drawn
+    with the plan's seed, so the same plan splits the same way.
+    `data.max_examples` caps the training split. For SFT chat data without generation markers in the chat
     template, conversations become prompt/completion pairs (see module doc).
     """
     import datasets
@@ -207,17 +287,9 @@ def load_training_data(
                 "the chat template has no {% generation %} markers: training on each conversation's last "
                 "assistant reply (its earlier turns are the prompt)"
             )
-    dataset = datasets.Dataset.from_list(records)
-    eval_dataset = None
-    fraction = plan.data.eval_fraction
-    if fraction > 0 and len(dataset) >= 2:
-        # At least one eval example, and at least one left to train on.
-        eval_count = min(len(dataset) - 1, max(1, round(len(dataset) * fraction)))
-        split = dataset.train_test_split(test_size=eval_count, seed=plan.training.seed, shuffle=True)
-        dataset, eval_dataset = split["train"], split["test"]
-    if plan.data.max_examples is not None and len(dataset) > plan.data.max_examples:
-        dataset = dataset.select(range(plan.data.max_examples))
-    return dataset, eval_dataset
+    train, heldout = split_heldout(records, plan.data.eval_fraction, plan.training.seed)
+    eval_dataset = datasets.Dataset.from_list(heldout) if heldout else None
+    return datasets.Dataset.from_list(_capped(train, plan)), eval_dataset
 
 
 def sft_loss_options(tokenizer, dataset) -> dict:

@@ -25,13 +25,17 @@ monitor takes at most half of it.
 
 The one entry point a stage calls:
 
-    train_dataset, callbacks, penalty_fn = setup_forgetting(ctx, model, tokenizer, train_dataset)
+    forgetting = setup_forgetting(ctx, model, tokenizer, train_dataset)
 
-`callbacks` go to the Trainer (before the events callback, so the
-`ewc_penalty` key they add to each log reaches events.jsonl); `penalty_fn`
-is None unless EWC is on, otherwise the stage adds `penalty_fn(model)` to
-its training loss. After training, `forgetting_stop_reason(callbacks)` says
-whether the monitor stopped the run.
+returns a `Forgetting`: the `train_dataset` (with replay rows mixed in),
+the `callbacks` for the Trainer (before the events callback, so the
+`ewc_penalty` key they add to each log reaches events.jsonl) and the
+`penalty` (None unless EWC is on; otherwise the stage's trainer adds
+`penalty(model)` to its training loss, see `trainer.callbacks.with_penalty`).
+A stage that cannot use a part switches it off (`replay=`, `monitor=`,
+`ewc=`, with the reason it tells the user). After training,
+`forgetting.stop_reason()` says whether the monitor stopped the run and
+`forgetting.summary()` gives its numbers for the stage's result.
 
 This module only runs inside the training process, so it imports torch at the top.
 """
@@ -44,15 +48,19 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback
 
 from advisor.errors import DatasetError, TunewiseError
+from trainer.callbacks import request_stop
 
 STOP_REASON = "forgetting threshold exceeded"
 EWC_STATE_FILE = "ewc_state.pt"
+#: Why the preference stages (reward model, DPO, PPO) switch replay off: `setup_forgetting(..., replay=PAIRS_NO_REPLAY)`.
+PAIRS_NO_REPLAY = ("Replay mixes original-domain text into the training data; preference stages train on pairs, so "
+                   "replay is off for this stage (the monitor and EWC still apply).")
 
 
 # -- original-domain text ----------------------------------------------------------------------
@@ -98,9 +106,12 @@ class OriginalSplit:
     """Where the pool came from, in words, for events."""
 
 
-def split_original(settings, seed: int) -> OriginalSplit:
-    """Split `original_data` into the monitor's held-out rows and the safeguards' pool (seeded)."""
-    needs_pool = settings.replay_fraction > 0 or settings.ewc_lambda > 0
+def split_original(settings, seed: int, pool: bool | None = None) -> OriginalSplit:
+    """Split `original_data` into the monitor's held-out rows and the safeguards' pool (seeded).
+
+    `pool`: whether replay or EWC will draw on the pool (default: whether the settings turn either on).
+    """
+    needs_pool = (settings.replay_fraction > 0 or settings.ewc_lambda > 0) if pool is None else pool
     separate = getattr(settings, "replay_data", None)
     texts = load_texts(settings.original_data)
     order = list(range(len(texts)))
@@ -428,10 +439,6 @@ class ForgettingCallback(TrainerCallback):
                 # DDP rank checks) records the reason and reports the run as stopped.
                 control.should_save = True
                 control.should_training_stop = True
-                try:
-                    from trainer.callbacks import request_stop
-                except ImportError:  # pragma: no cover - the stage's stop callback not present
-                    return
                 request_stop(self.ctx, STOP_REASON)
 
     def _previous_baseline(self) -> float | None:
@@ -541,52 +548,75 @@ def mix_replay(train_dataset, pool: list[str], fraction: float, seed: int):
 # -- the entry point --------------------------------------------------------------------------
 
 
-def setup_forgetting(ctx, model, tokenizer, train_dataset) -> tuple[object, list, Callable | None]:
-    """Apply the plan's forgetting settings: (train_dataset, callbacks, penalty_fn or None).
+@dataclass(frozen=True)
+class Forgetting:
+    """What `setup_forgetting` gives a stage."""
+
+    train_dataset: Any
+    """The training set, with replay rows mixed in when replay is on."""
+    callbacks: tuple
+    """Trainer callbacks (the monitor, EWC's preparation and logging); empty when everything is off."""
+    penalty: Callable | None
+    """EWC's `penalty(model)` for the training loss (`trainer.callbacks.with_penalty`), or None."""
+
+    def stop_reason(self) -> str | None:
+        """The reason the forgetting monitor stopped training, or None."""
+        return next((callback.stop_reason for callback in self.callbacks if callback.stop_reason), None)
+
+    def summary(self) -> dict:
+        """The monitor's numbers for the stage's result dict ({} when it did not measure)."""
+        summary: dict = {}
+        for callback in self.callbacks:
+            summary.update(callback.summary())
+        return summary
+
+
+def setup_forgetting(ctx, model, tokenizer, train_dataset, *, replay: bool | str = True,
+                     monitor: bool | str = True, ewc: bool | str = True) -> Forgetting:
+    """Apply the plan's forgetting settings for one stage.
 
     Reads the original-domain data (DatasetError if it is missing or malformed,
     before any training), mixes replay rows into `train_dataset` and emits a
     `replay` event, builds the monitor and EWC. Nothing heavy runs here: the
     baseline and the Fisher estimate are computed in `on_train_begin`, once the
     Trainer has placed the model on its device.
+
+    `replay`, `monitor`, `ewc`: True uses the part as the plan says. A stage that
+    cannot use one passes a string instead, the reason in words; when the plan
+    asks for that part, a `note` event tells the user it is off for this stage.
     """
     settings = ctx.plan.forgetting
     training = ctx.plan.training
-    if not (settings.monitor or settings.replay_fraction > 0 or settings.ewc_lambda > 0):
-        return train_dataset, [], None
-    if settings.ewc_lambda > 0 and ctx.plan.hardware.shard == "zero3":
+    wanted = {"replay": settings.replay_fraction > 0, "monitor": settings.monitor, "ewc": settings.ewc_lambda > 0}
+    allowed = {"replay": replay, "monitor": monitor, "ewc": ewc}
+    for part, reason in allowed.items():
+        if wanted[part] and isinstance(reason, str):
+            ctx.emit("note", message=reason)
+    use_replay, use_monitor, use_ewc = (wanted[part] and allowed[part] is True for part in ("replay", "monitor", "ewc"))
+    if not (use_monitor or use_replay or use_ewc):
+        return Forgetting(train_dataset, (), None)
+    if use_ewc and ctx.plan.hardware.shard == "zero3":
         raise TunewiseError(
             "forgetting.ewc_lambda: EWC needs whole parameters and zero3 shards them: set ewc_lambda to 0 "
             "or use shard none / zero2",
             field="forgetting.ewc_lambda",
         )
-    split = split_original(settings, training.seed)
+    split = split_original(settings, training.seed, pool=use_replay or use_ewc)
 
-    if settings.replay_fraction > 0:
+    if use_replay:
         train_dataset, details = mix_replay(train_dataset, split.pool, settings.replay_fraction, training.seed)
         ctx.emit("replay", source=split.pool_source, **details)
 
     batch_size = training.micro_batch
-    monitor_batches = make_batches(tokenizer, split.monitor, training.seq_len, batch_size) if settings.monitor else None
-    ewc = None
-    penalty_fn = None
-    if settings.ewc_lambda > 0:
+    monitor_batches = make_batches(tokenizer, split.monitor, training.seq_len, batch_size) if use_monitor else None
+    ewc_state = None
+    if use_ewc:
         fisher_texts = split.pool[: settings.ewc_batches * batch_size]
-        ewc = EWC(
+        ewc_state = EWC(
             settings.ewc_lambda,
             make_batches(tokenizer, fisher_texts, training.seq_len, batch_size),
             ctx.plan.method.precision,
             Path(ctx.run_dir) / EWC_STATE_FILE,
         )
-        penalty_fn = ewc.penalty
-    callback = ForgettingCallback(ctx, model, monitor_batches, ewc)
-    return train_dataset, [callback], penalty_fn
-
-
-def forgetting_stop_reason(callbacks) -> str | None:
-    """The reason the forgetting monitor stopped training, or None."""
-    for callback in callbacks:
-        reason = getattr(callback, "stop_reason", None)
-        if reason:
-            return reason
-    return None
+    callback = ForgettingCallback(ctx, model, monitor_batches, ewc_state)
+    return Forgetting(train_dataset, (callback,), ewc_state.penalty if ewc_state is not None else None)

@@ -30,6 +30,7 @@ import json
 from pathlib import Path
 
 from advisor.errors import TunewiseError
+from trainer.rundir import PLAN_FILE, output_dir
 
 DEFAULT_PROMPTS = (
     "Convert 2011-09-24 to day, month and year.",
@@ -49,13 +50,13 @@ def _find_adapter(source: Path) -> tuple[Path, Path | None]:
     """(adapter directory, run directory or None) for a run dir, a run's output or an adapter folder."""
     source = source.expanduser().resolve()
     if (source / "adapter_config.json").is_file():
-        run_dir = source.parent if (source.parent / "plan.yaml").is_file() else None
+        run_dir = source.parent if (source.parent / PLAN_FILE).is_file() else None
         return source, run_dir
-    if (source / "plan.yaml").is_file():
+    if (source / PLAN_FILE).is_file():
         from advisor.plan import Plan
 
-        plan = Plan.load(source / "plan.yaml")
-        output = Path(plan.output) if plan.output else source / "output"
+        plan = Plan.load(source / PLAN_FILE)
+        output = output_dir(source, plan.output)
         if (output / "adapter_config.json").is_file():
             return output, source
         if (output / "config.json").is_file():
@@ -69,10 +70,10 @@ def _find_adapter(source: Path) -> tuple[Path, Path | None]:
 
 def _was_quantized(adapter_dir: Path, run_dir: Path | None, base_path: str) -> bool:
     """Whether the adapter was trained on a quantized base (a QLoRA plan, or a pre-quantized base model)."""
-    if run_dir is not None and (run_dir / "plan.yaml").is_file():
+    if run_dir is not None and (run_dir / PLAN_FILE).is_file():
         from advisor.plan import Plan
 
-        if Plan.load(run_dir / "plan.yaml").method.method == "qlora":
+        if Plan.load(run_dir / PLAN_FILE).method.method == "qlora":
             return True
     config_path = Path(base_path) / "config.json"
     if config_path.is_file():
@@ -180,3 +181,29 @@ def merge_and_export(
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.merge RUN_DIR [--reload-16bit] [--out DIR]`: merge and print the report as one JSON
+    object on stdout (whatever the libraries print goes to stderr), or `error: ...` on stderr and exit 2."""
+    import argparse
+    import contextlib
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.merge", description="Merge a run's adapter, print JSON.")
+    parser.add_argument("run_dir", help="a run directory, a run's output or an adapter folder")
+    parser.add_argument("--out", default=None, help="where the merged model goes (default: <run>/merged)")
+    parser.add_argument("--reload-16bit", action="store_true", help="QLoRA: merge into the base reloaded in 16 bit")
+    args = parser.parse_args(argv)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            report = merge_and_export(args.run_dir, args.out, reload_16bit=args.reload_16bit)
+    except TunewiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,10 +9,12 @@ their own files) loads models the same way:
   same and also proves the model is reachable, cheaply, before training.
 - `resolve_precision(plan)`: the dtypes actually used on this machine (a
   CPU-only machine trains in fp32, and says so through `Precision.note`).
-- `load_tokenizer(plan)`, `load_model(plan, kind, trainable)`: the model in
+- `load_tokenizer(plan)`, `load_model(plan, kind, trainable)`: the plan's
+  model (or any `model_name`: a stage's starting point, a reward model) in
   the plan's precision and attention kernel; QLoRA's 4-bit NF4 (or 8-bit)
   base via `BitsAndBytesConfig` and `prepare_model_for_kbit_training`; LoRA
-  adapters from the plan's rank, alpha, targets and dropout; gradient
+  adapters from the plan's rank, alpha, targets and dropout, or none with
+  `adapters=False` when TRL adds them from a `peft_config`; gradient
   checkpointing. `trust_remote_code` only when the plan turns it on.
 
 torch, transformers and PEFT are imported inside the functions, so importing
@@ -44,10 +46,8 @@ MODEL_KINDS = ("causal_lm", "seq_cls")
 
 def _canonical_id(name: str) -> str | None:
     """The catalogue's id for an alias ("llama-2-7b" -> "meta-llama/Llama-2-7b-hf"); the name itself otherwise."""
-    try:
-        from advisor.specs import canonical_model_id
-    except ImportError:  # the catalogue is optional for loading
-        return None
+    from advisor.specs import canonical_model_id
+
     try:
         return canonical_model_id(name)
     except (TunewiseError, KeyError, ValueError):
@@ -96,7 +96,7 @@ def resolve_model_path(name: str) -> str:
     return text
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub answers at all (a TCP connect; no request is sent)."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
@@ -132,7 +132,7 @@ def check_model(plan: Plan) -> str:
         return resolved
     if _cached_on_hub_cache(resolved, plan.model.revision):
         return resolved
-    if not _hub_reachable():
+    if not hub_reachable():
         alias = f" ({resolved})" if resolved != name else ""
         raise ModelNotFound(
             f"model {name!r}{alias} is not on this machine (no local folder, nothing in the Hugging Face cache) "
@@ -352,6 +352,7 @@ def load_model(
     *,
     model_name: str | None = None,
     num_labels: int = 1,
+    adapters: bool = True,
     notify: Callable[[str], None] | None = None,
 ):
     """Load the plan's model (or `model_name`) ready to train or to serve as a frozen reference.
@@ -366,6 +367,12 @@ def load_model(
     trainable=False returns the model in eval mode with gradients off (a
     reference or reward model), still quantized under qlora.
 
+    adapters=False (the preference stages): no LoRA adapters and no gradient
+    checkpointing here, only QLoRA's quantized base and its k-bit preparation.
+    The stage hands LoRA to TRL as a `peft_config` and TRL switches gradient
+    checkpointing on from its config, so TRL wraps a bare base and computes the
+    reference with the adapter disabled (no second copy, no "ref" adapter).
+
     A PEFT adapter directory (a previous LoRA stage's output) is loaded onto its
     base; on a 16-bit base the adapter is merged first, so new adapters (or full
     training) start from the tuned weights; on a quantized base it cannot be
@@ -373,7 +380,6 @@ def load_model(
 
     `notify(message)` receives notes on choices made (precision on the CPU, ...).
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if kind not in MODEL_KINDS:
@@ -426,22 +432,24 @@ def load_model(
             parameter.requires_grad_(False)
         return model
 
-    method = plan.method.method
-    if method == "full":
-        if plan.method.gradient_checkpointing:
-            _enable_gradient_checkpointing(model)
-        return model
-
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
     if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
         # Casts norms/embeddings to fp32 for stability and freezes the quantized base.
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=plan.method.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif plan.method.gradient_checkpointing:
+    if not adapters:
+        return model
+    if plan.method.method == "full":
+        if plan.method.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
+        return model
+    from peft import get_peft_model
+
+    if quant is None and plan.method.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     model = get_peft_model(model, lora_config(plan, kind))
     if plan.method.gradient_checkpointing:

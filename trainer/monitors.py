@@ -25,16 +25,18 @@ alerts are written right after the event that caused them (an `alert`
 event: `kind` (kl_explosion, reward_hacking, mode_collapse), `message` in
 plain language, `action` (warn or stop) and the numbers). When the
 plan says `stop_on_alert`, a KL-explosion alert also requests a cooperative
-stop by creating the run's STOP file.
+stop with `trainer.callbacks.request_stop` (the STOP file, holding the
+alert's message as the reason). `monitored_context(ctx)` is how a
+preference stage installs them.
 
-No torch imports: the UI and tests use this without a model.
+No torch imports at module level: the UI and tests use this without a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 #: Metric names that carry each quantity, first match wins. Stable across
@@ -325,15 +327,16 @@ class MonitoredEvents:
     """Wraps an `EventWriter`: every event written also goes through the monitors.
 
     Alerts are written as `alert` events straight after the event that caused
-    them. An alert with `stop` set creates `stop_file` (the run's STOP file),
-    which the stop callback turns into a cooperative stop. Anything else is
-    delegated to the wrapped writer, so it can replace `ctx.events`.
+    them. An alert with `stop` set asks the run in `ctx` to stop
+    (`trainer.callbacks.request_stop(ctx, alert.message)`), which the stop
+    callback turns into a cooperative stop. Anything else is delegated to the
+    wrapped writer, so it can replace `ctx.events`.
     """
 
-    def __init__(self, inner, monitors: PreferenceMonitors, stop_file: str | Path | None = None):
+    def __init__(self, inner, monitors: PreferenceMonitors, ctx=None):
         self.inner = inner
         self.monitors = monitors
-        self.stop_file = Path(stop_file) if stop_file else None
+        self.ctx = ctx
         self.alerts: list[Alert] = []
 
     def __getattr__(self, name):
@@ -349,6 +352,20 @@ class MonitoredEvents:
             for alert in self.monitors.observe(int(record.get("step") or 0), metrics):
                 self.alerts.append(alert)
                 self.inner.emit("alert", step=alert.step, **alert.event_fields())
-                if alert.stop and self.stop_file is not None:
-                    self.stop_file.touch()
+                if alert.stop and self.ctx is not None:
+                    from trainer.callbacks import request_stop  # imports transformers: only when stopping
+
+                    request_stop(self.ctx, alert.message)
         return record
+
+
+def monitored_context(ctx):
+    """A copy of `ctx` whose event writer feeds the preference monitors configured from its plan.
+
+    The copy shares the original's run directory and stop flag, so a stop the monitors request
+    reaches the stage's stop callback. A context that is already monitored is returned as it is.
+    """
+    if isinstance(ctx.events, MonitoredEvents):
+        return ctx
+    events = MonitoredEvents(ctx.events, PreferenceMonitors.from_plan(ctx.plan), ctx=ctx)
+    return dataclasses.replace(ctx, events=events)

@@ -38,16 +38,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from advisor.plan import PIPELINE_STAGES
 from trainer.context import RunContext
-from trainer.events import EVENTS_FILE, EventWriter, read_all_events
+from trainer.events import EVENTS_FILE, EventWriter
+from trainer.rundir import COMPARISON_FILE, PLAN_FILE, RESULT_FILE, last_checkpoint, step_dirs
 
-STEPS = {
-    "rlhf": ("sft", "rm", "ppo"),
-    "dpo": ("sft", "dpo"),
-    "compare": ("sft", "rm", "ppo", "dpo"),
-}
-RESULT_FILE = "result.json"
-COMPARISON_FILE = "comparison.json"
 FORWARDED_EVENTS = ("log", "eval", "sample", "alert", "forgetting")
 
 
@@ -82,9 +77,6 @@ class ForwardingEvents:
         return record
 
 
-def step_dirs(run_dir: Path, pipeline: str) -> list[tuple[str, Path]]:
-    """(stage, directory) of every step of `pipeline` under `run_dir`, in order."""
-    return [(stage, Path(run_dir) / "steps" / f"{index}-{stage}") for index, stage in enumerate(STEPS[pipeline], 1)]
 
 
 def _read_result(step_dir: Path) -> dict | None:
@@ -128,10 +120,9 @@ def _clean(value):
 def run_pipeline(ctx: RunContext) -> dict:
     """Run (or continue) the plan's pipeline; returns the runner's result dict."""
     from trainer.stages import get_stage
-    from trainer.supervisor import last_checkpoint
 
     plan = ctx.plan
-    if plan.pipeline not in STEPS:
+    if plan.pipeline not in PIPELINE_STAGES:
         raise ValueError(f"unknown pipeline {plan.pipeline!r}")
     outputs: dict[str, str] = {}
     results: dict[str, dict] = {}
@@ -151,7 +142,7 @@ def run_pipeline(ctx: RunContext) -> dict:
                     "outputs": outputs}
         step_dir.mkdir(parents=True, exist_ok=True)
         step_plan = _step_plan(plan, stage, outputs)
-        step_plan.save(step_dir / "plan.yaml")
+        step_plan.save(step_dir / PLAN_FILE)
         resume = last_checkpoint(step_dir)  # an interrupted or stopped step continues from its checkpoint
         writer = EventWriter(step_dir / EVENTS_FILE)
         events = ForwardingEvents(writer, ctx, stage, offset)
@@ -184,7 +175,7 @@ def run_pipeline(ctx: RunContext) -> dict:
         outputs[stage] = result["output_dir"]
         results[stage] = result
 
-    summary = {"status": "finished", "output_dir": outputs[STEPS[plan.pipeline][-1]], "outputs": outputs,
+    summary = {"status": "finished", "output_dir": outputs[PIPELINE_STAGES[plan.pipeline][-1]], "outputs": outputs,
                "steps": offset}
     report = comparison(results, plan.pipeline)
     (ctx.run_dir / COMPARISON_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -223,16 +214,3 @@ def comparison(results: dict[str, dict], pipeline: str) -> dict:
              "SFT model on those samples (kl_sequence: per completion); forgetting: original-domain loss change.")
     return {"pipeline": pipeline, "branches": branches, "sft": results.get("sft", {}).get("output_dir"),
             "notes": notes}
-
-
-def load_comparison(run_dir: str | Path) -> dict | None:
-    """A finished pipeline's comparison report, or None."""
-    try:
-        return json.loads((Path(run_dir) / COMPARISON_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def pipeline_events(run_dir: str | Path) -> list[dict]:
-    """All of a pipeline's own events (convenience for tests and the UI)."""
-    return read_all_events(Path(run_dir) / EVENTS_FILE)

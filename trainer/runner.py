@@ -22,14 +22,13 @@ resort, kill) every training process of a run.
 
 Exit codes: 0 finished or stopped, 1 failed (a bug or crash), 2 failed
 (a problem with the plan or its inputs), 3 failed because the run's disk is
-full (`trainer.context.EXIT_DISK_FULL`; said on stderr too, in case even the
+full (`trainer.rundir.EXIT_DISK_FULL`; said on stderr too, in case even the
 `failed` event did not fit).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -39,29 +38,19 @@ from importlib import metadata
 from pathlib import Path
 
 from advisor.errors import TunewiseError
-from advisor.plan import Plan
-from trainer.context import DISK_FULL_BYTES, EXIT_DISK_FULL, RunContext
+from advisor.plan import PIPELINE_STAGES, Plan
+from advisor.profile import config_max_length
+from trainer.context import RunContext
 from trainer.events import EVENTS_FILE, EventWriter, is_disk_full
+from trainer.procs import rank_from_env, record_rank_pid, world_size_from_env
+from trainer.rundir import DISK_FULL_BYTES, EXIT_DISK_FULL, PLAN_FILE, checkpoint_step, drop_partial_checkpoints
 
-PLAN_FILE = "plan.yaml"
-PROCS_DIR = "procs"
 TRACEBACK_LINES = 12
 
 #: The data each stage reads (see trainer.data.DATA_KINDS).
 STAGE_DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompts"}
 
 
-def rank_from_env() -> int:
-    """This process's global rank under torchrun / accelerate (0 when launched alone)."""
-    for name in ("RANK", "LOCAL_RANK"):
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            return int(value)
-    return 0
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _versions() -> dict:
@@ -74,51 +63,12 @@ def _versions() -> dict:
     return versions
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks since boot (Linux /proc); None elsewhere.
-
-    Together with the pid this identifies a process even after its pid is reused.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    # Field 22 is starttime; the command name (field 2) may hold spaces, so split after its ")".
-    fields = stat.rsplit(")", 1)[-1].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
-def _record_pid(run_dir: Path, rank: int) -> None:
-    procs = run_dir / PROCS_DIR
-    procs.mkdir(exist_ok=True)
-    record = {"pid": os.getpid(), "start_ticks": process_start_ticks(os.getpid()), "rank": rank}
-    (procs / f"rank{rank}.pid").write_text(json.dumps(record), encoding="utf-8")
 
 
-def _checkpoint_step(checkpoint: Path) -> int:
-    state = checkpoint / "trainer_state.json"
-    try:
-        return int(json.loads(state.read_text(encoding="utf-8")).get("global_step", 0))
-    except (OSError, ValueError, TypeError):
-        return 0
 
 
-def _model_max_positions(resolved: str) -> int | None:
-    config_path = Path(resolved) / "config.json"
-    if not config_path.is_file():
-        return None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return None
 
 
 def _check_lora_targets(plan: Plan, resolved: str) -> None:
@@ -146,7 +96,7 @@ def preflight(ctx: RunContext) -> None:
         raise TunewiseError(f"cannot resume: {ctx.resume_from} is not a checkpoint (no trainer_state.json)")
     resolved = check_model(plan)
     base = base_of_adapter(resolved) if Path(resolved).is_dir() else None
-    max_positions = _model_max_positions(base or resolved)
+    max_positions = config_max_length(base or resolved)
     if max_positions is not None and plan.training.seq_len > max_positions:
         raise TunewiseError(
             f"training.seq_len: {plan.training.seq_len} is longer than the model's maximum of {max_positions} "
@@ -157,14 +107,17 @@ def preflight(ctx: RunContext) -> None:
         _check_lora_targets(plan, base or resolved)
     if plan.pipeline == "none" and plan.stage == "ppo":
         # The PPO stage would find out only after importing TRL and loading the policy.
-        from trainer.preference import resolve_model_source
+        from trainer.sources import resolve_model_source
 
         if not plan.preference.reward_model:
             raise TunewiseError("preference.reward_model: PPO needs a reward model: give a reward-model run id, its "
                                 "directory or a model path (the rlhf pipeline fills it in)", field="preference.reward_model")
         resolve_model_source(plan.preference.reward_model, "preference.reward_model", ctx.run_dir)
-    kind = STAGE_DATA_KIND[plan.stage] if plan.pipeline == "none" else "sft"
-    check_dataset(plan, kind)
+    # A pipeline's steps all read the plan's dataset: check it the way each of them will load it, so an
+    # rlhf pipeline on chat data is refused now, not after its SFT step has trained.
+    stages = (plan.stage,) if plan.pipeline == "none" else PIPELINE_STAGES[plan.pipeline]
+    for kind in dict.fromkeys(STAGE_DATA_KIND[stage] for stage in stages):
+        check_dataset(plan, kind)
     precision = resolve_precision(plan)
     quantization_config(plan, precision)  # QLoRA without bitsandbytes fails here
     if plan.hardware.num_gpus > 1 and world_size_from_env() == 1:
@@ -196,17 +149,6 @@ def _disk_full(exc: BaseException, run_dir: Path) -> bool:
         return False
 
 
-def _drop_partial_checkpoints(run_dir: Path) -> list[str]:
-    """Delete checkpoint-*/ directories whose trainer_state.json is missing or unreadable (a save cut
-    short): they cannot be resumed from, and removing them frees room for the `failed` event."""
-    removed = []
-    for child in sorted((run_dir / "checkpoints").glob("checkpoint-*")):
-        try:
-            json.loads((child / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child.name)
-    return removed
 
 
 def _disk_full_message(exc: BaseException, run_dir: Path, removed: list[str]) -> str:
@@ -260,7 +202,7 @@ def _run(run_dir: Path, resume: str | Path | None) -> int:
         if rank == 0:
             events.emit(event, **fields)
 
-    _record_pid(run_dir, rank)
+    record_rank_pid(run_dir, rank)
     try:
         plan = Plan.load(run_dir / PLAN_FILE)
     except TunewiseError as exc:
@@ -270,7 +212,7 @@ def _run(run_dir: Path, resume: str | Path | None) -> int:
 
     ctx = RunContext(plan=plan, run_dir=run_dir, events=events, resume_from=Path(resume) if resume else None, rank=rank)
     if resume:
-        events.step = _checkpoint_step(Path(resume))  # steps continue from the checkpoint, not from 0
+        events.step = checkpoint_step(Path(resume))  # steps continue from the checkpoint, not from 0
     try:
         ctx.install_signal_handlers()
     except ValueError:  # not the main thread (an in-process caller): stops go through the STOP file
@@ -297,7 +239,7 @@ def _run(run_dir: Path, resume: str | Path | None) -> int:
         return 2
     except Exception as exc:  # a bug or a crash: report it with where it happened
         if _disk_full(exc, run_dir):
-            removed = _drop_partial_checkpoints(run_dir) if rank == 0 else []
+            removed = drop_partial_checkpoints(run_dir) if rank == 0 else []
             message = _disk_full_message(exc, run_dir, removed)
             _say(f"error: {message}")
             emit("failed", error=message, user_error=True, disk_full=True)

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 
 def prompt_ids(tokenizer, prompt: Any) -> list[int]:
@@ -273,36 +274,7 @@ def heldout_preference_accuracy(policy, tokenizer, pairs: Sequence[dict], refere
     return score / len(pairs) if pairs else float("nan")
 
 
-@torch.no_grad()
-def reward_model_accuracy(reward_model, tokenizer, pairs: Sequence[dict]) -> dict:
-    """A reward model's held-out accuracy (chosen scored above rejected) and mean margin."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts_c, answers_c, prompts_r, answers_r = [], [], [], []
-    for row in pairs:
-        p, c = answer_ids(tokenizer, row["prompt"], row["chosen"])
-        prompts_c.append(p)
-        answers_c.append(c)
-        p, r = answer_ids(tokenizer, row["prompt"], row["rejected"])
-        prompts_r.append(p)
-        answers_r.append(r)
-    with eval_mode(reward_model):
-        chosen = reward_scores(reward_model, prompts_c, answers_c, pad_id)
-        rejected = reward_scores(reward_model, prompts_r, answers_r, pad_id)
-    margins = [c - r for c, r in zip(chosen, rejected)]
-    return {
-        "heldout_accuracy": sum(m > 0 for m in margins) / len(margins) if margins else float("nan"),
-        "heldout_margin": sum(margins) / len(margins) if margins else float("nan"),
-        "heldout_pairs": len(margins),
-    }
-
-
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class SampleCallback(_callback_base()):
+class SampleCallback(TrainerCallback):
     """Every `every` steps (and at step 0 and the last step) sample the policy on held-out prompts and
     emit a `sample` event: kl, kl_sequence, reward, reward_source, distinct_1, distinct_2, entropy,
     completion_length, heldout_accuracy, examples.
@@ -327,26 +299,27 @@ class SampleCallback(_callback_base()):
         self.policy_of = policy_of or (lambda model: model)
         self.policy = policy
         self.history: list[dict] = []
-        self._last_step: int | None = None
+        self.last_step: int | None = None
+        """The step of the latest measurement (None before the first)."""
 
     def measure(self, model, step: int) -> dict:
         policy = self.policy if self.policy is not None else self.policy_of(model)
         fields = measure_policy(policy, self.tokenizer, self.prompts, reference=self.reference,
                                 max_new_tokens=self.max_new_tokens, seed=self.seed, beta=self.beta,
                                 reward_model=self.reward_model, pairs=self.pairs)
-        self._last_step = step
+        self.last_step = step
         self.history.append(dict(fields, step=step))
         self.ctx.emit("sample", step=step, **fields)
         return fields
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.prompts and self._last_step is None:
+        if self.prompts and self.last_step is None:
             self.measure(model, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.prompts and state.global_step % self.every == 0 and self._last_step != state.global_step:
+        if self.prompts and state.global_step % self.every == 0 and self.last_step != state.global_step:
             self.measure(model, state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.prompts and self._last_step != state.global_step:
+        if self.prompts and self.last_step != state.global_step:
             self.measure(model, state.global_step)

@@ -4,15 +4,19 @@ Each stage builds its TRL config (SFTConfig, RewardConfig, DPOConfig, ...)
 from `training_kwargs(ctx, precision, has_eval)` plus its own fields, so the
 learning rate, schedule, batch shape, precision, optimizer, seed and the
 logging / eval / checkpoint intervals mean the same thing in every stage.
+The preference stages use `trl_args(ctx, has_eval, config_cls)`: the same
+mapping, kept to the fields their config class has.
 
 Pure mapping: imports transformers only to ask which checkpointing option name it has.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from advisor.plan import Plan
 from trainer.context import RunContext
-from trainer.models import Precision
+from trainer.models import Precision, resolve_precision
 
 #: The plan's optimizer names -> transformers' `optim` names.
 OPTIMIZERS = {
@@ -87,6 +91,17 @@ def training_kwargs(ctx: RunContext, precision: Precision, has_eval: bool) -> di
     )
     kwargs.update(_checkpointing_kwargs(plan.method.gradient_checkpointing))
     return kwargs
+
+
+def trl_args(ctx: RunContext, has_eval: bool, config_cls) -> dict:
+    """Keyword arguments for a TRL config class (RewardConfig, DPOConfig, PPOConfig, RLOOConfig,
+    GRPOConfig): `training_kwargs` for this machine's precision, keeping only the fields
+    `config_cls` has."""
+    args = training_kwargs(ctx, resolve_precision(ctx.plan), has_eval)
+    # TRL's preference collators need their own columns (prompt/chosen/rejected, chosen_ids, ...).
+    args["remove_unused_columns"] = False
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return {key: value for key, value in args.items() if key in known}
 
 
 def _checkpointing_kwargs(enabled: bool) -> dict:

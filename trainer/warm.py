@@ -57,7 +57,7 @@ after a restart) is gone and no child is running, after `--idle` seconds without
 single-process runs use it; `accelerate launch` runs start cold.
 
 `ensure_warm(runs_dir, owner_pid)` starts a worker unless one answers;
-`request(...)` is the watcher's side (see trainer.supervisor).
+`request(...)` is the watcher's side (see trainer.watcher).
 """
 
 from __future__ import annotations
@@ -286,16 +286,41 @@ def ensure_warm(runs_dir: str | Path, owner_pid: int | None = None, idle_s: floa
                    "--lock-fd", str(lock)]
         if owner_pid:
             command += ["--owner", str(owner_pid)]
-        from trainer.supervisor import _child_env  # noqa: PLC0415 (supervisor imports this module)
+        from trainer.procs import child_env  # (here, not at the top: the worker imports no Tunewise module)
 
         with open(runs_dir / ".warm.log", "ab") as log:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=_child_env(), pass_fds=(lock,))
+                                    start_new_session=True, env=child_env(), pass_fds=(lock,))
         os.ftruncate(lock, 0)
         os.pwrite(lock, str(proc.pid).encode(), 0)
         return proc.pid
     finally:
         os.close(lock)  # the worker holds its own copy of the locked file
+
+
+def ready_for(runs_dir: str | Path, owner_pid: int) -> int | None:
+    """`ensure_warm` for an app: never raises (no worker only means launches start cold, which is logged)."""
+    try:
+        return ensure_warm(runs_dir, owner_pid=owner_pid)
+    except OSError as exc:
+        print(f"trainer.warm: no warm worker, launches start cold: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def start_when_serving(runs_dir: str | Path, host: str, port: int, owner_pid: int, wait_s: float = 120.0) -> int | None:
+    """Once the app answers on `host:port`, start a warm worker for `runs_dir` owned by `owner_pid`.
+
+    Waiting for the server first keeps the worker's imports from slowing the app's start on a small
+    machine. The worker exits when its owner does (once no run it forked is going). Run it in a thread."""
+    address = ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port)
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(address, timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    return ready_for(runs_dir, owner_pid)
 
 
 def _adopt(runs_dir: str | Path, owner_pid: int) -> None:
@@ -720,7 +745,7 @@ def serve(runs_dir: Path, owner: int | None = None, idle_s: float = IDLE_S, lock
 
 
 def _alive(pid: int) -> bool:
-    """Like supervisor.pid_alive, repeated here: the worker must not import Tunewise modules (its children
+    """Like trainer.procs.pid_alive, repeated here: the worker must not import Tunewise modules (its children
     would inherit them instead of loading the code on disk)."""
     try:
         os.kill(pid, 0)

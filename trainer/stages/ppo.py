@@ -29,14 +29,17 @@ in one place. `preference.algorithm` picks:
   i.e. per sequence), `objective/rlhf_reward` and `kl_coef`, so every
   algorithm plots the same way.
 
+The data: prompts from any format that has them (prompt/completion, chat
+messages: the turns before the last reply, or preference pairs;
+`trainer.data.load_prompt_rows`, which the pre-flight check runs too).
 Every `preference.sample_every` steps a `sample` event measures the policy on
-held-out prompts (KL, reward-model score, diversity, held-out preference
-accuracy; trainer/sampling.py), and the preference monitors watch it all.
+held-out prompts (KL, reward-model score, diversity, and with preference
+data held-out preference accuracy; trainer/sampling.py), and the preference
+monitors watch it all.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -44,22 +47,15 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from advisor.errors import TunewiseError
-from trainer.forgetting import setup_forgetting
-from trainer.preference import (
-    callbacks_for,
-    conversational,
-    load_base,
-    load_preference_rows,
-    load_tokenizer_for,
-    lora_config,
-    monitored_context,
-    policy_result,
-    policy_start,
-    preference_forgetting_ctx,
-    reward_model_dir,
-    trl_args,
-)
+from trainer.callbacks import callbacks_for, metric_history
+from trainer.context import stage_result
+from trainer.data import conversational, load_prompt_rows
+from trainer.forgetting import PAIRS_NO_REPLAY, setup_forgetting
+from trainer.models import load_model, load_tokenizer, lora_config
+from trainer.monitors import monitored_context
 from trainer.sampling import SampleCallback, prompt_ids
+from trainer.sources import policy_start, reward_model_dir
+from trainer.training_args import trl_args
 
 
 class StopNow(Exception):
@@ -132,7 +128,7 @@ class ObjectiveKeysCallback(TrainerCallback):
         logs["kl_coef"] = self.beta
 
 
-class PolicyView(TrainerCallback):
+class UnwrapPolicy(TrainerCallback):
     """Hands a callback the bare policy in place of PPO's policy-and-value wrapper."""
 
     def __init__(self, inner, policy_of):
@@ -173,10 +169,11 @@ def _value_model(rm_dir: Path, plan):
     score head trainable.
     """
     if plan.method.method == "full":
-        return load_base(rm_dir, plan, "seq_cls", trainable=True)
+        return load_model(plan, "seq_cls", trainable=True, model_name=str(rm_dir), adapters=False)
     from peft import inject_adapter_in_model
 
-    model = load_base(rm_dir, plan.with_overrides({"method.method": "full"}), "seq_cls", trainable=False)
+    model = load_model(plan.with_overrides({"method.method": "full"}), "seq_cls", trainable=False,
+                       model_name=str(rm_dir), adapters=False)
     model.train()
     config = lora_config(plan, "seq_cls")
     config.task_type = None
@@ -187,16 +184,13 @@ def _value_model(rm_dir: Path, plan):
     return model
 
 
-def _history(log_history: list[dict], key: str) -> list[float]:
-    return [e[key] for e in log_history if isinstance(e.get(key), (int, float)) and math.isfinite(e[key])]
-
-
-def _ppo(ctx, plan, start, tokenizer, train_rows, heldout, reward_model, rm_dir, sampler_kwargs):
+def _ppo(ctx, plan, policy_dir, tokenizer, train_rows, heldout, pairs, reward_model, rm_dir, sampler_kwargs):
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     use_adapter = plan.method.method == "lora"
-    policy = load_base(start, plan, "causal_lm", trainable=True)
-    reference = None if use_adapter else load_base(start, plan, "causal_lm", trainable=False)
+    policy = load_model(plan, "causal_lm", trainable=True, model_name=str(policy_dir), adapters=False)
+    reference = None if use_adapter else load_model(plan, "causal_lm", trainable=False, model_name=str(policy_dir),
+                                                     adapters=False)
     value_model = _value_model(rm_dir, plan)
     value_model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -204,8 +198,8 @@ def _ppo(ctx, plan, start, tokenizer, train_rows, heldout, reward_model, rm_dir,
     eval_rows = heldout or train_rows[:2]
     eval_dataset = Dataset.from_list([{"input_ids": prompt_ids(tokenizer, r["prompt"])} for r in eval_rows])
 
-    t = plan.training
-    batch = t.micro_batch * t.grad_accum
+    training = plan.training
+    batch = training.micro_batch * training.grad_accum
     args = trl_args(ctx, False, PPOConfig)
     args.pop("max_steps", None)
     config = PPOConfig(
@@ -217,23 +211,20 @@ def _ppo(ctx, plan, start, tokenizer, train_rows, heldout, reward_model, rm_dir,
         response_length=plan.preference.max_new_tokens,
         stop_token="eos",
         # One PPO step consumes one batch of prompts (episodes); max_steps fixes the count.
-        total_episodes=t.max_steps * batch if t.max_steps else None,
+        total_episodes=training.max_steps * batch if training.max_steps else None,
         num_sample_generations=0,
         num_mini_batches=1,
         local_rollout_forward_batch_size=max(batch, 1),
     )
-    fctx = preference_forgetting_ctx(ctx)
-    if fctx.plan.forgetting.ewc_lambda > 0:
-        ctx.emit("note", message="EWC is not applied to PPO (TRL's PPO loop has no hook for an extra loss term); "
-                                 "the forgetting monitor still runs.")
-        fctx = type(fctx)(**{**fctx.__dict__, "plan": fctx.plan.with_overrides({"forgetting.ewc_lambda": 0.0})})
-    _, forgetting_callbacks, _ = setup_forgetting(fctx, policy, tokenizer, train_dataset)
+    forgetting = setup_forgetting(ctx, policy, tokenizer, train_dataset, replay=PAIRS_NO_REPLAY, ewc=(
+        "EWC is not applied to PPO (TRL's PPO loop has no hook for an extra loss term); the forgetting monitor "
+        "still runs."))
     policy_of = (lambda model: getattr(model, "policy", model))
-    sampler = SampleCallback(ctx, tokenizer, [r["prompt"] for r in heldout], pairs=heldout, reference=reference,
+    sampler = SampleCallback(ctx, tokenizer, [r["prompt"] for r in heldout], pairs=pairs, reference=reference,
                              reward_model=reward_model, policy_of=policy_of, **sampler_kwargs)
     kl_callback = AdaptiveKLCallback(config, "kl_coef", plan.preference.target_kl if plan.preference.adaptive_kl
                                      else None, batch)
-    callbacks = ([PolicyView(cb, policy_of) for cb in forgetting_callbacks] + [kl_callback, sampler]
+    callbacks = ([UnwrapPolicy(cb, policy_of) for cb in forgetting.callbacks] + [kl_callback, sampler]
                  + callbacks_for(ctx) + [StopPPOCallback(ctx)])
     trainer = PPOTrainer(
         args=config,
@@ -252,27 +243,27 @@ def _ppo(ctx, plan, start, tokenizer, train_rows, heldout, reward_model, rm_dir,
         trainer.train()
     except StopNow:
         stopped = True
-    if sampler._last_step != trainer.state.global_step:
+    if sampler.last_step != trainer.state.global_step:
         sampler.measure(trainer.model, trainer.state.global_step)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(ctx.output_dir))
-    return trainer, sampler, forgetting_callbacks, stopped
+    return trainer, sampler, forgetting, stopped
 
 
-def _rloo_or_grpo(ctx, plan, start, tokenizer, train_rows, heldout, reward_model, sampler_kwargs):
+def _rloo_or_grpo(ctx, plan, policy_dir, tokenizer, train_rows, heldout, pairs, reward_model, sampler_kwargs):
     if plan.preference.algorithm == "rloo":
         from trl import RLOOConfig as Config, RLOOTrainer as Trainer
     else:
         from trl import GRPOConfig as Config, GRPOTrainer as Trainer
 
     use_adapter = plan.method.method in ("lora", "qlora")
-    policy = load_base(start, plan, "causal_lm", trainable=True)
+    policy = load_model(plan, "causal_lm", trainable=True, model_name=str(policy_dir), adapters=False)
     train_dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in conversational(train_rows, tokenizer)])
-    t = plan.training
+    training = plan.training
     args = trl_args(ctx, False, Config)
     # Each prompt is answered twice or more so that completions can be compared within a group;
     # the generation batch (micro_batch x grad_accum) must hold whole groups.
-    batch = t.micro_batch * t.grad_accum
+    batch = training.micro_batch * training.grad_accum
     generations = 2 if batch % 2 == 0 else batch
     if batch < 2:
         raise TunewiseError(f"training.micro_batch: {plan.preference.algorithm} compares at least 2 completions per "
@@ -284,12 +275,9 @@ def _rloo_or_grpo(ctx, plan, start, tokenizer, train_rows, heldout, reward_model
                     generation_kwargs={"remove_invalid_values": True})
     reward_model.config.pad_token_id = tokenizer.pad_token_id
     reward_name = reward_model.config._name_or_path.split("/")[-1]
-    fctx = preference_forgetting_ctx(ctx)
-    if fctx.plan.forgetting.ewc_lambda > 0:
-        ctx.emit("note", message=f"EWC is not applied to {plan.preference.algorithm}; the forgetting monitor still runs.")
-        fctx = type(fctx)(**{**fctx.__dict__, "plan": fctx.plan.with_overrides({"forgetting.ewc_lambda": 0.0})})
-    _, forgetting_callbacks, _ = setup_forgetting(fctx, policy, tokenizer, train_dataset)
-    sampler = SampleCallback(ctx, tokenizer, [r["prompt"] for r in heldout], pairs=heldout,
+    forgetting = setup_forgetting(ctx, policy, tokenizer, train_dataset, replay=PAIRS_NO_REPLAY, ewc=(
+        f"EWC is not applied to {plan.preference.algorithm}; the forgetting monitor still runs."))
+    sampler = SampleCallback(ctx, tokenizer, [r["prompt"] for r in heldout], pairs=pairs,
                              reward_model=reward_model, **sampler_kwargs)
     objective = ObjectiveKeysCallback(reward_name, plan.preference.kl_coef)
     trainer = Trainer(
@@ -299,7 +287,7 @@ def _rloo_or_grpo(ctx, plan, start, tokenizer, train_rows, heldout, reward_model
         train_dataset=train_dataset,
         processing_class=tokenizer,
         reward_processing_classes=tokenizer,
-        callbacks=forgetting_callbacks + [objective, sampler] + callbacks_for(ctx),
+        callbacks=[*forgetting.callbacks, objective, sampler, *callbacks_for(ctx)],
         peft_config=lora_config(plan, "causal_lm") if use_adapter else None,
     )
     if not use_adapter:
@@ -309,38 +297,47 @@ def _rloo_or_grpo(ctx, plan, start, tokenizer, train_rows, heldout, reward_model
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(ctx.output_dir))
-    return trainer, sampler, forgetting_callbacks, ctx.stop_requested()
+    return trainer, sampler, forgetting, ctx.stop_requested()
 
 
 def run(ctx) -> dict:
+    # -- setup ------------------------------------------------------------------------------------
     ctx = monitored_context(ctx)
     plan = ctx.plan
     torch.manual_seed(plan.training.seed)
-    start = policy_start(ctx)
+    policy_dir = policy_start(ctx)
     rm_dir = reward_model_dir(ctx)
-    tokenizer = load_tokenizer_for(start, plan, padding_side="left")
-    train_rows, heldout = load_preference_rows(plan)
+    tokenizer = load_tokenizer(plan, model_name=str(policy_dir))
+    tokenizer.padding_side = "left"
+    train_rows, heldout = load_prompt_rows(plan)
+    # Held-out pairs (preference data) also measure preference accuracy; other data gives prompts only.
+    pairs = heldout if heldout and "chosen" in heldout[0] else None
     # The reward model stays frozen and unquantized (16-bit on a GPU).
-    reward_model = load_base(rm_dir, plan.with_overrides({"method.method": "full"}), "seq_cls", trainable=False)
+    reward_model = load_model(plan.with_overrides({"method.method": "full"}), "seq_cls", trainable=False,
+                              model_name=str(rm_dir), adapters=False)
     reward_model.config.pad_token_id = tokenizer.pad_token_id
     sampler_kwargs = {"beta": plan.preference.kl_coef}
+
+    # -- train (each algorithm builds its trainer, trains and saves the policy) ----------------------
     if plan.preference.algorithm == "ppo":
         if ctx.resume_from:
             ctx.emit("note", message="TRL's PPO cannot resume mid-run from a checkpoint: starting this stage afresh.")
-        trainer, sampler, forgetting_callbacks, stopped = _ppo(ctx, plan, start, tokenizer, train_rows, heldout,
-                                                               reward_model, rm_dir, sampler_kwargs)
+        trainer, sampler, forgetting, stopped = _ppo(ctx, plan, policy_dir, tokenizer, train_rows, heldout, pairs,
+                                                     reward_model, rm_dir, sampler_kwargs)
     else:
-        trainer, sampler, forgetting_callbacks, stopped = _rloo_or_grpo(ctx, plan, start, tokenizer, train_rows,
-                                                                        heldout, reward_model, sampler_kwargs)
+        trainer, sampler, forgetting, stopped = _rloo_or_grpo(ctx, plan, policy_dir, tokenizer, train_rows, heldout,
+                                                              pairs, reward_model, sampler_kwargs)
+
+    # -- save -------------------------------------------------------------------------------------
     tokenizer.padding_side = "right"
     tokenizer.save_pretrained(str(ctx.output_dir))
 
     history = trainer.state.log_history
-    scores = _history(history, "objective/scores")
-    kls = _history(history, "objective/kl")
-    rlhf = _history(history, "objective/rlhf_reward")
-    return policy_result(
-        ctx, stopped, sampler.history, forgetting_callbacks,
+    scores = metric_history(history, "objective/scores")
+    kls = metric_history(history, "objective/kl")
+    rlhf = metric_history(history, "objective/rlhf_reward")
+    return stage_result(
+        ctx, stopped, forgetting, sampler.history,
         algorithm=plan.preference.algorithm,
         steps=trainer.state.global_step,
         first_score=scores[0] if scores else None,

@@ -9,6 +9,9 @@
   `margin` (mean chosen - rejected score), `mean_reward`, ...; evaluation on
   the held-out pairs gives `eval_accuracy` and `eval_margin` (an `eval`
   event), every `training.eval_steps` and at the end.
+- forgetting: EWC only, its penalty added once per optimizer step
+  (`trainer.callbacks.with_penalty`); replay (pairs hold no text) and the
+  monitor (a classifier has no language-model loss) are off, with a note.
 - output: the model (or adapter) with its tokenizer; the ppo stage loads it
   as its reward model (`preference.reward_model`).
 """
@@ -21,69 +24,66 @@ import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from trainer.forgetting import forgetting_stop_reason, setup_forgetting
-from trainer.preference import (
-    callbacks_for,
-    conversational,
-    load_base,
-    load_preference_rows,
-    load_tokenizer_for,
-    lora_config,
-    monitored_context,
-    policy_start,
-    preference_forgetting_ctx,
-    trl_args,
-)
-from trainer.stages.dpo import _history, _with_penalty
+from trainer.callbacks import callbacks_for, metric_history, with_penalty
+from trainer.data import conversational, load_preference_rows
+from trainer.forgetting import PAIRS_NO_REPLAY, setup_forgetting
+from trainer.models import load_model, load_tokenizer, lora_config
+from trainer.monitors import monitored_context
+from trainer.sources import policy_start
+from trainer.training_args import trl_args
+
+#: The forgetting monitor measures language-model loss; a classifier has none, so only EWC applies.
+NO_MONITOR = ("The forgetting monitor measures a language model's loss on original-domain text; a reward model has "
+              "no language-model head, so it is off for this stage.")
 
 
 def run(ctx) -> dict:
+    # -- setup ------------------------------------------------------------------------------------
     ctx = monitored_context(ctx)
     plan = ctx.plan
     torch.manual_seed(plan.training.seed)
-    start = policy_start(ctx)
-    tokenizer = load_tokenizer_for(start, plan)
+    policy_dir = policy_start(ctx)
+    tokenizer = load_tokenizer(plan, model_name=str(policy_dir))
+    tokenizer.padding_side = "right"
     train_rows, heldout = load_preference_rows(plan)
     train_dataset = Dataset.from_list(conversational(train_rows, tokenizer))
     eval_dataset = Dataset.from_list(conversational(heldout, tokenizer)) if heldout else None
 
-    model = load_base(start, plan, "seq_cls", trainable=True)
+    model = load_model(plan, "seq_cls", trainable=True, model_name=str(policy_dir), adapters=False)
     # The classifier reads the score at the last non-pad token, so it must know the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     use_adapter = plan.method.method in ("lora", "qlora")
 
-    # The forgetting monitor measures language-model loss; a classifier has none, so only EWC applies.
-    fctx = preference_forgetting_ctx(ctx)
-    if fctx.plan.forgetting.monitor:
-        ctx.emit("note", message="The forgetting monitor measures a language model's loss on original-domain text; "
-                                 "a reward model has no language-model head, so it is off for this stage.")
-        fctx = type(fctx)(**{**fctx.__dict__, "plan": fctx.plan.with_overrides({"forgetting.monitor": False})})
-    train_dataset, forgetting_callbacks, penalty_fn = setup_forgetting(fctx, model, tokenizer, train_dataset)
-
+    forgetting = setup_forgetting(ctx, model, tokenizer, train_dataset, replay=PAIRS_NO_REPLAY, monitor=NO_MONITOR)
     config = RewardConfig(
         **trl_args(ctx, eval_dataset is not None, RewardConfig),
         max_length=plan.training.seq_len,
     )
-    trainer = _with_penalty(RewardTrainer, penalty_fn)(
+    trainer = with_penalty(RewardTrainer, forgetting.penalty)(
         model=model,
         args=config,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(plan, "seq_cls") if use_adapter else None,
-        callbacks=forgetting_callbacks + callbacks_for(ctx),
+        callbacks=[*forgetting.callbacks, *callbacks_for(ctx)],
     )
+
+    # -- train ------------------------------------------------------------------------------------
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     metrics = trainer.evaluate() if eval_dataset is not None else {}
+
+    # -- save -------------------------------------------------------------------------------------
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(ctx.output_dir))
     tokenizer.save_pretrained(str(ctx.output_dir))
 
+    # A reward model is not a policy: no samples; its held-out numbers come from the evaluation.
     history = trainer.state.log_history
-    accuracy = _history(history, "accuracy")
-    margin = _history(history, "margin")
-    losses = _history(history, "loss")
-    stop_reason = forgetting_stop_reason(forgetting_callbacks)
+    accuracy = metric_history(history, "accuracy")
+    margin = metric_history(history, "margin")
+    losses = metric_history(history, "loss")
+    stop_reason = forgetting.stop_reason()
     stopped = ctx.stop_requested() or stop_reason is not None
     result = {
         "status": "stopped" if stopped else "finished",

@@ -12,7 +12,8 @@ setup -> train -> save:
 - train: `SFTTrainer.train(resume_from_checkpoint=ctx.resume_from)` with
   `EventsCallback` (events.jsonl), `StopCallback` (cooperative stop) and
   `NonFiniteCallback` (a NaN / infinite loss fails the run, unsaved); with
-  EWC the loss gets the penalty added in a small `SFTTrainer` subclass.
+  EWC the loss gets the penalty added in a small `SFTTrainer` subclass
+  (`trainer.callbacks.with_penalty`, once per optimizer step).
 - save: the adapter (LoRA / QLoRA) or the whole model, with the tokenizer,
   in `ctx.output_dir`, also when stopped early (a checkpoint for resuming is
   written then too).
@@ -25,53 +26,15 @@ TRL at the top.
 
 from __future__ import annotations
 
-import math
-
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from trainer.callbacks import EventsCallback, NonFiniteCallback, StopCallback
+from trainer.callbacks import EventsCallback, NonFiniteCallback, StopCallback, metric_history, with_penalty
 from trainer.context import RunContext
 from trainer.data import load_training_data, sft_loss_options
+from trainer.forgetting import setup_forgetting
 from trainer.models import load_model, load_tokenizer, resolve_precision, trainable_parameters
 from trainer.training_args import optimizer_name, training_kwargs
-
-from trainer.forgetting import forgetting_stop_reason, setup_forgetting
-
-
-def with_penalty(trainer_cls, penalty_fn):
-    """`trainer_cls` whose training loss has `penalty_fn(model)` added (EWC); unchanged when penalty_fn is None."""
-    if penalty_fn is None:
-        return trainer_cls
-
-    class PenalizedTrainer(trainer_cls):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-            if model.training:
-                penalty = penalty_fn(model)
-                # The Trainer divides the loss by the accumulation steps itself unless the loss was
-                # already normalised over the whole accumulated batch (num_items_in_batch); in that
-                # case divide here, so the penalty counts once per optimizer step either way.
-                scaled_for_accumulation = (
-                    self.model_accepts_loss_kwargs and num_items_in_batch is not None
-                ) or self.compute_loss_func is not None
-                if scaled_for_accumulation:
-                    penalty = penalty / self.current_gradient_accumulation_steps
-                loss = loss + penalty
-            return (loss, outputs) if return_outputs else loss
-
-    PenalizedTrainer.__name__ = f"Penalized{trainer_cls.__name__}"
-    return PenalizedTrainer
-
-
-def _losses(log_history: list[dict]) -> list[float]:
-    return [
-        entry["loss"]
-        for entry in log_history
-        if isinstance(entry.get("loss"), (int, float)) and math.isfinite(entry["loss"])
-    ]
 
 
 def run(ctx: RunContext) -> dict:
@@ -104,7 +67,8 @@ def run(ctx: RunContext) -> dict:
         **trainable_parameters(model),
     )
 
-    train_dataset, extra_callbacks, penalty_fn = setup_forgetting(ctx, model, tokenizer, train_dataset)
+    forgetting = setup_forgetting(ctx, model, tokenizer, train_dataset)
+    train_dataset = forgetting.train_dataset
 
     config = SFTConfig(
         **training_kwargs(ctx, precision, has_eval=eval_dataset is not None),
@@ -114,7 +78,7 @@ def run(ctx: RunContext) -> dict:
         **sft_loss_options(tokenizer, train_dataset),
     )
     stop = StopCallback(ctx)
-    trainer = with_penalty(SFTTrainer, penalty_fn)(
+    trainer = with_penalty(SFTTrainer, forgetting.penalty)(
         model=model,
         args=config,
         train_dataset=train_dataset,
@@ -122,7 +86,7 @@ def run(ctx: RunContext) -> dict:
         processing_class=tokenizer,
         # The forgetting callbacks first: EWC adds `ewc_penalty` to each log before EventsCallback writes it;
         # NonFiniteCallback last, so the log it fails on is written first.
-        callbacks=[*extra_callbacks, EventsCallback(ctx), stop, NonFiniteCallback(ctx)],
+        callbacks=[*forgetting.callbacks, EventsCallback(ctx), stop, NonFiniteCallback(ctx)],
     )
     if ctx.stop_requested() and ctx.resume_from is None:
         return {"status": "stopped", "reason": "stopped before training started", "step": 0}
@@ -132,17 +96,15 @@ def run(ctx: RunContext) -> dict:
     state = trainer.state
     reason = stop.reason if stop.stopped else None
     if reason is None:
-        reason = forgetting_stop_reason(extra_callbacks)
+        reason = forgetting.stop_reason()
 
     summary: dict = {"step": state.global_step, "max_steps": state.max_steps, "train_loss": result.training_loss}
-    losses = _losses(state.log_history)
+    losses = metric_history(state.log_history, "loss")
     if losses:
         summary.update(first_loss=losses[0], last_loss=losses[-1])
     if reason is None and eval_dataset is not None and not plan.training.eval_steps:
         summary.update(trainer.evaluate())  # "eval at the end only" (EventsCallback writes the event)
-    for callback in extra_callbacks:
-        if hasattr(callback, "summary"):
-            summary.update(callback.summary())
+    summary.update(forgetting.summary())
 
     # -- save -------------------------------------------------------------------------------------
     output_dir = ctx.output_dir

@@ -1,0 +1,78 @@
+"""The Gradio parts app.py is built from: number boxes whose refusals name their field, and a login check
+in front of every route (`--auth`). Imports gradio; nothing else of Tunewise but advisor.wizard's limits."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from advisor import wizard
+
+
+def number_with_named_range():
+    """A gr.Number factory whose refusals name the field: a value out of range gets the range that fits
+    (Gradio's own says only "Value 0 is less than minimum value 1."), and text, a list, NaN or infinity
+    get "must be a number" (Gradio's own error there is not shown at all). It wraps each instance's
+    `preprocess` rather than subclassing: a Component subclass makes Gradio write a .pyi file beside
+    this module."""
+
+    def Number(name: str, **kwargs):  # noqa: N802 (used like the class it stands for)
+        """The number box for plan widget `name`, bounded by wizard.NUMBER_LIMITS."""
+        low, high = wizard.NUMBER_LIMITS[name]
+        component = gr.Number(minimum=low, maximum=high, **kwargs)
+        check = component.preprocess
+
+        def preprocess(payload):
+            problem = wizard.number_problem(payload, component.minimum, component.maximum)
+            if problem:
+                raise gr.Error(f"{component.label}: {problem}.", title="Check this value")
+            return check(payload)
+
+        component.preprocess = preprocess
+        return component
+
+    return Number
+
+
+class RequireLogin:
+    """ASGI middleware: with a login (`--auth`), only the login page and what it loads answer without the
+    login cookie. Gradio checks the login on most of its routes but not on all of them (POST
+    /gradio_api/cancel and /gradio_api/reset answer anyone), so this checks it once, in front of every
+    route, the way Gradio does (its `access-token` cookie, looked up in the app's tokens)."""
+
+    #: What the login page needs before anyone has logged in (Gradio's own routes check /config).
+    PUBLIC = frozenset({"/", "/login", "/login/", "/logout", "/config", "/config/", "/favicon.ico", "/theme.css",
+                        "/robots.txt", "/manifest.json", "/pwa_icon", "/gradio_api/startup-events"})
+    PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon/")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and not self._allowed(scope):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            from starlette.responses import JSONResponse
+
+            await JSONResponse({"detail": "Not authenticated"}, status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope) -> bool:
+        server = scope.get("app")
+        if getattr(server, "auth", None) is None and getattr(server, "auth_dependency", None) is None:
+            return True  # no login asked for
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if path in self.PUBLIC or path.startswith(self.PUBLIC_PREFIXES):
+            return True
+        if getattr(server, "auth_dependency", None) is not None:
+            return True  # an external login (not used by this app) is Gradio's to check
+        from starlette.requests import HTTPConnection
+
+        cookies = HTTPConnection(scope).cookies
+        cookie_id = getattr(server, "cookie_id", "")
+        token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+        return token is not None and token in getattr(server, "tokens", {})
