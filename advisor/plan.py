@@ -85,6 +85,8 @@ class Limit:
     """`low` itself is refused (the value must be above it)."""
     hint: str = ""
     """Typical values, added to the message."""
+    unit: str = ""
+    """What the number counts ("machines"), named in the message: "a whole number of machines from 1 to 1,024"."""
 
 
 # Maxima: no real run comes near them, but they keep every number the planner multiplies, searches
@@ -130,7 +132,7 @@ def _bound(number: float) -> str:
 
 def _range_text(limit: Limit) -> str:
     if limit.whole:
-        return f"a whole number from {_bound(limit.low)} to {_bound(limit.high)}"
+        return f"a whole number{f' of {limit.unit}' if limit.unit else ''} from {_bound(limit.low)} to {_bound(limit.high)}"
     if limit.low_open:
         return f"a number above {_bound(limit.low)} and at most {_bound(limit.high)}"
     return f"a number from {_bound(limit.low)} to {_bound(limit.high)}"
@@ -432,6 +434,21 @@ class PreferenceSettings:
         _check_fields("preference", self)
 
 
+def check_gpus_per_node(gpu: str | None, gpus_per_node: int, nodes: int = 1) -> None:
+    """Refuse more GPUs per node than a node of that type holds (PlanError on hardware.num_gpus),
+    suggesting a layout with the same total."""
+    from advisor.gpus import max_gpus_per_node
+
+    try:
+        most, why = max_gpus_per_node(gpu)
+    except TunewiseError:  # an unknown GPU name is reported by the planner, not here
+        return
+    if gpus_per_node > most:
+        total = gpus_per_node * nodes
+        raise PlanError("hardware.num_gpus", f"{gpus_per_node} GPUs per node is more than {why}: spread the {total} "
+                        f"GPUs over more nodes, e.g. {-(-total // most)} nodes x {most} GPUs")
+
+
 @dataclass(frozen=True)
 class HardwareSettings:
     """Where the run executes, and the GPU the planner sizes it for."""
@@ -443,7 +460,14 @@ class HardwareSettings:
     """Memory per GPU in GB (1e9 bytes), when the GPU is not in the list."""
     num_gpus: int = _setting(1, label="Number of GPUs", flag="--num-processes", aliases=("--gpus",), widget=True,
                              memory=True, limit=Limit(1, 1024, whole=True))
-    """GPUs (or CPU processes when there is no GPU) to train on; more than 1 uses accelerate launch."""
+    """GPUs (or CPU processes when there is no GPU) to train on; more than 1 uses accelerate launch. With
+    `num_nodes` above 1, the GPUs of each node (so num_nodes x num_gpus train together)."""
+    num_nodes: int = _setting(1, label="Nodes", flag="--nodes", widget=True, memory=True,
+                              limit=Limit(1, 1024, whole=True, unit="machines"))
+    """Machines training together (data parallel across nodes). Above 1 the run goes to a cluster
+    scheduler as a job (`tunewise job`: Slurm, SkyPilot or torchrun by hand), not a local launch, and
+    `num_gpus` per node may not exceed what a node of the GPU type holds (8 for every listed type but
+    the A100-40GB's 16; 16 for any other GPU)."""
     shard: str = _setting("none", label="Sharding", flag="--shard", choices=SHARDINGS, widget=True, memory=True)
     """none (DDP: full copy per GPU), zero2 (shard optimizer + gradients), zero3 (shard everything; FSDP full shard)."""
     cpu_offload: bool = _setting(False, label="CPU offload", flag="--cpu-offload", memory=True)
@@ -453,6 +477,10 @@ class HardwareSettings:
 
     def __post_init__(self):
         _check_fields("hardware", self)
+        if self.num_nodes > 1:
+            # One node keeps the old meaning (all the GPUs training together, up to 1024: the memory only
+            # depends on the total); across nodes num_gpus is per node and must fit in one.
+            check_gpus_per_node(self.gpu, self.num_gpus, self.num_nodes)
         if self.cpu_offload and self.shard == "none":
             raise PlanError("hardware.cpu_offload", "needs sharding: set shard to zero2 or zero3")
 

@@ -201,9 +201,10 @@ def plan_from_widgets(values: Mapping[str, Any], base: Plan | None = None) -> Pl
         node[parts[-1]] = None if value is _CLEAR else value
     plan = Plan.from_dict(data)
     if plan.hardware.gpu is None:
-        # Without a GPU the plan runs on the CPU: one process, no sharding.
-        if plan.hardware.num_gpus != 1 or plan.hardware.shard != "none":
-            plan = plan.with_overrides({"hardware.num_gpus": 1, "hardware.shard": "none", "hardware.cpu_offload": False})
+        # Without a GPU the plan runs on the CPU: one process on one machine, no sharding.
+        if plan.hardware.num_gpus != 1 or plan.hardware.num_nodes != 1 or plan.hardware.shard != "none":
+            plan = plan.with_overrides({"hardware.num_gpus": 1, "hardware.num_nodes": 1, "hardware.shard": "none",
+                                        "hardware.cpu_offload": False})
     return plan
 
 
@@ -287,8 +288,9 @@ def apply_demo_limits(plan: Plan, limits: DemoLimits) -> tuple[Plan, list[str]]:
     if plan.model.trust_remote_code:
         raise TunewiseError("model.trust_remote_code: the public demo never runs a model's own code; turn it off.",
                             field="model.trust_remote_code")
-    if plan.hardware.num_gpus != 1 or plan.hardware.shard != "none":
-        plan = plan.with_overrides({"hardware.num_gpus": 1, "hardware.shard": "none", "hardware.cpu_offload": False})
+    if plan.hardware.num_gpus != 1 or plan.hardware.num_nodes != 1 or plan.hardware.shard != "none":
+        plan = plan.with_overrides({"hardware.num_gpus": 1, "hardware.num_nodes": 1, "hardware.shard": "none",
+                                    "hardware.cpu_offload": False})
         notes.append("the demo trains in one process on the CPU")
     steps = plan.training.max_steps
     if steps is None or steps > limits.max_steps:
@@ -639,7 +641,8 @@ ADVISED_WIDGETS = tuple(name for name in ADVICE if name in PLAN_WIDGETS) + ("pac
 
 #: What the advice depends on: the plan widgets of steps 1 and 2, and the step-2 widgets that are advisor
 #: inputs, not plan settings (task, domain, priority, quantized_inference).
-ADVISOR_WIDGETS = ("model", "dataset", "goal", "gpu", "num_gpus", "task", "domain", "priority", "quantized_inference")
+ADVISOR_WIDGETS = ("model", "dataset", "goal", "gpu", "num_gpus", "num_nodes", "task", "domain", "priority",
+                   "quantized_inference")
 
 
 @dataclass(frozen=True)
@@ -659,7 +662,7 @@ class Advised:
 def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
            overrides: Mapping[str, Any] | None = None, max_steps: int | None = None) -> Advised:
     """Ask the advisor for the page's model, data, goal and hardware (`values` by widget name: model,
-    dataset, goal, gpu, num_gpus, task, domain, priority, quantized_inference). `profile` is the dataset
+    dataset, goal, gpu, num_gpus, num_nodes, task, domain, priority, quantized_inference). `profile` is the dataset
     profile's dict when known; `overrides` (widget name -> value) are kept as "set by you"."""
     from advisor import recommend as rec_mod
     from advisor import specs
@@ -681,6 +684,7 @@ def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
         domain_shift=str(values.get("domain") or "medium"),
         gpu=gpu,
         num_gpus=int(_whole(values.get("num_gpus") or 1)) if gpu else 1,
+        num_nodes=int(_whole(values.get("num_nodes") or 1)) if gpu else 1,
         priority=str(values.get("priority") or "balanced"),
         quantized_inference=bool(values.get("quantized_inference")),
         stage=stage,
@@ -791,7 +795,11 @@ def plan_view(plan: Plan) -> PlanView:
         rows.append(FitRow(card.name + (" (yours)" if gpu is not None and card.name == gpu.name else ""),
                            round(card.memory_bytes / GB, 1), METHOD_LABELS[setup.method], fit.fits,
                            fit.max_micro_batch, fit.max_seq_len, fit.cheapest_fix or ""))
-    per_gpu = f" per GPU ({plan.hardware.num_gpus} GPUs, {plan.hardware.shard})" if plan.hardware.num_gpus > 1 else ""
+    hw = plan.hardware
+    if hw.num_nodes > 1:
+        per_gpu = f" per GPU ({hw.num_nodes} nodes x {hw.num_gpus} GPUs, {hw.shard})"
+    else:
+        per_gpu = f" per GPU ({hw.num_gpus} GPUs, {hw.shard})" if hw.num_gpus > 1 else ""
     need = (f"This plan ({METHOD_LABELS[setup.method]}, micro-batch {setup.micro_batch} x {setup.seq_len} tokens) "
             f"needs **{gb(own.total_bytes)} GB**{per_gpu}: {gb(own.peak_allocated_bytes)} GB of tensors at the peak, "
             f"plus the CUDA context and allocator slack.")
@@ -803,6 +811,8 @@ def plan_view(plan: Plan) -> PlanView:
     else:
         verdict = (f" **It does not fit your {gpu.name}** ({gb(gpu.memory_bytes, 0)} GB). "
                    + (chosen_fit.cheapest_fix or "Choose a larger GPU or a smaller model."))
+    if hw.num_nodes > 1:
+        verdict += " " + cluster_markdown(spec, setup, gpu)
     if own.rough or spec.rough:
         verdict += " *(Rough mode: the model's shape is guessed from its size.)*"
     return PlanView(
@@ -814,6 +824,21 @@ def plan_view(plan: Plan) -> PlanView:
         status_markdown=need + verdict,
         explanations=explanation_rows(own),
     )
+
+
+def cluster_markdown(spec: Any, setup: Any, gpu: Any = None) -> str:
+    """One paragraph for a plan over several nodes: host RAM per node, traffic between nodes, warnings."""
+    from advisor import cluster
+
+    found = cluster.cluster_estimate(spec, setup, dense_tflops=getattr(gpu, "dense_tflops", None))
+    traffic = found.traffic[setup.shard]
+    text = (f"Each node needs about **{gb(found.host_bytes_per_node)} GB of host RAM**; "
+            f"{cluster.STRATEGIES[setup.shard]} moves **{gb(traffic.bytes_per_step)} GB** into and out of each node per "
+            f"step ({traffic.seconds_per_step:.2f} s at {found.interconnect_gbps:g} Gb/s). Export it as a cluster job "
+            "(`tunewise job`).")
+    for warning in found.warnings:
+        text += f" **Warning:** {warning}."
+    return text
 
 
 def _stack(estimate: Any) -> dict[str, int]:
