@@ -1,4 +1,4 @@
-"""The training subcommands of `tunewise`: train, launch, runs, status, stop, resume, merge, build-demo.
+"""The training subcommands of `tunewise`: train, launch, runs, status, stop, resume, merge, job, build-demo.
 
 `register(subparsers)` adds them to the parser in `cli.py`. A plan comes from
 a PLAN.yaml, from flags, or both (flags override the file), so one line runs
@@ -26,7 +26,7 @@ from pathlib import Path
 from advisor.errors import TunewiseError
 from advisor.cli import add_plan_flags, plan_overrides
 from advisor.plan import ASSETS_DIR, Plan, settings
-from trainer import rundir
+from trainer import jobs, rundir
 
 def _flagged() -> list:
     """Every plan setting that has a flag (advisor.plan.settings(): the flag, its help and its type are
@@ -329,6 +329,8 @@ def register(subparsers) -> None:
     _add_runs_dir(merge)
     merge.add_argument("--json", action="store_true")
     merge.set_defaults(func=cmd_merge)
+
+    jobs.register(subparsers)  # tunewise job: a cluster job for Slurm, SkyPilot or torchrun
 
     build = subparsers.add_parser("build-demo", help="build the offline demo model (assets/build_demo_model.py)")
     build.add_argument("extra", nargs=argparse.REMAINDER, help="passed to the script, e.g. --out DIR --steps N")

@@ -18,6 +18,9 @@ the layout is written down once:
         steps/           pipelines only: <n>-<stage>/, one run directory per step, each with its
                          own plan.yaml, events.jsonl, checkpoints/, output/ and result.json
         comparison.json  the compare pipeline's side-by-side report
+        job/             cluster jobs only: the job folder `tunewise job` writes (trainer/jobs.py)
+        .run.json.lock   cluster jobs only: flock'd while a machine reads and rewrites run.json (the
+                         submitter and the job's first node both write it)
 
 The trainer's exit codes are part of the contract too: 0 finished or stopped, 1 failed (a bug or a
 crash), 2 failed on the plan or its inputs, 3 failed because the disk is full (EXIT_DISK_FULL).
@@ -55,6 +58,8 @@ RESULT_FILE = "result.json"
 COMPARISON_FILE = "comparison.json"
 ACCELERATE_CONFIG_FILE = "accelerate_config.yaml"
 RUNS_DIR_ENV = "TUNEWISE_RUNS_DIR"
+JOB_DIR = "job"
+RUN_FILE_LOCK = ".run.json.lock"
 
 #: The trainer's exit code when the disk filled up (said on stderr too, in case no event fitted).
 EXIT_DISK_FULL = 3
@@ -62,6 +67,7 @@ EXIT_DISK_FULL = 3
 DISK_FULL_BYTES = 1_000_000
 
 _RUN_ID = re.compile(r"[\w.-]+")
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -117,6 +123,37 @@ def run_path(runs_dir: str | Path, run_id: str) -> Path:
     if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or run_id.startswith("."):
         raise TunewiseError(f"run: {run_id!r} is not a run id; pick a run from the history table", field="run")
     return Path(runs_dir) / run_id
+
+
+def new_run_id(plan, name: str | None = None) -> str:
+    """A new run's id for `plan` (an advisor.plan.Plan): <YYYYmmdd-HHMMSS>-<label>-<4 hex>: sortable by
+    time, readable, unique."""
+    import secrets
+
+    label = name or plan.name or (plan.stage if plan.pipeline == "none" else plan.pipeline) + "-" + plan.method.method
+    label = _NAME_CHARS.sub("-", label).strip("-.")[:40] or "run"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{secrets.token_hex(2)}"
+
+
+def absolute_paths(plan):
+    """`plan` (an advisor.plan.Plan) with its local paths made absolute, so the run reproduces from any
+    directory (and on any machine that mounts them at the same place)."""
+    from advisor.plan import DEMO_DATASETS
+
+    overrides = {}
+    for dotted, value in (
+        ("model.name", plan.model.name),
+        ("data.dataset", plan.data.dataset),
+        ("forgetting.original_data", plan.forgetting.original_data),
+        ("preference.sft_model", plan.preference.sft_model),
+        ("preference.reward_model", plan.preference.reward_model),
+    ):
+        if not value or value in DEMO_DATASETS or value == "demo":
+            continue
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_absolute():
+            overrides[dotted] = str(path.resolve())
+    return plan.with_overrides(overrides) if overrides else plan
 
 
 def output_dir(run_dir: str | Path, plan_output: str | None = None) -> Path:

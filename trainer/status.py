@@ -5,7 +5,9 @@ the supervisor can ask as often as they like, and the answer survives restarts o
 
 - the current attempt's terminal event (`finished`, `failed`, `stopped`), else
 - the exit the watcher recorded in run.json (code or signal), else
-- whether the trainer's pid (checked with its start time, against pid reuse) or its watcher lives.
+- whether the trainer's pid (checked with its start time, against pid reuse) or its watcher lives;
+  a cluster job's attempt has no local pid but a scheduler and job id: whether its job has started,
+  and for Slurm whether `squeue` still has it (trainer/scheduler.py).
 
 A damaged run.json or event (wrong types, cut short, missing) never raises: the run is described as
 well as it can be, with a `damage` note naming the file. events.jsonl is read incrementally: each
@@ -28,6 +30,7 @@ from trainer.events import EVENTS_FILE, TERMINAL_EVENTS, read_events
 from trainer.procs import pid_alive, rank_processes
 from trainer.rundir import (DISK_FULL_BYTES, EXIT_DISK_FULL, PLAN_FILE, RUN_FILE, STDOUT_FILE, WATCHER_LOG,
                             default_runs_dir, find_run_dir, is_int, is_number, is_run_dir, tail_lines)
+from trainer.scheduler import scheduler_state
 
 STATES = ("queued", "running", "finished", "failed", "stopped")
 ACTIVE_STATES = ("queued", "running")
@@ -57,7 +60,9 @@ _ATTEMPT_FIELDS = {"started_at": (is_number, "a number"), "ended_at": (is_number
                    "watcher_pid": (is_int, "a whole number"), "pid": (is_int, "a whole number"),
                    "pid_start": (is_int, "a whole number"), "exit_code": (is_int, "a whole number"),
                    "signal": (is_int, "a whole number"), "events_offset": (is_int, "a whole number"),
-                   "resume_from": (str, "a string"), "cwd": (str, "a string")}
+                   "resume_from": (str, "a string"), "cwd": (str, "a string"),
+                   "scheduler": (str, "a string"), "job_id": (str, "a string"),
+                   "job_started_at": (is_number, "a number")}
 
 
 def _passes(value, check) -> bool:
@@ -182,6 +187,10 @@ class RunStatus:
     logged steps (see STALL_MIN_S, STALL_FACTOR): it may be stuck, or stopped (SIGSTOP). None otherwise."""
     damage: str | None = None
     """What is wrong with a damaged run.json or event (naming the file); the rest is read as well as it can be."""
+    scheduler: str | None = None
+    """slurm, skypilot or torchrun for a cluster job (trainer/jobs.py); None for a local run."""
+    job_id: str | None = None
+    """The scheduler's job id (SkyPilot: the cluster), once known."""
 
     @property
     def active(self) -> bool:
@@ -192,6 +201,11 @@ class RunStatus:
         """What to do about a run that looks stalled (None when it does not)."""
         if self.stalled_s is None:
             return None
+        if self.scheduler:
+            job = f"the {self.scheduler} job" + (f" {self.job_id}" if self.job_id else "")
+            return (f"no event for {self.stalled_s:.0f} s, far longer than its steps take: {job} may be stuck or "
+                    "paused (a long evaluation or checkpoint save looks the same); "
+                    f"`tunewise stop {self.run_id}` ends it")
         return (f"no event for {self.stalled_s:.0f} s, far longer than its steps take: the trainer (pid {self.pid}) "
                 "may be stuck or paused (a long evaluation or checkpoint save looks the same); "
                 f"`py-spy dump --pid {self.pid}` shows where it is, `tunewise stop {self.run_id}` ends it")
@@ -220,6 +234,7 @@ class RunStatus:
         loss = f" loss {self.last_loss:.4f}" if self.last_loss is not None else ""
         notes = f"  [no event for {self.stalled_s:.0f} s: stalled?]" if self.stalled_s is not None else ""
         notes += f"  [damaged: {self.damage}]" if self.damage else ""
+        notes += f"  [{self.scheduler}{f' job {self.job_id}' if self.job_id else ''}]" if self.scheduler else ""
         return f"{self.run_id}  {what:<18} {steps}{loss}  {self.summary}{notes}"
 
 
@@ -439,6 +454,10 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         else:
             error = exit_description(attempt.get("exit_code"), attempt.get("signal"))
         error_lines = tuple(tail_lines(run_dir / STDOUT_FILE, ERROR_TAIL_LINES))
+    elif attempt.get("scheduler"):  # a cluster job: no local pid; its start, exit record and scheduler say
+        state, error = scheduler_state(run_dir, attempt)
+        if state == "failed":
+            error_lines = tuple(tail_lines(run_dir / STDOUT_FILE, ERROR_TAIL_LINES))
     elif attempt.get("pid"):
         if pid_alive(attempt["pid"], attempt.get("pid_start")):
             state = "running"
@@ -461,6 +480,8 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         error_lines = tuple(tail_lines(run_dir / WATCHER_LOG, ERROR_TAIL_LINES))
 
     terminal_signal = (terminal or {}).get("signal")
+    job = info.get("job") if isinstance(info.get("job"), dict) else {}  # a cluster job's layout (trainer/jobs.py)
+    scheduler = attempt.get("scheduler") or (job.get("scheduler") if isinstance(job.get("scheduler"), str) else None)
     created_at = info.get("created_at")
     if created_at is None:
         try:
@@ -493,6 +514,8 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         output_dir=digest.output_dir,
         stalled_s=_stalled_s(digest, started_at) if state == "running" else None,
         damage="; ".join(problems[:3]) or None,
+        scheduler=scheduler,
+        job_id=attempt.get("job_id"),
         **plan_fields,
     )
 
