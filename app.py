@@ -52,7 +52,7 @@ import figures
 from advisor import wizard
 from advisor.errors import TunewiseError, user_message
 from advisor.profile import profile_dataset
-from trainer import runs, samples, supervisor, warm
+from trainer import jobs, runs, samples, supervisor, warm
 from trainer.events import EVENTS_FILE
 from trainer.rundir import STDOUT_FILE, run_path, tail_lines
 from trainer.status import events_so_far
@@ -193,13 +193,17 @@ def _step_model(gr, Number, wizard) -> dict:  # noqa: N803 (Number stands for gr
                 with gr.Row():
                     gpu = gr.Dropdown(choices=wizard.gpu_choices(), value=wizard.NO_GPU, label="GPU", elem_id="gpu",
                                       info="What you will train on; the plan is sized for it.")
-                    num_gpus = Number("num_gpus", value=1, precision=0, label="Number of GPUs", elem_id="num_gpus")
+                    num_gpus = Number("num_gpus", value=1, precision=0, label="Number of GPUs", elem_id="num_gpus",
+                                      info="per node when Nodes is above 1")
+                    num_nodes = Number("num_nodes", value=1, precision=0, label="Nodes", elem_id="num_nodes",
+                                       info="machines; above 1: export a cluster job")
             with gr.Column(scale=4):
                 model_card = gr.Markdown(elem_id="model-card")
         with gr.Row():
             next_1 = gr.Button("Next: data & goal", variant="primary", elem_id="next-1", scale=0, min_width=200)
             history_1 = gr.Button("Run history", elem_id="open-history", scale=0, min_width=140)
-    return dict(model=model, gpu=gpu, num_gpus=num_gpus, model_card=model_card, next_1=next_1, history_1=history_1)
+    return dict(model=model, gpu=gpu, num_gpus=num_gpus, num_nodes=num_nodes, model_card=model_card, next_1=next_1,
+                history_1=history_1)
 
 
 def _step_data(gr, wizard) -> dict:
@@ -313,6 +317,10 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
         with gr.Row():
             w["back_3"] = gr.Button("Back", elem_id="back-3", scale=0, min_width=100)
             w["launch_btn"] = gr.Button("Launch training", variant="primary", elem_id="launch", scale=0, min_width=200)
+            w["job_scheduler"] = gr.Dropdown(choices=["slurm", "skypilot", "torchrun"], value="slurm", scale=0,
+                                             min_width=140, label="Scheduler", elem_id="job-scheduler")
+            w["export_job_btn"] = gr.Button("Export a cluster job", elem_id="export-job", scale=0, min_width=200)
+        w["job_note"] = gr.Markdown(elem_id="job-note")
     return w
 
 
@@ -587,6 +595,15 @@ class Handlers:
             gr.Info("Demo limits applied: " + "; ".join(notes))
         return self.watch({**monitor_state, "own": [*(monitor_state.get("own") or []), run_id]}, run_id)
 
+    def on_export_job(self, scheduler, **values):
+        """Write a cluster job for the plan on the page into this app's runs folder (trainer.jobs): it shows in
+        the history once it starts, and the monitor watches it like a local run."""
+        if self.config.demo_mode:
+            raise TunewiseError("job: the public demo does not write cluster jobs; install Tunewise and use "
+                                "`tunewise job` on your cluster", field="job")
+        job = jobs.write_job(wizard.plan_from_widgets(values), scheduler, self.config.runs_dir)
+        return {self.page.job_note: job.markdown()}
+
     def current_run(self, monitor_state: dict, what: str) -> str:
         """The watched run's id (one this visitor may drive), or TunewiseError saying there is nothing to `what`."""
         run_id = monitor_state.get("run_id")
@@ -720,7 +737,7 @@ def _wire(page: Page, h: Handlers) -> None:
     p.readvise.click(ev(h.on_readvise), **advice_io, api_name="readvise").then(
         ev(h.on_estimate), **estimate_io, api_name="estimate_after_readvise")
     for name, widget in p.plan_widgets.items():
-        if name in ("model", "dataset", "goal", "gpu", "num_gpus"):
+        if name in ("model", "dataset", "goal", "gpu", "num_gpus", "num_nodes"):
             continue  # those change the advice: the plan step re-advises when you reach it
         widget.input(ev(h.on_estimate), **estimate_io, api_name=f"edit_{name}", show_progress="hidden",
                      trigger_mode="always_last")
@@ -729,6 +746,8 @@ def _wire(page: Page, h: Handlers) -> None:
     monitor = dict(inputs=p.monitor_state, outputs=p.monitor_outputs)
     p.launch_btn.click(ev(h.on_launch), inputs=[p.monitor_state, p.plan_state], inputs_kwargs=p.plan_widgets,
                        outputs=[p.walkthrough, *p.monitor_outputs], api_name="launch")
+    p.export_job_btn.click(ev(h.on_export_job), inputs=[p.job_scheduler], inputs_kwargs=p.plan_widgets,
+                           outputs=p.job_note, api_name="export_job")
     p.timer.tick(ev(h.poll), **monitor, api_name="poll", show_progress="hidden", trigger_mode="always_last")
     p.stop_btn.click(ev(h.on_stop), **monitor, api_name="stop")
     p.resume_btn.click(ev(h.on_resume), **monitor, api_name="resume")
