@@ -13,7 +13,7 @@ import pytest
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-SKIP_DIRS = {".venv", ".venv-ci", ".git", "runs", "build", "dist", "node_modules", "__pycache__", ".team"}
+SKIP_DIRS = {".venv", ".venv-ci", ".venv-sky", ".git", "runs", "build", "dist", "node_modules", "__pycache__", ".team"}
 
 
 def _repo_python_files() -> list[Path]:
