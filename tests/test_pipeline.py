@@ -159,3 +159,37 @@ def test_a_stopped_pipeline_resumes_in_the_background(tmp_path, tiny_preference_
     begins = [e for e in step_events if e["event"] == "train_begin"]
     assert begins[-1]["start_step"] == stopped_at  # continued, not restarted
     assert json.loads((dpo_dir / "result.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_finished_pipeline_gives_a_model_to_sample_merge_and_export(tmp_path, tiny_preference_setup):
+    """The final policy by default, any step on request: samples, `tunewise merge` and the export all find it."""
+    import cli
+    from advisor.errors import TunewiseError
+    from trainer import runs, samples
+    from trainer.rundir import final_output, model_outputs
+
+    run_dir = tmp_path / "rlhf"
+    assert run_pipeline(pipeline_ctx(run_dir, tiny_preference_setup, "rlhf"))["status"] == "finished"
+    assert [o.label for o in model_outputs(run_dir)] == ["1-sft", "2-rm", "3-ppo"]
+    final = final_output(run_dir)
+    assert final.label == "3-ppo" and final.path == run_dir / "steps" / "3-ppo" / "output" and not final.checkpoint
+    assert final_output(run_dir, "sft").label == "1-sft" and final_output(run_dir, "2").stage == "rm"
+    with pytest.raises(TunewiseError, match="no step 'dpo'.*1-sft, 2-rm, 3-ppo"):
+        final_output(run_dir, "dpo")
+
+    rows = samples.generate(run_dir, ["Convert 2011-09-24 to day, month and year."], timeout_s=300)
+    assert len(rows) == 1 and rows[0][0].startswith("Convert") and isinstance(rows[0][2], str)
+
+    out = tmp_path / "merged-sft"
+    assert cli.main(["merge", str(run_dir), "--step", "sft", "--out", str(out), "--json"]) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["adapter_dir"] == str(run_dir / "steps" / "1-sft" / "output")
+    assert report["max_abs_logit_diff"] <= report["tolerance"] and (out / "config.json").is_file()
+
+    archive, note = runs.export(run_dir, tmp_path / "exports", reload_16bit=False, timeout_s=300)
+    assert note.startswith("3-ppo: merged into") and Path(archive).is_file()
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zipped:
+        assert "config.json" in zipped.namelist() and any(n.endswith(".safetensors") for n in zipped.namelist())

@@ -247,6 +247,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         prompts=args.prompt or None,
         reload_16bit=args.reload_16bit,
         tolerance=args.tolerance,
+        step=args.step,
     )
     if args.json:
         _print_json(report)
@@ -326,6 +327,8 @@ def register(subparsers) -> None:
         help="for a QLoRA adapter: merge into the base reloaded in 16 bit (it was trained against 4-bit weights)",
     )
     merge.add_argument("--tolerance", type=float, default=None, help="largest logit difference accepted")
+    merge.add_argument("--step", default=None,
+                       help="a pipeline run: the step to merge, by number, stage or folder (default: its final policy)")
     _add_runs_dir(merge)
     merge.add_argument("--json", action="store_true")
     merge.set_defaults(func=cmd_merge)
