@@ -54,6 +54,7 @@ from advisor.errors import TunewiseError, user_message
 from advisor.profile import profile_dataset
 from trainer import runs, samples, supervisor, warm
 from trainer.events import EVENTS_FILE
+from trainer import rundir
 from trainer.rundir import STDOUT_FILE, run_path, tail_lines
 from trainer.status import events_so_far
 from ui_parts import RequireLogin, number_with_named_range
@@ -350,7 +351,14 @@ def _step_results(gr, wizard) -> dict:
                                        elem_id="runs-table")
         with gr.Row():
             w["open_run"] = gr.Dropdown(choices=[], label="Run", elem_id="open-run", scale=2)
+            w["open_step"] = gr.Dropdown(choices=[], label="Pipeline step (samples and export use its model)",
+                                         visible=False, elem_id="open-step", scale=1)
             w["watch_btn"] = gr.Button("Watch in step 4", scale=0, min_width=170, elem_id="watch")
+            w["delete_btn"] = gr.Button("Delete this run", variant="secondary", scale=0, min_width=150,
+                                        elem_id="delete-run")
+            w["delete_confirm"] = gr.Button("Yes, delete it", variant="stop", visible=False, scale=0, min_width=150,
+                                            elem_id="delete-confirm")
+        w["run_note"] = gr.Markdown(elem_id="run-note")
         with gr.Row():
             w["compare_runs"] = gr.Dropdown(choices=[], multiselect=True, label="Overlay the curves of", scale=3,
                                             elem_id="compare-runs")
@@ -365,7 +373,7 @@ def _step_results(gr, wizard) -> dict:
             w["samples_table"] = gr.Dataframe(headers=["prompt", "base", "tuned"], interactive=False, wrap=True)
         with gr.Accordion("Merge / export", open=False, elem_id="export"):
             w["export_reload"] = gr.Checkbox(value=False, label="QLoRA run: merge into the base reloaded in 16 bit "
-                                             "(the adapter was trained against 4-bit weights)")
+                                             "(the adapter was trained against 4-bit weights)", visible=False)
             w["export_btn"] = gr.Button("Merge the adapter into the base and export", elem_id="export-btn")
             w["export_note"] = gr.Markdown()
             w["export_file"] = gr.File(label="Download", interactive=False)
@@ -646,10 +654,51 @@ class Handlers:
 
         statuses = runs.history(self.config.runs_dir, only=self.own_runs(monitor_state))
         ids = [status.run_id for status in statuses]
-        # The newest run is picked and its curve drawn, so the step never opens on an empty chart.
-        return {self.page.runs_table: [wizard.run_row(status) for status in statuses],
-                self.page.open_run: gr.update(choices=ids, value=ids[0] if ids else None),
-                self.page.compare_runs: gr.update(choices=ids, value=ids[:1])}
+        # The newest run that did not fail is picked and its curve drawn, so the step opens on something to see.
+        picked = wizard.preselected_run(statuses)
+        return {self.page.runs_table: {"headers": wizard.RUN_HEADERS, "data": [wizard.run_row(s) for s in statuses]},
+                self.page.open_run: gr.update(choices=ids, value=picked),
+                self.page.compare_runs: gr.update(choices=ids, value=[picked] if picked else [])}
+
+    def on_pick_run(self, run_id, monitor_state):
+        """A run picked in step 5: its pipeline steps (final policy first choice), the QLoRA merge option."""
+        p = self.page
+        hidden = {p.open_step: gr.update(choices=[], value=None, visible=False),
+                  p.export_reload: gr.update(visible=False, value=False), p.delete_confirm: gr.update(visible=False)}
+        if not run_id:
+            return {**hidden, p.run_note: ""}
+        outputs = rundir.model_outputs(self.run_dir(monitor_state, run_id))
+        if not outputs:
+            return {**hidden, p.run_note: "This run has no output or checkpoint yet: it saves one when it finishes, "
+                                          "when a stop ends in time, and at every checkpoint interval."}
+        final = rundir.final_output(self.run_dir(monitor_state, run_id), policy=any(o.policy for o in outputs))
+        steps = [o.label for o in outputs]
+        qlora = supervisor.status(run_id, self.config.runs_dir).method == "qlora"
+        return {p.open_step: gr.update(choices=steps, value=final.label, visible=len(outputs) > 1 or final.label != "output"),
+                p.export_reload: gr.update(visible=qlora, value=False), p.delete_confirm: gr.update(visible=False),
+                p.run_note: ("" if not final.checkpoint else f"{final.label} saved no output yet: samples and export "
+                             f"use its newest complete checkpoint ({final.path.name}).")}
+
+    def on_delete(self, run_id, monitor_state):
+        """First click: ask. The confirmation button does the deleting."""
+        if not run_id:
+            raise TunewiseError("run: pick the run to delete in the list first", field="run")
+        current = supervisor.status(self.run_dir(monitor_state, run_id), self.config.runs_dir)
+        if current.active:
+            raise TunewiseError(f"run: {run_id} is still {current.state}; stop it in step 4 before deleting it", field="run")
+        return {self.page.delete_confirm: gr.update(visible=True),
+                self.page.run_note: f"Delete **{run_id}** ({current.state}) and everything in its folder (checkpoints, "
+                                    "outputs, logs)? This cannot be undone."}
+
+    def on_delete_confirm(self, run_id, monitor_state):
+        self.run_dir(monitor_state, run_id)
+        deleted = supervisor.delete(run_id, self.config.runs_dir)
+        own = [r for r in (monitor_state.get("own") or []) if r != deleted]
+        monitor_state = {**monitor_state, "own": own}
+        if monitor_state.get("run_id") == deleted:
+            monitor_state = monitoring(monitor_state, None)
+        return {**self.on_runs(monitor_state), self.page.monitor_state: monitor_state,
+                self.page.delete_confirm: gr.update(visible=False), self.page.run_note: f"Deleted {deleted}."}
 
     def on_watch(self, monitor_state, run_id):
 
@@ -668,21 +717,21 @@ class Handlers:
         compared = {run_id: events_so_far(self.run_dir(monitor_state, run_id) / EVENTS_FILE) for run_id in run_ids or []}
         return {self.page.overlay_plot: figures.overlay_figure(compared, metric=metric)}
 
-    def on_generate(self, run_id, prompts, monitor_state):
+    def on_generate(self, run_id, prompts, monitor_state, step=None):
 
         if not run_id:
             raise TunewiseError("run: pick a finished run in the list first", field="run")
         run_dir = self.run_dir(monitor_state, run_id)
         lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
-        rows = samples.generate(run_dir, lines, self.config.generate_timeout_s)
+        rows = samples.generate(run_dir, lines, self.config.generate_timeout_s, step=step or None)
         return {self.page.samples_table: rows}
 
-    def on_export(self, run_id, reload_16bit, monitor_state):
+    def on_export(self, run_id, reload_16bit, monitor_state, step=None):
 
         if not run_id:
             raise TunewiseError("run: pick a finished run in the list first", field="run")
         archive, note = runs.export(self.run_dir(monitor_state, run_id), self.config.exports_dir, bool(reload_16bit),
-                                    self.config.generate_timeout_s)
+                                    self.config.generate_timeout_s, step=step or None)
         return {self.page.export_note: self.shown(note), self.page.export_file: archive}
 
 
@@ -741,9 +790,16 @@ def _wire(page: Page, h: Handlers) -> None:
                       api_name="watch")
     p.compare_runs.change(ev(h.on_overlay), **overlay_io, api_name="overlay")
     p.compare_metric.change(ev(h.on_overlay), **overlay_io, api_name="overlay_metric")
-    p.generate_btn.click(ev(h.on_generate), inputs=[p.open_run, p.prompts, p.monitor_state], outputs=p.samples_table,
-                         api_name="samples")
-    p.export_btn.click(ev(h.on_export), inputs=[p.open_run, p.export_reload, p.monitor_state],
+    p.open_run.change(ev(h.on_pick_run), inputs=[p.open_run, p.monitor_state],
+                      outputs=p.group("open_step", "export_reload", "delete_confirm", "run_note"), api_name="pick_run")
+    p.delete_btn.click(ev(h.on_delete), inputs=[p.open_run, p.monitor_state], outputs=[p.delete_confirm, p.run_note],
+                       api_name="delete")
+    p.delete_confirm.click(ev(h.on_delete_confirm), inputs=[p.open_run, p.monitor_state],
+                           outputs=[*p.history_outputs, p.monitor_state, p.delete_confirm, p.run_note],
+                           api_name="delete_confirm")
+    p.generate_btn.click(ev(h.on_generate), inputs=[p.open_run, p.prompts, p.monitor_state, p.open_step],
+                         outputs=p.samples_table, api_name="samples")
+    p.export_btn.click(ev(h.on_export), inputs=[p.open_run, p.export_reload, p.monitor_state, p.open_step],
                        outputs=[p.export_note, p.export_file], api_name="export")
 
     # On page load, independently (one failing does not block the others): the model card; the dataset

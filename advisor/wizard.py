@@ -547,8 +547,7 @@ def model_card_markdown(spec: Any, counts: Any) -> str:
 
 
 def run_row(status: Any) -> list[Any]:
-    """One row of the run history from a trainer.status.RunStatus: id, what, state, step / total, last
-    loss, forgetting %, started."""
+    """One row of the run history from a trainer.status.RunStatus (columns: RUN_HEADERS, key ones first)."""
     import time
 
     state = status.state
@@ -560,16 +559,23 @@ def run_row(status: Any) -> list[Any]:
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(status.created_at)) if status.created_at else ""
     return [
         status.run_id,
-        run_what(status),
         state,
         f"{step}/{status.max_steps}" if status.max_steps else str(step),
         f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
         f"{round(forgetting, 1) + 0.0:+.1f}%" if isinstance(forgetting, (int, float)) else "-",  # no "-0.0%"
         started,
+        run_what(status),
     ]
 
 
-RUN_HEADERS = ["run", "what", "status", "step", "last loss", "forgetting", "started"]
+#: The run history's columns: what a practitioner scans first (state, progress, loss), then the long text.
+RUN_HEADERS = ["run", "status", "step", "last loss", "forgetting", "started", "what"]
+
+
+def preselected_run(statuses: Sequence[Any]) -> str | None:
+    """The run step 5 opens on: the newest that did not fail (a failed run has nothing to show), else None."""
+    return next((status.run_id for status in statuses if status.state != "failed"), None)
+
 
 #: File suffixes of the dataset formats Tunewise reads.
 DATA_SUFFIXES = tuple(SUFFIX_FORMATS)

@@ -166,7 +166,8 @@ def test_launch_poll_stop_and_history(server):
         time.sleep(1)
     assert "tw-badge-stopped" in header or "tw-badge-finished" in header, header
     history, _run_choice, _compare = client.predict(api_name="/runs")
-    (row,) = table(history)[1]
-    assert row[0] == run_dir.name and row[2] in ("stopped", "finished")
-    step, total = (int(x) for x in row[3].split("/"))
+    headers, (row,) = table(history)
+    row = dict(zip(headers, row))
+    assert row["run"] == run_dir.name and row["status"] in ("stopped", "finished")
+    step, total = (int(x) for x in row["step"].split("/"))
     assert total == 40 and step >= len(points)

@@ -170,6 +170,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from trainer import supervisor
 
+    if args.delete:
+        for run in args.delete:
+            print(f"deleted {supervisor.delete(run, args.runs_dir)}")
+        return 0
     runs = supervisor.list_runs(args.runs_dir)
     if args.json:
         _print_json([run.to_dict() for run in runs])
@@ -289,8 +293,10 @@ def register(subparsers) -> None:
     launch.add_argument("--json", action="store_true", help="print the run's status as JSON")
     launch.set_defaults(func=cmd_launch)
 
-    runs = subparsers.add_parser("runs", help="list runs, newest first")
+    runs = subparsers.add_parser("runs", help="list runs, newest first (or delete ended ones)")
     _add_runs_dir(runs)
+    runs.add_argument("--delete", metavar="RUN", action="append",
+                      help="delete this run's directory (repeatable); a queued or running run is refused")
     runs.add_argument("--json", action="store_true")
     runs.set_defaults(func=cmd_runs)
 

@@ -118,6 +118,9 @@ def preflight(ctx: RunContext) -> None:
     stages = (plan.stage,) if plan.pipeline == "none" else PIPELINE_STAGES[plan.pipeline]
     for kind in dict.fromkeys(STAGE_DATA_KIND[stage] for stage in stages):
         check_dataset(plan, kind)
+    from trainer.forgetting import check_original_text
+
+    check_original_text(plan)
     precision = resolve_precision(plan)
     quantization_config(plan, precision)  # QLoRA without bitsandbytes fails here
     if plan.hardware.num_gpus > 1 and world_size_from_env() == 1:

@@ -16,6 +16,7 @@ The API the wizard and the CLI use (no torch imports: it must stay instant):
   over); events are appended after a `resumed` event. `resume_run(run)` says
   which checkpoint and why (`Resumed`).
 - `wait(run, timeout)`: until the run is no longer queued or running.
+- `delete(run)`: remove a run that has ended (a running one is refused).
 
 Launch, resume and stop take the run's lock (`flock` on `<run>/.lock`) while
 they check the state and start or signal the trainer, so two of them from
@@ -377,6 +378,21 @@ def _resume_pipeline(run_dir: Path, plan: Plan, current: "RunStatus") -> Resumed
     offset = _start_attempt(run_dir, plan, resume_from=None)
     return Resumed(current.run_id, str(checkpoint) if checkpoint else None,
                    tuple((str(p), why) for p, why in skipped), message, offset)
+
+
+# -- deleting -----------------------------------------------------------------------------------------
+
+
+def delete(run: str | Path, runs_dir: str | Path | None = None) -> str:
+    """Delete a run that has ended (its whole directory: plan, events, checkpoints, outputs); return its id.
+    A queued or running run is refused: stop it first."""
+    run_dir = find_run_dir(run, runs_dir)
+    with run_lock(run_dir, "deleted"):
+        current = status(run_dir)
+        if current.state in ACTIVE_STATES:
+            raise TunewiseError(f"run {current.run_id} is still {current.state}: stop it before deleting it")
+        shutil.rmtree(run_dir)
+    return current.run_id
 
 
 # -- stopping and waiting ---------------------------------------------------------------------------
