@@ -51,13 +51,14 @@ from starlette.middleware import Middleware
 import figures
 from advisor import wizard
 from advisor.errors import TunewiseError, user_message
+from advisor.plan import is_demo_model
 from advisor.profile import profile_dataset
 from trainer import runs, samples, supervisor, warm
 from trainer.events import EVENTS_FILE
 from trainer import rundir
 from trainer.rundir import STDOUT_FILE, run_path, tail_lines
 from trainer.status import events_so_far
-from ui_parts import RequireLogin, number_with_named_range
+from ui_parts import RequireLogin, number_with_named_range, setting_widget
 
 REPO_ROOT = Path(__file__).resolve().parent
 CSS_PATH = REPO_ROOT / "assets" / "ui.css"
@@ -260,7 +261,7 @@ def _plan_editor(gr, Number) -> dict:  # noqa: N803
         w["lr_scheduler"] = gr.Dropdown(choices=["cosine", "linear", "constant", "constant_with_warmup"],
                                         value="cosine", label="LR schedule")
         w["epochs"] = Number("epochs", value=1, label="Epochs")
-        w["max_steps"] = Number("max_steps", value=30, precision=0, label="Max steps (0: run the epochs)",
+        w["max_steps"] = Number("max_steps", value=0, precision=0, label="Max steps (0: run the epochs)",
                                 elem_id="max-steps")
     with gr.Row():
         w["micro_batch"] = Number("micro_batch", value=4, precision=0, label="Micro-batch", elem_id="micro-batch")
@@ -279,6 +280,21 @@ def _plan_editor(gr, Number) -> dict:  # noqa: N803
         w["beta"] = Number("beta", value=0.1, step=0.05, label="DPO beta")
         w["kl_coef"] = Number("kl_coef", value=0.05, step=0.01, label="PPO KL coefficient")
     w["readvise"] = gr.Button("Re-advise, keeping my changes", size="sm", elem_id="readvise")
+    return w
+
+
+def _advanced_settings(gr, Number) -> dict:  # noqa: N803
+    """A widget for every plan setting the steps do not show elsewhere, four to a row, by the plan's sections."""
+    w = {}
+    sections: dict[str, list] = {}
+    for setting in wizard.ADVANCED_SETTINGS:
+        sections.setdefault(setting.dotted.split(".")[0] if "." in setting.dotted else "run", []).append(setting)
+    for section, members in sections.items():
+        gr.Markdown(f"**{section.capitalize()}**")
+        for start in range(0, len(members), 4):
+            with gr.Row():
+                for setting in members[start:start + 4]:
+                    w[setting.name] = setting_widget(setting, Number)
     return w
 
 
@@ -305,6 +321,8 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
                                                 label="The guide's quick reference beside our estimate (GB)")
             with gr.Column(scale=2):
                 w["guide_note"] = gr.Markdown(elem_id="guide-note")
+        with gr.Accordion("Advanced settings: every other plan setting", open=False, elem_id="advanced"):
+            w.update(_advanced_settings(gr, Number))
         with gr.Accordion("How each memory figure is computed", open=False):
             w["explanations"] = gr.Dataframe(headers=["component", "how"], interactive=False, wrap=True,
                                              column_widths=["20%", "80%"])
@@ -505,7 +523,7 @@ class Handlers:
         advisor_values = {name: values[name] for name in wizard.ADVISOR_WIDGETS}
         overrides = {name: values[name] for name in wizard.ADVISED_WIDGETS} if keep_changes else None
         advised = wizard.advise(advisor_values, plan_state.get("profile"), overrides,
-                                max_steps=wizard.step_cap(values.get("max_steps")))
+                                max_steps=self.step_cap(values, keep_changes))
         widget_values = wizard.widgets_from_plan(advised.plan)
         guide_headers, guide_rows = wizard.guide_rows()
         updates = {widget: (gr.update(value=widget_values[name], choices=advised.target_choices)
@@ -514,6 +532,15 @@ class Handlers:
         return {self.page.plan_state: {**plan_state, "advice": advised.values}, **updates,
                 self.page.guide_table: {"headers": guide_headers, "data": guide_rows},
                 self.page.guide_note: wizard.guide_note(), self.page.advice_notes: advised.notes_markdown}
+
+    def step_cap(self, values: dict, keep_changes: bool) -> int | None:
+        """The cap on the advised run's length: the user's own "Max steps" when re-advising with their changes;
+        else the demo's step budget for the demo model (or any run of the public demo), and none for a real
+        model, whose length comes from its data and epochs."""
+        if keep_changes:
+            return wizard.step_cap(values.get("max_steps"))
+        demo = self.config.demo_mode or is_demo_model(values.get("model"))
+        return self.demo_limits.max_steps if demo else None
 
     def on_recommend(self, plan_state, **values):
         return self.recommend(plan_state, False, values)

@@ -194,8 +194,9 @@ def final_output(run_dir: str | Path, step: str | None = None, policy: bool = Tr
     outputs = model_outputs(run_dir)
     name = Path(run_dir).name
     if not outputs:
-        raise TunewiseError(f"run: {name} has no output or checkpoint yet: it saves its adapter or model when it "
-                            "finishes, when a stop ends in time, and at every training.save_steps", field="run")
+        raise TunewiseError(f"run: {name} has no saved adapter or model yet (no output, no complete checkpoint): it "
+                            "saves one when it finishes, when a stop ends in time, and every training.save_steps",
+                            field="run")
     if step:
         wanted = str(step).strip()
         matches = [o for o in outputs if wanted in (o.label, o.stage, o.label.split("-", 1)[0])]

@@ -146,12 +146,14 @@ def export(run_dir: Path, into: Path | None, reload_16bit: bool, timeout_s: floa
     never into the run."""
     run_dir = Path(run_dir)
     trained = final_output(run_dir, step, policy=False)
-    what = f"{trained.label}{' (newest checkpoint: the run saved no output)' if trained.checkpoint else ''}"
+    # A single run's output needs no name; a pipeline step, or a checkpoint standing in for an output, does.
+    what = "" if trained.label == "output" else f"{trained.label}: "
+    what += f"from its newest checkpoint ({trained.path.name}; the run saved no output): " if trained.checkpoint else ""
+    stem = run_dir.name if trained.label == "output" else f"{run_dir.name}-{trained.label}"
     if not (trained.path / "adapter_config.json").is_file():
-        archive = shutil.make_archive(str(export_folder(into) / f"{run_dir.name}-{trained.label}"), "zip",
-                                      root_dir=trained.path)
-        return archive, (f"{what}: the model is already whole (all weights trained); zipped `{trained.path.name}/` "
-                         "for download.")
+        archive = shutil.make_archive(str(export_folder(into) / f"{stem}-full"), "zip", root_dir=trained.path)
+        return archive, _capital(f"{what}the model is already whole (all weights trained); zipped "
+                                 f"`{trained.path.name}/` for download.")
     command = [sys.executable, "-m", "trainer.merge", str(run_dir), "--step", trained.label]
     command += ["--reload-16bit"] if reload_16bit else []
     try:
@@ -165,9 +167,13 @@ def export(run_dir: Path, into: Path | None, reload_16bit: bool, timeout_s: floa
         raise TunewiseError(f"export: {message}", field="export")
     report = json.loads(done.stdout)
     merged = Path(report["out_dir"])
-    archive = shutil.make_archive(str(export_folder(into) / f"{run_dir.name}-{trained.label}-merged"), "zip",
-                                  root_dir=merged)
-    note = (f"{what}: merged into `{merged}` ({report['dtype']}). Largest logit difference, merged vs base + adapter, "
+    archive = shutil.make_archive(str(export_folder(into) / f"{stem}-merged"), "zip", root_dir=merged)
+    note = _capital(f"{what}merged into `{merged}` ({report['dtype']}). Largest logit difference, merged vs base + adapter, "
             f"on {len(report['prompts'])} prompts: {report['max_abs_logit_diff']:.3g} (tolerance "
             f"{report['tolerance']:.3g}; the adapter itself moves logits by up to {report['adapter_effect']:.3g}).")
     return archive, note
+
+
+def _capital(text: str) -> str:
+    """`text` with its first letter capitalised (a note may begin with its own words or with a step's name)."""
+    return text[:1].upper() + text[1:] if text and not text[0].isdigit() else text
