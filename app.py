@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import html
 import logging
 import os
 import sys
@@ -103,17 +104,22 @@ def shows_errors_in_page(fn: Callable, shown: Callable[[str], str] | None = None
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error as exc:
-            exc.message = shown(exc.message)
+        except gr.Error as exc:  # (our own number boxes' messages are plain text too)
+            exc.message = html.escape(shown(exc.message), quote=False)
             raise
         except Exception as exc:  # every handler: the page gets a message, the log gets the traceback
             if not isinstance(exc, TunewiseError):
                 LOG.error("handler %s failed:\n%s", fn.__name__, traceback.format_exc())
             field_name = getattr(exc, "field", None)
             title = f"Check {field_name}" if field_name else ("Check your input" if isinstance(exc, TunewiseError) else "Error")
-            raise gr.Error(shown(user_message(exc)), title=title, print_exception=False) from None
+            raise gr.Error(html.escape(shown(user_message(exc)), quote=False), title=title, print_exception=False) from None
 
     return wrapper
+
+
+def problem_markdown(title: str, message: str) -> str:
+    """A panel's text for a problem: what cannot be shown, and the message (plain text, every character kept)."""
+    return f"#### {title}\n\n{html.escape(message, quote=False)}"
 
 
 # -- per-browser state (gr.State) -----------------------------------------------------------------------
@@ -433,7 +439,6 @@ class Handlers:
     and drives only the runs launched from this session (`monitor_state["own"]`)."""
 
     def __init__(self, config: AppConfig, page: Page):
-
         self.config, self.page = config, page
         self.demo_limits = wizard.DemoLimits(max_steps=config.demo_max_steps, keep_runs=config.demo_keep_runs)
         # The demo's one-run-at-a-time check and the launch must not interleave between requests (the queue
@@ -479,14 +484,56 @@ class Handlers:
     # -- steps 1 to 3: model, data, plan -----------------------------------------------------------------
 
     def on_model(self, model):
-
         self.demo_guard(model=model)
         spec, counts = wizard.model_summary(model)
         return {self.page.model_card: wizard.model_card_markdown(spec, counts)}
 
+    # The next three run after their event whether it failed or not: a refusal stays readable in the panel it
+    # is about (a toast fades, and the panel would keep the last good numbers or a bare "Error" badge).
+
+    def model_problem(self, model):
+        try:
+            return self.on_model(model)
+        except TunewiseError as exc:
+            return {self.page.model_card: problem_markdown("This model cannot be planned", self.shown(str(exc)))}
+
+    def profile_problem(self, plan_state, dataset, model):
+        if (plan_state.get("profile") or {}).get("dataset_label") == wizard.dataset_label(dataset):
+            return {}  # profiled: the table shows it
+        try:
+            return self.on_profile(plan_state, dataset, model)
+        except TunewiseError as exc:
+            return {self.page.plan_state: {**plan_state, "profile": None},
+                    self.page.profile_table: [["problem", self.shown(str(exc))]],
+                    self.page.histogram: figures.empty_figure("Token lengths", "No profile: the dataset could not be read.")}
+
+    def plan_problem(self, plan_state, **values):
+        p = self.page
+        try:
+            self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
+            wizard.plan_view(wizard.plan_from_widgets(values))
+            return {}
+        except TunewiseError as exc:
+            cleared = {"headers": ["-"], "data": []}
+            return {p.plan_status: problem_markdown("This plan cannot be estimated", self.shown(str(exc))),
+                    p.memory_table: cleared, p.fit_table: cleared, p.cli_text: "", p.yaml_text: "",
+                    p.memory_plot: figures.empty_figure("Memory per GPU", "Fix the setting named above.")}
+
+    def on_next_model(self, model):
+        """Step 1 -> 2, only for a model the planner can read (the message says what to fix otherwise)."""
+        self.demo_guard(model=model)
+        wizard.model_summary(model)
+        return {self.page.walkthrough: gr.Walkthrough(selected=2)}
+
+    def on_next_data(self, plan_state, dataset, model):
+        """Step 2 -> 3, only for a dataset that was read and checked (its profile is the current one)."""
+        profiled = (plan_state.get("profile") or {}).get("dataset_label")
+        if profiled != wizard.dataset_label(dataset):
+            update = self.on_profile(plan_state, dataset, model)  # raises with the problem (the row) named
+            return {**update, self.page.walkthrough: gr.Walkthrough(selected=3)}
+        return {self.page.walkthrough: gr.Walkthrough(selected=3)}
+
     def on_upload(self, plan_state, upload):
-
-
         if not upload:
             return {}
         if str(Path(upload).resolve()) not in {str(Path(p).resolve()) for p in self.uploaded_here}:
@@ -502,7 +549,6 @@ class Handlers:
                 self.page.plan_state: {**plan_state, "uploads": uploads}}
 
     def on_profile(self, plan_state, dataset, model):
-
         if not isinstance(dataset, str) or not dataset.strip():
             wizard.text_value(dataset, "data.dataset", wizard.TEXT_WIDGETS["dataset"])  # not text: says so
             raise TunewiseError("data.dataset: no dataset chosen; pick a bundled one or upload a file"
@@ -512,13 +558,12 @@ class Handlers:
         profile = profile_dataset(self.dataset_path(plan_state, dataset), model or None)
         histogram = figures.token_histogram_figure(profile.histogram.edges, profile.histogram.counts,
                                                    profile.recommended_seq_len, profile.tokens.p95)
-        return {self.page.plan_state: {**plan_state, "profile": profile.to_dict()},
+        profiled = {**profile.to_dict(), "dataset_label": wizard.dataset_label(dataset)}
+        return {self.page.plan_state: {**plan_state, "profile": profiled},
                 self.page.profile_table: wizard.profile_rows(profile), self.page.histogram: histogram}
 
     def recommend(self, plan_state, keep_changes: bool, values: dict) -> dict:
         """Ask the advisor (keeping the plan widgets the user changed when `keep_changes`) and fill them in."""
-
-
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
         advisor_values = {name: values[name] for name in wizard.ADVISOR_WIDGETS}
         overrides = {name: values[name] for name in wizard.ADVISED_WIDGETS} if keep_changes else None
@@ -549,7 +594,6 @@ class Handlers:
         return self.recommend(plan_state, True, values)
 
     def on_estimate(self, plan_state, **values):
-
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
         plan = wizard.plan_from_widgets(values)  # an upload keeps its name here: the page shows the plan
         view = wizard.plan_view(plan)
@@ -571,8 +615,6 @@ class Handlers:
     def poll(self, monitor_state):
         """Read the new bytes of the watched run's events.jsonl and redraw (only when something arrived);
         the timer is switched off once the run has ended and everything was read."""
-
-
         p = self.page
         run_id = monitor_state.get("run_id")
         if not run_id:
@@ -603,8 +645,6 @@ class Handlers:
         return {self.page.walkthrough: gr.Walkthrough(selected=4), **self.poll(monitoring(monitor_state, run_id))}
 
     def on_launch(self, monitor_state, plan_state, **values):
-
-
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
         plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
         notes: list[str] = []
@@ -631,8 +671,6 @@ class Handlers:
         return run_id
 
     def on_stop(self, monitor_state):
-
-
         run_id = self.current_run(monitor_state, "stop")
         # stop() waits for the run to save and exit (killing it after 30 s): do that in the background so the
         # page stays live; the monitor shows "stopped" when it is done.
@@ -642,8 +680,6 @@ class Handlers:
         return self.poll(monitor_state)
 
     def on_resume(self, monitor_state):
-
-
         run_id = self.current_run(monitor_state, "resume")
         with self.launch_lock:
             if self.config.demo_mode and runs.active_runs(self.config.runs_dir):
@@ -654,8 +690,6 @@ class Handlers:
         return self.poll(monitor_state)
 
     def on_log_tail(self, monitor_state):
-
-
         run_id = monitor_state.get("run_id")
         if not run_id:
             return {self.page.log_tail: gr.update(visible=True, value="(no run selected)")}
@@ -677,8 +711,6 @@ class Handlers:
     # -- step 5: results and runs --------------------------------------------------------------------------
 
     def on_runs(self, monitor_state):
-
-
         statuses = runs.history(self.config.runs_dir, only=self.own_runs(monitor_state))
         ids = [status.run_id for status in statuses]
         # The newest run that did not fail is picked and its curve drawn, so the step opens on something to see.
@@ -728,14 +760,12 @@ class Handlers:
                 self.page.delete_confirm: gr.update(visible=False), self.page.run_note: f"Deleted {deleted}."}
 
     def on_watch(self, monitor_state, run_id):
-
         if not run_id:
             raise TunewiseError("run: pick a run in the list first", field="run")
         self.run_dir(monitor_state, run_id)
         return self.watch(monitor_state, run_id)
 
     def on_overlay(self, run_ids, metric, monitor_state):
-
         if not isinstance(metric, str) or not metric.strip():
             raise TunewiseError(f"metric: pick a metric to compare (loss, eval_loss, reward, ...), not {metric!r}",
                                 field="metric")
@@ -745,7 +775,6 @@ class Handlers:
         return {self.page.overlay_plot: figures.overlay_figure(compared, metric=metric)}
 
     def on_generate(self, run_id, prompts, monitor_state, step=None):
-
         if not run_id:
             raise TunewiseError("run: pick a finished run in the list first", field="run")
         run_dir = self.run_dir(monitor_state, run_id)
@@ -754,7 +783,6 @@ class Handlers:
         return {self.page.samples_table: rows}
 
     def on_export(self, run_id, reload_16bit, monitor_state, step=None):
-
         if not run_id:
             raise TunewiseError("run: pick a finished run in the list first", field="run")
         archive, note = runs.export(self.run_dir(monitor_state, run_id), self.config.exports_dir, bool(reload_16bit),
@@ -774,7 +802,7 @@ def _wire(page: Page, h: Handlers) -> None:
     def step(number: int):
         return lambda: gr.Walkthrough(selected=number)
 
-    p.next_1.click(step(2), outputs=p.walkthrough, api_name="go_data", **nav)
+    p.next_1.click(ev(h.on_next_model), inputs=p.model, outputs=p.walkthrough, api_name="go_data", **nav)
     p.back_2.click(step(1), outputs=p.walkthrough, api_name="go_model", **nav)
     p.back_3.click(step(2), outputs=p.walkthrough, api_name="back_to_data", **nav)
     p.history_1.click(step(5), outputs=p.walkthrough, api_name="go_history", **nav).then(
@@ -787,11 +815,14 @@ def _wire(page: Page, h: Handlers) -> None:
     advice_io = dict(inputs=[p.plan_state], inputs_kwargs={**p.plan_widgets, **p.advisor_widgets},
                      outputs=p.recommend_outputs)
     estimate_io = dict(inputs=[p.plan_state], inputs_kwargs=p.plan_widgets, outputs=p.plan_outputs)
-    p.model.change(ev(h.on_model), inputs=p.model, outputs=p.model_card, api_name="model_info")
+    quiet = dict(api_visibility="private", show_progress="hidden")
+    p.model.change(ev(h.on_model), inputs=p.model, outputs=p.model_card, api_name="model_info").then(
+        ev(h.model_problem), inputs=p.model, outputs=p.model_card, **quiet)
     p.upload.upload(ev(h.on_upload), inputs=[p.plan_state, p.upload], outputs=[p.dataset, p.plan_state], api_name="upload")
-    p.dataset.change(ev(h.on_profile), **profile_io, api_name="profile")
-    p.next_2.click(step(3), outputs=p.walkthrough, api_name="go_plan", **nav).then(
-        ev(h.on_recommend), **advice_io, api_name="recommend").then(
+    p.dataset.change(ev(h.on_profile), **profile_io, api_name="profile").then(ev(h.profile_problem), **profile_io, **quiet)
+    p.next_2.click(ev(h.on_next_data), inputs=[p.plan_state, p.dataset, p.model],
+                   outputs=[p.walkthrough, p.plan_state, p.profile_table, p.histogram], api_name="go_plan", **nav).success(
+        ev(h.on_recommend), **advice_io, api_name="recommend").success(
         ev(h.on_estimate), **estimate_io, api_name="estimate")
     p.readvise.click(ev(h.on_readvise), **advice_io, api_name="readvise").then(
         ev(h.on_estimate), **estimate_io, api_name="estimate_after_readvise")
@@ -799,7 +830,7 @@ def _wire(page: Page, h: Handlers) -> None:
         if name in ("model", "dataset", "goal", "gpu", "num_gpus"):
             continue  # those change the advice: the plan step re-advises when you reach it
         widget.input(ev(h.on_estimate), **estimate_io, api_name=f"edit_{name}", show_progress="hidden",
-                     trigger_mode="always_last")
+                     trigger_mode="always_last").then(ev(h.plan_problem), **estimate_io, **quiet)
 
     # Step 4: launch, the live monitor, stop, resume, the log.
     monitor = dict(inputs=p.monitor_state, outputs=p.monitor_outputs)

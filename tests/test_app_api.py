@@ -171,3 +171,16 @@ def test_launch_poll_stop_and_history(server):
     assert row["run"] == run_dir.name and row["status"] in ("stopped", "finished")
     step, total = (int(x) for x in row["step"].split("/"))
     assert total == 40 and step >= len(points)
+
+
+def test_next_is_refused_until_the_model_and_the_dataset_can_be_read(server, tmp_path):
+    """Step 1 -> 2 needs a model the planner can read, step 2 -> 3 a dataset that reads and checks: otherwise
+    the step stays and the message says what to fix (the plan never shows another model's or file's numbers)."""
+    from gradio_client.exceptions import AppError
+
+    client, _ = server
+    with pytest.raises(AppError, match="unknown model 'no-such-model-xyz'"):
+        client.predict("no-such-model-xyz", api_name="/go_data")
+    assert client.predict("demo", api_name="/go_data") is not None  # a readable model moves on
+    with pytest.raises(AppError, match="data.dataset"):
+        client.predict(dataset="not-a-bundled-name", model="demo", api_name="/go_plan")
