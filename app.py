@@ -672,11 +672,15 @@ class Handlers:
 
     def on_stop(self, monitor_state):
         run_id = self.current_run(monitor_state, "stop")
-        # stop() waits for the run to save and exit (killing it after 30 s): do that in the background so the
-        # page stays live; the monitor shows "stopped" when it is done.
-        threading.Thread(target=supervisor.stop, args=(run_id,), kwargs={"runs_dir": self.config.runs_dir, "timeout": 30},
+        current = supervisor.status(run_id, self.config.runs_dir)
+        # stop() waits for the run to save and exit, then kills it (after a wait scaled to this run's own step,
+        # save and measurement times): in the background, so the page stays live; the header shows the end.
+        threading.Thread(target=supervisor.stop, args=(run_id,), kwargs={"runs_dir": self.config.runs_dir},
                          daemon=True).start()
-        gr.Info(f"Stop requested: {run_id} saves a checkpoint and ends after the current step.")
+        step = f" (a step takes about {current.step_s:.1f} s)" if current.step_s else ""
+        gr.Info(f"Stop requested: {run_id} finishes its current step{step}, saves a checkpoint and ends. If it has "
+                f"not ended within {current.stop_wait_s:.0f} s it is killed, and then no checkpoint is saved; the "
+                "header says which happened.")
         return self.poll(monitor_state)
 
     def on_resume(self, monitor_state):

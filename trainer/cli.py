@@ -308,7 +308,9 @@ def register(subparsers) -> None:
 
     stop = subparsers.add_parser("stop", help="stop a run (it saves a checkpoint; killed after --timeout)")
     stop.add_argument("run", help="run id or run directory")
-    stop.add_argument("--timeout", type=float, default=30.0, help="seconds to wait before killing (default 30)")
+    stop.add_argument("--timeout", type=float, default=None,
+                      help="seconds to wait before killing (default: scaled to the run's own step, checkpoint-save "
+                           "and forgetting-check times, at least 30)")
     _add_runs_dir(stop)
     stop.add_argument("--json", action="store_true")
     stop.set_defaults(func=cmd_stop)

@@ -369,6 +369,11 @@ class ForgettingCallback(TrainerCallback):
             self._measure(model, state.global_step, control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        # A stop saves first: at the step it is asked for, the checkpoint is written before anything is
+        # measured (the measurement follows in on_train_end, after the save), so a forced kill cannot
+        # catch the run measuring instead of saving.
+        if self.ctx.stop_requested():
+            return
         if self.batches is not None and state.global_step % self.settings.eval_every == 0:
             self._measure(model if model is not None else self.model, state.global_step, control)
 

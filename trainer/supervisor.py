@@ -435,13 +435,15 @@ def request_stop(run: str | Path, runs_dir: str | Path | None = None, reason: st
     return current
 
 
-def stop(run: str | Path, timeout: float = 30, runs_dir: str | Path | None = None, reason: str = "stopped by the user") -> RunStatus:
-    """Ask a run to stop (it saves a checkpoint and exits); kill it after `timeout` seconds; return its status."""
+def stop(run: str | Path, timeout: float | None = None, runs_dir: str | Path | None = None,
+         reason: str = "stopped by the user") -> RunStatus:
+    """Ask a run to stop (it saves a checkpoint and exits); kill it after `timeout` seconds (default: the run's
+    own `stop_wait_s`, scaled by its measured step, save and forgetting-check times); return its status."""
     run_dir = find_run_dir(run, runs_dir)
     current = request_stop(run_dir, reason=reason)
     if current.state not in ACTIVE_STATES:
         return current
-    deadline = time.time() + timeout
+    deadline = time.time() + (current.stop_wait_s if timeout is None else timeout)
     while time.time() < deadline:
         current = status(run_dir)
         if current.state not in ACTIVE_STATES:
