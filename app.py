@@ -183,7 +183,7 @@ class Page(SimpleNamespace):
     @property
     def monitor_outputs(self) -> list:
         return [self.monitor_state, *self.group("run_header", "loss_plot", "forgetting_plot", "reward_time_plot",
-                                                "reward_kl_plot", "alerts", "timer", "reward_row")]
+                                                "reward_kl_plot", "alerts", "timer", "reward_row", "comparison")]
 
     @property
     def history_outputs(self) -> list:
@@ -360,6 +360,8 @@ def _step_monitor(gr, figures, poll_seconds: float) -> dict:
             w["reward_kl_plot"] = gr.Plot(figures.reward_vs_kl_figure([]), label="Reward against KL", show_label=False,
                                           elem_id="reward-kl-plot")
         w["reward_row"] = reward_row
+        w["comparison"] = gr.Dataframe(visible=False, interactive=False, wrap=True, elem_id="comparison",
+                                       label="RLHF beside DPO, on the same held-out prompts and reward model")
         w["alerts"] = gr.Markdown(figures.alerts_markdown([]), label="Alerts", elem_id="alerts")
         w["log_tail"] = gr.Code(language=None, label="stdout.log (last lines)", visible=False, elem_id="log-tail")
         w["timer"] = gr.Timer(poll_seconds, active=False)
@@ -638,7 +640,9 @@ class Handlers:
                 p.reward_time_plot: figures.reward_kl_time_figure(all_events),
                 p.reward_kl_plot: figures.reward_vs_kl_figure(all_events),
                 p.alerts: figures.alerts_markdown(figures.alert_messages(all_events)),
-                p.reward_row: gr.Row(visible=bool(series["reward"][0] or series["kl"][0]))}
+                p.reward_row: gr.Row(visible=bool(series["reward"][0] or series["kl"][0])),
+                p.comparison: (gr.update(value=table, visible=True) if (table := figures.comparison_table(all_events))
+                               else gr.update(visible=False))}
 
     def watch(self, monitor_state: dict, run_id: str) -> dict:
         """Watch `run_id` in step 4 from its first event."""

@@ -107,6 +107,26 @@ def test_compare_pipeline_reports_both_branches_side_by_side(tmp_path, tiny_pref
     (event,) = [e for e in events if e["event"] == "comparison"]
     assert set(event["branches"]) == {"rlhf", "dpo"}
 
+    # What the monitor shows of it: the table side by side, one curve per stage with the boundaries marked,
+    # PPO's own objective, and the header on the current stage's numbers.
+    import figures
+
+    table = figures.comparison_table(events)
+    assert table["headers"] == ["", "RLHF (SFT -> RM -> PPO)", "DPO (SFT -> DPO)"]
+    rows = {row[0]: row[1:] for row in table["data"]}
+    assert rows["scored by"] == ["reward_model", "reward_model"] and len(rows["held-out preference accuracy"]) == 2
+    figure = figures.loss_figure(events)
+    names = [trace.name for trace in figure.data]
+    assert names[:4] == ["sft loss", "rm loss", "ppo policy loss", "ppo objective (reward - KL penalty)"], names
+    assert "dpo loss" in names
+    assert [a.text for a in figure.layout.annotations] == ["sft", "rm", "ppo", "dpo"]
+    running = events[: next(i for i, e in enumerate(events) if e.get("event") == "stage" and e.get("stage") == "ppo"
+                            and e.get("status") == "finished")]
+    progress = figures.run_progress(running)
+    assert (progress.stage, progress.stage_index, progress.stages, progress.max_steps) == ("ppo", 3, 4, 2)
+    assert 0.5 < progress.fraction < 1.0 and progress.stage_step == 2
+    assert "stage 3/4 (ppo)" in figures.run_header_html("cmp", progress)
+
 
 def test_pipeline_stop_reaches_steps_and_ends_stopped(tmp_path, tiny_preference_setup):
     ctx = pipeline_ctx(tmp_path / "stop", tiny_preference_setup, "rlhf")

@@ -279,6 +279,9 @@ class _Digest:
                 self._wrong(event, "step", "a whole number")
             if kind == "started":
                 self.started = event
+            elif kind == "train_begin" and "stage" in event:
+                # A pipeline step's, forwarded: its max_steps counts that step's own steps, not the run's.
+                self.begin_time, self.log_times = when, []
             elif kind == "train_begin":
                 if is_int(event.get("max_steps")) and event["max_steps"] > 0:
                     self.max_steps = event["max_steps"]
