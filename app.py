@@ -653,10 +653,12 @@ class Handlers:
         plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
         notes: list[str] = []
         with self.launch_lock:
+            active = runs.active_runs(self.config.runs_dir)
             if self.config.demo_mode:
-                plan, notes = wizard.admit_demo_run(plan, self.demo_limits, runs.active_runs(self.config.runs_dir),
-                                                    monitor_state.get("own") or [])
+                plan, notes = wizard.admit_demo_run(plan, self.demo_limits, active, monitor_state.get("own") or [])
                 runs.cleanup_old_runs(self.config.runs_dir, self.config.uploads_dir, self.demo_limits.keep_runs - 1)
+            elif active:  # one machine, one run: a second one would run both out of memory (or at half speed)
+                raise TunewiseError(wizard.machine_busy_message(active[0], plan), field="queue")
             # An upload goes into the run's own folder: the run keeps its data when old uploads are cleaned.
             uploaded = runs.is_upload(plan.data.dataset, self.config.uploads_dir)
             run_id = supervisor.launch(plan, self.config.runs_dir, copy_dataset=uploaded)

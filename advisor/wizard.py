@@ -364,6 +364,15 @@ def admit_demo_run(plan: Plan, limits: DemoLimits, active: Sequence[Any], own: S
     return plan, notes
 
 
+def machine_busy_message(current: Any, plan: Plan) -> str:
+    """Why the page refuses a second launch while `current` (a queued or running run's status) trains here."""
+    where = f"the {plan.hardware.gpu}" if plan.hardware.gpu else "this machine's CPU"
+    return (f"queue: run {current.run_id} is {current.state} (step {current.step}/{current.max_steps or '?'}) on this "
+            f"machine; a second run on {where} would run both out of memory, or each at half speed. Wait for it to "
+            "finish, or stop it in step 4, then launch again (from a terminal, `tunewise launch` can still start runs "
+            "side by side on separate GPUs, e.g. with CUDA_VISIBLE_DEVICES)")
+
+
 def hide_server_paths(text: str, roots: Iterable[Path]) -> str:
     """`text` with every path under one of `roots` cut to its last part (`/srv/runs/_uploads/x/a.jsonl` ->
     `a.jsonl`): what a public demo's visitors see of the server's folders."""
