@@ -183,7 +183,8 @@ class Page(SimpleNamespace):
     @property
     def monitor_outputs(self) -> list:
         return [self.monitor_state, *self.group("run_header", "loss_plot", "forgetting_plot", "reward_time_plot",
-                                                "reward_kl_plot", "alerts", "timer", "reward_row", "comparison")]
+                                                "reward_kl_plot", "alerts", "timer", "reward_row", "comparison",
+                                                "log_tail")]
 
     @property
     def history_outputs(self) -> list:
@@ -318,7 +319,7 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
         w["advice_notes"] = gr.Markdown(elem_id="advice-notes")
         w["recommendations"] = gr.Dataframe(headers=["setting", "value", "why"], interactive=False, wrap=True,
                                             label="Recommendations, each with its reason", elem_id="recommendations",
-                                            column_widths=["18%", "14%", "68%"])
+                                            column_widths=["18%", "14%", "68%"], max_height=4000)
         with gr.Accordion("Edit the plan: every value updates memory and fit at once", open=True, elem_id="plan-editor"):
             w.update(_plan_editor(gr, Number))
         with gr.Row():
@@ -343,7 +344,10 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
 
 def _step_monitor(gr, figures, poll_seconds: float) -> dict:
     with gr.Step("Launch & monitor", id=4, elem_id="step-monitor"):
-        w = {"run_header": gr.HTML(figures.run_header_html(None, None), elem_id="run-header")}
+        w = {"run_header": gr.HTML(figures.run_header_html(None, None), elem_id="run-header"),
+             # The banner: alerts as they happen and what the trainer adjusted, above the charts.
+             "alerts": gr.Markdown(figures.alerts_markdown([]), label="Alerts", elem_id="alerts",
+                                   elem_classes=["tw-alerts"])}
         with gr.Row():
             w["stop_btn"] = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop", scale=0, min_width=220)
             w["resume_btn"] = gr.Button("Resume from the last checkpoint", elem_id="resume", scale=0, min_width=260)
@@ -362,7 +366,6 @@ def _step_monitor(gr, figures, poll_seconds: float) -> dict:
         w["reward_row"] = reward_row
         w["comparison"] = gr.Dataframe(visible=False, interactive=False, wrap=True, elem_id="comparison",
                                        label="RLHF beside DPO, on the same held-out prompts and reward model")
-        w["alerts"] = gr.Markdown(figures.alerts_markdown([]), label="Alerts", elem_id="alerts")
         w["log_tail"] = gr.Code(language=None, label="stdout.log (last lines)", visible=False, elem_id="log-tail")
         w["timer"] = gr.Timer(poll_seconds, active=False)
     return w
@@ -396,7 +399,8 @@ def _step_results(gr, wizard) -> dict:
             w["prompts"] = gr.Textbox(lines=3, label="Prompts (one per line)",
                                       value="Convert 2011-09-24 to day, month and year.\nPlease spell out the date 2016-05-11.")
             w["generate_btn"] = gr.Button("Generate with the base and the tuned model", elem_id="generate")
-            w["samples_table"] = gr.Dataframe(headers=["prompt", "base", "tuned"], interactive=False, wrap=True)
+            w["samples_table"] = gr.Dataframe(headers=["prompt", "base", "tuned"], interactive=False, wrap=True,
+                                              column_widths=["30%", "35%", "35%"], elem_id="samples-table")
         with gr.Accordion("Merge / export", open=False, elem_id="export"):
             w["export_reload"] = gr.Checkbox(value=False, label="QLoRA run: merge into the base reloaded in 16 bit "
                                              "(the adapter was trained against 4-bit weights)", visible=False)
@@ -631,6 +635,8 @@ class Handlers:
         still_going = status is not None and status.state in ("queued", "running")
         update = {p.monitor_state: monitor_state, p.timer: gr.Timer(active=still_going or bool(events)),
                   p.run_header: self.shown(figures.run_header_html(run_id, figures.run_progress(all_events), status))}
+        if monitor_state.get("log_open") and events:  # the log tail follows the run it shows
+            update[p.log_tail] = self.log_text(monitor_state, run_id)
         if not events and monitor_state.get("drawn"):
             return update
         monitor_state["drawn"] = True
@@ -639,7 +645,8 @@ class Handlers:
                 p.forgetting_plot: figures.forgetting_figure(all_events),
                 p.reward_time_plot: figures.reward_kl_time_figure(all_events),
                 p.reward_kl_plot: figures.reward_vs_kl_figure(all_events),
-                p.alerts: figures.alerts_markdown(figures.alert_messages(all_events)),
+                p.alerts: figures.alerts_markdown(figures.alert_messages(all_events),
+                                                  [self.shown(n) for n in figures.notice_messages(all_events)]),
                 p.reward_row: gr.Row(visible=bool(series["reward"][0] or series["kl"][0])),
                 p.comparison: (gr.update(value=table, visible=True) if (table := figures.comparison_table(all_events))
                                else gr.update(visible=False))}
@@ -703,9 +710,12 @@ class Handlers:
         run_id = monitor_state.get("run_id")
         if not run_id:
             return {self.page.log_tail: gr.update(visible=True, value="(no run selected)")}
+        return {self.page.log_tail: gr.update(visible=True, value=self.log_text(monitor_state, run_id)),
+                self.page.monitor_state: {**monitor_state, "log_open": True}}
+
+    def log_text(self, monitor_state: dict, run_id: str) -> str:
         log = self.run_dir(monitor_state, run_id) / STDOUT_FILE
-        text = "\n".join(tail_lines(log, 60)) if log.is_file() else f"({log.name} does not exist yet)"
-        return {self.page.log_tail: gr.update(visible=True, value=self.shown(text))}
+        return self.shown("\n".join(tail_lines(log, 60)) if log.is_file() else f"({log.name} does not exist yet)")
 
     def on_attach(self, monitor_state):
         """On page load: watch the newest running run (in demo mode, only one of this visitor's), so reopening
@@ -807,17 +817,22 @@ def _wire(page: Page, h: Handlers) -> None:
 
     p = page
     ev = functools.partial(shows_errors_in_page, shown=h.shown)  # every handler's errors reach the page as messages
-    nav = dict(show_progress="hidden")
 
     def step(number: int):
         return lambda: gr.Walkthrough(selected=number)
 
-    p.next_1.click(ev(h.on_next_model), inputs=p.model, outputs=p.walkthrough, api_name="go_data", **nav)
-    p.back_2.click(step(1), outputs=p.walkthrough, api_name="go_model", **nav)
-    p.back_3.click(step(2), outputs=p.walkthrough, api_name="back_to_data", **nav)
-    p.history_1.click(step(5), outputs=p.walkthrough, api_name="go_history", **nav).then(
+    # Moving to another step starts at its top (the page would otherwise stay scrolled where the button was).
+    top = "window.scrollTo({top: 0, behavior: 'smooth'})"
+    nav_0 = dict(show_progress="hidden", js=f"() => {{ {top}; }}")
+    nav_1 = dict(show_progress="hidden", js=f"(x) => {{ {top}; return x; }}")
+    nav_n = dict(show_progress="hidden", js=f"(...args) => {{ {top}; return args; }}")
+
+    p.next_1.click(ev(h.on_next_model), inputs=p.model, outputs=p.walkthrough, api_name="go_data", **nav_1)
+    p.back_2.click(step(1), outputs=p.walkthrough, api_name="go_model", **nav_0)
+    p.back_3.click(step(2), outputs=p.walkthrough, api_name="back_to_data", **nav_0)
+    p.history_1.click(step(5), outputs=p.walkthrough, api_name="go_history", **nav_0).then(
         ev(h.on_runs), inputs=p.monitor_state, outputs=p.history_outputs, api_name="runs_after_history")
-    p.to_results.click(step(5), outputs=p.walkthrough, api_name="go_results", **nav).then(
+    p.to_results.click(step(5), outputs=p.walkthrough, api_name="go_results", **nav_0).then(
         ev(h.on_runs), inputs=p.monitor_state, outputs=p.history_outputs, api_name="runs_after_nav")
 
     # Steps 1-3: the model card, the upload and the dataset profile, the advice, the plan's memory.
@@ -831,7 +846,7 @@ def _wire(page: Page, h: Handlers) -> None:
     p.upload.upload(ev(h.on_upload), inputs=[p.plan_state, p.upload], outputs=[p.dataset, p.plan_state], api_name="upload")
     p.dataset.change(ev(h.on_profile), **profile_io, api_name="profile").then(ev(h.profile_problem), **profile_io, **quiet)
     p.next_2.click(ev(h.on_next_data), inputs=[p.plan_state, p.dataset, p.model],
-                   outputs=[p.walkthrough, p.plan_state, p.profile_table, p.histogram], api_name="go_plan", **nav).success(
+                   outputs=[p.walkthrough, p.plan_state, p.profile_table, p.histogram], api_name="go_plan", **nav_n).success(
         ev(h.on_recommend), **advice_io, api_name="recommend").success(
         ev(h.on_estimate), **estimate_io, api_name="estimate")
     p.readvise.click(ev(h.on_readvise), **advice_io, api_name="readvise").then(
@@ -849,7 +864,7 @@ def _wire(page: Page, h: Handlers) -> None:
     p.timer.tick(ev(h.poll), **monitor, api_name="poll", show_progress="hidden", trigger_mode="always_last")
     p.stop_btn.click(ev(h.on_stop), **monitor, api_name="stop")
     p.resume_btn.click(ev(h.on_resume), **monitor, api_name="resume")
-    p.log_btn.click(ev(h.on_log_tail), inputs=p.monitor_state, outputs=p.log_tail, api_name="log_tail")
+    p.log_btn.click(ev(h.on_log_tail), inputs=p.monitor_state, outputs=[p.log_tail, p.monitor_state], api_name="log_tail")
 
     # Step 5: the history, curves compared, samples, export.
     overlay_io = dict(inputs=[p.compare_runs, p.compare_metric, p.monitor_state], outputs=p.overlay_plot)

@@ -249,6 +249,11 @@ def reward_kl_series(events: Sequence[Mapping]) -> dict:
     return {"reward_key": reward_key, "kl_key": kl_key, "reward": reward, "kl": kl, "margins": margins}
 
 
+def _named(what: str, key: str | None) -> str:
+    """A series' name: "reward", or "reward (objective/scores)" when the logged key says more than the word."""
+    return what if not key or key.lower() == what.lower() else f"{what} ({key})"
+
+
 def reward_kl_time_figure(events: Sequence[Mapping], title: str = "Reward and KL over time") -> go.Figure:
     """Reward (left axis) and KL to the reference (right axis) against the step."""
     series = reward_kl_series(events)
@@ -256,10 +261,10 @@ def reward_kl_time_figure(events: Sequence[Mapping], title: str = "Reward and KL
         return empty_figure(title, "No reward or KL yet (preference stages log them: DPO, PPO).")
     fig = go.Figure()
     if series["reward"][0]:
-        fig.add_trace(go.Scatter(x=series["reward"][0], y=series["reward"][1], name=f"reward ({series['reward_key']})",
+        fig.add_trace(go.Scatter(x=series["reward"][0], y=series["reward"][1], name=_named("reward", series["reward_key"]),
                                  mode="lines+markers", marker={"size": 4}, line={"color": COLORS["reward"], "width": 2}))
     if series["kl"][0]:
-        fig.add_trace(go.Scatter(x=series["kl"][0], y=series["kl"][1], name=f"KL ({series['kl_key']})", yaxis="y2",
+        fig.add_trace(go.Scatter(x=series["kl"][0], y=series["kl"][1], name=_named("KL", series["kl_key"]), yaxis="y2",
                                  mode="lines+markers", marker={"size": 5}, line={"color": COLORS["kl"], "width": 2}))
         fig.update_layout(yaxis2={"title": "KL (nats)", "overlaying": "y", "side": "right", "showgrid": False})
     if series["margins"][0]:
@@ -289,8 +294,8 @@ def reward_vs_kl_figure(events: Sequence[Mapping], title: str = "Reward against 
             earlier = [r for s, r in zip(reward_steps, rewards) if s <= kl_step]
             if earlier:
                 points.append((kl_step, kl, earlier[-1]))
-    if not points:
-        return empty_figure(title, "Needs both a reward and a KL measurement.")
+    if len(points) < 2:  # one point is the start (KL 0 to itself): a trade-off needs a second
+        return empty_figure(title, "Needs two reward-and-KL measurements (the first is the start, at KL 0).")
     steps, x, y = zip(*points)
     fig = go.Figure(go.Scatter(
         x=list(x), y=list(y), mode="lines+markers", name="reward vs KL",
@@ -300,7 +305,7 @@ def reward_vs_kl_figure(events: Sequence[Mapping], title: str = "Reward against 
                 "colorbar": {"title": "step", "thickness": 12}},
         hovertemplate="KL %{x:.4f}<br>reward %{y:.4f}<br>%{text}<extra></extra>",
     ))
-    _base_layout(fig, title, x_title=f"KL ({series['kl_key']})", y_title=f"reward ({series['reward_key']})")
+    _base_layout(fig, title, x_title=_named("KL", kl_key), y_title=_named("reward", reward_key))
     fig.update_layout(hovermode="closest", showlegend=False)
     return fig
 
@@ -481,11 +486,15 @@ class RunProgress:
 def run_progress(events: Sequence[Mapping], now: float | None = None) -> RunProgress:
     """Progress, elapsed time and time left from a run's events."""
     now = time.time() if now is None else now
+    # The current attempt: after a resume, the previous attempt's terminal event must not freeze the clock.
+    current = attempts(events)[-1] if events else []
+    first_time = events[0].get("time", now) if events else now
+    events = current
     step = max((int(e.get("step") or 0) for e in events), default=0)
     begin = next((e for e in reversed(events) if e.get("event") == "train_begin"), None)
     max_steps = int(begin["max_steps"]) if begin and isinstance(begin.get("max_steps"), (int, float)) else None
     terminal = next((e for e in reversed(events) if e.get("event") in ("finished", "failed", "stopped")), None)
-    start_time = float(events[0].get("time", now)) if events else now
+    start_time = float(first_time)  # elapsed counts from the run's first event, across attempts
     end_time = float(terminal.get("time", now)) if terminal else now
     eta = None
     if begin and max_steps and not terminal:
@@ -536,13 +545,25 @@ def run_progress(events: Sequence[Mapping], now: float | None = None) -> RunProg
 
 
 def alert_messages(events: Sequence[Mapping]) -> list[str]:
-    """The plain-language message of every `alert` event, oldest first, prefixed with its step."""
+    """The plain-language message of every `alert` event, oldest first, prefixed with its step (the run's
+    step: a pipeline's steps count across its stages, as its charts do, and the stage is named)."""
     messages = []
     for event in events:
         if event.get("event") == "alert":
             text = event.get("message") or event.get("kind") or "alert"
-            messages.append(f"step {int(event.get('step') or 0)}: {text}")
+            stage = f" ({event['stage']})" if event.get("stage") else ""
+            messages.append(f"step {int(event.get('step') or 0)}{stage}: {text}")
     return messages
+
+
+def notice_messages(events: Sequence[Mapping]) -> list[str]:
+    """What the trainer adjusted or wants seen (`notice` and `note` events: a precision the machine cannot
+    run, processes run on the CPU, a safeguard off for a stage), oldest first, each once."""
+    seen: dict[str, None] = {}
+    for event in events:
+        if event.get("event") in ("notice", "note") and event.get("message"):
+            seen.setdefault(str(event["message"]), None)
+    return list(seen)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -597,8 +618,10 @@ def run_header_html(run_id: str | None, progress: RunProgress | None, status: An
     )
 
 
-def alerts_markdown(messages: Sequence[str]) -> str:
-    """The monitor's alert list (the newest 20), or a line saying what the monitors watch."""
-    if not messages:
+def alerts_markdown(messages: Sequence[str], notices: Sequence[str] = ()) -> str:
+    """The monitor's banner: the alerts (the newest 20, in bold), then the trainer's notices; or a line
+    saying what the monitors watch."""
+    lines = [f"- **{_escape(m)}**" for m in messages[-20:]] + [f"- note: {_escape(n)}" for n in notices]
+    if not lines:
         return "No alerts so far. The monitors watch forgetting, KL explosion, reward hacking and mode collapse."
-    return "\n".join(f"- **{_escape(m)}**" for m in messages[-20:])
+    return "\n".join(lines)

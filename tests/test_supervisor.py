@@ -110,6 +110,9 @@ def test_two_process_ddp_on_the_cpu(make_plan, runs_dir):
     assert [e["step"] for e in logs] == [1, 2, 3]
     assert logs[0]["epoch"] == pytest.approx(8 / 48)
     assert (run_dir / "output" / "adapter_model.safetensors").is_file()
+    # Said where the monitor shows it: two CPU processes are a check of the plan, not a speed-up.
+    (notice,) = [e for e in events if e["event"] == "notice" and "no GPU on this machine" in e["message"]]
+    assert "2 processes run DDP on the CPU" in notice["message"]
 
 
 def test_sharded_plans_get_an_fsdp_config(make_plan, tmp_path):
