@@ -604,6 +604,14 @@ def targets_for(inputs: AdvisorInputs, module_sets: Mapping[str, list[str]]) -> 
     return modules, name, f"guide: target modules, {guide_sets[name]} ({why}), as this architecture names them: {', '.join(modules)}"
 
 
+def _params(count: int) -> str:
+    """A parameter count for a reason: "1.6M", "7.2B" (a tiny model is not "0.0B")."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return str(count)
+
+
 def dropout_for(params_total: int) -> tuple[float, str]:
     """QLoRA paper's dropout by model size (the guide gives none)."""
     if params_total >= LORA_DROPOUT_SIZE_SPLIT:
@@ -612,7 +620,7 @@ def dropout_for(params_total: int) -> tuple[float, str]:
         value = LORA_DROPOUT_SMALL
     return value, (
         f"QLoRA paper (Dettmers et al. 2023): dropout 0.1 up to 13B parameters, 0.05 for 33B and 65B; "
-        f"this model has {params_total / 1e9:.1f}B -> {value}"
+        f"this model has {_params(params_total)} -> {value}"
     )
 
 
@@ -739,7 +747,7 @@ def _largest_model_that_fits(setup, gpu_bytes: int, spec, target_set: str) -> st
             continue
         if ok:
             best = (total, model_id)
-    return None if best is None else f"{best[1]} ({best[0] / 1e9:.1f}B parameters)"
+    return None if best is None else f"{best[1]} ({_params(best[0])} parameters)"
 
 
 # -- the entry point -------------------------------------------------------------------------------------

@@ -660,11 +660,18 @@ BUNDLED_DATASETS = {
 }
 
 
+#: The bare sizes the model menu offers (advisor.specs plans any such size as a Llama-shaped model).
+ROUGH_SIZES = ("1B", "3B", "7B", "8B", "13B", "34B", "70B")
+
+
 def model_choices() -> list[tuple[str, str]]:
     """(label, value) for the model menu: the bundled demo model, then the catalogue."""
     from advisor import specs
 
-    return [("demo (bundled offline model)", "demo")] + [(name, name) for name in specs.catalogue_names()]
+    # The rough sizes come before the catalogue, so typing "7B" and Enter picks the size (the filter takes the
+    # first match), not the first catalogue model whose name contains 7b.
+    sizes = [(f"{size}: any Llama-shaped model of this size (rough)", size) for size in ROUGH_SIZES]
+    return [("demo (bundled offline model)", "demo"), *sizes] + [(name, name) for name in specs.catalogue_names()]
 
 
 def gpu_choices() -> list[tuple[str, str]]:
