@@ -494,8 +494,8 @@ class Handlers:
         spec, counts = wizard.model_summary(model)
         return {self.page.model_card: wizard.model_card_markdown(spec, counts)}
 
-    # The next three run after their event whether it failed or not: a refusal stays readable in the panel it
-    # is about (a toast fades, and the panel would keep the last good numbers or a bare "Error" badge).
+    # The next three run when their event failed (.failure): the refusal stays readable in the panel it is
+    # about (a toast fades, and the panel would keep the last good numbers under a bare "Error" badge).
 
     def model_problem(self, model):
         try:
@@ -841,10 +841,11 @@ def _wire(page: Page, h: Handlers) -> None:
                      outputs=p.recommend_outputs)
     estimate_io = dict(inputs=[p.plan_state], inputs_kwargs=p.plan_widgets, outputs=p.plan_outputs)
     quiet = dict(api_visibility="private", show_progress="hidden")
-    p.model.change(ev(h.on_model), inputs=p.model, outputs=p.model_card, api_name="model_info").then(
+    p.model.change(ev(h.on_model), inputs=p.model, outputs=p.model_card, api_name="model_info").failure(
         ev(h.model_problem), inputs=p.model, outputs=p.model_card, **quiet)
     p.upload.upload(ev(h.on_upload), inputs=[p.plan_state, p.upload], outputs=[p.dataset, p.plan_state], api_name="upload")
-    p.dataset.change(ev(h.on_profile), **profile_io, api_name="profile").then(ev(h.profile_problem), **profile_io, **quiet)
+    p.dataset.change(ev(h.on_profile), **profile_io, api_name="profile").failure(ev(h.profile_problem), **profile_io,
+                                                                                 **quiet)
     p.next_2.click(ev(h.on_next_data), inputs=[p.plan_state, p.dataset, p.model],
                    outputs=[p.walkthrough, p.plan_state, p.profile_table, p.histogram], api_name="go_plan", **nav_n).success(
         ev(h.on_recommend), **advice_io, api_name="recommend").success(
@@ -855,7 +856,7 @@ def _wire(page: Page, h: Handlers) -> None:
         if name in ("model", "dataset", "goal", "gpu", "num_gpus"):
             continue  # those change the advice: the plan step re-advises when you reach it
         widget.input(ev(h.on_estimate), **estimate_io, api_name=f"edit_{name}", show_progress="hidden",
-                     trigger_mode="always_last").then(ev(h.plan_problem), **estimate_io, **quiet)
+                     trigger_mode="always_last").failure(ev(h.plan_problem), **estimate_io, **quiet)
 
     # Step 4: launch, the live monitor, stop, resume, the log.
     monitor = dict(inputs=p.monitor_state, outputs=p.monitor_outputs)
