@@ -286,7 +286,9 @@ def resume_run(run: str | Path, runs_dir: str | Path | None = None) -> Resumed:
     at the same moment, from any process, is refused instead of starting a second trainer."""
     run_dir = find_run_dir(run, runs_dir)
     _refuse_resume(status(run_dir))  # a refusal changes nothing in the run directory, not even its lock file
-    with run_lock(run_dir, "resumed"):
+    # Wait a moment for another holder (the watcher recording how the last attempt ended, a launch in
+    # progress): then the state is settled, and a second resume is refused because the run is running.
+    with run_lock(run_dir, "resumed", wait_s=LOCK_WAIT_S):
         current = status(run_dir)
         _refuse_resume(current)  # again under the lock: another process may have resumed it meanwhile
         plan = Plan.load(run_dir / PLAN_FILE)
