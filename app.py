@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import html
 import logging
 import os
 import sys
@@ -51,12 +52,14 @@ from starlette.middleware import Middleware
 import figures
 from advisor import wizard
 from advisor.errors import TunewiseError, user_message
+from advisor.plan import is_demo_model
 from advisor.profile import profile_dataset
 from trainer import jobs, runs, samples, supervisor, warm
 from trainer.events import EVENTS_FILE
+from trainer import rundir
 from trainer.rundir import STDOUT_FILE, run_path, tail_lines
 from trainer.status import events_so_far
-from ui_parts import RequireLogin, number_with_named_range
+from ui_parts import RequireLogin, number_with_named_range, setting_widget
 
 REPO_ROOT = Path(__file__).resolve().parent
 CSS_PATH = REPO_ROOT / "assets" / "ui.css"
@@ -101,17 +104,22 @@ def shows_errors_in_page(fn: Callable, shown: Callable[[str], str] | None = None
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error as exc:
-            exc.message = shown(exc.message)
+        except gr.Error as exc:  # (our own number boxes' messages are plain text too)
+            exc.message = html.escape(shown(exc.message), quote=False)
             raise
         except Exception as exc:  # every handler: the page gets a message, the log gets the traceback
             if not isinstance(exc, TunewiseError):
                 LOG.error("handler %s failed:\n%s", fn.__name__, traceback.format_exc())
             field_name = getattr(exc, "field", None)
             title = f"Check {field_name}" if field_name else ("Check your input" if isinstance(exc, TunewiseError) else "Error")
-            raise gr.Error(shown(user_message(exc)), title=title, print_exception=False) from None
+            raise gr.Error(html.escape(shown(user_message(exc)), quote=False), title=title, print_exception=False) from None
 
     return wrapper
+
+
+def problem_markdown(title: str, message: str) -> str:
+    """A panel's text for a problem: what cannot be shown, and the message (plain text, every character kept)."""
+    return f"#### {title}\n\n{html.escape(message, quote=False)}"
 
 
 # -- per-browser state (gr.State) -----------------------------------------------------------------------
@@ -175,7 +183,8 @@ class Page(SimpleNamespace):
     @property
     def monitor_outputs(self) -> list:
         return [self.monitor_state, *self.group("run_header", "loss_plot", "forgetting_plot", "reward_time_plot",
-                                                "reward_kl_plot", "alerts", "timer", "reward_row")]
+                                                "reward_kl_plot", "alerts", "timer", "reward_row", "comparison",
+                                                "log_tail")]
 
     @property
     def history_outputs(self) -> list:
@@ -263,7 +272,7 @@ def _plan_editor(gr, Number) -> dict:  # noqa: N803
         w["lr_scheduler"] = gr.Dropdown(choices=["cosine", "linear", "constant", "constant_with_warmup"],
                                         value="cosine", label="LR schedule")
         w["epochs"] = Number("epochs", value=1, label="Epochs")
-        w["max_steps"] = Number("max_steps", value=30, precision=0, label="Max steps (0: run the epochs)",
+        w["max_steps"] = Number("max_steps", value=0, precision=0, label="Max steps (0: run the epochs)",
                                 elem_id="max-steps")
     with gr.Row():
         w["micro_batch"] = Number("micro_batch", value=4, precision=0, label="Micro-batch", elem_id="micro-batch")
@@ -285,6 +294,21 @@ def _plan_editor(gr, Number) -> dict:  # noqa: N803
     return w
 
 
+def _advanced_settings(gr, Number) -> dict:  # noqa: N803
+    """A widget for every plan setting the steps do not show elsewhere, four to a row, by the plan's sections."""
+    w = {}
+    sections: dict[str, list] = {}
+    for setting in wizard.ADVANCED_SETTINGS:
+        sections.setdefault(setting.dotted.split(".")[0] if "." in setting.dotted else "run", []).append(setting)
+    for section, members in sections.items():
+        gr.Markdown(f"**{section.capitalize()}**")
+        for start in range(0, len(members), 4):
+            with gr.Row():
+                for setting in members[start:start + 4]:
+                    w[setting.name] = setting_widget(setting, Number)
+    return w
+
+
 def _step_plan(gr, Number) -> dict:  # noqa: N803
     with gr.Step("Plan", id=3, elem_id="step-plan"):
         w = {"plan_status": gr.Markdown(elem_id="plan-status")}
@@ -299,7 +323,7 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
         w["advice_notes"] = gr.Markdown(elem_id="advice-notes")
         w["recommendations"] = gr.Dataframe(headers=["setting", "value", "why"], interactive=False, wrap=True,
                                             label="Recommendations, each with its reason", elem_id="recommendations",
-                                            column_widths=["18%", "14%", "68%"])
+                                            column_widths=["18%", "14%", "68%"], max_height=4000)
         with gr.Accordion("Edit the plan: every value updates memory and fit at once", open=True, elem_id="plan-editor"):
             w.update(_plan_editor(gr, Number))
         with gr.Row():
@@ -308,6 +332,8 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
                                                 label="The guide's quick reference beside our estimate (GB)")
             with gr.Column(scale=2):
                 w["guide_note"] = gr.Markdown(elem_id="guide-note")
+        with gr.Accordion("Advanced settings: every other plan setting", open=False, elem_id="advanced"):
+            w.update(_advanced_settings(gr, Number))
         with gr.Accordion("How each memory figure is computed", open=False):
             w["explanations"] = gr.Dataframe(headers=["component", "how"], interactive=False, wrap=True,
                                              column_widths=["20%", "80%"])
@@ -326,7 +352,10 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
 
 def _step_monitor(gr, figures, poll_seconds: float) -> dict:
     with gr.Step("Launch & monitor", id=4, elem_id="step-monitor"):
-        w = {"run_header": gr.HTML(figures.run_header_html(None, None), elem_id="run-header")}
+        w = {"run_header": gr.HTML(figures.run_header_html(None, None), elem_id="run-header"),
+             # The banner: alerts as they happen and what the trainer adjusted, above the charts.
+             "alerts": gr.Markdown(figures.alerts_markdown([]), label="Alerts", elem_id="alerts",
+                                   elem_classes=["tw-alerts"])}
         with gr.Row():
             w["stop_btn"] = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop", scale=0, min_width=220)
             w["resume_btn"] = gr.Button("Resume from the last checkpoint", elem_id="resume", scale=0, min_width=260)
@@ -343,7 +372,8 @@ def _step_monitor(gr, figures, poll_seconds: float) -> dict:
             w["reward_kl_plot"] = gr.Plot(figures.reward_vs_kl_figure([]), label="Reward against KL", show_label=False,
                                           elem_id="reward-kl-plot")
         w["reward_row"] = reward_row
-        w["alerts"] = gr.Markdown(figures.alerts_markdown([]), label="Alerts", elem_id="alerts")
+        w["comparison"] = gr.Dataframe(visible=False, interactive=False, wrap=True, elem_id="comparison",
+                                       label="RLHF beside DPO, on the same held-out prompts and reward model")
         w["log_tail"] = gr.Code(language=None, label="stdout.log (last lines)", visible=False, elem_id="log-tail")
         w["timer"] = gr.Timer(poll_seconds, active=False)
     return w
@@ -358,7 +388,14 @@ def _step_results(gr, wizard) -> dict:
                                        elem_id="runs-table")
         with gr.Row():
             w["open_run"] = gr.Dropdown(choices=[], label="Run", elem_id="open-run", scale=2)
+            w["open_step"] = gr.Dropdown(choices=[], label="Pipeline step (samples and export use its model)",
+                                         visible=False, elem_id="open-step", scale=1)
             w["watch_btn"] = gr.Button("Watch in step 4", scale=0, min_width=170, elem_id="watch")
+            w["delete_btn"] = gr.Button("Delete this run", variant="secondary", scale=0, min_width=150,
+                                        elem_id="delete-run")
+            w["delete_confirm"] = gr.Button("Yes, delete it", variant="stop", visible=False, scale=0, min_width=150,
+                                            elem_id="delete-confirm")
+        w["run_note"] = gr.Markdown(elem_id="run-note")
         with gr.Row():
             w["compare_runs"] = gr.Dropdown(choices=[], multiselect=True, label="Overlay the curves of", scale=3,
                                             elem_id="compare-runs")
@@ -370,10 +407,11 @@ def _step_results(gr, wizard) -> dict:
             w["prompts"] = gr.Textbox(lines=3, label="Prompts (one per line)",
                                       value="Convert 2011-09-24 to day, month and year.\nPlease spell out the date 2016-05-11.")
             w["generate_btn"] = gr.Button("Generate with the base and the tuned model", elem_id="generate")
-            w["samples_table"] = gr.Dataframe(headers=["prompt", "base", "tuned"], interactive=False, wrap=True)
+            w["samples_table"] = gr.Dataframe(headers=["prompt", "base", "tuned"], interactive=False, wrap=True,
+                                              column_widths=["30%", "35%", "35%"], elem_id="samples-table")
         with gr.Accordion("Merge / export", open=False, elem_id="export"):
             w["export_reload"] = gr.Checkbox(value=False, label="QLoRA run: merge into the base reloaded in 16 bit "
-                                             "(the adapter was trained against 4-bit weights)")
+                                             "(the adapter was trained against 4-bit weights)", visible=False)
             w["export_btn"] = gr.Button("Merge the adapter into the base and export", elem_id="export-btn")
             w["export_note"] = gr.Markdown()
             w["export_file"] = gr.File(label="Download", interactive=False)
@@ -415,7 +453,6 @@ class Handlers:
     and drives only the runs launched from this session (`monitor_state["own"]`)."""
 
     def __init__(self, config: AppConfig, page: Page):
-
         self.config, self.page = config, page
         self.demo_limits = wizard.DemoLimits(max_steps=config.demo_max_steps, keep_runs=config.demo_keep_runs)
         # The demo's one-run-at-a-time check and the launch must not interleave between requests (the queue
@@ -461,14 +498,56 @@ class Handlers:
     # -- steps 1 to 3: model, data, plan -----------------------------------------------------------------
 
     def on_model(self, model):
-
         self.demo_guard(model=model)
         spec, counts = wizard.model_summary(model)
         return {self.page.model_card: wizard.model_card_markdown(spec, counts)}
 
+    # The next three run when their event failed (.failure): the refusal stays readable in the panel it is
+    # about (a toast fades, and the panel would keep the last good numbers under a bare "Error" badge).
+
+    def model_problem(self, model):
+        try:
+            return self.on_model(model)
+        except TunewiseError as exc:
+            return {self.page.model_card: problem_markdown("This model cannot be planned", self.shown(str(exc)))}
+
+    def profile_problem(self, plan_state, dataset, model):
+        if (plan_state.get("profile") or {}).get("dataset_label") == wizard.dataset_label(dataset):
+            return {}  # profiled: the table shows it
+        try:
+            return self.on_profile(plan_state, dataset, model)
+        except TunewiseError as exc:
+            return {self.page.plan_state: {**plan_state, "profile": None},
+                    self.page.profile_table: [["problem", self.shown(str(exc))]],
+                    self.page.histogram: figures.empty_figure("Token lengths", "No profile: the dataset could not be read.")}
+
+    def plan_problem(self, plan_state, **values):
+        p = self.page
+        try:
+            self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
+            wizard.plan_view(wizard.plan_from_widgets(values))
+            return {}
+        except TunewiseError as exc:
+            cleared = {"headers": ["-"], "data": []}
+            return {p.plan_status: problem_markdown("This plan cannot be estimated", self.shown(str(exc))),
+                    p.memory_table: cleared, p.fit_table: cleared, p.cli_text: "", p.yaml_text: "",
+                    p.memory_plot: figures.empty_figure("Memory per GPU", "Fix the setting named above.")}
+
+    def on_next_model(self, model):
+        """Step 1 -> 2, only for a model the planner can read (the message says what to fix otherwise)."""
+        self.demo_guard(model=model)
+        wizard.model_summary(model)
+        return {self.page.walkthrough: gr.Walkthrough(selected=2)}
+
+    def on_next_data(self, plan_state, dataset, model):
+        """Step 2 -> 3, only for a dataset that was read and checked (its profile is the current one)."""
+        profiled = (plan_state.get("profile") or {}).get("dataset_label")
+        if profiled != wizard.dataset_label(dataset):
+            update = self.on_profile(plan_state, dataset, model)  # raises with the problem (the row) named
+            return {**update, self.page.walkthrough: gr.Walkthrough(selected=3)}
+        return {self.page.walkthrough: gr.Walkthrough(selected=3)}
+
     def on_upload(self, plan_state, upload):
-
-
         if not upload:
             return {}
         if str(Path(upload).resolve()) not in {str(Path(p).resolve()) for p in self.uploaded_here}:
@@ -484,7 +563,6 @@ class Handlers:
                 self.page.plan_state: {**plan_state, "uploads": uploads}}
 
     def on_profile(self, plan_state, dataset, model):
-
         if not isinstance(dataset, str) or not dataset.strip():
             wizard.text_value(dataset, "data.dataset", wizard.TEXT_WIDGETS["dataset"])  # not text: says so
             raise TunewiseError("data.dataset: no dataset chosen; pick a bundled one or upload a file"
@@ -494,18 +572,17 @@ class Handlers:
         profile = profile_dataset(self.dataset_path(plan_state, dataset), model or None)
         histogram = figures.token_histogram_figure(profile.histogram.edges, profile.histogram.counts,
                                                    profile.recommended_seq_len, profile.tokens.p95)
-        return {self.page.plan_state: {**plan_state, "profile": profile.to_dict()},
+        profiled = {**profile.to_dict(), "dataset_label": wizard.dataset_label(dataset)}
+        return {self.page.plan_state: {**plan_state, "profile": profiled},
                 self.page.profile_table: wizard.profile_rows(profile), self.page.histogram: histogram}
 
     def recommend(self, plan_state, keep_changes: bool, values: dict) -> dict:
         """Ask the advisor (keeping the plan widgets the user changed when `keep_changes`) and fill them in."""
-
-
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
         advisor_values = {name: values[name] for name in wizard.ADVISOR_WIDGETS}
         overrides = {name: values[name] for name in wizard.ADVISED_WIDGETS} if keep_changes else None
         advised = wizard.advise(advisor_values, plan_state.get("profile"), overrides,
-                                max_steps=wizard.step_cap(values.get("max_steps")))
+                                max_steps=self.step_cap(values, keep_changes))
         widget_values = wizard.widgets_from_plan(advised.plan)
         guide_headers, guide_rows = wizard.guide_rows()
         updates = {widget: (gr.update(value=widget_values[name], choices=advised.target_choices)
@@ -515,6 +592,15 @@ class Handlers:
                 self.page.guide_table: {"headers": guide_headers, "data": guide_rows},
                 self.page.guide_note: wizard.guide_note(), self.page.advice_notes: advised.notes_markdown}
 
+    def step_cap(self, values: dict, keep_changes: bool) -> int | None:
+        """The cap on the advised run's length: the user's own "Max steps" when re-advising with their changes;
+        else the demo's step budget for the demo model (or any run of the public demo), and none for a real
+        model, whose length comes from its data and epochs."""
+        if keep_changes:
+            return wizard.step_cap(values.get("max_steps"))
+        demo = self.config.demo_mode or is_demo_model(values.get("model"))
+        return self.demo_limits.max_steps if demo else None
+
     def on_recommend(self, plan_state, **values):
         return self.recommend(plan_state, False, values)
 
@@ -522,7 +608,6 @@ class Handlers:
         return self.recommend(plan_state, True, values)
 
     def on_estimate(self, plan_state, **values):
-
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
         plan = wizard.plan_from_widgets(values)  # an upload keeps its name here: the page shows the plan
         view = wizard.plan_view(plan)
@@ -544,8 +629,6 @@ class Handlers:
     def poll(self, monitor_state):
         """Read the new bytes of the watched run's events.jsonl and redraw (only when something arrived);
         the timer is switched off once the run has ended and everything was read."""
-
-
         p = self.page
         run_id = monitor_state.get("run_id")
         if not run_id:
@@ -560,6 +643,8 @@ class Handlers:
         still_going = status is not None and status.state in ("queued", "running")
         update = {p.monitor_state: monitor_state, p.timer: gr.Timer(active=still_going or bool(events)),
                   p.run_header: self.shown(figures.run_header_html(run_id, figures.run_progress(all_events), status))}
+        if monitor_state.get("log_open") and events:  # the log tail follows the run it shows
+            update[p.log_tail] = self.log_text(monitor_state, run_id)
         if not events and monitor_state.get("drawn"):
             return update
         monitor_state["drawn"] = True
@@ -568,24 +653,27 @@ class Handlers:
                 p.forgetting_plot: figures.forgetting_figure(all_events),
                 p.reward_time_plot: figures.reward_kl_time_figure(all_events),
                 p.reward_kl_plot: figures.reward_vs_kl_figure(all_events),
-                p.alerts: figures.alerts_markdown(figures.alert_messages(all_events)),
-                p.reward_row: gr.Row(visible=bool(series["reward"][0] or series["kl"][0]))}
+                p.alerts: figures.alerts_markdown(figures.alert_messages(all_events),
+                                                  [self.shown(n) for n in figures.notice_messages(all_events)]),
+                p.reward_row: gr.Row(visible=bool(series["reward"][0] or series["kl"][0])),
+                p.comparison: (gr.update(value=table, visible=True) if (table := figures.comparison_table(all_events))
+                               else gr.update(visible=False))}
 
     def watch(self, monitor_state: dict, run_id: str) -> dict:
         """Watch `run_id` in step 4 from its first event."""
         return {self.page.walkthrough: gr.Walkthrough(selected=4), **self.poll(monitoring(monitor_state, run_id))}
 
     def on_launch(self, monitor_state, plan_state, **values):
-
-
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
         plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
         notes: list[str] = []
         with self.launch_lock:
+            active = runs.active_runs(self.config.runs_dir)
             if self.config.demo_mode:
-                plan, notes = wizard.admit_demo_run(plan, self.demo_limits, runs.active_runs(self.config.runs_dir),
-                                                    monitor_state.get("own") or [])
+                plan, notes = wizard.admit_demo_run(plan, self.demo_limits, active, monitor_state.get("own") or [])
                 runs.cleanup_old_runs(self.config.runs_dir, self.config.uploads_dir, self.demo_limits.keep_runs - 1)
+            elif active:  # one machine, one run: a second one would run both out of memory (or at half speed)
+                raise TunewiseError(wizard.machine_busy_message(active[0], plan), field="queue")
             # An upload goes into the run's own folder: the run keeps its data when old uploads are cleaned.
             uploaded = runs.is_upload(plan.data.dataset, self.config.uploads_dir)
             run_id = supervisor.launch(plan, self.config.runs_dir, copy_dataset=uploaded)
@@ -613,19 +701,19 @@ class Handlers:
         return run_id
 
     def on_stop(self, monitor_state):
-
-
         run_id = self.current_run(monitor_state, "stop")
-        # stop() waits for the run to save and exit (killing it after 30 s): do that in the background so the
-        # page stays live; the monitor shows "stopped" when it is done.
-        threading.Thread(target=supervisor.stop, args=(run_id,), kwargs={"runs_dir": self.config.runs_dir, "timeout": 30},
+        current = supervisor.status(run_id, self.config.runs_dir)
+        # stop() waits for the run to save and exit, then kills it (after a wait scaled to this run's own step,
+        # save and measurement times): in the background, so the page stays live; the header shows the end.
+        threading.Thread(target=supervisor.stop, args=(run_id,), kwargs={"runs_dir": self.config.runs_dir},
                          daemon=True).start()
-        gr.Info(f"Stop requested: {run_id} saves a checkpoint and ends after the current step.")
+        step = f" (a step takes about {current.step_s:.1f} s)" if current.step_s else ""
+        gr.Info(f"Stop requested: {run_id} finishes its current step{step}, saves a checkpoint and ends. If it has "
+                f"not ended within {current.stop_wait_s:.0f} s it is killed, and then no checkpoint is saved; the "
+                "header says which happened.")
         return self.poll(monitor_state)
 
     def on_resume(self, monitor_state):
-
-
         run_id = self.current_run(monitor_state, "resume")
         with self.launch_lock:
             if self.config.demo_mode and runs.active_runs(self.config.runs_dir):
@@ -636,14 +724,15 @@ class Handlers:
         return self.poll(monitor_state)
 
     def on_log_tail(self, monitor_state):
-
-
         run_id = monitor_state.get("run_id")
         if not run_id:
             return {self.page.log_tail: gr.update(visible=True, value="(no run selected)")}
+        return {self.page.log_tail: gr.update(visible=True, value=self.log_text(monitor_state, run_id)),
+                self.page.monitor_state: {**monitor_state, "log_open": True}}
+
+    def log_text(self, monitor_state: dict, run_id: str) -> str:
         log = self.run_dir(monitor_state, run_id) / STDOUT_FILE
-        text = "\n".join(tail_lines(log, 60)) if log.is_file() else f"({log.name} does not exist yet)"
-        return {self.page.log_tail: gr.update(visible=True, value=self.shown(text))}
+        return self.shown("\n".join(tail_lines(log, 60)) if log.is_file() else f"({log.name} does not exist yet)")
 
     def on_attach(self, monitor_state):
         """On page load: watch the newest running run (in demo mode, only one of this visitor's), so reopening
@@ -659,24 +748,61 @@ class Handlers:
     # -- step 5: results and runs --------------------------------------------------------------------------
 
     def on_runs(self, monitor_state):
-
-
         statuses = runs.history(self.config.runs_dir, only=self.own_runs(monitor_state))
         ids = [status.run_id for status in statuses]
-        # The newest run is picked and its curve drawn, so the step never opens on an empty chart.
-        return {self.page.runs_table: [wizard.run_row(status) for status in statuses],
-                self.page.open_run: gr.update(choices=ids, value=ids[0] if ids else None),
-                self.page.compare_runs: gr.update(choices=ids, value=ids[:1])}
+        # The newest run that did not fail is picked and its curve drawn, so the step opens on something to see.
+        picked = wizard.preselected_run(statuses)
+        return {self.page.runs_table: {"headers": wizard.RUN_HEADERS, "data": [wizard.run_row(s) for s in statuses]},
+                self.page.open_run: gr.update(choices=ids, value=picked),
+                self.page.compare_runs: gr.update(choices=ids, value=[picked] if picked else [])}
+
+    def on_pick_run(self, run_id, monitor_state):
+        """A run picked in step 5: its pipeline steps (final policy first choice), the QLoRA merge option."""
+        p = self.page
+        hidden = {p.open_step: gr.update(choices=[], value=None, visible=False),
+                  p.export_reload: gr.update(visible=False, value=False), p.delete_confirm: gr.update(visible=False)}
+        if not run_id:
+            return {**hidden, p.run_note: ""}
+        outputs = rundir.model_outputs(self.run_dir(monitor_state, run_id))
+        if not outputs:
+            return {**hidden, p.run_note: "This run has no output or checkpoint yet: it saves one when it finishes, "
+                                          "when a stop ends in time, and at every checkpoint interval."}
+        final = rundir.final_output(self.run_dir(monitor_state, run_id), policy=any(o.policy for o in outputs))
+        steps = [o.label for o in outputs]
+        qlora = supervisor.status(run_id, self.config.runs_dir).method == "qlora"
+        return {p.open_step: gr.update(choices=steps, value=final.label, visible=len(outputs) > 1 or final.label != "output"),
+                p.export_reload: gr.update(visible=qlora, value=False), p.delete_confirm: gr.update(visible=False),
+                p.run_note: ("" if not final.checkpoint else f"{final.label} saved no output yet: samples and export "
+                             f"use its newest complete checkpoint ({final.path.name}).")}
+
+    def on_delete(self, run_id, monitor_state):
+        """First click: ask. The confirmation button does the deleting."""
+        if not run_id:
+            raise TunewiseError("run: pick the run to delete in the list first", field="run")
+        current = supervisor.status(self.run_dir(monitor_state, run_id), self.config.runs_dir)
+        if current.active:
+            raise TunewiseError(f"run: {run_id} is still {current.state}; stop it in step 4 before deleting it", field="run")
+        return {self.page.delete_confirm: gr.update(visible=True),
+                self.page.run_note: f"Delete **{run_id}** ({current.state}) and everything in its folder (checkpoints, "
+                                    "outputs, logs)? This cannot be undone."}
+
+    def on_delete_confirm(self, run_id, monitor_state):
+        self.run_dir(monitor_state, run_id)
+        deleted = supervisor.delete(run_id, self.config.runs_dir)
+        own = [r for r in (monitor_state.get("own") or []) if r != deleted]
+        monitor_state = {**monitor_state, "own": own}
+        if monitor_state.get("run_id") == deleted:
+            monitor_state = monitoring(monitor_state, None)
+        return {**self.on_runs(monitor_state), self.page.monitor_state: monitor_state,
+                self.page.delete_confirm: gr.update(visible=False), self.page.run_note: f"Deleted {deleted}."}
 
     def on_watch(self, monitor_state, run_id):
-
         if not run_id:
             raise TunewiseError("run: pick a run in the list first", field="run")
         self.run_dir(monitor_state, run_id)
         return self.watch(monitor_state, run_id)
 
     def on_overlay(self, run_ids, metric, monitor_state):
-
         if not isinstance(metric, str) or not metric.strip():
             raise TunewiseError(f"metric: pick a metric to compare (loss, eval_loss, reward, ...), not {metric!r}",
                                 field="metric")
@@ -685,21 +811,19 @@ class Handlers:
         compared = {run_id: events_so_far(self.run_dir(monitor_state, run_id) / EVENTS_FILE) for run_id in run_ids or []}
         return {self.page.overlay_plot: figures.overlay_figure(compared, metric=metric)}
 
-    def on_generate(self, run_id, prompts, monitor_state):
-
+    def on_generate(self, run_id, prompts, monitor_state, step=None):
         if not run_id:
             raise TunewiseError("run: pick a finished run in the list first", field="run")
         run_dir = self.run_dir(monitor_state, run_id)
         lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
-        rows = samples.generate(run_dir, lines, self.config.generate_timeout_s)
+        rows = samples.generate(run_dir, lines, self.config.generate_timeout_s, step=step or None)
         return {self.page.samples_table: rows}
 
-    def on_export(self, run_id, reload_16bit, monitor_state):
-
+    def on_export(self, run_id, reload_16bit, monitor_state, step=None):
         if not run_id:
             raise TunewiseError("run: pick a finished run in the list first", field="run")
         archive, note = runs.export(self.run_dir(monitor_state, run_id), self.config.exports_dir, bool(reload_16bit),
-                                    self.config.generate_timeout_s)
+                                    self.config.generate_timeout_s, step=step or None)
         return {self.page.export_note: self.shown(note), self.page.export_file: archive}
 
 
@@ -710,17 +834,22 @@ def _wire(page: Page, h: Handlers) -> None:
 
     p = page
     ev = functools.partial(shows_errors_in_page, shown=h.shown)  # every handler's errors reach the page as messages
-    nav = dict(show_progress="hidden")
 
     def step(number: int):
         return lambda: gr.Walkthrough(selected=number)
 
-    p.next_1.click(step(2), outputs=p.walkthrough, api_name="go_data", **nav)
-    p.back_2.click(step(1), outputs=p.walkthrough, api_name="go_model", **nav)
-    p.back_3.click(step(2), outputs=p.walkthrough, api_name="back_to_data", **nav)
-    p.history_1.click(step(5), outputs=p.walkthrough, api_name="go_history", **nav).then(
+    # Moving to another step starts at its top (the page would otherwise stay scrolled where the button was).
+    top = "window.scrollTo({top: 0, behavior: 'smooth'})"
+    nav_0 = dict(show_progress="hidden", js=f"() => {{ {top}; }}")
+    nav_1 = dict(show_progress="hidden", js=f"(x) => {{ {top}; return x; }}")
+    nav_n = dict(show_progress="hidden", js=f"(...args) => {{ {top}; return args; }}")
+
+    p.next_1.click(ev(h.on_next_model), inputs=p.model, outputs=p.walkthrough, api_name="go_data", **nav_1)
+    p.back_2.click(step(1), outputs=p.walkthrough, api_name="go_model", **nav_0)
+    p.back_3.click(step(2), outputs=p.walkthrough, api_name="back_to_data", **nav_0)
+    p.history_1.click(step(5), outputs=p.walkthrough, api_name="go_history", **nav_0).then(
         ev(h.on_runs), inputs=p.monitor_state, outputs=p.history_outputs, api_name="runs_after_history")
-    p.to_results.click(step(5), outputs=p.walkthrough, api_name="go_results", **nav).then(
+    p.to_results.click(step(5), outputs=p.walkthrough, api_name="go_results", **nav_0).then(
         ev(h.on_runs), inputs=p.monitor_state, outputs=p.history_outputs, api_name="runs_after_nav")
 
     # Steps 1-3: the model card, the upload and the dataset profile, the advice, the plan's memory.
@@ -728,11 +857,15 @@ def _wire(page: Page, h: Handlers) -> None:
     advice_io = dict(inputs=[p.plan_state], inputs_kwargs={**p.plan_widgets, **p.advisor_widgets},
                      outputs=p.recommend_outputs)
     estimate_io = dict(inputs=[p.plan_state], inputs_kwargs=p.plan_widgets, outputs=p.plan_outputs)
-    p.model.change(ev(h.on_model), inputs=p.model, outputs=p.model_card, api_name="model_info")
+    quiet = dict(api_visibility="private", show_progress="hidden")
+    p.model.change(ev(h.on_model), inputs=p.model, outputs=p.model_card, api_name="model_info").failure(
+        ev(h.model_problem), inputs=p.model, outputs=p.model_card, **quiet)
     p.upload.upload(ev(h.on_upload), inputs=[p.plan_state, p.upload], outputs=[p.dataset, p.plan_state], api_name="upload")
-    p.dataset.change(ev(h.on_profile), **profile_io, api_name="profile")
-    p.next_2.click(step(3), outputs=p.walkthrough, api_name="go_plan", **nav).then(
-        ev(h.on_recommend), **advice_io, api_name="recommend").then(
+    p.dataset.change(ev(h.on_profile), **profile_io, api_name="profile").failure(ev(h.profile_problem), **profile_io,
+                                                                                 **quiet)
+    p.next_2.click(ev(h.on_next_data), inputs=[p.plan_state, p.dataset, p.model],
+                   outputs=[p.walkthrough, p.plan_state, p.profile_table, p.histogram], api_name="go_plan", **nav_n).success(
+        ev(h.on_recommend), **advice_io, api_name="recommend").success(
         ev(h.on_estimate), **estimate_io, api_name="estimate")
     p.readvise.click(ev(h.on_readvise), **advice_io, api_name="readvise").then(
         ev(h.on_estimate), **estimate_io, api_name="estimate_after_readvise")
@@ -740,7 +873,7 @@ def _wire(page: Page, h: Handlers) -> None:
         if name in ("model", "dataset", "goal", "gpu", "num_gpus", "num_nodes"):
             continue  # those change the advice: the plan step re-advises when you reach it
         widget.input(ev(h.on_estimate), **estimate_io, api_name=f"edit_{name}", show_progress="hidden",
-                     trigger_mode="always_last")
+                     trigger_mode="always_last").failure(ev(h.plan_problem), **estimate_io, **quiet)
 
     # Step 4: launch, the live monitor, stop, resume, the log.
     monitor = dict(inputs=p.monitor_state, outputs=p.monitor_outputs)
@@ -751,7 +884,7 @@ def _wire(page: Page, h: Handlers) -> None:
     p.timer.tick(ev(h.poll), **monitor, api_name="poll", show_progress="hidden", trigger_mode="always_last")
     p.stop_btn.click(ev(h.on_stop), **monitor, api_name="stop")
     p.resume_btn.click(ev(h.on_resume), **monitor, api_name="resume")
-    p.log_btn.click(ev(h.on_log_tail), inputs=p.monitor_state, outputs=p.log_tail, api_name="log_tail")
+    p.log_btn.click(ev(h.on_log_tail), inputs=p.monitor_state, outputs=[p.log_tail, p.monitor_state], api_name="log_tail")
 
     # Step 5: the history, curves compared, samples, export.
     overlay_io = dict(inputs=[p.compare_runs, p.compare_metric, p.monitor_state], outputs=p.overlay_plot)
@@ -760,9 +893,16 @@ def _wire(page: Page, h: Handlers) -> None:
                       api_name="watch")
     p.compare_runs.change(ev(h.on_overlay), **overlay_io, api_name="overlay")
     p.compare_metric.change(ev(h.on_overlay), **overlay_io, api_name="overlay_metric")
-    p.generate_btn.click(ev(h.on_generate), inputs=[p.open_run, p.prompts, p.monitor_state], outputs=p.samples_table,
-                         api_name="samples")
-    p.export_btn.click(ev(h.on_export), inputs=[p.open_run, p.export_reload, p.monitor_state],
+    p.open_run.change(ev(h.on_pick_run), inputs=[p.open_run, p.monitor_state],
+                      outputs=p.group("open_step", "export_reload", "delete_confirm", "run_note"), api_name="pick_run")
+    p.delete_btn.click(ev(h.on_delete), inputs=[p.open_run, p.monitor_state], outputs=[p.delete_confirm, p.run_note],
+                       api_name="delete")
+    p.delete_confirm.click(ev(h.on_delete_confirm), inputs=[p.open_run, p.monitor_state],
+                           outputs=[*p.history_outputs, p.monitor_state, p.delete_confirm, p.run_note],
+                           api_name="delete_confirm")
+    p.generate_btn.click(ev(h.on_generate), inputs=[p.open_run, p.prompts, p.monitor_state, p.open_step],
+                         outputs=p.samples_table, api_name="samples")
+    p.export_btn.click(ev(h.on_export), inputs=[p.open_run, p.export_reload, p.monitor_state, p.open_step],
                        outputs=[p.export_note, p.export_file], api_name="export")
 
     # On page load, independently (one failing does not block the others): the model card; the dataset

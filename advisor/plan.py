@@ -45,6 +45,23 @@ DEMO_DATASETS = {
     "demo-pretrain": DEMO_DATA_DIR / "demo_pretrain.txt",
 }
 
+#: The bundled datasets that hold the demo's invented world (towns, rivers): they say something about what
+#: the demo model knows and nothing about a real model, so no real model is ever probed or replayed on them.
+DEMO_WORLD_TEXTS = ("demo-original", "demo-pretrain")
+
+
+def is_demo_model(name: Any) -> bool:
+    """Whether a plan's model.name is the bundled demo model ("demo", or the path of its folder)."""
+    if not isinstance(name, str) or not name.strip():
+        return False
+    if name.strip().lower() == "demo":
+        return True
+    try:
+        return Path(name).expanduser().resolve() == DEMO_MODEL_DIR.resolve()
+    except (OSError, ValueError):
+        return False
+
+
 STAGES = ("sft", "rm", "dpo", "ppo")
 PIPELINES = ("none", "rlhf", "dpo", "compare")
 #: The stages each pipeline runs, in order (compare: SFT once, then RM -> PPO beside DPO).

@@ -39,6 +39,12 @@ DOMAIN_SHIFTS = ("low", "medium", "high")
 PRIORITIES = ("quality", "balanced", "memory")
 SET_BY_YOU = "set by you"
 
+#: Why the forgetting safeguards are off for a real model the user gave no general text for.
+NO_ORIGINAL_TEXT = ("off: the forgetting monitor, replay and EWC need general text from the model's original domain, "
+                    "and the bundled demo text (an invented world) says nothing about a real model. Give a few hundred "
+                    "rows of general text (e.g. a held-out slice of pretraining-like data) as Original-domain data "
+                    "(--original-data FILE) to turn them on")
+
 # -- the guide's tables, as data -------------------------------------------------------------------
 
 #: Guide, LoRA "Rank (r)" table: task complexity -> (low, high) of the recommended rank.
@@ -170,6 +176,9 @@ class AdvisorInputs:
     """For dpo / ppo: the SFT model the stage starts from (None: the base model)."""
     max_steps: int | None = None
     """A cap on optimizer steps the run will use (e.g. the demo's), when the user has set one."""
+    original_data: str | None = None
+    """General text the forgetting monitor measures (and replay / EWC use), when the user has given some;
+    None: the demo's text, which only the demo model can be measured on."""
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model.strip():
@@ -606,6 +615,14 @@ def targets_for(inputs: AdvisorInputs, module_sets: Mapping[str, list[str]]) -> 
     return modules, name, f"guide: target modules, {guide_sets[name]} ({why}), as this architecture names them: {', '.join(modules)}"
 
 
+def _params(count: int) -> str:
+    """A parameter count for a reason: "1.6M", "7.2B" (a tiny model is not "0.0B")."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return str(count)
+
+
 def dropout_for(params_total: int) -> tuple[float, str]:
     """QLoRA paper's dropout by model size (the guide gives none)."""
     if params_total >= LORA_DROPOUT_SIZE_SPLIT:
@@ -614,7 +631,7 @@ def dropout_for(params_total: int) -> tuple[float, str]:
         value = LORA_DROPOUT_SMALL
     return value, (
         f"QLoRA paper (Dettmers et al. 2023): dropout 0.1 up to 13B parameters, 0.05 for 33B and 65B; "
-        f"this model has {params_total / 1e9:.1f}B -> {value}"
+        f"this model has {_params(params_total)} -> {value}"
     )
 
 
@@ -744,7 +761,7 @@ def _largest_model_that_fits(setup, gpu_bytes: int, spec, target_set: str) -> st
             continue
         if ok:
             best = (total, model_id)
-    return None if best is None else f"{best[1]} ({best[0] / 1e9:.1f}B parameters)"
+    return None if best is None else f"{best[1]} ({_params(best[0])} parameters)"
 
 
 # -- the entry point -------------------------------------------------------------------------------------
@@ -940,8 +957,15 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
         warmup, warmup_reason = WARMUP_RANGE[0], f"guide: short warmup (5-10% of steps); 5% of {total_steps} steps is {max(1, round(0.05 * total_steps))} steps"
     rules.put("warmup_ratio", warmup, warmup_reason, "warmup_range")
 
-    # 7. Forgetting safeguards, scaled by the domain shift and the method.
-    rules.put("forgetting_monitor", True, "guide: monitor for catastrophic forgetting; keep a validation set from the original domain", "forgetting_monitor")
+    # 7. Forgetting safeguards, scaled by the domain shift and the method. They need original-domain text: the
+    # demo model has its own; a real model needs some from the user (never the demo's invented-world text).
+    from advisor.plan import DEMO_WORLD_TEXTS, is_demo_model
+
+    has_text = is_demo_model(inputs.model) or (inputs.original_data not in (None, *DEMO_WORLD_TEXTS))
+    if has_text:
+        rules.put("forgetting_monitor", True, "guide: monitor for catastrophic forgetting; keep a validation set from the original domain", "forgetting_monitor")
+    else:
+        rules.put("forgetting_monitor", False, NO_ORIGINAL_TEXT, "forgetting_monitor")
     run_steps = min(total_steps, inputs.max_steps) if inputs.max_steps else total_steps
     rules.put("forgetting_eval_every", *forgetting_interval(run_steps, effective_actual), "monitor_cost")
     adapters = method in ("lora", "qlora")
@@ -955,8 +979,12 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
         replay_reason = "off: guide, LoRA keeps the original weights frozen and the task is close to pretraining; turn on replay (1-10%) if the monitor alerts"
     elif inputs.preserve_original:
         replay_reason += "; doubled because forgetting is a concern"
-    rules.put("replay_fraction", replay, replay_reason + f" -> {replay:.0%}", "replay_buffer")
-    if method == "full" and (inputs.domain_shift == "high" or inputs.preserve_original) and setup.shard != "zero3":
+    if not has_text and replay:
+        replay, replay_reason = 0.0, f"off (the guide would mix {replay:.0%}): {NO_ORIGINAL_TEXT}"
+    rules.put("replay_fraction", replay, replay_reason + ("" if not has_text else f" -> {replay:.0%}"), "replay_buffer")
+    if not has_text and method == "full" and (inputs.domain_shift == "high" or inputs.preserve_original):
+        rules.put("ewc_lambda", 0.0, f"off (the guide would use EWC here): {NO_ORIGINAL_TEXT}", "ewc")
+    elif method == "full" and (inputs.domain_shift == "high" or inputs.preserve_original) and setup.shard != "zero3":
         rules.put("ewc_lambda", EWC_START_LAMBDA,
                   "guide: elastic weight consolidation penalises changes to important weights (Fisher information on the original data); "
                   f"on for full fine-tuning with {'forgetting concerns' if inputs.preserve_original else 'a high domain shift'}; "

@@ -68,7 +68,16 @@ PRIORITY_CHOICES = (("Best quality", "quality"), ("Balanced", "balanced"), ("Lea
 #: Widget name -> the plan setting it edits (dotted): every setting with a widget (`Setting.widget`), by its
 #: short name. `goal` is special (stage + pipeline) and `gpu` maps "none" to no GPU. Widget names are also
 #: the API's parameter names.
-PLAN_WIDGETS: dict[str, str] = {"goal": "stage", **{s.name: s.dotted for s in settings() if s.widget}}
+#: The plan settings the page shows nowhere else (the stage and pipeline come from the goal, the device from
+#: the GPU; examples and tokens are the advisor's record of the data): step 3's "Advanced settings" group
+#: gives each a widget made from its description (label, range, choices, help), so every plan setting is
+#: reachable in the wizard.
+_ELSEWHERE = ("stage", "pipeline", "data.examples", "data.tokens", "hardware.device")
+ADVANCED_SETTINGS = tuple(s for s in settings() if not s.widget and s.dotted not in _ELSEWHERE)
+
+PLAN_WIDGETS: dict[str, str] = {"goal": "stage", **{s.name: s.dotted for s in settings() if s.widget},
+                                **{s.name: s.dotted for s in ADVANCED_SETTINGS}}
+_ON_PAGE = {s.name for s in settings() if s.widget} | {s.name for s in ADVANCED_SETTINGS}
 
 #: Widgets that hold a name (what the name may be, for messages).
 TEXT_WIDGETS = {
@@ -77,7 +86,7 @@ TEXT_WIDGETS = {
 }
 
 #: Widgets whose empty value means "not set" (None in the plan) rather than an error.
-OPTIONAL_WIDGETS = tuple(s.name for s in settings() if s.widget and s.optional)
+OPTIONAL_WIDGETS = tuple(s.name for s in settings() if s.name in _ON_PAGE and s.optional)
 
 #: Human names for plan settings, used in messages and the recommendation table.
 LABELS = {s.dotted: s.label for s in settings()}
@@ -92,8 +101,24 @@ _PAGE_LOWS: dict[str, float] = {"epochs": 0.01, "max_steps": 0, "seq_len": 8, "f
 #: a value the page could not.
 NUMBER_LIMITS: dict[str, tuple[float | None, float | None]] = {
     s.name: (_PAGE_LOWS.get(s.name, None if s.limit.low_open else s.limit.low), s.limit.high)
-    for s in settings() if s.widget and s.limit is not None
+    for s in settings() if s.name in _ON_PAGE and s.limit is not None
 }
+
+
+#: Optional numbers the page shows as text boxes (empty: not set): those unset in a fresh plan.
+NUMBER_TEXT_WIDGETS = tuple(s.name for s in ADVANCED_SETTINGS if s.type in (int, float) and s.default is None)
+
+
+def _number_from_text(text: str, dotted: str) -> Any:
+    """A text box's number: None when empty, else an int or a float (PlanError naming the setting)."""
+    text = text.strip().replace(",", "")
+    if not text:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        raise PlanError(dotted, f"{LABELS.get(dotted, dotted)} must be a number (or empty: not set), got {text!r}") from None
+    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
 
 
 def _show_number(value: float | int) -> str:
@@ -156,6 +181,8 @@ def plan_from_widgets(values: Mapping[str, Any], base: Plan | None = None) -> Pl
     base = base or Plan()
     for name, value in values.items():
         dotted = PLAN_WIDGETS[name]
+        if name in NUMBER_TEXT_WIDGETS and isinstance(value, str):
+            value = _number_from_text(value, dotted)
         if name in NUMBER_LIMITS:
             problem = number_problem(value, *NUMBER_LIMITS[name])
             if problem:
@@ -230,6 +257,8 @@ def widgets_from_plan(plan: Plan) -> dict[str, Any]:
             node = NO_GPU
         if name == "lora_targets":
             node = list(node)
+        if name in NUMBER_TEXT_WIDGETS:
+            node = "" if node is None else (f"{node:g}" if isinstance(node, float) else str(node))
         values[name] = node
     return values
 
@@ -313,6 +342,18 @@ def admit_demo_run(plan: Plan, limits: DemoLimits, active: Sequence[Any], own: S
     this visitor). Another visitor's run is only said to exist: no id, no data. Call it under the lock
     that also covers the launch, so two clicks cannot both be admitted."""
     plan, notes = apply_demo_limits(plan, limits)
+    from advisor.plan import DEMO_DATASETS
+
+    for dotted, value in (("preference.sft_model", plan.preference.sft_model),
+                          ("preference.reward_model", plan.preference.reward_model)):
+        if value and value not in own:
+            raise TunewiseError(f"{dotted}: the public demo starts a stage only from one of your own runs "
+                                f"({', '.join(own) or 'none yet'}), not {value!r}", field=dotted)
+    for dotted, value in (("forgetting.original_data", plan.forgetting.original_data),
+                          ("forgetting.replay_data", plan.forgetting.replay_data)):
+        if value and value not in DEMO_DATASETS:
+            raise TunewiseError(f"{dotted}: the public demo reads only the bundled datasets "
+                                f"({', '.join(DEMO_DATASETS)}) here, not {value!r}", field=dotted)
     if active:
         current = active[0]
         if current.run_id in own:
@@ -323,6 +364,15 @@ def admit_demo_run(plan: Plan, limits: DemoLimits, active: Sequence[Any], own: S
         raise TunewiseError(f"queue: the public demo trains one run at a time and {what}; the button will work then.",
                             field="queue")
     return plan, notes
+
+
+def machine_busy_message(current: Any, plan: Plan) -> str:
+    """Why the page refuses a second launch while `current` (a queued or running run's status) trains here."""
+    where = f"the {plan.hardware.gpu}" if plan.hardware.gpu else "this machine's CPU"
+    return (f"queue: run {current.run_id} is {current.state} (step {current.step}/{current.max_steps or '?'}) on this "
+            f"machine; a second run on {where} would run both out of memory, or each at half speed. Wait for it to "
+            "finish, or stop it in step 4, then launch again (from a terminal, `tunewise launch` can still start runs "
+            "side by side on separate GPUs, e.g. with CUDA_VISIBLE_DEVICES)")
 
 
 def hide_server_paths(text: str, roots: Iterable[Path]) -> str:
@@ -549,8 +599,7 @@ def model_card_markdown(spec: Any, counts: Any) -> str:
 
 
 def run_row(status: Any) -> list[Any]:
-    """One row of the run history from a trainer.status.RunStatus: id, what, state, step / total, last
-    loss, forgetting %, started."""
+    """One row of the run history from a trainer.status.RunStatus (columns: RUN_HEADERS, key ones first)."""
     import time
 
     state = status.state
@@ -562,16 +611,23 @@ def run_row(status: Any) -> list[Any]:
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(status.created_at)) if status.created_at else ""
     return [
         status.run_id,
-        run_what(status),
         state,
         f"{step}/{status.max_steps}" if status.max_steps else str(step),
         f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
         f"{round(forgetting, 1) + 0.0:+.1f}%" if isinstance(forgetting, (int, float)) else "-",  # no "-0.0%"
         started,
+        run_what(status),
     ]
 
 
-RUN_HEADERS = ["run", "what", "status", "step", "last loss", "forgetting", "started"]
+#: The run history's columns: what a practitioner scans first (state, progress, loss), then the long text.
+RUN_HEADERS = ["run", "status", "step", "last loss", "forgetting", "started", "what"]
+
+
+def preselected_run(statuses: Sequence[Any]) -> str | None:
+    """The run step 5 opens on: the newest that did not fail (a failed run has nothing to show), else None."""
+    return next((status.run_id for status in statuses if status.state != "failed"), None)
+
 
 #: File suffixes of the dataset formats Tunewise reads.
 DATA_SUFFIXES = tuple(SUFFIX_FORMATS)
@@ -606,11 +662,18 @@ BUNDLED_DATASETS = {
 }
 
 
+#: The bare sizes the model menu offers (advisor.specs plans any such size as a Llama-shaped model).
+ROUGH_SIZES = ("1B", "3B", "7B", "8B", "13B", "34B", "70B")
+
+
 def model_choices() -> list[tuple[str, str]]:
     """(label, value) for the model menu: the bundled demo model, then the catalogue."""
     from advisor import specs
 
-    return [("demo (bundled offline model)", "demo")] + [(name, name) for name in specs.catalogue_names()]
+    # The rough sizes come before the catalogue, so typing "7B" and Enter picks the size (the filter takes the
+    # first match), not the first catalogue model whose name contains 7b.
+    sizes = [(f"{size}: any Llama-shaped model of this size (rough)", size) for size in ROUGH_SIZES]
+    return [("demo (bundled offline model)", "demo"), *sizes] + [(name, name) for name in specs.catalogue_names()]
 
 
 def gpu_choices() -> list[tuple[str, str]]:
@@ -642,7 +705,7 @@ ADVISED_WIDGETS = tuple(name for name in ADVICE if name in PLAN_WIDGETS) + ("pac
 #: What the advice depends on: the plan widgets of steps 1 and 2, and the step-2 widgets that are advisor
 #: inputs, not plan settings (task, domain, priority, quantized_inference).
 ADVISOR_WIDGETS = ("model", "dataset", "goal", "gpu", "num_gpus", "num_nodes", "task", "domain", "priority",
-                   "quantized_inference")
+                   "quantized_inference", "original_data")
 
 
 @dataclass(frozen=True)
@@ -691,6 +754,7 @@ def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
         pipeline=pipeline,
         seq_len=seq_len,
         max_steps=int(_whole(max_steps)) if not _blank(max_steps) and _whole(max_steps) else None,
+        original_data=None if _blank(values.get("original_data")) else str(values["original_data"]).strip(),
     )
     kept = {}
     for name, value in (overrides or {}).items():
@@ -700,6 +764,8 @@ def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
     base = Plan()
     if not _blank(values.get("dataset")):
         base = base.with_overrides({"data.dataset": str(values["dataset"])})
+    if inputs.original_data:
+        base = base.with_overrides({"forgetting.original_data": inputs.original_data})
     if profile and "pack" in profile:
         base = base.with_overrides({"data.packing": bool(profile["pack"])})
     if max_steps:

@@ -38,6 +38,7 @@ import re
 import shutil
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from advisor.errors import TunewiseError
@@ -167,6 +168,84 @@ def step_dirs(run_dir: str | Path, pipeline: str) -> list[tuple[str, Path]]:
 
     return [(stage, Path(run_dir) / STEPS_DIR / f"{index}-{stage}")
             for index, stage in enumerate(PIPELINE_STAGES[pipeline], 1)]
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """Something a run trained that can be sampled from, merged and exported."""
+
+    label: str
+    """"output" for a single run; a pipeline step's folder name ("1-sft", "3-ppo") for a pipeline."""
+    stage: str
+    """The stage that trained it: sft, rm, dpo or ppo."""
+    path: Path
+    """The adapter or model folder (the output, or the newest complete checkpoint while there is none)."""
+    run_dir: Path
+    """The run directory whose plan trained it: the run itself, or the pipeline step's directory."""
+    checkpoint: bool = False
+    """True when `path` is a checkpoint: the run (or step) has saved no output yet."""
+
+    @property
+    def policy(self) -> bool:
+        """Whether it generates text (a reward model scores it instead)."""
+        return self.stage != "rm"
+
+
+def _trained(run_dir: Path, plan, label: str, stage: str) -> ModelOutput | None:
+    output = output_dir(run_dir, plan.output)
+    if (output / "config.json").is_file() or (output / "adapter_config.json").is_file():
+        return ModelOutput(label, stage, output, run_dir)
+    checkpoint = last_checkpoint(run_dir)
+    return ModelOutput(label, stage, checkpoint, run_dir, checkpoint=True) if checkpoint is not None else None
+
+
+def model_outputs(run_dir: str | Path) -> list[ModelOutput]:
+    """What a run trained, in training order: a single run's output (or newest complete checkpoint), or each
+    pipeline step's. The last one that generates (`final_output`) is the run's result by default."""
+    from advisor.plan import Plan
+
+    run_dir = Path(run_dir)
+    try:
+        plan = Plan.load(run_dir / PLAN_FILE)
+    except (OSError, TunewiseError):
+        return []
+    if plan.pipeline == "none":
+        found = _trained(run_dir, plan, OUTPUT_DIR, plan.stage)
+        return [found] if found else []
+    outputs = []
+    for stage, step_dir in step_dirs(run_dir, plan.pipeline):
+        try:
+            step_plan = Plan.load(step_dir / PLAN_FILE)
+        except (OSError, TunewiseError):
+            continue  # not reached yet
+        found = _trained(step_dir, step_plan, step_dir.name, stage)
+        if found:
+            outputs.append(found)
+    return outputs
+
+
+def final_output(run_dir: str | Path, step: str | None = None, policy: bool = True) -> ModelOutput:
+    """The model a run produced: `step` when given (a pipeline step's folder name, its number or its stage,
+    e.g. "3-ppo", "3" or "ppo"), else the last one trained (a policy, when `policy`: a pipeline's final
+    policy). TunewiseError saying what there is when nothing matches."""
+    outputs = model_outputs(run_dir)
+    name = Path(run_dir).name
+    if not outputs:
+        raise TunewiseError(f"run: {name} has no saved adapter or model yet (no output, no complete checkpoint): it "
+                            "saves one when it finishes, when a stop ends in time, and every training.save_steps",
+                            field="run")
+    if step:
+        wanted = str(step).strip()
+        matches = [o for o in outputs if wanted in (o.label, o.stage, o.label.split("-", 1)[0])]
+        if not matches:
+            raise TunewiseError(f"step: {name} has no step {wanted!r} with a model; it has "
+                                f"{', '.join(o.label for o in outputs)}", field="step")
+        return matches[-1]
+    candidates = [o for o in outputs if o.policy] if policy else outputs
+    if not candidates:
+        raise TunewiseError(f"run: {name} trained only a reward model ({outputs[-1].path}); it scores text rather "
+                            "than generating it", field="run")
+    return candidates[-1]
 
 
 # -- small file helpers -----------------------------------------------------------------------------

@@ -182,6 +182,11 @@ class RunStatus:
     """Newest checkpoint reported."""
     output_dir: str | None = None
     """Where the result was saved (finished or stopped runs)."""
+    step_s: float | None = None
+    """The median time between logged steps of this attempt (None before two logs)."""
+    stop_wait_s: float = 0.0
+    """How long a cooperative stop may take here: the current step, the checkpoint save and the forgetting
+    measurement, each as long as the longest seen so far, twice over, plus STOP_GRACE_S (see stop_wait)."""
     stalled_s: float | None = None
     """Seconds since a running trainer's last event, when that is far longer than its usual gap between
     logged steps (see STALL_MIN_S, STALL_FACTOR): it may be stuck, or stopped (SIGSTOP). None otherwise."""
@@ -262,6 +267,10 @@ class _Digest:
     """Fields of the wrong type met so far (ignored), for RunStatus.damage."""
     forgetting_pct: float | None = None
     """The latest forgetting check's degradation (original-domain loss above its baseline, %)."""
+    save_s: float = 0.0
+    """The longest a checkpoint took to write so far (from the event before a `checkpoint` event to it)."""
+    measure_s: float = 0.0
+    """The longest a forgetting measurement took so far (its `eval_ms`)."""
 
     def _wrong(self, event: dict, key: str, wanted: str) -> None:
         if len(self.problems) < 3:
@@ -285,6 +294,9 @@ class _Digest:
                 self._wrong(event, "step", "a whole number")
             if kind == "started":
                 self.started = event
+            elif kind == "train_begin" and "stage" in event:
+                # A pipeline step's, forwarded: its max_steps counts that step's own steps, not the run's.
+                self.begin_time, self.log_times = when, []
             elif kind == "train_begin":
                 if is_int(event.get("max_steps")) and event["max_steps"] > 0:
                     self.max_steps = event["max_steps"]
@@ -303,6 +315,10 @@ class _Digest:
                 self.forgetting_pct = float(event["degradation_pct"])
             elif kind == "checkpoint" and isinstance(event.get("path"), str):
                 self.checkpoint = event["path"]
+                if when is not None and self.log_times:
+                    self.save_s = max(self.save_s, when - self.log_times[-1])
+            if kind == "forgetting" and is_number(event.get("eval_ms")):
+                self.measure_s = max(self.measure_s, event["eval_ms"] / 1000)
             if kind in TERMINAL_EVENTS:
                 self.terminal = event
                 if isinstance(event.get("output_dir"), str) and event["output_dir"]:
@@ -397,6 +413,23 @@ def disk_full_description(run_dir: Path, free: int | None) -> str:
     return (f"the disk is full ({room} on the disk holding {run_dir}): the trainer could not write the run, and its "
             f"last records may be missing. Free some space, then `tunewise resume {run_dir.name}` continues from "
             "the newest complete checkpoint")
+
+
+#: The least a stop is given before it is forced (a step and a save on a quiet machine fit in it many times).
+STOP_GRACE_S = 30.0
+
+
+def _step_s(digest: _Digest) -> float | None:
+    gaps = [later - earlier for earlier, later in zip(digest.log_times, digest.log_times[1:])]
+    return round(statistics.median(gaps), 3) if gaps else None
+
+
+def stop_wait(digest: _Digest) -> float:
+    """Seconds to wait for a cooperative stop before killing the trainer: STOP_GRACE_S plus twice what the
+    stop has to do, as measured in this run (finish the current step, save a checkpoint, then the final
+    forgetting measurement), so a slow machine or a large model is not killed while it saves."""
+    work = (_step_s(digest) or 0.0) + digest.save_s + digest.measure_s
+    return round(STOP_GRACE_S + 2 * work, 1)
 
 
 def _stalled_s(digest: _Digest, started_at: float | None) -> float | None:
@@ -512,6 +545,8 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         attempts=len(info.get("attempts") or []),
         checkpoint=digest.checkpoint,
         output_dir=digest.output_dir,
+        step_s=_step_s(digest),
+        stop_wait_s=stop_wait(digest),
         stalled_s=_stalled_s(digest, started_at) if state == "running" else None,
         damage="; ".join(problems[:3]) or None,
         scheduler=scheduler,

@@ -16,6 +16,7 @@ The API the wizard and the CLI use (no torch imports: it must stay instant):
   over); events are appended after a `resumed` event. `resume_run(run)` says
   which checkpoint and why (`Resumed`).
 - `wait(run, timeout)`: until the run is no longer queued or running.
+- `delete(run)`: remove a run that has ended (a running one is refused).
 
 Launch, resume and stop take the run's lock (`flock` on `<run>/.lock`) while
 they check the state and start or signal the trainer, so two of them from
@@ -268,7 +269,9 @@ def resume_run(run: str | Path, runs_dir: str | Path | None = None) -> Resumed:
     at the same moment, from any process, is refused instead of starting a second trainer."""
     run_dir = find_run_dir(run, runs_dir)
     _refuse_resume(status(run_dir))  # a refusal changes nothing in the run directory, not even its lock file
-    with run_lock(run_dir, "resumed"):
+    # Wait a moment for another holder (the watcher recording how the last attempt ended, a launch in
+    # progress): then the state is settled, and a second resume is refused because the run is running.
+    with run_lock(run_dir, "resumed", wait_s=LOCK_WAIT_S):
         current = status(run_dir)
         _refuse_resume(current)  # again under the lock: another process may have resumed it meanwhile
         plan = Plan.load(run_dir / PLAN_FILE)
@@ -365,6 +368,21 @@ def _resume_pipeline(run_dir: Path, plan: Plan, current: "RunStatus") -> Resumed
                    tuple((str(p), why) for p, why in skipped), message, offset)
 
 
+# -- deleting -----------------------------------------------------------------------------------------
+
+
+def delete(run: str | Path, runs_dir: str | Path | None = None) -> str:
+    """Delete a run that has ended (its whole directory: plan, events, checkpoints, outputs); return its id.
+    A queued or running run is refused: stop it first."""
+    run_dir = find_run_dir(run, runs_dir)
+    with run_lock(run_dir, "deleted"):
+        current = status(run_dir)
+        if current.state in ACTIVE_STATES:
+            raise TunewiseError(f"run {current.run_id} is still {current.state}: stop it before deleting it")
+        shutil.rmtree(run_dir)
+    return current.run_id
+
+
 # -- stopping and waiting ---------------------------------------------------------------------------
 
 
@@ -407,13 +425,15 @@ def request_stop(run: str | Path, runs_dir: str | Path | None = None, reason: st
     return current
 
 
-def stop(run: str | Path, timeout: float = 30, runs_dir: str | Path | None = None, reason: str = "stopped by the user") -> RunStatus:
-    """Ask a run to stop (it saves a checkpoint and exits); kill it after `timeout` seconds; return its status."""
+def stop(run: str | Path, timeout: float | None = None, runs_dir: str | Path | None = None,
+         reason: str = "stopped by the user") -> RunStatus:
+    """Ask a run to stop (it saves a checkpoint and exits); kill it after `timeout` seconds (default: the run's
+    own `stop_wait_s`, scaled by its measured step, save and forgetting-check times); return its status."""
     run_dir = find_run_dir(run, runs_dir)
     current = request_stop(run_dir, reason=reason)
     if current.state not in ACTIVE_STATES:
         return current
-    deadline = time.time() + timeout
+    deadline = time.time() + (current.stop_wait_s if timeout is None else timeout)
     while time.time() < deadline:
         current = status(run_dir)
         if current.state not in ACTIVE_STATES:
