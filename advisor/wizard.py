@@ -858,7 +858,9 @@ def plan_view(plan: Plan) -> PlanView:
         rows.append(FitRow(card.name + (" (yours)" if gpu is not None and card.name == gpu.name else ""),
                            round(card.memory_bytes / GB, 1), METHOD_LABELS[setup.method], fit.fits,
                            fit.max_micro_batch, fit.max_seq_len, fit.cheapest_fix or ""))
-    per_gpu = f" per GPU ({plan.hardware.num_gpus} GPUs, {plan.hardware.shard})" if plan.hardware.num_gpus > 1 else ""
+    sharding = {"none": "each holding a whole copy (DDP)", "zero2": "optimizer and gradients sharded (ZeRO-2)",
+                "zero3": "everything sharded (ZeRO-3 / FSDP)"}.get(plan.hardware.shard, plan.hardware.shard)
+    per_gpu = f" per GPU ({plan.hardware.num_gpus} GPUs, {sharding})" if plan.hardware.num_gpus > 1 else ""
     need = (f"This plan ({METHOD_LABELS[setup.method]}, micro-batch {setup.micro_batch} x {setup.seq_len} tokens) "
             f"needs **{gb(own.total_bytes)} GB**{per_gpu}: {gb(own.peak_allocated_bytes)} GB of tensors at the peak, "
             f"plus the CUDA context and allocator slack.")
@@ -878,9 +880,32 @@ def plan_view(plan: Plan) -> PlanView:
         gpu_bytes=int(gpu.memory_bytes) if gpu is not None else None,
         gpu_label=gpu.name if gpu is not None else "",
         fit=fit_rows(rows),
-        status_markdown=need + verdict,
+        status_markdown=need + verdict + "".join(f"\n\n**Check this:** {w}" for w in plausibility_warnings(plan)),
         explanations=explanation_rows(own),
     )
+
+
+#: Learning rates past which a run almost always diverges: the guide's ranges (LoRA 1e-4 to 3e-4, full
+#: 1e-5 to 5e-5) times about 30, which also covers the evidence that LoRA's best rate sits ~10x full's.
+IMPLAUSIBLE_LR = {"full": 1e-3, "lora": 1e-2, "qlora": 1e-2}
+#: Sequences per optimizer step past which steps become so few that warmup and the schedule lose meaning.
+IMPLAUSIBLE_BATCH = 8192
+
+
+def plausibility_warnings(plan: Plan) -> list[str]:
+    """Values the plan accepts (they are in range) but that a practitioner would not mean: said, not refused."""
+    warnings = []
+    t, method = plan.training, plan.method.method
+    if t.learning_rate > IMPLAUSIBLE_LR[method]:
+        warnings.append(f"a learning rate of {t.learning_rate:g} for {METHOD_LABELS[method]} is far above the usual "
+                        f"range (the guide: {'1e-5 to 5e-5' if method == 'full' else '1e-4 to 3e-4'}); most runs "
+                        "diverge there. Press Re-advise, or check the rate with a short run first.")
+    batch = t.micro_batch * t.grad_accum * plan.hardware.num_gpus
+    if batch > IMPLAUSIBLE_BATCH:
+        warnings.append(f"{t.micro_batch} x {t.grad_accum} accumulation x {plan.hardware.num_gpus} GPU(s) is "
+                        f"{batch:,} sequences per optimizer step: a run then takes very few steps, and LoRA in "
+                        "particular learns less per example at large batches. Lower the gradient accumulation.")
+    return warnings
 
 
 def _stack(estimate: Any) -> dict[str, int]:

@@ -214,3 +214,15 @@ def test_a_second_launch_on_a_busy_machine_is_refused_with_the_running_run_named
             if run.active:
                 supervisor.stop(run.run_id, runs_dir=runs, timeout=30)
         stop_app(proc)
+
+
+def test_values_in_range_but_implausible_are_said_in_the_plan_status(server):
+    """LR 0.05 for LoRA and 100,000 accumulation steps are accepted (in range) but said, next to the plan."""
+    client, _ = server
+    outputs = client.predict(model="demo", dataset="demo-sft", learning_rate=0.05, grad_accum=100_000,
+                             api_name="/estimate")
+    status = outputs[4]
+    assert "**Check this:** a learning rate of 0.05 for LoRA is far above" in status
+    assert "400,000 sequences per optimizer step" in status
+    plain = client.predict(model="demo", dataset="demo-sft", api_name="/estimate")[4]
+    assert "Check this" not in plain
