@@ -834,9 +834,14 @@ def plan_view(plan: Plan) -> PlanView:
 
     from advisor import gpus, memory, specs
 
+    from advisor.plan import PIPELINE_PEAK_STAGE
+
     spec = specs.resolve_model(plan.model.name)
     specs.check_seq_len(spec, plan.training.seq_len)
     setup = memory.setup_from_plan(plan)
+    peak_stage = PIPELINE_PEAK_STAGE.get(plan.pipeline)
+    if peak_stage:  # a pipeline is sized by its heaviest step, as the advice is
+        setup = dataclasses.replace(setup, stage=peak_stage)
     estimates = {}
     for method, label in METHOD_LABELS.items():
         changes: dict[str, Any] = {"method": method}
@@ -861,9 +866,12 @@ def plan_view(plan: Plan) -> PlanView:
     sharding = {"none": "each holding a whole copy (DDP)", "zero2": "optimizer and gradients sharded (ZeRO-2)",
                 "zero3": "everything sharded (ZeRO-3 / FSDP)"}.get(plan.hardware.shard, plan.hardware.shard)
     per_gpu = f" per GPU ({plan.hardware.num_gpus} GPUs, {sharding})" if plan.hardware.num_gpus > 1 else ""
-    need = (f"This plan ({METHOD_LABELS[setup.method]}, micro-batch {setup.micro_batch} x {setup.seq_len} tokens) "
-            f"needs **{gb(own.total_bytes)} GB**{per_gpu}: {gb(own.peak_allocated_bytes)} GB of tensors at the peak, "
-            f"plus the CUDA context and allocator slack.")
+    step = f", sized by its heaviest step, {peak_stage.upper()}" if peak_stage else ""
+    need = (f"This plan ({METHOD_LABELS[setup.method]}, micro-batch {setup.micro_batch} x {setup.seq_len} tokens{step}) "
+            f"needs **{gb(own.total_bytes)} GB**{per_gpu} on a GPU: {gb(own.peak_allocated_bytes)} GB of tensors at the "
+            f"peak, plus the CUDA context and allocator slack"
+            + (" (on this CPU the tensors live in host memory, and there is no CUDA context)." if plan.hardware.gpu is None
+               else "."))
     if gpu is None:
         verdict = " No GPU chosen: it trains on the CPU here (the table below shows which GPUs would fit it)."
     elif chosen_fit.fits:

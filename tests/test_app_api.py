@@ -226,3 +226,13 @@ def test_values_in_range_but_implausible_are_said_in_the_plan_status(server):
     assert "400,000 sequences per optimizer step" in status
     plain = client.predict(model="demo", dataset="demo-sft", api_name="/estimate")[4]
     assert "Check this" not in plain
+
+
+def test_a_pipelines_plan_is_sized_by_its_heaviest_step_as_its_advice_is(server):
+    client, _ = server
+    sft = client.predict(model="meta-llama/Llama-3.1-8B", dataset="demo-preference", goal="sft", api_name="/estimate")[4]
+    rlhf = client.predict(model="meta-llama/Llama-3.1-8B", dataset="demo-preference", goal="pipeline:rlhf",
+                          api_name="/estimate")[4]
+    assert "sized by its heaviest step, PPO" in rlhf and "heaviest" not in sft
+    need = lambda text: float(text.split("needs **")[1].split(" GB")[0])  # noqa: E731
+    assert need(rlhf) > 1.5 * need(sft)  # policy, reference, reward and value models, not SFT's one
