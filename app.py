@@ -329,7 +329,7 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
         with gr.Row():
             with gr.Column(scale=3):
                 w["guide_table"] = gr.Dataframe(interactive=False, wrap=True, elem_id="guide-table",
-                                                label="The guide's quick reference beside our estimate (GB)")
+                                                label="The Fine-Tuning Techniques Guide's quick reference beside our estimate (GB)")
             with gr.Column(scale=2):
                 w["guide_note"] = gr.Markdown(elem_id="guide-note")
         with gr.Accordion("Advanced settings: every other plan setting", open=False, elem_id="advanced"):

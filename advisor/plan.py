@@ -45,6 +45,10 @@ DEMO_DATASETS = {
     "demo-pretrain": DEMO_DATA_DIR / "demo_pretrain.txt",
 }
 
+#: The step that decides a pipeline's memory: PPO holds a policy, its reference, a reward and a value
+#: model; DPO a policy and (for full fine-tuning) its reference; SFT only the policy.
+PIPELINE_PEAK_STAGE = {"rlhf": "ppo", "compare": "ppo", "dpo": "dpo"}
+
 #: The bundled datasets that hold the demo's invented world (towns, rivers): they say something about what
 #: the demo model knows and nothing about a real model, so no real model is ever probed or replayed on them.
 DEMO_WORLD_TEXTS = ("demo-original", "demo-pretrain")

@@ -837,9 +837,14 @@ def plan_view(plan: Plan) -> PlanView:
 
     from advisor import gpus, memory, specs
 
+    from advisor.plan import PIPELINE_PEAK_STAGE
+
     spec = specs.resolve_model(plan.model.name)
     specs.check_seq_len(spec, plan.training.seq_len)
     setup = memory.setup_from_plan(plan)
+    peak_stage = PIPELINE_PEAK_STAGE.get(plan.pipeline)
+    if peak_stage:  # a pipeline is sized by its heaviest step, as the advice is
+        setup = dataclasses.replace(setup, stage=peak_stage)
     estimates = {}
     for method, label in METHOD_LABELS.items():
         changes: dict[str, Any] = {"method": method}
@@ -862,13 +867,18 @@ def plan_view(plan: Plan) -> PlanView:
                            round(card.memory_bytes / GB, 1), METHOD_LABELS[setup.method], fit.fits,
                            fit.max_micro_batch, fit.max_seq_len, fit.cheapest_fix or ""))
     hw = plan.hardware
+    sharding = {"none": "each holding a whole copy (DDP)", "zero2": "optimizer and gradients sharded (ZeRO-2)",
+                "zero3": "everything sharded (ZeRO-3 / FSDP)"}.get(hw.shard, hw.shard)
     if hw.num_nodes > 1:
-        per_gpu = f" per GPU ({hw.num_nodes} nodes x {hw.num_gpus} GPUs, {hw.shard})"
+        per_gpu = f" per GPU ({hw.num_nodes} nodes x {hw.num_gpus} GPUs, {sharding})"
     else:
-        per_gpu = f" per GPU ({hw.num_gpus} GPUs, {hw.shard})" if hw.num_gpus > 1 else ""
-    need = (f"This plan ({METHOD_LABELS[setup.method]}, micro-batch {setup.micro_batch} x {setup.seq_len} tokens) "
-            f"needs **{gb(own.total_bytes)} GB**{per_gpu}: {gb(own.peak_allocated_bytes)} GB of tensors at the peak, "
-            f"plus the CUDA context and allocator slack.")
+        per_gpu = f" per GPU ({hw.num_gpus} GPUs, {sharding})" if hw.num_gpus > 1 else ""
+    step = f", sized by its heaviest step, {peak_stage.upper()}" if peak_stage else ""
+    need = (f"This plan ({METHOD_LABELS[setup.method]}, micro-batch {setup.micro_batch} x {setup.seq_len} tokens{step}) "
+            f"needs **{gb(own.total_bytes)} GB**{per_gpu} on a GPU: {gb(own.peak_allocated_bytes)} GB of tensors at the "
+            f"peak, plus the CUDA context and allocator slack"
+            + (" (on this CPU the tensors live in host memory, and there is no CUDA context)." if hw.gpu is None
+               else "."))
     if gpu is None:
         verdict = " No GPU chosen: it trains on the CPU here (the table below shows which GPUs would fit it)."
     elif chosen_fit.fits:
@@ -887,7 +897,7 @@ def plan_view(plan: Plan) -> PlanView:
         gpu_bytes=int(gpu.memory_bytes) if gpu is not None else None,
         gpu_label=gpu.name if gpu is not None else "",
         fit=fit_rows(rows),
-        status_markdown=need + verdict,
+        status_markdown=need + verdict + "".join(f"\n\n**Check this:** {w}" for w in plausibility_warnings(plan)),
         explanations=explanation_rows(own),
     )
 
@@ -905,6 +915,30 @@ def cluster_markdown(spec: Any, setup: Any, gpu: Any = None) -> str:
     for warning in found.warnings:
         text += f" **Warning:** {warning}."
     return text
+
+
+#: Learning rates past which a run almost always diverges: the guide's ranges (LoRA 1e-4 to 3e-4, full
+#: 1e-5 to 5e-5) times about 30, which also covers the evidence that LoRA's best rate sits ~10x full's.
+IMPLAUSIBLE_LR = {"full": 1e-3, "lora": 1e-2, "qlora": 1e-2}
+#: Sequences per optimizer step past which steps become so few that warmup and the schedule lose meaning.
+IMPLAUSIBLE_BATCH = 8192
+
+
+def plausibility_warnings(plan: Plan) -> list[str]:
+    """Values the plan accepts (they are in range) but that a practitioner would not mean: said, not refused."""
+    warnings = []
+    t, method = plan.training, plan.method.method
+    if t.learning_rate > IMPLAUSIBLE_LR[method]:
+        warnings.append(f"a learning rate of {t.learning_rate:g} for {METHOD_LABELS[method]} is far above the usual "
+                        f"range (the guide: {'1e-5 to 5e-5' if method == 'full' else '1e-4 to 3e-4'}); most runs "
+                        "diverge there. Press Re-advise, or check the rate with a short run first.")
+    gpus = plan.hardware.num_gpus * plan.hardware.num_nodes
+    batch = t.micro_batch * t.grad_accum * gpus
+    if batch > IMPLAUSIBLE_BATCH:
+        warnings.append(f"{t.micro_batch} x {t.grad_accum} accumulation x {gpus} GPU(s) is "
+                        f"{batch:,} sequences per optimizer step: a run then takes very few steps, and LoRA in "
+                        "particular learns less per example at large batches. Lower the gradient accumulation.")
+    return warnings
 
 
 def _stack(estimate: Any) -> dict[str, int]:

@@ -214,3 +214,25 @@ def test_a_second_launch_on_a_busy_machine_is_refused_with_the_running_run_named
             if run.active:
                 supervisor.stop(run.run_id, runs_dir=runs, timeout=30)
         stop_app(proc)
+
+
+def test_values_in_range_but_implausible_are_said_in_the_plan_status(server):
+    """LR 0.05 for LoRA and 100,000 accumulation steps are accepted (in range) but said, next to the plan."""
+    client, _ = server
+    outputs = client.predict(model="demo", dataset="demo-sft", learning_rate=0.05, grad_accum=100_000,
+                             api_name="/estimate")
+    status = outputs[4]
+    assert "**Check this:** a learning rate of 0.05 for LoRA is far above" in status
+    assert "400,000 sequences per optimizer step" in status
+    plain = client.predict(model="demo", dataset="demo-sft", api_name="/estimate")[4]
+    assert "Check this" not in plain
+
+
+def test_a_pipelines_plan_is_sized_by_its_heaviest_step_as_its_advice_is(server):
+    client, _ = server
+    sft = client.predict(model="meta-llama/Llama-3.1-8B", dataset="demo-preference", goal="sft", api_name="/estimate")[4]
+    rlhf = client.predict(model="meta-llama/Llama-3.1-8B", dataset="demo-preference", goal="pipeline:rlhf",
+                          api_name="/estimate")[4]
+    assert "sized by its heaviest step, PPO" in rlhf and "heaviest" not in sft
+    need = lambda text: float(text.split("needs **")[1].split(" GB")[0])  # noqa: E731
+    assert need(rlhf) > 1.5 * need(sft)  # policy, reference, reward and value models, not SFT's one
