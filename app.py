@@ -391,7 +391,11 @@ def _wire(page: Page, h: Handlers) -> None:
                        outputs=p.saved, show_progress="hidden", concurrency_limit=1, concurrency_id="remember")
 
     def remember(dependency, at: int | None = None, after: str = ""):
-        dependency.success(ev(h.remember_at(at)), **remember_io, api_name=f"remember_after_{after}")
+        # Private but for the launch's (which tests drive): each has every widget as an input, and the API's
+        # description (/gradio_api/info, read by every client) would otherwise grow by megabytes.
+        visibility = "public" if after == "launch" else "private"
+        dependency.success(ev(h.remember_at(at)), **remember_io, api_name=f"remember_after_{after}",
+                           api_visibility=visibility)
         return dependency
 
     remember(p.next_1.click(ev(h.on_next_model), inputs=p.model, outputs=p.walkthrough, api_name="go_data", **nav_1), 2, "go_data")
@@ -428,10 +432,11 @@ def _wire(page: Page, h: Handlers) -> None:
                                   trigger_mode="always_last")
             edited.failure(ev(h.plan_problem), **estimate_io, **quiet)
             remember(edited.success(ev(h.on_estimate), **estimate_io, api_name=f"estimate_after_{name}",
-                                    show_progress="hidden"), 3, f"edit_{name}")
+                                    show_progress="hidden", api_visibility="private"), 3, f"edit_{name}")
             continue
+        # (/estimate is the API for these: the same handler; each listed would add a copy of every plan widget)
         edited = widget.input(ev(h.on_estimate), **estimate_io, api_name=f"edit_{name}", show_progress="hidden",
-                              trigger_mode="always_last")
+                              trigger_mode="always_last", api_visibility="private")
         edited.failure(ev(h.plan_problem), **estimate_io, **quiet)
         remember(edited, 3, f"edit_{name}")  # (every plan widget is in step 3)
 

@@ -300,7 +300,9 @@ def start_app(runs_dir: Path, *extra: str, log_path: Path) -> tuple[subprocess.P
         if proc.poll() is not None:
             raise AssertionError(f"app.py exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            # (a first render of this page can take seconds on a busy 2-core machine: a short timeout would
+            # only pile up renders that are never read)
+            with urllib.request.urlopen(url, timeout=20) as response:
                 if response.status == 200:
                     return proc, url
         except OSError:

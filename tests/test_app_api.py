@@ -241,7 +241,9 @@ def test_a_pipelines_plan_is_sized_by_its_heaviest_step_as_its_advice_is(server)
 def test_editing_the_rank_re_advises_what_follows_it_and_keeps_the_users_changes(server):
     from advisor import wizard
 
-    client, _ = server
+    from gradio_client import Client
+
+    client = Client(server[0].src, verbose=False)  # a page of its own: no earlier advice in its session
     model, task = "HuggingFaceTB/SmolLM2-135M", "classification"
     n = len(wizard.ADVISED_WIDGETS)
     advised = dict(zip(wizard.ADVISED_WIDGETS, client.predict(model=model, task=task, api_name="/recommend")[:n]))
