@@ -97,12 +97,13 @@ def preflight(ctx: RunContext) -> None:
     resolved = check_model(plan)
     base = base_of_adapter(resolved) if Path(resolved).is_dir() else None
     max_positions = config_max_length(base or resolved)
-    if max_positions is not None and plan.training.seq_len > max_positions:
-        raise TunewiseError(
-            f"training.seq_len: {plan.training.seq_len} is longer than the model's maximum of {max_positions} "
-            "tokens: lower it (the dataset profile recommends one)",
-            field="training.seq_len",
-        )
+    if max_positions is not None:
+        # Longer than the model's window trains only with RoPE scaling, which the model's config must take.
+        from trainer.models import scaled_config
+
+        scaled_config(plan, base or resolved)
+    if plan.method.use_liger_kernel:
+        _check_liger(plan)
     if plan.method.method != "full":
         _check_lora_targets(plan, base or resolved)
     if plan.pipeline == "none" and plan.stage == "ppo":
@@ -126,6 +127,29 @@ def preflight(ctx: RunContext) -> None:
             message=f"the plan asks for {plan.hardware.num_gpus} processes but this one runs alone "
             "(start it with `tunewise launch` to get accelerate launch)",
         )
+
+
+def _check_liger(plan: Plan) -> None:
+    """The Liger kernel is Triton code for CUDA GPUs: refuse it on the CPU, and without the package."""
+    import importlib.util
+
+    from trainer.models import resolve_precision
+
+    if resolve_precision(plan).device != "cuda":
+        raise TunewiseError(
+            "method.use_liger_kernel: the Liger kernel runs Triton kernels on CUDA GPUs, and this run trains on the "
+            "CPU: turn it off (--no-liger-kernel), or train on a GPU", field="method.use_liger_kernel")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise TunewiseError(
+            "method.use_liger_kernel: the liger-kernel package is not installed: pip install liger-kernel, or turn "
+            "it off (--no-liger-kernel)", field="method.use_liger_kernel")
+
+
+def _device(plan: Plan) -> str:
+    """Where the run will train (the planner's estimate is for that device)."""
+    from trainer.models import _cuda_available
+
+    return "cuda" if plan.hardware.device != "cpu" and _cuda_available() else "cpu"
 
 
 def _dispatch(ctx: RunContext) -> dict:
