@@ -166,7 +166,73 @@ def test_launch_poll_stop_and_history(server):
         time.sleep(1)
     assert "tw-badge-stopped" in header or "tw-badge-finished" in header, header
     history, _run_choice, _compare = client.predict(api_name="/runs")
-    (row,) = table(history)[1]
-    assert row[0] == run_dir.name and row[2] in ("stopped", "finished")
-    step, total = (int(x) for x in row[3].split("/"))
+    headers, (row,) = table(history)
+    row = dict(zip(headers, row))
+    assert row["run"] == run_dir.name and row["status"] in ("stopped", "finished")
+    step, total = (int(x) for x in row["step"].split("/"))
     assert total == 40 and step >= len(points)
+
+
+def test_next_is_refused_until_the_model_and_the_dataset_can_be_read(server, tmp_path):
+    """Step 1 -> 2 needs a model the planner can read, step 2 -> 3 a dataset that reads and checks: otherwise
+    the step stays and the message says what to fix (the plan never shows another model's or file's numbers)."""
+    from gradio_client.exceptions import AppError
+
+    client, _ = server
+    with pytest.raises(AppError, match="unknown model 'no-such-model-xyz'"):
+        client.predict("no-such-model-xyz", api_name="/go_data")
+    assert client.predict("demo", api_name="/go_data") is not None  # a readable model moves on
+    with pytest.raises(AppError, match="data.dataset"):
+        client.predict(dataset="not-a-bundled-name", model="demo", api_name="/go_plan")
+
+
+def test_a_second_launch_on_a_busy_machine_is_refused_with_the_running_run_named(tiny_model_dir, tiny_data_dir,
+                                                                                  tmp_path):
+    """Outside the demo too: while a run trains here, a second launch would put two runs on one GPU (or CPU)."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from conftest import start_app, stop_app, wait_for
+    from trainer import supervisor
+
+    runs = tmp_path / "runs"
+    proc, url = start_app(runs, "--no-warm-worker", log_path=tmp_path / "app.log")
+    try:
+        client = Client(url, verbose=False)
+        launch = dict(model=str(tiny_model_dir), dataset=str(tiny_data_dir / "messages.jsonl"), gpu="none",
+                      method="lora", precision="fp32", max_steps=100_000, seq_len=64, micro_batch=4, api_name="/launch")
+        client.predict(**launch)
+        (first,) = [p.name for p in runs.iterdir() if (p / "run.json").is_file()]
+        wait_for(lambda: supervisor.status(first, runs).state == "running", 120, "the first run to train")
+        with pytest.raises(AppError) as refused:
+            client.predict(**launch)
+        message = str(refused.value)
+        assert f"run {first} is running" in message and "this machine's CPU" in message and "stop it" in message
+        assert [p.name for p in runs.iterdir() if (p / "run.json").is_file()] == [first]  # nothing was started
+    finally:
+        for run in supervisor.list_runs(runs) if runs.is_dir() else []:
+            if run.active:
+                supervisor.stop(run.run_id, runs_dir=runs, timeout=30)
+        stop_app(proc)
+
+
+def test_values_in_range_but_implausible_are_said_in_the_plan_status(server):
+    """LR 0.05 for LoRA and 100,000 accumulation steps are accepted (in range) but said, next to the plan."""
+    client, _ = server
+    outputs = client.predict(model="demo", dataset="demo-sft", learning_rate=0.05, grad_accum=100_000,
+                             api_name="/estimate")
+    status = outputs[4]
+    assert "**Check this:** a learning rate of 0.05 for LoRA is far above" in status
+    assert "400,000 sequences per optimizer step" in status
+    plain = client.predict(model="demo", dataset="demo-sft", api_name="/estimate")[4]
+    assert "Check this" not in plain
+
+
+def test_a_pipelines_plan_is_sized_by_its_heaviest_step_as_its_advice_is(server):
+    client, _ = server
+    sft = client.predict(model="meta-llama/Llama-3.1-8B", dataset="demo-preference", goal="sft", api_name="/estimate")[4]
+    rlhf = client.predict(model="meta-llama/Llama-3.1-8B", dataset="demo-preference", goal="pipeline:rlhf",
+                          api_name="/estimate")[4]
+    assert "sized by its heaviest step, PPO" in rlhf and "heaviest" not in sft
+    need = lambda text: float(text.split("needs **")[1].split(" GB")[0])  # noqa: E731
+    assert need(rlhf) > 1.5 * need(sft)  # policy, reference, reward and value models, not SFT's one

@@ -76,7 +76,7 @@ def test_targets_use_the_architectures_own_names():
 
 def test_large_very_different_data_prefers_full_and_falls_back_when_it_does_not_fit():
     big_gpu = recommend(AdvisorInputs(model="Qwen/Qwen2.5-0.5B", examples=500_000, task="instruction",
-                                      domain_shift="high", gpu="A100-80GB"))
+                                      domain_shift="high", gpu="A100-80GB", original_data="general_text.jsonl"))
     assert big_gpu["method"].value == "full"
     assert "large dataset (>100k examples" in big_gpu["method"].reason
     assert big_gpu["lora_rank"].value is None
@@ -188,3 +188,19 @@ def test_forgetting_interval_keeps_the_monitor_cheap_and_the_curve_drawn():
     assert monitor_share(plan.forgetting.eval_every, plan.training.micro_batch * plan.training.grad_accum) <= MONITOR_BUDGET
     capped = recommend(AdvisorInputs(model="demo", examples=2000, task="instruction", max_steps=30))
     assert capped.values["forgetting_eval_every"].value <= 7
+
+
+def test_a_real_model_without_general_text_gets_no_forgetting_probe_on_the_demo_text():
+    """The demo's invented-world text says nothing about a real model: the safeguards are off, saying how to
+    turn them on, until the user gives general text; the demo model keeps its own probe."""
+    real = recommend(AdvisorInputs(model="Qwen/Qwen2.5-0.5B", examples=500_000, task="instruction",
+                                   domain_shift="high", gpu="A100-80GB"))
+    for name in ("forgetting_monitor", "replay_fraction", "ewc_lambda"):
+        assert not real[name].value, name
+        assert "--original-data" in real[name].reason and "demo text" in real[name].reason, real[name].reason
+    assert real.to_plan().forgetting.monitor is False
+    given = recommend(AdvisorInputs(model="Qwen/Qwen2.5-0.5B", examples=500_000, task="instruction",
+                                    domain_shift="high", gpu="A100-80GB", original_data="wiki_slice.jsonl"))
+    assert given["forgetting_monitor"].value is True and given["ewc_lambda"].value > 0
+    demo = recommend(AdvisorInputs(model="demo", examples=500, task="instruction"))
+    assert demo["forgetting_monitor"].value is True
