@@ -615,13 +615,27 @@ def run_row(status: Any) -> list[Any]:
         f"{step}/{status.max_steps}" if status.max_steps else str(step),
         f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
         f"{round(forgetting, 1) + 0.0:+.1f}%" if isinstance(forgetting, (int, float)) else "-",  # no "-0.0%"
+        memory_cell(getattr(status, "memory_estimate_bytes", None), getattr(status, "memory_measured_bytes", None)),
         started,
         run_what(status),
     ]
 
 
 #: The run history's columns: what a practitioner scans first (state, progress, loss), then the long text.
-RUN_HEADERS = ["run", "status", "step", "last loss", "forgetting", "started", "what"]
+#: "memory" keeps the plan's estimate beside the measured peak (GPU tensors, or host RAM on the CPU).
+RUN_HEADERS = ["run", "status", "step", "last loss", "forgetting", "memory (estimate / measured)", "started", "what"]
+
+
+def memory_cell(estimate: int | None, measured: int | None) -> str:
+    """The run history's memory column: "estimate / measured unit (error %)", the error being (estimate -
+    measured) / measured; a dash for what a run does not have (an old run, no log yet)."""
+    if not estimate and not measured:
+        return "-"
+    largest = max(estimate or 0, measured or 0)
+    unit, scale = ("GB", 1e9) if largest >= 1e9 else ("MB", 1e6)
+    shown = [f"{value / scale:.2f}" if value else "-" for value in (estimate, measured)]
+    error = f" ({100.0 * (estimate - measured) / measured:+.0f}%)" if estimate and measured else ""
+    return f"{shown[0]} / {shown[1]} {unit}{error}"
 
 
 def preselected_run(statuses: Sequence[Any]) -> str | None:

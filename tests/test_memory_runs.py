@@ -78,6 +78,55 @@ def test_history_and_bench_keep_estimate_and_measured(measured_run):
     assert status.run_id in out and "host RAM" in out and "%" in out
 
 
+def test_the_monitor_chart_and_the_history_row_show_measured_against_the_estimate(measured_run):
+    import figures
+    from advisor import wizard
+    from trainer import runs
+
+    run_dir, _, events = measured_run
+    estimate = of_kind(events, "started")[0]["memory_estimate"]["estimate_bytes"]
+    logs = of_kind(events, "log")
+    series = figures.memory_series(events)
+    assert series.device == "cpu" and series.estimate == estimate
+    assert series.steps == tuple(log["step"] for log in logs)
+    assert series.measured == tuple(log["memory/peak_rss_bytes"] for log in logs)
+    peak = logs[-1]["memory/peak_rss_bytes"]
+    assert series.error_pct == pytest.approx(100.0 * (estimate - peak) / peak)
+    fig = figures.memory_run_figure(events)
+    names = [trace.name for trace in fig.data]
+    assert names[0] == "measured: host RAM (peak RSS)" and names[1].startswith("host RAM estimate")
+    scale, unit = (1e9, "GB") if max(*series.measured, estimate) >= 1e9 else (1e6, "MB")
+    assert list(fig.data[0].y) == pytest.approx([m / scale for m in series.measured])
+    assert fig.data[1].y[0] == pytest.approx(estimate / scale) and fig.layout.yaxis.title.text == unit
+    assert fig.layout.title.text.endswith(f"{series.error_pct:+.0f}%")
+    # Before the first log the chart says what it waits for, with the estimate already known.
+    waiting = figures.memory_run_figure(of_kind(events, "started"))
+    shown = f"{estimate / 1e9:.2f} GB" if estimate >= 1e9 else f"{estimate / 1e6:.0f} MB"
+    assert f"Estimate {shown};" in waiting.layout.annotations[0].text
+    # The run history keeps both in a column of its own.
+    status = next(s for s in runs.history(run_dir.parent) if s.run_id == run_dir.name)
+    row = dict(zip(wizard.RUN_HEADERS, wizard.run_row(status)))
+    error = 100.0 * (estimate - peak) / peak
+    assert row["memory (estimate / measured)"] == f"{estimate / scale:.2f} / {peak / scale:.2f} {unit} ({error:+.0f}%)"
+    assert wizard.memory_cell(None, None) == "-" and wizard.memory_cell(2_000_000, None) == "2.00 / - MB"
+
+
+def test_the_chart_reads_cuda_allocated_and_reserved_per_log():
+    """The chart's CUDA reading, from the keys the trainer writes there (trainer.memwatch.measured_memory)."""
+    import figures
+
+    events = [{"event": "started", "memory_estimate": {"device": "cuda", "estimate_bytes": 10 * 10**9}}]
+    events += [{"event": "log", "step": step, "loss": 1.0, "memory/max_allocated_bytes": value * 10**9,
+                "memory/max_reserved_bytes": (value + 1) * 10**9} for step, value in ((1, 9), (2, 11))]
+    series = figures.memory_series(events)
+    assert series.device == "cuda" and series.measured == (9 * 10**9, 11 * 10**9)
+    assert series.reserved == (10 * 10**9, 12 * 10**9) and series.error_pct == pytest.approx(-100 / 11)
+    fig = figures.memory_run_figure(events)
+    assert [t.name for t in fig.data] == ["reserved (max_memory_reserved)", "measured: GPU tensors (max_memory_allocated)",
+                                          "estimated peak per GPU 10.00 GB"]
+    assert fig.layout.title.text.endswith("-9%")
+
+
 def _long_texts(path: Path, tokens_at_least: int, rows: int = 8) -> Path:
     words = " ".join(f"The apple number {i % 9} is red." for i in range(tokens_at_least // 4))
     path.write_text("".join(json.dumps({"text": words}) + "\n" for _ in range(rows)), encoding="utf-8")
