@@ -427,6 +427,12 @@ def _layer_activation_bytes_per_token(spec: ModelSpec, setup: TrainingSetup, ada
     # forces transformers' repeat_kv, i.e. batches of more than one sequence).
     # litgpt and torchtune expand k and v to every head before SDPA.
     kv_saved = q if ((batch > 1 or not hf) and kv != q) else kv
+    # litgpt's fused QKV without grouped queries (n_query_groups = n_head): q, k and v are views of the fused
+    # output, RoPE makes new q and k, and the v that SDPA keeps is still a view, so the whole fused buffer stays
+    # alive beside the new q and k: q + kv more than separate projections (grouped queries expand k and v by a
+    # copy, which frees the buffer).
+    fused_views = a * (q + kv) if (setup.runtime == "litgpt" and kv == q) else 0
+    total += fused_views
     if spec.model_type == "gpt2":
         total += consumers(["c_attn"], h)
         total += a * (q + 2 * kv) + a * q  # q, k, v are views of c_attn's output; plus the output

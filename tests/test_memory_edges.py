@@ -82,6 +82,62 @@ def test_calibration_median_error_at_most_five_percent():
     assert bench.median_abs_error() <= 5.0
 
 
+def _litgpt_attention_saved_bytes(n_head: int, n_query_groups: int, head_size: int = 16, seq: int = 64,
+                                  rope_n: int = 8) -> int:
+    """Bytes of the distinct storages autograd keeps for litgpt's CausalSelfAttention, as litgpt writes it (fused
+    QKV output viewed, split, k and v expanded for grouped queries, RoPE on the first rope_n dims, SDPA), in bf16."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    hidden = n_head * head_size
+    x = torch.randn(1, seq, hidden, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn((n_head + 2 * n_query_groups) * head_size, hidden, dtype=torch.bfloat16) * 0.02
+    cos, sin = torch.randn(seq, rope_n), torch.randn(seq, rope_n)
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def rope(t):
+        rotated = torch.cat((-t[..., rope_n // 2:], t[..., : rope_n // 2]), dim=-1)
+        return ((t * cos) + (rotated * sin)).to(t.dtype)
+
+    qkv = F.linear(x, weight)  # the frozen projection keeps nothing
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        per_kv = n_head // n_query_groups
+        qkv = qkv.view(1, seq, n_query_groups, per_kv + 2, head_size).permute(0, 2, 3, 1, 4)
+        q, k, v = qkv.split((per_kv, 1, 1), dim=2)
+        if n_query_groups != n_head:
+            k, v = (t.expand(1, n_query_groups, per_kv, seq, head_size) for t in (k, v))
+        q, k, v = (t.reshape(1, -1, seq, head_size) for t in (q, k, v))
+        q = torch.cat((rope(q[..., :rope_n]), q[..., rope_n:]), dim=-1)
+        k = torch.cat((rope(k[..., :rope_n]), k[..., rope_n:]), dim=-1)
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    small = 4 * seq * rope_n * 2  # the RoPE tables and the logsumexp
+    return sum(n for n in saved.values() if n > small)
+
+
+def test_litgpt_fused_qkv_keeps_its_buffer_without_grouped_queries():
+    """Without grouped queries litgpt's v stays a view of the fused QKV output while RoPE makes new q and k, so
+    autograd keeps q + k + v + (new q, new k) + output = 6 x hidden per token; grouped queries copy k and v when
+    expanding them, freeing the buffer: 4 x hidden. The estimator's litgpt count has exactly that difference."""
+    from advisor.memory import _layer_activation_bytes_per_token
+
+    seq, head = 64, 16
+    assert _litgpt_attention_saved_bytes(4, 4, head, seq) == 6 * 2 * 4 * head * seq
+    assert _litgpt_attention_saved_bytes(8, 2, head, seq) == 4 * 2 * 8 * head * seq
+    lora = dict(method="lora", precision="bf16", adapter_fp32=False, lora_targets=("q_proj", "v_proj"))
+    for spec, extra in ((resolve_model("microsoft/phi-1_5", allow_hub=False), 2 * 2 * 2048),
+                        (resolve_model("tinyllama", allow_hub=False), 0)):
+        adapted = frozenset({"q_proj", "v_proj"})
+        litgpt = _layer_activation_bytes_per_token(spec, TrainingSetup(runtime="litgpt", **lora), adapted, 1)[0]
+        separate = _layer_activation_bytes_per_token(spec, TrainingSetup(runtime="torchtune", **lora), adapted, 1)[0]
+        assert litgpt - separate == extra, spec.id
+
+
 # -- long context -------------------------------------------------------------------------------------------
 
 
