@@ -320,3 +320,24 @@ def test_plan_json_has_phases_warnings_quantization_and_host_ram():
                                         "--rope-scaling", "yarn", "--method", "lora", "--json"],
                                        cwd=ROOT, capture_output=True, text=True, check=True).stdout)
     assert scaled["setup"]["rope_scaling"] == "yarn" and scaled["setup"]["rope_factor"] == 2.0
+
+
+def test_the_wizards_plan_step_says_the_phase_the_moe_warning_and_host_ram():
+    from advisor import wizard
+    from advisor.gpus import this_machine
+
+    moe = wizard.plan_view(Plan().with_overrides({"model.name": "mixtral", "method.method": "qlora",
+                                                  "hardware.gpu": "A100-80GB"}))
+    spec = resolve_model("mixtral", allow_hub=False)
+    warning = moe_qlora_warning(spec, TrainingSetup(method="qlora"))
+    assert "fused 3-D" in moe.status_markdown and "--method lora" in moe.status_markdown
+    est = estimate(spec, setup_from_plan(Plan().with_overrides({"model.name": "mixtral", "method.method": "qlora"})))
+    assert f"The peak comes in the **{est.peak_phase.replace('_', ' ')}** phase" in moe.status_markdown
+    assert "Host RAM: about **" in moe.status_markdown and warning.split(":")[0] in moe.status_markdown
+    # Longer than the window with RoPE scaling is planned, not refused; on the CPU host RAM is checked here.
+    long = wizard.plan_view(Plan().with_overrides({"model.name": "llama-2-7b", "training.seq_len": 8192,
+                                                   "training.rope_scaling": "yarn"}))
+    assert f"this machine has only {this_machine().ram_bytes / 1e9:.2f} GB" in long.status_markdown
+    with pytest.raises(TunewiseError) as info:
+        wizard.plan_view(Plan().with_overrides({"model.name": "llama-2-7b", "training.seq_len": 8192}))
+    assert "training.rope_scaling" in str(info.value)
