@@ -6,7 +6,11 @@ prints, run by run, what was estimated, what was measured and the error, then th
 (GPU: the estimate's peak against torch.cuda.max_memory_allocated of the largest rank; CPU: the node's host RAM
 estimate against the trainer's peak RSS).
 
-Run: python bench/memory_runs.py [RUNS_DIR]   (default: the runs folder `tunewise runs` uses)
+The estimate sizes every sequence at the plan's seq_len (what the GPU must hold when the longest batch
+comes); a run whose data is shorter measures less than that.
+
+Run: python bench/memory_runs.py [RUNS_DIR] [--write-results]   (default: the runs folder `tunewise runs`
+uses; --write-results replaces its section of bench/RESULTS.md)
 """
 
 from __future__ import annotations
@@ -17,7 +21,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from advisor.errors import TunewiseError  # noqa: E402
+from advisor.plan import Plan  # noqa: E402
 from trainer.status import list_runs  # noqa: E402
+
+
+def setup_text(run_dir: str | Path) -> str:
+    """The plan's memory-relevant settings in a few words: method, micro-batch x tokens, packing, checkpointing."""
+    try:
+        plan = Plan.load(Path(run_dir) / "plan.yaml")
+    except (TunewiseError, OSError):
+        return "-"
+    t, m = plan.training, plan.method
+    return (f"{m.method} mb{t.micro_batch} x {t.seq_len}" + (" packed" if plan.data.packing else "")
+            + (" ckpt" if m.gradient_checkpointing else ""))
 
 
 def rows(runs_dir: str | Path | None = None) -> list[dict]:
@@ -26,16 +43,18 @@ def rows(runs_dir: str | Path | None = None) -> list[dict]:
     for status in list_runs(runs_dir):
         if status.memory_estimate_bytes and status.memory_measured_bytes:
             error = 100.0 * (status.memory_estimate_bytes - status.memory_measured_bytes) / status.memory_measured_bytes
-            found.append({"run_id": status.run_id, "what": status.summary, "kind": status.memory_kind,
+            found.append({"run_id": status.run_id, "what": setup_text(status.run_dir), "kind": status.memory_kind,
                           "state": status.state, "estimate": status.memory_estimate_bytes,
                           "measured": status.memory_measured_bytes, "error": error})
     return found
 
 
 def main(argv: list[str] | None = None) -> str:
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
+    write = "--write-results" in args
+    args = [a for a in args if a != "--write-results"]
     found = rows(args[0] if args else None)
-    lines = ["| run | what | kind | state | estimate GB | measured GB | error |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | setup | kind | state | estimate GB | measured GB | error |", "|---|---|---|---|---|---|---|"]
     for row in found:
         lines.append(f"| {row['run_id']} | {row['what']} | {row['kind']} | {row['state']} | {row['estimate'] / 1e9:.3f} | "
                      f"{row['measured'] / 1e9:.3f} | {row['error']:+.1f}% |")
@@ -47,6 +66,10 @@ def main(argv: list[str] | None = None) -> str:
         lines.append("no run with both an estimate and a measured peak yet")
     text = "\n".join(lines)
     print(text)
+    if write:
+        from bench.results import write_section
+
+        write_section("memory_runs", text)
     return text
 
 
