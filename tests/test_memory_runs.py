@@ -287,3 +287,25 @@ def test_a_kill_by_sigkill_is_explained_with_the_host_estimate(runs_dir, make_pl
     assert failed["oom"] in ("host", "maybe_host")
     certain = oom_killed_message({"host_ram_bytes": 2e9}, 1e9, 4e9, certain=True)
     assert certain.startswith("the kernel's OOM killer ended the training process")
+
+
+def test_out_of_memory_errors_are_told_apart():
+    """Which failures are GPU memory, which host RAM: torch's own errors and the messages its allocators give."""
+    import torch
+
+    from trainer.memwatch import is_cuda_oom, is_host_oom
+
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    library = torch.AcceleratorError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
+    host = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                        "you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)")
+    mps = RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)")
+    assert [is_cuda_oom(e) for e in (cuda, library, host, mps, MemoryError())] == [True, True, False, False, False]
+    assert [is_host_oom(e) for e in (cuda, library, host, mps, MemoryError())] == [False, False, True, False, True]
+    # A real refused allocation on this CPU, of more bytes than any machine has.
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as exc:
+        assert is_host_oom(exc) and not is_cuda_oom(exc), str(exc)
+    else:
+        pytest.fail("allocating 4 EiB did not fail")

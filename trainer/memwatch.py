@@ -176,12 +176,17 @@ def _per_rank(values: list[int]) -> list[list[int]] | None:
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
-    """torch's own CUDA out-of-memory error (torch.cuda.OutOfMemoryError, also raised on CPU-only builds)."""
+    """torch's own CUDA out-of-memory error (torch.OutOfMemoryError, the caching allocator's), or a CUDA
+    library's "CUDA error: out of memory" (cuBLAS or NCCL failing to allocate: torch.AcceleratorError, a
+    RuntimeError)."""
     try:
         import torch
     except ImportError:  # pragma: no cover - the trainer always has torch
         return False
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and "cuda" in text and "out of memory" in text
 
 
 _HOST_ALLOC_FAILURES = ("can't allocate memory", "cannot allocate memory", "std::bad_alloc", "out of memory")
@@ -192,8 +197,10 @@ def is_host_oom(exc: BaseException) -> bool:
     ("DefaultCPUAllocator: can't allocate memory"), e.g. under an address-space limit."""
     if isinstance(exc, MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and not is_cuda_oom(exc) and any(
-        words in str(exc).lower() for words in _HOST_ALLOC_FAILURES)
+    text = str(exc).lower()
+    # A GPU's allocator says "out of memory" too (CUDA, Apple's MPS, XPU): those are not host RAM.
+    on_device = is_cuda_oom(exc) or any(device in text for device in ("cuda", "mps", "xpu", "gpu"))
+    return isinstance(exc, RuntimeError) and not on_device and any(words in text for words in _HOST_ALLOC_FAILURES)
 
 
 _TRIED = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)")
