@@ -100,7 +100,7 @@ class Page(SimpleNamespace):
     def monitor_outputs(self) -> list:
         return [self.monitor_state, *self.group("run_header", "loss_plot", "forgetting_plot", "reward_time_plot",
                                                 "reward_kl_plot", "alerts", "timer", "reward_row", "comparison",
-                                                "log_tail")]
+                                                "log_tail", "memory_run_plot")]
 
     @property
     def history_outputs(self) -> list:
@@ -281,6 +281,9 @@ def _step_monitor(gr, figures, poll_seconds: float) -> dict:
             w["loss_plot"] = gr.Plot(figures.loss_figure([]), label="Loss", show_label=False, elem_id="loss-plot")
             w["forgetting_plot"] = gr.Plot(figures.forgetting_figure([]), label="Forgetting", show_label=False,
                                            elem_id="forgetting-plot")
+        # The measured peak of every log against the plan's estimate (GPU tensors; host RAM on the CPU).
+        w["memory_run_plot"] = gr.Plot(figures.memory_run_figure([]), label="Memory: measured against the estimate",
+                                       show_label=False, elem_id="memory-run-plot")
         # Shown once the run logs a reward or a KL (preference stages).
         with gr.Row(visible=False, elem_id="reward-row") as reward_row:
             w["reward_time_plot"] = gr.Plot(figures.reward_kl_time_figure([]), label="Reward and KL", show_label=False,

@@ -625,3 +625,101 @@ def alerts_markdown(messages: Sequence[str], notices: Sequence[str] = ()) -> str
     if not lines:
         return "No alerts so far. The monitors watch forgetting, KL explosion, reward hacking and mode collapse."
     return "\n".join(lines)
+
+
+# -- measured memory beside the estimate ---------------------------------------------------------------
+
+#: The `log` event key each device's estimate is compared with (trainer/memwatch.py): on CUDA the peak of
+#: allocated tensors against the estimate's peak; on the CPU the process's peak RSS against the host RAM estimate.
+MEASURED_KEYS = {"cuda": "memory/max_allocated_bytes", "cpu": "memory/peak_rss_bytes"}
+MEASURED_NAMES = {"cuda": ("GPU tensors (max_memory_allocated)", "estimated peak per GPU"),
+                  "cpu": ("host RAM (peak RSS)", "host RAM estimate")}
+
+
+@dataclass(frozen=True)
+class MemorySeries:
+    """A run's measured memory by step and the plan's estimate it is compared with."""
+
+    device: str | None
+    """cuda or cpu (from the `started` event's memory_estimate); None when the run carries no estimate."""
+    steps: tuple[int, ...]
+    measured: tuple[int, ...]
+    """The measured peak at each logged step, in bytes (a peak: it never falls within an attempt)."""
+    estimate: int | None
+    """The plan's estimate in bytes (`memory_estimate.estimate_bytes`)."""
+    reserved: tuple[int, ...] = ()
+    """On CUDA, max_memory_reserved at the same steps (allocator caching on top of the tensors)."""
+
+    @property
+    def error_pct(self) -> float | None:
+        """(estimate - measured peak) / measured peak, in %: negative when the run used more than estimated."""
+        if not self.estimate or not self.measured or not max(self.measured):
+            return None
+        peak = max(self.measured)
+        return 100.0 * (self.estimate - peak) / peak
+
+
+def memory_series(events: Sequence[Mapping]) -> MemorySeries:
+    """The measured peak at each `log` event and the estimate of the latest `started` event."""
+    started = [e for e in events if e.get("event") == "started" and isinstance(e.get("memory_estimate"), Mapping)]
+    estimate = started[-1]["memory_estimate"] if started else {}
+    device = estimate.get("device") if estimate.get("device") in MEASURED_KEYS else None
+    keys = [MEASURED_KEYS[device]] if device else list(MEASURED_KEYS.values())
+    steps, measured, reserved = [], [], []
+    for event in events:
+        if event.get("event") != "log":
+            continue
+        key = next((k for k in keys if _is_count(event.get(k))), None)
+        if key is None:
+            continue
+        if device is None:
+            device = next(d for d, k in MEASURED_KEYS.items() if k == key)
+            keys = [key]
+        steps.append(int(event.get("step") or 0))
+        measured.append(int(event[key]))
+        if _is_count(event.get("memory/max_reserved_bytes")):
+            reserved.append(int(event["memory/max_reserved_bytes"]))
+    value = estimate.get("estimate_bytes")
+    return MemorySeries(device, tuple(steps), tuple(measured), int(value) if _is_count(value) else None,
+                        tuple(reserved) if len(reserved) == len(measured) else ())
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def memory_run_figure(events: Sequence[Mapping], title: str = "Memory: measured peak against the estimate") -> go.Figure:
+    """The measured peak at each logged step as a line and the plan's estimate as a dashed level, with the
+    error in the title; on CUDA the allocator's reserved peak as a faint line above."""
+    series = memory_series(events)
+    if not series.measured:
+        message = ("No measurement yet: every log carries the trainer's measured peak."
+                   if series.estimate is None else
+                   f"Estimate {_bytes_text(series.estimate)}; the measured peak arrives with the first log.")
+        return empty_figure(title, message)
+    measured_name, estimate_name = MEASURED_NAMES[series.device or "cpu"]
+    largest = max([*series.measured, *series.reserved, series.estimate or 0])
+    unit, scale = ("GB", GB) if largest >= GB else ("MB", 1e6)
+    fig = go.Figure()
+    if series.reserved:
+        fig.add_trace(go.Scatter(x=list(series.steps), y=[r / scale for r in series.reserved], mode="lines",
+                                 name="reserved (max_memory_reserved)", line={"color": "#cbd5e1", "width": 1.5},
+                                 hovertemplate="reserved %{y:.2f} " + unit + "<extra></extra>"))
+    fig.add_trace(go.Scatter(x=list(series.steps), y=[m / scale for m in series.measured], mode="lines+markers",
+                             name=f"measured: {measured_name}", line={"color": COLORS["loss"], "width": 2},
+                             marker={"size": 6}, hovertemplate="step %{x}: %{y:.2f} " + unit + "<extra></extra>"))
+    if series.estimate is not None:
+        span = [min(series.steps), max(max(series.steps), min(series.steps) + 1)]
+        fig.add_trace(go.Scatter(x=span, y=[series.estimate / scale] * 2, mode="lines", hoverinfo="skip",
+                                 name=f"{estimate_name} {series.estimate / scale:.2f} {unit}",
+                                 line={"color": COLORS["eval"], "dash": "dash", "width": 2}))
+    error = series.error_pct
+    if error is not None:
+        title = f"{title}: {error:+.0f}%"
+    _base_layout(fig, title, y_title=unit)
+    fig.update_layout(yaxis={"rangemode": "tozero"})
+    return fig
+
+
+def _bytes_text(nbytes: int) -> str:
+    return f"{nbytes / GB:.2f} GB" if nbytes >= GB else f"{nbytes / 1e6:.0f} MB"

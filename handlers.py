@@ -404,6 +404,7 @@ class Handlers:
         series = figures.reward_kl_series(all_events)
         return {**update, p.loss_plot: figures.loss_figure(all_events),
                 p.forgetting_plot: figures.forgetting_figure(all_events),
+                p.memory_run_plot: figures.memory_run_figure(all_events),
                 p.reward_time_plot: figures.reward_kl_time_figure(all_events),
                 p.reward_kl_plot: figures.reward_vs_kl_figure(all_events),
                 p.alerts: figures.alerts_markdown(figures.alert_messages(all_events),

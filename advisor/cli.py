@@ -92,6 +92,9 @@ def register(subparsers) -> None:
                            "(default 100: cloud Ethernet; an InfiniBand node with 8 x 400 Gb NICs: 3200)")
     plan.add_argument("--gpu", help="GPU name (e.g. A100-80GB, T4) to check the fit on")
     plan.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GB to check the fit on (overrides --gpu's)")
+    plan.add_argument("--host-ram-gb", type=float,
+                      help="RAM of the machine that trains, in GB, to check the host RAM estimate on (default: this "
+                           "machine's RAM when it is the one that trains: no GPU named, or this machine has an NVIDIA GPU)")
     plan.add_argument("--explain", action="store_true", help="show how each component was computed")
     plan.add_argument("--guide", action="store_true",
                       help="also show the guide's quick-reference table (7B/13B/70B) beside our estimate, and why they differ")
@@ -175,6 +178,70 @@ def _gpu_bytes(gpu_name: str | None, gpu_memory_gb: float | None) -> tuple[str |
         num_bytes = int(gpu_memory_gb * GB)
         label = label or f"{gpu_memory_gb:g} GB GPU"
     return label, num_bytes
+
+
+def _host_bytes(host_ram_gb: float | None, gpu_named: bool) -> tuple[str | None, int | None]:
+    """(label, bytes) of the host RAM to check against: --host-ram-gb, else this machine's RAM when this
+    machine is the one that trains (no GPU named, so it trains here; or it has an NVIDIA GPU), else none."""
+    from advisor.gpus import this_machine
+
+    if host_ram_gb is not None:
+        from advisor.plan import check_number
+
+        check_number("hardware.gpu_memory_gb", host_ram_gb, name="--host-ram-gb")  # same range as a GPU's memory
+        return f"{host_ram_gb:g} GB of RAM", int(host_ram_gb * GB)
+    machine = this_machine()
+    if machine.ram_bytes and (not gpu_named or machine.has_nvidia_gpu):
+        return f"this machine ({machine.ram_bytes / GB:.1f} GB of RAM)", machine.ram_bytes
+    return None, None
+
+
+def memory_entry(spec, setup, gpu_bytes: int | None, host_bytes: int | None, on_gpu: bool,
+                 checkpoint: tuple[int, bool] | None) -> dict[str, Any]:
+    """One method's estimate as `tunewise plan --json` gives it (the wizard reads the same): components,
+    phases and the phase that sets the peak, warnings, QLoRA's quantized set, host RAM, and the fits."""
+    from advisor import memory
+
+    result = memory.estimate(spec, setup)
+    entry: dict[str, Any] = {
+        "method": setup.method,
+        "components": {name: int(value) for name, value in result.components.items()},
+        "peak_allocated_bytes": int(result.peak_allocated_bytes),
+        "total_bytes": int(result.total_bytes),
+        "peak_phase": result.peak_phase,
+        "phases": {name: int(value) for name, value in result.phases.items()},
+        "explanations": dict(result.explanations),
+        "phase_explanations": dict(result.phase_explanations),
+        "warnings": list(result.warnings),
+    }
+    if setup.method == "qlora":
+        report = memory.quantization_report(spec, setup)
+        entry["quantization"] = {
+            "quantized_params": int(report.quantized_params),
+            "kept_params": {kind: int(n) for kind, n in report.kept_params.items()},
+            "kept_dtype": report.kept_dtype,
+            "kept_bytes": int(report.kept_bytes),
+            "saved_vs_lora_bytes": int(report.saved_bytes),
+        }
+    mmap = checkpoint[1] if checkpoint else True
+    checkpoint_bytes = checkpoint[0] if checkpoint else None
+    host = memory.host_estimate(spec, setup, on_gpu=on_gpu, mmap=mmap, checkpoint_bytes=checkpoint_bytes)
+    entry["host_ram_bytes"] = int(host.host_ram_bytes)
+    entry["host_components"] = {name: int(value) for name, value in host.components.items()}
+    entry["host_explanations"] = dict(host.explanations)
+    if host_bytes is not None:
+        fit = memory.host_fit(spec, setup, host_bytes, on_gpu=on_gpu, mmap=mmap, checkpoint_bytes=checkpoint_bytes)
+        entry["host_fits"] = bool(fit.fits)
+        entry["host_cheapest_fix"] = fit.cheapest_fix
+    if gpu_bytes is not None:
+        fit = memory.gpu_fit(spec, setup, gpu_bytes)
+        entry.update({
+            "fits": bool(fit.fits),
+            "max_micro_batch": int(fit.max_micro_batch or 0),
+            "max_seq_len": int(fit.max_seq_len or 0),
+            "cheapest_fix": fit.cheapest_fix,
+        })
+    return entry
 
 
 def _check_layout(args) -> None:
@@ -268,8 +335,10 @@ def build_plan_report(args) -> dict:
         _check_layout(args)
     overrides = _plan_overrides(args, spec)
     base = Plan().with_overrides(overrides)  # PlanError names a bad flag (e.g. method.lora_rank)
-    specs.check_seq_len(spec, base.training.seq_len)
+    specs.check_seq_len(spec, base.training.seq_len, base.training.rope_scaling, base.training.rope_factor)
     gpu_label, gpu_bytes = _gpu_bytes(args.gpu, args.gpu_memory_gb)
+    host_label, host_bytes = _host_bytes(getattr(args, "host_ram_gb", None), gpu_bytes is not None)
+    checkpoint = specs.checkpoint_on_disk(args.model)
     methods = [args.method] if args.method else list(METHODS)
     estimates, skipped = [], []
     for method in methods:
@@ -281,24 +350,11 @@ def build_plan_report(args) -> dict:
             skipped.append({"method": method, "reason": str(exc)})
             continue
         setup = memory.setup_from_plan(plan)
-        result = memory.estimate(spec, setup)
-        entry: dict[str, Any] = {
-            "method": method,
-            "components": {name: int(value) for name, value in result.components.items()},
-            "peak_allocated_bytes": int(result.peak_allocated_bytes),
-            "total_bytes": int(result.total_bytes),
-            "explanations": dict(result.explanations),
-        }
+        # With no GPU named, the run trains on this machine: on its CPU unless it has an NVIDIA GPU.
+        on_gpu = gpu_bytes is not None or _has_gpu()
+        entry = memory_entry(spec, setup, gpu_bytes, host_bytes, on_gpu, checkpoint)
         if cluster_wanted:
             entry["cluster"] = _cluster_entry(spec, setup, args)
-        if gpu_bytes is not None:
-            fit = memory.gpu_fit(spec, setup, gpu_bytes)
-            entry.update({
-                "fits": bool(fit.fits),
-                "max_micro_batch": int(fit.max_micro_batch or 0),
-                "max_seq_len": int(fit.max_seq_len or 0),
-                "cheapest_fix": fit.cheapest_fix,
-            })
         estimates.append(entry)
     first_plan = base.with_overrides({"method.method": estimates[0]["method"]}) if estimates else base
     report = {
@@ -332,14 +388,27 @@ def build_plan_report(args) -> dict:
             "num_gpus": first_plan.hardware.num_gpus,
             "num_nodes": first_plan.hardware.num_nodes,
             "shard": first_plan.hardware.shard,
+            "rope_scaling": first_plan.training.rope_scaling,
+            "rope_factor": (specs.rope_factor_for(spec.max_position_embeddings, first_plan.training.seq_len,
+                                                  first_plan.training.rope_factor)
+                            if first_plan.training.rope_scaling != "none" else None),
+            "use_liger_kernel": first_plan.method.use_liger_kernel,
         },
         "estimates": estimates,
     }
     if gpu_bytes is not None:
         report["gpu"] = {"name": gpu_label, "memory_bytes": gpu_bytes}
+    if host_bytes is not None:
+        report["host"] = {"name": host_label, "ram_bytes": host_bytes}
     if skipped:
         report["skipped"] = skipped
     return report
+
+
+def _has_gpu() -> bool:
+    from advisor.gpus import this_machine
+
+    return this_machine().has_nvidia_gpu
 
 
 def format_plan_report(report: dict, explain: bool = False) -> str:
@@ -365,7 +434,11 @@ def format_plan_report(report: dict, explain: bool = False) -> str:
                 names.append(name)
     rows = [[name] + [_gb(entry["components"].get(name)) for entry in estimates] for name in names]
     rows.append(["peak allocated"] + [_gb(entry["peak_allocated_bytes"]) for entry in estimates])
+    rows.append(["  set by phase"] + [entry["peak_phase"].replace("_", " ") for entry in estimates])
     rows.append(["total (GPU must hold)"] + [_gb(entry["total_bytes"]) for entry in estimates])
+    rows.append(["host RAM (per node)"] + [_gb(entry["host_ram_bytes"]) for entry in estimates])
+    if "host" in report:
+        rows.append([f"fits {report['host']['name']}"] + ["yes" if entry["host_fits"] else "NO" for entry in estimates])
     if "gpu" in report:
         rows.append([f"fits {report['gpu']['name']} ({_gb(report['gpu']['memory_bytes'])})"]
                     + ["yes" if entry["fits"] else "NO" for entry in estimates])
@@ -381,6 +454,17 @@ def format_plan_report(report: dict, explain: bool = False) -> str:
         for entry in estimates:
             if not entry["fits"] and entry.get("cheapest_fix"):
                 lines.append(f"{entry['method']} does not fit: {entry['cheapest_fix']}")
+    if "host" in report:
+        for entry in estimates:
+            if not entry["host_fits"]:
+                lines.append(f"{entry['method']} does not fit {report['host']['name']}: "
+                             + (entry.get("host_cheapest_fix") or "no change tried makes it fit"))
+    said: list[str] = []
+    for entry in estimates:
+        for warning in entry["warnings"]:
+            if warning not in said:
+                said.append(warning)
+                lines.append(f"warning ({entry['method']}): {warning}")
     for item in report.get("skipped", []):
         lines.append(f"{item['method']} skipped: {item['reason']}")
     lines += format_cluster_report(report)
@@ -390,6 +474,10 @@ def format_plan_report(report: dict, explain: bool = False) -> str:
             lines.append(f"{entry['method']}:")
             for name, text in entry["explanations"].items():
                 lines.append(f"  {name}: {text}")
+            for name, text in entry["phase_explanations"].items():
+                lines.append(f"  phase {name}: {text}")
+            for name, text in entry["host_explanations"].items():
+                lines.append(f"  host {name}: {text}")
     return "\n".join(lines)
 
 

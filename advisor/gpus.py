@@ -96,6 +96,34 @@ def custom_gpu(memory_gb: float, name: str | None = None) -> GPU:
     return GPU(name or f"{memory_gb:g} GB GPU", int(memory_gb * GB), max_per_node=MAX_GPUS_PER_NODE)
 
 
+@dataclass(frozen=True)
+class Machine:
+    """The machine this process runs on, as far as planning needs it."""
+
+    ram_bytes: int | None
+    """Physical RAM (None when the OS does not say)."""
+    has_nvidia_gpu: bool
+    """An NVIDIA driver with at least one GPU is loaded (/proc/driver/nvidia/gpus lists one)."""
+
+
+def this_machine() -> Machine:
+    """This machine's RAM and whether it has an NVIDIA GPU, from the OS alone (no torch, no CUDA): the one
+    function of the advisor that looks at the machine it runs on (the CLI's and the wizard's host RAM default)."""
+    import os
+    from pathlib import Path
+
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = None
+    gpus = Path("/proc/driver/nvidia/gpus")
+    try:
+        has_gpu = gpus.is_dir() and any(gpus.iterdir())
+    except OSError:
+        has_gpu = False
+    return Machine(int(ram) if ram else None, has_gpu)
+
+
 def max_gpus_per_node(gpu_name: str | None) -> tuple[int, str]:
     """(the most GPUs one node holds, that limit in words) for a GPU type by name, or for any GPU."""
     if gpu_name:

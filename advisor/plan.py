@@ -83,6 +83,11 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference")
 ONLINE_RL = ("ppo", "rloo", "grpo")
 DEVICES = ("auto", "cpu", "cuda")
+#: RoPE scalings transformers applies through a config's `rope_parameters` (rope_type): position
+#: interpolation (linear), dynamic NTK (dynamic) and YaRN (yarn); none keeps the model's window.
+ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn")
+#: RoPE factors: YaRN's paper extends LLaMA 2 by 16-32x and Qwen's cards use 4; 64 covers every published one.
+MAX_ROPE_FACTOR = 64.0
 
 
 class PlanError(TunewiseError, ValueError):
@@ -292,6 +297,9 @@ class MethodSettings:
     """Recompute activations in the backward pass: much less memory, ~30% slower."""
     attn: str = _setting("sdpa", label="Attention", flag="--attn", choices=ATTENTIONS, widget=True, memory=True)
     """Attention kernel: eager (materializes the attention matrix) or sdpa (fused)."""
+    use_liger_kernel: bool = _setting(False, label="Liger kernel", flag="--liger-kernel", memory=True)
+    """Liger's Triton kernels through TRL's use_liger_kernel: a fused lm_head + cross-entropy that never holds
+    the full logits, and fused RMSNorm / SwiGLU / RoPE. CUDA GPUs only; needs the liger-kernel package."""
 
     def __post_init__(self):
         _check_fields("method", self)
@@ -343,6 +351,14 @@ class TrainingSettings:
     seq_len: int = _setting(512, label="Sequence length", flag="--seq-len", widget=True, memory=True,
                             limit=Limit(1, MAX_SEQ_LEN, whole=True))
     """Maximum tokens per example (longer ones are truncated)."""
+    rope_scaling: str = _setting("none", label="RoPE scaling", flag="--rope-scaling", choices=ROPE_SCALINGS,
+                                 memory=True)
+    """Stretch a rotary model's position window to train sequences longer than it: none, linear (position
+    interpolation), dynamic (dynamic NTK) or yarn (YaRN), set through the model config's rope_parameters."""
+    rope_factor: float | None = _setting(None, label="RoPE factor", flag="--rope-factor", memory=True,
+                                         limit=Limit(1.0, MAX_ROPE_FACTOR, hint=" (the window grows this many times)"))
+    """RoPE scaling factor: the window becomes this many times the model's (None: seq_len / the window,
+    rounded up)."""
     # NumPy's seed (set by transformers' set_seed) must fit in 32 bits.
     seed: int = _setting(42, label="Seed", flag="--seed", limit=Limit(0, 2**32 - 1, whole=True))
     """Random seed: the same seed and plan give the same run."""
@@ -364,6 +380,9 @@ class TrainingSettings:
 
     def __post_init__(self):
         _check_fields("training", self)
+        if self.rope_factor is not None and self.rope_scaling == "none":
+            raise PlanError("training.rope_factor", "needs training.rope_scaling (linear, dynamic or yarn); "
+                            "leave it unset without scaling")
 
 
 def _threshold(default: float, label: str, flag: str, **more) -> Any:

@@ -120,7 +120,8 @@ INFO_ONLY = ("effective_batch", "total_steps", "preference_method")
 #: advisor.plan.settings()), and the INFO_ONLY values.
 ADVICE = (
     "method", "precision", "optimizer", "gradient_checkpointing", "attn", "lora_rank", "lora_alpha", "lora_targets",
-    "lora_dropout", "quant_bits", "double_quant", "shard", "seq_len", "micro_batch", "grad_accum", "effective_batch",
+    "lora_dropout", "quant_bits", "double_quant", "shard", "seq_len", "rope_scaling", "rope_factor", "micro_batch",
+    "grad_accum", "effective_batch",
     "learning_rate", "warmup_ratio", "epochs", "total_steps", "forgetting_monitor", "forgetting_eval_every",
     "replay_fraction", "ewc_lambda", "beta", "kl_coef", "preference_method",
 )
@@ -789,11 +790,23 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
 
     # 1. Sequence length and the batch we aim for (they size the memory search).
     seq_value, seq_reason = seq_len_for(inputs)
-    if not spec.rough and seq_value > spec.max_position_embeddings:
-        # Longer than the model was built for: the trainer (and the planner) refuse it.
-        seq_value, seq_reason = spec.max_position_embeddings, (
-            f"{seq_reason}; capped at the model's maximum of {spec.max_position_embeddings} tokens")
+    window = spec.max_position_embeddings
+    rotary = spec.model_type in specs.ROTARY_MODEL_TYPES
+    if not spec.rough and seq_value > window and not rotary:
+        # Longer than a model with learned positions holds: the trainer (and the planner) refuse it.
+        seq_value, seq_reason = window, f"{seq_reason}; capped at the model's maximum of {window} tokens"
     seq_len = rules.put("seq_len", seq_value, seq_reason, "seq_len_from_data")
+    if not spec.rough and seq_len > window and rotary:
+        # Longer than the model's window: stretch a rotary model's positions rather than cut the data.
+        rules.put("rope_scaling", "yarn",
+                  f"the data's {seq_len}-token sequences are longer than {spec.id}'s window of {window} positions: "
+                  "YaRN stretches a rotary model's window with the least loss on short inputs of the scalings "
+                  "transformers offers (Peng et al. 2023, YaRN; Qwen2.5's model cards use it for long context)",
+                  "rope_scaling_for_long_data")
+        rules.put("rope_factor", specs.rope_factor_for(window, seq_len, None),
+                  f"{seq_len} tokens / the {window}-position window = {seq_len / window:.2f}, rounded up to "
+                  f"{specs.rope_factor_for(window, seq_len, None):g} (LLaMA-Factory's rule)",
+                  "rope_factor_from_data")
     effective, effective_reason = effective_batch_for(inputs)
 
     # 2. Method, by the guide's "when to use" rules, then the fallbacks memory forces.
@@ -822,6 +835,7 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
     rejected: list[str] = []
     for method in order:
         base_setup = memory.TrainingSetup(
+            **memory.trainer_loss(stage, False),
             method=method,
             micro_batch=int(overrides.get("micro_batch", 1)),
             seq_len=int(overrides.get("seq_len", seq_len)),

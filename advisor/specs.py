@@ -43,7 +43,11 @@ CATALOGUE_PATH = REPO_ROOT / "assets" / "models.json"
 DEMO_MODEL_DIR = REPO_ROOT / "assets" / "demo-model"
 
 #: Architectures whose layout this module knows exactly (transformers' model_type).
-KNOWN_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "phi", "stablelm", "gpt2")
+KNOWN_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "gemma2", "phi3", "phi", "stablelm", "gpt2")
+
+#: Architectures whose positions are rotary (RoPE), which transformers' `rope_parameters` can stretch;
+#: GPT-2 learns one embedding per position, so its window cannot be scaled.
+ROTARY_MODEL_TYPES = tuple(t for t in KNOWN_MODEL_TYPES if t != "gpt2")
 
 #: How long a hub lookup may take before we call it offline (seconds).
 HUB_TIMEOUT_S = 4.0
@@ -56,7 +60,7 @@ class ModelSpec:
     id: str
     """Canonical name: the Hugging Face id for catalogue and hub models, the directory for local ones."""
     model_type: str
-    """transformers' model_type (llama, mistral, mixtral, qwen2, gemma2, phi3, phi, stablelm, gpt2)."""
+    """transformers' model_type (llama, mistral, mixtral, qwen2, qwen2_moe, gemma2, phi3, phi, stablelm, gpt2)."""
     hidden_size: int
     """Width of the residual stream (d_model)."""
     num_layers: int
@@ -66,7 +70,7 @@ class ModelSpec:
     num_kv_heads: int
     """Key/value heads (fewer than num_heads for grouped-query attention)."""
     intermediate_size: int
-    """MLP inner width (per expert for mixture-of-experts models)."""
+    """MLP inner width (per expert for mixture-of-experts models: Qwen2-MoE's moe_intermediate_size)."""
     vocab_size: int
     """Rows of the token embedding (and columns of the lm_head)."""
     max_position_embeddings: int
@@ -89,6 +93,9 @@ class ModelSpec:
     """Experts per MoE layer (0 for dense models)."""
     experts_per_token: int = 0
     """Experts each token is routed to (Mixtral: 2)."""
+    shared_expert_size: int = 0
+    """Inner width of the dense expert every token also goes through (Qwen2-MoE's
+    shared_expert_intermediate_size; 0 when there is none)."""
     hf_extra: tuple = ()
     """Other config.json entries needed to rebuild the model (rope_theta, eps, ...), as sorted (key, value) pairs."""
     aliases: tuple[str, ...] = ()
@@ -232,12 +239,23 @@ def _linear_layers(spec: ModelSpec) -> tuple:
             LinearLayer("o_proj", "self_attn.o_proj", q, h, spec.o_bias, "attention"),
         ]
         if spec.num_experts:
-            # transformers 5 fuses the experts into 3-D parameters (MixtralExperts): not nn.Linear.
+            # transformers 5 fuses the experts into 3-D parameters (MixtralExperts, Qwen2MoeExperts: one
+            # nn.Parameter of shape (experts, out, in) each): not nn.Linear, so bitsandbytes does not replace them.
             e = spec.num_experts
             layers += [
                 LinearLayer("experts.gate_up_proj", "mlp.experts.gate_up_proj", h, 2 * inter, False, "mlp", count=e, is_module=False),
                 LinearLayer("experts.down_proj", "mlp.experts.down_proj", inter, h, False, "mlp", count=e, is_module=False),
             ]
+            if spec.shared_expert_size:
+                # Qwen2-MoE's shared expert is an ordinary gated MLP of nn.Linear modules, and its sigmoid gate
+                # (hidden -> 1) is an nn.Linear too: bitsandbytes quantizes all four.
+                shared = spec.shared_expert_size
+                layers += [
+                    LinearLayer("shared_expert.gate_proj", "mlp.shared_expert.gate_proj", h, shared, False, "mlp"),
+                    LinearLayer("shared_expert.up_proj", "mlp.shared_expert.up_proj", h, shared, False, "mlp"),
+                    LinearLayer("shared_expert.down_proj", "mlp.shared_expert.down_proj", shared, h, False, "mlp"),
+                    LinearLayer("shared_expert_gate", "mlp.shared_expert_gate", h, 1, False, "mlp"),
+                ]
         else:
             layers += [
                 LinearLayer("gate_proj", "mlp.gate_proj", h, inter, spec.mlp_bias, "mlp"),
@@ -333,15 +351,79 @@ def _target_matches(path: str, target: str) -> bool:
     return ("." + path).endswith("." + target)
 
 
-def check_seq_len(spec: ModelSpec, seq_len: int) -> None:
-    """Refuse a training sequence longer than the model was built for (the trainer refuses it too);
-    rough sizes ("7B") have no real maximum and are not checked."""
-    if not spec.rough and seq_len > spec.max_position_embeddings:
+def rope_factor_for(window: int, seq_len: int, factor: float | None) -> float:
+    """The factor a RoPE scaling uses: the plan's own, else seq_len / the model's window rounded up to a whole
+    number (LLaMA-Factory's rule, `configure_rope`), and never below 1."""
+    if factor is not None:
+        return float(factor)
+    return float(max(1, math.ceil(seq_len / window)))
+
+
+def check_context(name: str, window: int, seq_len: int, rope_scaling: str = "none", rope_factor: float | None = None,
+                  rotary: bool = True) -> float | None:
+    """Refuse a training sequence the model's positions cannot hold; return the RoPE factor to apply (None:
+    no scaling). The planner (`check_seq_len`) and the trainer's pre-flight (which reads the real config)
+    both ask this, so they refuse the same plans with the same words.
+
+    `window` is the model's max_position_embeddings; with `rope_scaling` (linear, dynamic or yarn) a rotary
+    model's window stretches by the factor (`rope_factor_for`)."""
+    if rope_scaling == "none":
+        if seq_len > window:
+            raise TunewiseError(
+                f"training.seq_len: {seq_len} is longer than {name}'s window of {window} positions: set "
+                f"training.rope_scaling (--rope-scaling yarn, linear or dynamic) to stretch the window to it, or "
+                "lower training.seq_len (the dataset profile recommends one)",
+                field="training.seq_len",
+            )
+        return None
+    if not rotary:
         raise TunewiseError(
-            f"training.seq_len: {seq_len} is longer than {spec.id}'s maximum of {spec.max_position_embeddings} "
-            "tokens: lower it (the dataset profile recommends one)",
-            field="training.seq_len",
+            f"training.rope_scaling: {name} learns one embedding per position (no rotary positions), so RoPE "
+            f"scaling cannot stretch its window of {window}: set it to none and keep training.seq_len within {window}",
+            field="training.rope_scaling",
         )
+    factor = rope_factor_for(window, seq_len, rope_factor)
+    if seq_len > factor * window:
+        raise TunewiseError(
+            f"training.rope_factor: {factor:g} x {name}'s window of {window} is {int(factor * window)} positions, "
+            f"shorter than training.seq_len {seq_len}: raise it to {math.ceil(seq_len / window)} or leave it unset "
+            "(it is then seq_len / window, rounded up)",
+            field="training.rope_factor",
+        )
+    return factor
+
+
+def context_window(spec: ModelSpec, rope_scaling: str = "none", rope_factor: float | None = None,
+                   seq_len: int | None = None) -> int:
+    """The longest sequence a setup may train: the model's positions, times the RoPE factor when scaling is on
+    (with no factor given, the one `seq_len` needs)."""
+    window = spec.max_position_embeddings
+    if rope_scaling == "none" or spec.model_type not in ROTARY_MODEL_TYPES:
+        return window
+    return int(rope_factor_for(window, seq_len or window, rope_factor) * window)
+
+
+def check_seq_len(spec: ModelSpec, seq_len: int, rope_scaling: str = "none", rope_factor: float | None = None) -> None:
+    """Refuse a training sequence longer than the model's window unless RoPE scaling stretches it (the trainer
+    refuses the same, see `check_context`); rough sizes ("7B") have no real maximum and are not checked."""
+    if not spec.rough:
+        check_context(spec.id, spec.max_position_embeddings, seq_len, rope_scaling, rope_factor,
+                      rotary=spec.model_type in ROTARY_MODEL_TYPES)
+
+
+def quantized_parameter_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The parameters bitsandbytes turns into `Params4bit` / `Int8Params` when transformers loads `spec` with a
+    BitsAndBytesConfig: the weight of every nn.Linear / Conv1D inside the blocks (`LinearLayer.is_module`).
+    Left out: embeddings and lm_head (transformers' `get_keys_to_not_convert` skips the output embedding),
+    norms, biases, MoE routers (`TopKRouter` holds a bare nn.Parameter) and fused expert tensors (3-D
+    nn.Parameters, which `replace_with_bnb_linear` never sees). Names as `model.named_parameters()` gives them."""
+    prefix = "transformer.h" if spec.model_type == "gpt2" else "model.layers"
+    names = []
+    for index in range(spec.num_layers):
+        for layer in linear_layers(spec).values():
+            if layer.is_module:
+                names.append(f"{prefix}.{index}.{layer.path}.weight")
+    return tuple(names)
 
 
 def resolve_targets(spec: ModelSpec, targets) -> list[LinearLayer]:
@@ -438,6 +520,12 @@ def to_hf_config_dict(spec: ModelSpec) -> dict[str, Any]:
     elif spec.model_type == "mixtral":
         d["num_local_experts"] = spec.num_experts
         d["num_experts_per_tok"] = spec.experts_per_token
+    elif spec.model_type == "qwen2_moe":
+        d["moe_intermediate_size"] = spec.intermediate_size
+        d["shared_expert_intermediate_size"] = spec.shared_expert_size
+        d["num_experts"] = spec.num_experts
+        d["num_experts_per_tok"] = spec.experts_per_token
+        d["qkv_bias"] = spec.qkv_bias
     elif spec.model_type == "gemma2":
         d["attention_bias"] = spec.qkv_bias
     d.update(extra)
@@ -452,6 +540,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "mistral": {"norm": "rmsnorm"},
     "mixtral": {"norm": "rmsnorm"},
     "qwen2": {"norm": "rmsnorm", "qkv_bias": True},
+    "qwen2_moe": {"norm": "rmsnorm", "qkv_bias": True},
     "gemma2": {"norm": "rmsnorm", "tie_embeddings": True},
     "phi3": {"norm": "rmsnorm"},
     "phi": {"norm": "layernorm", "qkv_bias": True, "o_bias": True, "mlp_bias": True, "lm_head_bias": True},
@@ -485,6 +574,7 @@ def _spec_from_entry(model_id: str, entry: Mapping[str, Any], source: str) -> Mo
         head_dim=int(entry.get("head_dim") or 0),
         num_experts=int(entry.get("num_experts") or 0),
         experts_per_token=int(entry.get("experts_per_token") or 0),
+        shared_expert_size=int(entry.get("shared_expert_size") or 0),
         hf_extra=tuple(sorted((entry.get("hf_extra") or {}).items())),
         aliases=tuple(entry.get("aliases", ())),
         source=source,
@@ -578,6 +668,14 @@ def spec_from_hf_config(config: Mapping[str, Any], model_id: str, source: str = 
     elif family == "mixtral":
         entry["num_experts"] = int(first("num_local_experts", default=8))
         entry["experts_per_token"] = int(first("num_experts_per_tok", default=2))
+    elif family == "qwen2_moe":
+        # transformers' Qwen2MoeConfig defaults (Qwen1.5-MoE-A2.7B's shape); every layer sparse
+        # (decoder_sparse_step 1, no mlp_only_layers), as in the released Qwen MoE models.
+        entry["intermediate_size"] = int(first("moe_intermediate_size", default=1408))
+        entry["shared_expert_size"] = int(first("shared_expert_intermediate_size", default=5632))
+        entry["num_experts"] = int(first("num_experts", default=60))
+        entry["experts_per_token"] = int(first("num_experts_per_tok", default=4))
+        entry["qkv_bias"] = bool(cfg.get("qkv_bias", True))
     spec = _spec_from_entry(model_id, entry, source if model_type in KNOWN_MODEL_TYPES else f"{source} (unknown architecture {model_type!r}, read as Llama-shaped)")
     return spec
 
@@ -667,6 +765,26 @@ def _fetch_hub_config(model_id: str, revision: str | None) -> dict:
     request = urllib.request.Request(url, headers={"User-Agent": "tunewise"})
     with urllib.request.urlopen(request, timeout=HUB_TIMEOUT_S) as response:  # noqa: S310 - fixed https endpoint
         return json.loads(response.read().decode("utf-8"))
+
+
+def checkpoint_on_disk(name: str) -> tuple[int, bool] | None:
+    """For a local model directory (or "demo"): the checkpoint's bytes on disk and whether transformers
+    memory-maps it (safetensors and zip-format .bin files are mapped; a pickled .bin is read whole). None for
+    a hub or catalogue name (their releases ship safetensors, 2 bytes per parameter)."""
+    directory = DEMO_MODEL_DIR if str(name).strip().lower() == "demo" else Path(str(name)).expanduser()
+    if not directory.is_dir():
+        return None
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if safetensors:
+        return sum(f.stat().st_size for f in safetensors), True
+    pickled = sorted(directory.glob("*.bin"))
+    if not pickled:
+        return None
+    mapped = True
+    for path in pickled:
+        with open(path, "rb") as handle:
+            mapped = mapped and handle.read(4) == b"PK\x03\x04"  # torch.save's zip format (torch >= 1.6)
+    return sum(f.stat().st_size for f in pickled), mapped
 
 
 def resolve_model(name: str, allow_hub: bool | None = None, revision: str | None = None) -> ModelSpec:

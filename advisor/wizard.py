@@ -618,13 +618,27 @@ def run_row(status: Any) -> list[Any]:
         f"{step}/{status.max_steps}" if status.max_steps else str(step),
         f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
         f"{round(forgetting, 1) + 0.0:+.1f}%" if isinstance(forgetting, (int, float)) else "-",  # no "-0.0%"
+        memory_cell(getattr(status, "memory_estimate_bytes", None), getattr(status, "memory_measured_bytes", None)),
         started,
         run_what(status),
     ]
 
 
 #: The run history's columns: what a practitioner scans first (state, progress, loss), then the long text.
-RUN_HEADERS = ["run", "status", "step", "last loss", "forgetting", "started", "what"]
+#: "memory" keeps the plan's estimate beside the measured peak (GPU tensors, or host RAM on the CPU).
+RUN_HEADERS = ["run", "status", "step", "last loss", "forgetting", "memory (estimate / measured)", "started", "what"]
+
+
+def memory_cell(estimate: int | None, measured: int | None) -> str:
+    """The run history's memory column: "estimate / measured unit (error %)", the error being (estimate -
+    measured) / measured; a dash for what a run does not have (an old run, no log yet)."""
+    if not estimate and not measured:
+        return "-"
+    largest = max(estimate or 0, measured or 0)
+    unit, scale = ("GB", 1e9) if largest >= 1e9 else ("MB", 1e6)
+    shown = [f"{value / scale:.2f}" if value else "-" for value in (estimate, measured)]
+    error = f" ({100.0 * (estimate - measured) / measured:+.0f}%)" if estimate and measured else ""
+    return f"{shown[0]} / {shown[1]} {unit}{error}"
 
 
 def preselected_run(statuses: Sequence[Any]) -> str | None:
@@ -931,7 +945,7 @@ def plan_view(plan: Plan) -> PlanView:
     from advisor.plan import PIPELINE_PEAK_STAGE
 
     spec = specs.resolve_model(plan.model.name)
-    specs.check_seq_len(spec, plan.training.seq_len)
+    specs.check_seq_len(spec, plan.training.seq_len, plan.training.rope_scaling, plan.training.rope_factor)
     setup = memory.setup_from_plan(plan)
     peak_stage = PIPELINE_PEAK_STAGE.get(plan.pipeline)
     if peak_stage:  # a pipeline is sized by its heaviest step, as the advice is
@@ -988,9 +1002,36 @@ def plan_view(plan: Plan) -> PlanView:
         gpu_bytes=int(gpu.memory_bytes) if gpu is not None else None,
         gpu_label=gpu.name if gpu is not None else "",
         fit=fit_rows(rows),
-        status_markdown=need + verdict + "".join(f"\n\n**Check this:** {w}" for w in plausibility_warnings(plan)),
+        status_markdown=need + verdict + estimate_markdown(plan, spec, setup, own)
+        + "".join(f"\n\n**Check this:** {w}" for w in plausibility_warnings(plan)),
         explanations=explanation_rows(own),
     )
+
+
+def estimate_markdown(plan: Plan, spec: Any, setup: Any, own: Any) -> str:
+    """What the plan step adds about its own estimate, in the words `tunewise plan` uses: the phase of the step
+    that sets the peak, the estimator's warnings (an MoE model under QLoRA: which weights stay 16-bit, what
+    QLoRA saves there, what to do instead), and the host RAM per node (checked against this machine's RAM when
+    the plan trains here, on its CPU)."""
+    from advisor import gpus, memory, specs
+
+    text = (f"\n\nThe peak comes in the **{own.peak_phase.replace('_', ' ')}** phase of a step "
+            f"({own.phase_explanations[own.peak_phase]}).")
+    for warning in own.warnings:
+        text += f"\n\n**Warning:** {warning}"
+    checkpoint = specs.checkpoint_on_disk(plan.model.name)
+    mmap, size = (checkpoint[1], checkpoint[0]) if checkpoint else (True, None)
+    on_gpu = plan.hardware.gpu is not None or plan.hardware.gpu_memory_gb is not None
+    host = memory.host_estimate(spec, setup, on_gpu=on_gpu, mmap=mmap, checkpoint_bytes=size)
+    text += f"\n\nHost RAM: about **{gb(host.host_ram_bytes)} GB** per node" + (
+        f" ({', '.join(f'{name} {gb(value)}' for name, value in host.components.items())} GB)")
+    if not on_gpu:
+        ram = gpus.this_machine().ram_bytes
+        if ram:
+            fit = memory.host_fit(spec, setup, ram, on_gpu=False, mmap=mmap, checkpoint_bytes=size)
+            text += (f"; this machine has {gb(ram)} GB." if fit.fits else
+                     f"; **this machine has only {gb(ram)} GB**: {fit.cheapest_fix or 'use a machine with more RAM'}.")
+    return text + ("." if not text.endswith(".") else "")
 
 
 def cluster_markdown(spec: Any, setup: Any, gpu: Any = None) -> str:

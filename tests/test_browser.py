@@ -185,6 +185,9 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                     time.sleep(1)
                 assert _loss_points(page) >= 3, "the loss chart did not gain points within 240 s"
                 expect(page.locator("#run-header")).to_contain_text("step")
+                # The measured peak of each log against the plan's estimate (on the CPU: RSS and host RAM).
+                expect(page.locator("#memory-run-plot")).to_contain_text("host RAM (peak RSS)")
+                expect(page.locator("#memory-run-plot")).to_contain_text("host RAM estimate")
                 shot(page, "monitor")
 
                 # Stop, with the forgetting monitor measuring as it trains: the run saves first and ends stopped.
@@ -201,6 +204,7 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 run_id = page.locator("#run-header code").inner_text()
                 expect(page.locator("#runs-table")).to_contain_text(run_id)
                 expect(page.locator("#runs-table")).to_contain_text("stopped")
+                expect(page.locator("#runs-table")).to_contain_text(re.compile(r"\d+\.\d\d / \d+\.\d\d [MG]B \([+-]\d+%\)"))
                 expect(page.locator("#overlay-plot .main-svg").first).to_be_visible()
                 time.sleep(1)  # let the tables finish their fade-in before the screenshot
                 shot(page, "results")

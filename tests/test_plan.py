@@ -140,16 +140,21 @@ def test_every_float_setting_refuses_nan_infinity_and_1e308(dotted, text, value,
         assert info.value.field == dotted and str(info.value).startswith(f"{dotted}: must be a number")
 
 
+#: Settings that only mean something with another one set: a RoPE factor needs a RoPE scaling.
+NEEDS = {"training.rope_factor": {"training.rope_scaling": "linear"}}
+
+
 @pytest.mark.parametrize("dotted", sorted(FIELD_LIMITS))
 def test_each_range_keeps_its_maximum_and_refuses_beyond_it(dotted):
     limit: Limit = FIELD_LIMITS[dotted]
-    assert Plan().with_overrides({dotted: limit.high}).to_dict()[dotted.split(".")[0]][dotted.split(".")[1]] == limit.high
+    base = Plan().with_overrides(NEEDS.get(dotted, {}))
+    assert base.with_overrides({dotted: limit.high}).to_dict()[dotted.split(".")[0]][dotted.split(".")[1]] == limit.high
     beyond = [limit.high + 1 if limit.whole else limit.high * 1.5, 10**30, 10**19]
     if not limit.whole:
         beyond.append(1e308)
     for value in beyond:
         with pytest.raises(PlanError) as info:
-            Plan().with_overrides({dotted: value})
+            base.with_overrides({dotted: value})
         message = str(info.value)
         assert info.value.field == dotted and message.startswith(f"{dotted}: must be")
         assert " to " in message or "at most" in message, message  # the range is named

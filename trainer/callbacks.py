@@ -3,8 +3,9 @@
 - `EventsCallback(ctx)` turns the Trainer's hooks into events.jsonl records:
   `train_begin` (max_steps, num_train_epochs, start_step), `log` (the
   trainer's metric keys unchanged: loss, learning_rate, grad_norm, and the TRL
-  stages' rewards/margins, objective/kl, ...; plus epoch), `eval` (eval
-  metrics), `checkpoint` (its path) and `train_end` (the Trainer's run summary:
+  stages' rewards/margins, objective/kl, ...; plus epoch and the measured
+  memory, `memory/...`, see trainer.memwatch), `eval` (eval metrics),
+  `checkpoint` (its path) and `train_end` (the Trainer's run summary:
   train_runtime, train_loss, ...).
 - `StopCallback(ctx)` ends training cleanly when a stop was requested (STOP
   file or SIGTERM): after the current optimizer step it asks the Trainer to
@@ -70,6 +71,10 @@ class EventsCallback(TrainerCallback):
         if any(key.startswith("eval_") for key in logs):
             return  # on_evaluate reports these
         logs.setdefault("epoch", state.epoch)
+        # Every rank logs at the same steps, so the per-rank gather inside meets all of them.
+        from trainer.memwatch import measured_memory
+
+        logs.update(measured_memory())
         self.ctx.emit("log", step=state.global_step, **logs)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

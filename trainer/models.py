@@ -15,7 +15,10 @@ their own files) loads models the same way:
   base via `BitsAndBytesConfig` and `prepare_model_for_kbit_training`; LoRA
   adapters from the plan's rank, alpha, targets and dropout, or none with
   `adapters=False` when TRL adds them from a `peft_config`; gradient
-  checkpointing. `trust_remote_code` only when the plan turns it on.
+  checkpointing; RoPE scaling (`scaled_config`: the plan's linear, dynamic
+  NTK or YaRN through the config's `rope_parameters`, so a sequence longer
+  than the model's window trains). `trust_remote_code` only when the plan
+  turns it on.
 
 torch, transformers and PEFT are imported inside the functions, so importing
 this module is cheap.
@@ -295,6 +298,42 @@ def load_tokenizer(plan: Plan, model_name: str | None = None):
     return tokenizer
 
 
+def scaled_config(plan: Plan, path: str):
+    """The model's config with the plan's RoPE scaling applied, or None when the plan needs none.
+
+    Refuses (TunewiseError naming the setting, `advisor.specs.check_context`, the planner's own words) a
+    sequence longer than the model's window without scaling, scaling on a model without rotary positions, and a
+    factor too small for the sequence. transformers 5 reads RoPE from `config.rope_parameters` (rope_type,
+    rope_theta, factor; YaRN also original_max_position_embeddings): linear and YaRN stretch the window, so
+    max_position_embeddings grows by the factor; dynamic NTK keeps it as the base its frequencies grow from."""
+    from transformers import AutoConfig
+
+    from advisor.specs import check_context
+
+    config = AutoConfig.from_pretrained(path, **_hub_kwargs(plan, path))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "max_position_embeddings", None)
+    if not isinstance(window, int):
+        return None
+    params = getattr(text, "rope_parameters", None)
+    rotary = isinstance(params, dict) and bool(params)
+    factor = check_context(plan.model.name, window, plan.training.seq_len, plan.training.rope_scaling,
+                           plan.training.rope_factor, rotary=rotary)
+    if factor is None:
+        return None
+    if any(isinstance(value, dict) for value in params.values()):
+        raise TunewiseError(
+            f"training.rope_scaling: {plan.model.name} has RoPE parameters per layer type, which Tunewise does not "
+            "scale: set training.rope_scaling to none and training.seq_len within its window", field="training.rope_scaling")
+    scaled = {**params, "rope_type": plan.training.rope_scaling, "factor": float(factor)}
+    if plan.training.rope_scaling == "yarn":
+        scaled["original_max_position_embeddings"] = window
+    text.rope_parameters = scaled
+    if plan.training.rope_scaling in ("linear", "yarn"):
+        text.max_position_embeddings = int(window * factor)
+    return config
+
+
 def quantization_config(plan: Plan, precision: Precision):
     """QLoRA's BitsAndBytesConfig (NF4 + optional double quantization, or LLM.int8), or None for full/LoRA."""
     if plan.method.method != "qlora":
@@ -394,6 +433,14 @@ def load_model(
 
     quant = quantization_config(plan, precision)
     kwargs = dict(_hub_kwargs(plan, path))
+    config = scaled_config(plan, path)
+    if config is not None:
+        if kind == "seq_cls":
+            config.num_labels = num_labels
+        kwargs["config"] = config
+        say(f"RoPE scaling {plan.training.rope_scaling} x{config.get_text_config().rope_parameters['factor']:g}: the "
+            f"window is now {config.get_text_config().max_position_embeddings} positions (an adapter trained here "
+            "expects the same rope_parameters on its base)")
     kwargs["dtype"] = precision.torch_dtype
     kwargs["attn_implementation"] = plan.method.attn
     if quant is not None:
@@ -401,7 +448,8 @@ def load_model(
         # Quantized weights must be placed at load time: on this process's GPU, or the CPU.
         kwargs["device_map"] = {"": f"cuda:{_local_rank()}" if precision.device == "cuda" else "cpu"}
     if kind == "seq_cls":
-        kwargs["num_labels"] = num_labels
+        if config is None:
+            kwargs["num_labels"] = num_labels
         auto = AutoModelForSequenceClassification
     else:
         auto = AutoModelForCausalLM

@@ -20,10 +20,16 @@ from the environment and only rank 0 writes events. Each rank records its
 pid in `procs/rank<N>.pid` so the supervisor can signal (or, as a last
 resort, kill) every training process of a run.
 
+The `started` event carries the plan's memory estimate for the device it trains
+on (`memory_estimate`, see trainer.memwatch); every `log` carries the measured
+memory. Running out of memory ends the run with a `failed` event that says so
+(`oom`: "cuda" or "host") with the estimate, what the machine has, the measured
+peak before the failure and the planner's cheapest fix.
+
 Exit codes: 0 finished or stopped, 1 failed (a bug or crash), 2 failed
 (a problem with the plan or its inputs), 3 failed because the run's disk is
 full (`trainer.rundir.EXIT_DISK_FULL`; said on stderr too, in case even the
-`failed` event did not fit).
+`failed` event did not fit), 4 failed out of memory (GPU or host RAM).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ from trainer.procs import rank_from_env, record_rank_pid, world_size_from_env
 from trainer.rundir import DISK_FULL_BYTES, EXIT_DISK_FULL, PLAN_FILE, checkpoint_step, drop_partial_checkpoints
 
 TRACEBACK_LINES = 12
+#: Exit code of a run that ran out of GPU memory or host RAM (its `failed` event says which and what to do).
+EXIT_OUT_OF_MEMORY = 4
 
 #: The data each stage reads (see trainer.data.DATA_KINDS).
 STAGE_DATA_KIND = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompts"}
@@ -97,12 +105,13 @@ def preflight(ctx: RunContext) -> None:
     resolved = check_model(plan)
     base = base_of_adapter(resolved) if Path(resolved).is_dir() else None
     max_positions = config_max_length(base or resolved)
-    if max_positions is not None and plan.training.seq_len > max_positions:
-        raise TunewiseError(
-            f"training.seq_len: {plan.training.seq_len} is longer than the model's maximum of {max_positions} "
-            "tokens: lower it (the dataset profile recommends one)",
-            field="training.seq_len",
-        )
+    if max_positions is not None:
+        # Longer than the model's window trains only with RoPE scaling, which the model's config must take.
+        from trainer.models import scaled_config
+
+        scaled_config(plan, base or resolved)
+    if plan.method.use_liger_kernel:
+        _check_liger(plan)
     if plan.method.method != "full":
         _check_lora_targets(plan, base or resolved)
     if plan.pipeline == "none" and plan.stage == "ppo":
@@ -133,6 +142,29 @@ def preflight(ctx: RunContext) -> None:
         ctx.emit("notice", message=f"no GPU on this machine: the plan's {world_size_from_env()} processes run DDP on "
                  "the CPU (gloo). That checks a multi-GPU plan end to end, but it is no faster than one process; "
                  "on a GPU machine each process gets its own GPU")
+
+
+def _check_liger(plan: Plan) -> None:
+    """The Liger kernel is Triton code for CUDA GPUs: refuse it on the CPU, and without the package."""
+    import importlib.util
+
+    from trainer.models import resolve_precision
+
+    if resolve_precision(plan).device != "cuda":
+        raise TunewiseError(
+            "method.use_liger_kernel: the Liger kernel runs Triton kernels on CUDA GPUs, and this run trains on the "
+            "CPU: turn it off (--no-liger-kernel), or train on a GPU", field="method.use_liger_kernel")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise TunewiseError(
+            "method.use_liger_kernel: the liger-kernel package is not installed: pip install liger-kernel, or turn "
+            "it off (--no-liger-kernel)", field="method.use_liger_kernel")
+
+
+def _device(plan: Plan) -> str:
+    """Where the run will train (the planner's estimate is for that device)."""
+    from trainer.models import _cuda_available
+
+    return "cuda" if plan.hardware.device != "cpu" and _cuda_available() else "cpu"
 
 
 def _dispatch(ctx: RunContext) -> dict:
@@ -224,6 +256,9 @@ def _run(run_dir: Path, resume: str | Path | None) -> int:
         ctx.install_signal_handlers()
     except ValueError:  # not the main thread (an in-process caller): stops go through the STOP file
         pass
+    from trainer import memwatch
+
+    estimate = memwatch.plan_estimate(plan, _device(plan))
     emit(
         "started",
         pid=os.getpid(),
@@ -236,6 +271,7 @@ def _run(run_dir: Path, resume: str | Path | None) -> int:
         dataset=plan.data.dataset,
         resume_from=str(resume) if resume else None,
         host=platform.node(),
+        memory_estimate=estimate,
         **_versions(),
     )
     try:
@@ -245,6 +281,13 @@ def _run(run_dir: Path, resume: str | Path | None) -> int:
         emit("failed", error=str(exc), field=exc.field, user_error=True)
         return 2
     except Exception as exc:  # a bug or a crash: report it with where it happened
+        if memwatch.is_cuda_oom(exc) or memwatch.is_host_oom(exc):
+            # Out of GPU memory or host RAM: say what the plan estimated, what the machine has, what was measured.
+            describe = memwatch.cuda_oom_message if memwatch.is_cuda_oom(exc) else memwatch.host_oom_message
+            message, fields = describe(plan, estimate, exc, events.step)
+            _say(f"error: {message}")
+            emit("failed", error=message, user_error=True, **fields)
+            return EXIT_OUT_OF_MEMORY
         if _disk_full(exc, run_dir):
             removed = drop_partial_checkpoints(run_dir) if rank == 0 else []
             message = _disk_full_message(exc, run_dir, removed)

@@ -192,6 +192,14 @@ class RunStatus:
     logged steps (see STALL_MIN_S, STALL_FACTOR): it may be stuck, or stopped (SIGSTOP). None otherwise."""
     damage: str | None = None
     """What is wrong with a damaged run.json or event (naming the file); the rest is read as well as it can be."""
+    memory_estimate_bytes: int | None = None
+    """The plan's memory estimate for the device it trained on (the `started` event's, see trainer.memwatch): the
+    peak of allocated tensors per GPU, or the node's host RAM on the CPU."""
+    memory_measured_bytes: int | None = None
+    """The measured peak comparable to it (largest over the `log` events): torch.cuda.max_memory_allocated
+    (the largest rank's), or the trainer process's peak RSS on the CPU."""
+    memory_kind: str | None = None
+    """What the two are: "GPU allocated (max_memory_allocated)" or "host RAM (peak RSS)"."""
     scheduler: str | None = None
     """slurm, skypilot or torchrun for a cluster job (trainer/jobs.py); None for a local run."""
     job_id: str | None = None
@@ -267,6 +275,8 @@ class _Digest:
     """Fields of the wrong type met so far (ignored), for RunStatus.damage."""
     forgetting_pct: float | None = None
     """The latest forgetting check's degradation (original-domain loss above its baseline, %)."""
+    memory_measured: int | None = None
+    """The largest measured memory the `log` events report (peak RSS or max allocated)."""
     save_s: float = 0.0
     """The longest a checkpoint took to write so far (from the event before a `checkpoint` event to it)."""
     measure_s: float = 0.0
@@ -307,6 +317,9 @@ class _Digest:
                 self.last_log = {k: v for k, v in event.items() if k not in ("event", "time", "step") and is_number(v)}
                 if is_number(event.get("loss")):
                     self.last_loss = float(event["loss"])
+                for key in ("memory/max_allocated_bytes", "memory/peak_rss_bytes"):
+                    if is_int(event.get(key)):
+                        self.memory_measured = max(self.memory_measured or 0, event[key])
                 if when is not None:
                     self.log_times = (self.log_times + [when])[-21:]
             elif kind == "eval" and is_number(event.get("eval_loss")):
@@ -512,6 +525,9 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         error = "the training process never started (see watcher.log in the run directory)"
         error_lines = tuple(tail_lines(run_dir / WATCHER_LOG, ERROR_TAIL_LINES))
 
+    estimate = (digest.started or {}).get("memory_estimate")
+    estimate = estimate if isinstance(estimate, dict) else {}
+    memory_kind = {"cuda": "GPU allocated (max_memory_allocated)", "cpu": "host RAM (peak RSS)"}.get(estimate.get("device"))
     terminal_signal = (terminal or {}).get("signal")
     job = info.get("job") if isinstance(info.get("job"), dict) else {}  # a cluster job's layout (trainer/jobs.py)
     scheduler = attempt.get("scheduler") or (job.get("scheduler") if isinstance(job.get("scheduler"), str) else None)
@@ -549,6 +565,9 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         stop_wait_s=stop_wait(digest),
         stalled_s=_stalled_s(digest, started_at) if state == "running" else None,
         damage="; ".join(problems[:3]) or None,
+        memory_estimate_bytes=estimate.get("estimate_bytes") if is_int(estimate.get("estimate_bytes")) else None,
+        memory_measured_bytes=digest.memory_measured,
+        memory_kind=memory_kind,
         scheduler=scheduler,
         job_id=attempt.get("job_id"),
         **plan_fields,

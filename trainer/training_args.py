@@ -88,6 +88,9 @@ def training_kwargs(ctx: RunContext, precision: Precision, has_eval: bool) -> di
         # Under DDP only some LoRA parameters may be used in a step on tiny batches;
         # with frozen bases, unused-parameter detection just costs time.
         ddp_find_unused_parameters=False,
+        # Liger's kernels (pre-flight refused them without a GPU or the package): transformers patches the
+        # model's RMSNorm / SwiGLU / RoPE, TRL's SFT and DPO use its fused linear cross-entropy.
+        use_liger_kernel=bool(plan.method.use_liger_kernel),
     )
     kwargs.update(_checkpointing_kwargs(plan.method.gradient_checkpointing))
     return kwargs

@@ -8,7 +8,9 @@ process group of its own. It writes the trainer's pid and start time into run.js
 and records the exit code or the killing signal. When the trainer ended without its own terminal
 event (SIGKILL, out of memory, a crashed rank, a full disk) the watcher appends one: `failed` with the
 signal and the tail of stdout.log, or `stopped` when a stop had been asked for and the fallback kill
-ended it. Events written before the kill stay intact.
+ended it. Events written before the kill stay intact. A SIGKILL is explained as the kernel's OOM killer
+would cause it, with the plan's host RAM estimate (from `started`) and the last measured peak; for
+certain when the memory cgroup's OOM-kill count rose during the attempt (trainer.memwatch.oom_kills).
 
 Imports nothing heavy (no torch; the warm worker's client side is standard library): it starts in milliseconds.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from advisor.errors import TunewiseError
 from trainer.events import EVENTS_FILE, TERMINAL_EVENTS, EventWriter, is_disk_full, read_events, release_reserve
+from trainer.memwatch import machine_ram_bytes, oom_killed_message, oom_kills
 from trainer.procs import child_env, pid_alive, process_start_ticks, rank_processes
 from trainer.rundir import (DISK_FULL_BYTES, EXIT_DISK_FULL, PROCS_DIR, RUN_FILE, STDOUT_FILE, STOP_FILE, is_int,
                             read_json, run_lock, tail_lines, write_json_atomic)
@@ -48,6 +51,7 @@ def watch(run_dir: Path) -> int:
         for stale in procs.glob("rank*.pid"):
             stale.unlink(missing_ok=True)
     attempt["watcher_pid"] = os.getpid()
+    attempt["oom_kills"] = oom_kills()  # the trainer shares this cgroup: a rise later is the OOM killer's doing
     command = attempt["command"]
     warm_run = None
     if command[1:4] == ["-u", "-m", "trainer.runner"]:  # one process: a warm worker can fork it
@@ -148,6 +152,17 @@ def _add_terminal_event(run_dir: Path, attempt: dict, exit_code: int | None, kil
     elif exit_code == 0 and killed_by is None:
         writer.emit("failed", step=last_step, error="the trainer exited without reporting a result (see stdout.log)",
                     exit_code=exit_code, lines=lines)
+    elif killed_by == signal.SIGKILL:
+        before, after = attempt.get("oom_kills"), oom_kills()
+        certain = is_int(before) and is_int(after) and after > before
+        started = next((e for e in events if e.get("event") == "started"), {})
+        estimate = started.get("memory_estimate") if isinstance(started.get("memory_estimate"), dict) else None
+        peaks = [e.get("memory/peak_rss_bytes") or e.get("memory/max_allocated_bytes") for e in events
+                 if e.get("event") == "log"]
+        measured = max((p for p in peaks if is_int(p)), default=None)
+        writer.emit("failed", step=last_step, error=oom_killed_message(estimate, measured, machine_ram_bytes(), certain),
+                    exit_code=exit_code, signal=killed_by, lines=lines, oom="host" if certain else "maybe_host",
+                    host_estimate_bytes=(estimate or {}).get("host_ram_bytes"), measured_peak_bytes=measured)
     else:
         writer.emit("failed", step=last_step, error=exit_description(exit_code, killed_by), exit_code=exit_code,
                     signal=killed_by, lines=lines)
