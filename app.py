@@ -325,6 +325,36 @@ def _step_results(gr, wizard) -> dict:
             w["export_btn"] = gr.Button("Merge the adapter into the base and export", elem_id="export-btn")
             w["export_note"] = gr.Markdown()
             w["export_file"] = gr.File(label="Download", interactive=False)
+        w.update(_chat_tab(gr))
+    return w
+
+
+def _chat_tab(gr) -> dict:
+    """Step 5's chat: talk to the run picked above (its pipeline step) through the template it trained with."""
+    from trainer.chat import MAX_NEW_TOKENS_CAP
+
+    w = {}
+    with gr.Tabs(elem_id="results-tabs"):
+        with gr.Tab("Chat with the tuned model", id="chat", elem_id="chat-tab"):
+            with gr.Row():
+                w["chat_system"] = gr.Textbox(label="System prompt", lines=1, scale=3, elem_id="chat-system",
+                                              placeholder="optional: how the model should answer")
+                w["chat_temperature"] = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)",
+                                                  scale=1, elem_id="chat-temperature")
+                w["chat_top_p"] = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p", scale=1)
+                w["chat_max_new_tokens"] = gr.Slider(1, MAX_NEW_TOKENS_CAP, value=48, step=1, label="Max new tokens",
+                                                     scale=1, elem_id="chat-max-new-tokens")
+                w["chat_compare"] = gr.Checkbox(value=False, label="Compare with base", scale=0, min_width=160,
+                                                elem_id="chat-compare")
+            with gr.Row():
+                w["chat_tuned"] = gr.Chatbot(label="Tuned model", height=320, elem_id="chat-tuned")
+                w["chat_base"] = gr.Chatbot(label="Base model", height=320, visible=False, elem_id="chat-base")
+            with gr.Row():
+                w["chat_message"] = gr.Textbox(show_label=False, placeholder="Write a message and press Enter",
+                                               scale=6, elem_id="chat-message")
+                w["chat_send"] = gr.Button("Send", variant="primary", scale=0, min_width=100, elem_id="chat-send")
+                w["chat_clear"] = gr.Button("Clear", scale=0, min_width=90, elem_id="chat-clear")
+            w["chat_note"] = gr.Markdown(elem_id="chat-note")
     return w
 
 
@@ -427,6 +457,15 @@ def _wire(page: Page, h: Handlers) -> None:
                          outputs=p.samples_table, api_name="samples")
     p.export_btn.click(ev(h.on_export), inputs=[p.open_run, p.export_reload, p.monitor_state, p.open_step],
                        outputs=[p.export_note, p.export_file], api_name="export")
+
+    # Step 5's chat: the reply streams in (a generator handler), from a worker process per reply.
+    chat_io = dict(inputs=[p.open_run, p.open_step, p.chat_message, p.chat_tuned, p.chat_base, p.chat_system,
+                           p.chat_temperature, p.chat_top_p, p.chat_max_new_tokens, p.chat_compare, p.monitor_state],
+                   outputs=p.group("chat_message", "chat_tuned", "chat_base", "chat_note"))
+    p.chat_send.click(ev(h.on_chat), **chat_io, api_name="chat")
+    p.chat_message.submit(ev(h.on_chat), **chat_io, api_name="chat_submit")
+    p.chat_clear.click(ev(h.on_chat_clear), outputs=p.group("chat_tuned", "chat_base", "chat_note", "chat_message"),
+                       api_name="chat_clear")
 
     # On page load, independently (one failing does not block the others): the model card; the dataset
     # profile, then the advice and the plan's memory; the run to watch and the history.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
 import logging
 import os
 import tempfile
@@ -28,7 +29,7 @@ from advisor import wizard
 from advisor.errors import TunewiseError, user_message
 from advisor.plan import is_demo_model
 from advisor.profile import profile_dataset
-from trainer import jobs, runs, samples, supervisor, warm
+from trainer import chat, jobs, runs, samples, supervisor, warm
 from trainer.events import EVENTS_FILE
 from trainer import rundir
 from trainer.rundir import STDOUT_FILE, run_path, tail_lines
@@ -61,6 +62,10 @@ class AppConfig:
     """Where export archives are written for download (a folder of their own outside the runs folder, which
     the page never serves; Gradio copies each archive into its cache to serve it). None: a private temp
     folder of this process, made on the first export and removed at a clean exit."""
+    chat_timeout_s: float = 120.0
+    """Longest one chat reply may take (loading the models included); the reply is cut off there."""
+    demo_chat_max_new_tokens: int = 96
+    """Longest chat reply (new tokens) in demo mode (otherwise trainer.chat.MAX_NEW_TOKENS_CAP)."""
 
 
 # -- errors: a message in the page, never a traceback ------------------------------------------------------
@@ -70,6 +75,8 @@ def shows_errors_in_page(fn: Callable, shown: Callable[[str], str] | None = None
     """Wrap an event handler so that any exception reaches the page as `gr.Error(message)`; `shown` edits
     each message first (the public demo cuts server paths out)."""
     shown = shown or (lambda text: text)
+    if inspect.isgeneratorfunction(fn):
+        return _streams_errors_in_page(fn, shown)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -84,6 +91,28 @@ def shows_errors_in_page(fn: Callable, shown: Callable[[str], str] | None = None
             field_name = getattr(exc, "field", None)
             title = f"Check {field_name}" if field_name else ("Check your input" if isinstance(exc, TunewiseError) else "Error")
             raise gr.Error(html.escape(shown(user_message(exc)), quote=False), title=title, print_exception=False) from None
+
+    return wrapper
+
+
+_DONE = object()
+
+
+def _streams_errors_in_page(fn: Callable, shown: Callable[[str], str]) -> Callable:
+    """`shows_errors_in_page` for a handler that yields partial updates (a streamed chat reply): each step of
+    the generator goes through the same error shaping, so an error after some updates is a message too."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        updates = fn(*args, **kwargs)
+
+        def next_update():
+            return next(updates, _DONE)
+
+        next_update.__name__ = fn.__name__
+        step = shows_errors_in_page(next_update, shown)
+        while (update := step()) is not _DONE:
+            yield update
 
     return wrapper
 
@@ -500,3 +529,63 @@ class Handlers:
         archive, note = runs.export(self.run_dir(monitor_state, run_id), self.config.exports_dir, bool(reload_16bit),
                                     self.config.generate_timeout_s, step=step or None)
         return {self.page.export_note: self.shown(note), self.page.export_file: archive}
+
+    # -- step 5: chat with the tuned model (trainer.chat, one worker process per reply) ------------------------
+
+    def on_chat(self, run_id, step, message, tuned_history, base_history, system, temperature, top_p,
+                max_new_tokens, compare, monitor_state):
+        """Stream the tuned model's reply (and the base model's, when comparing) into the chat, token by token.
+        Each model keeps its own conversation; the reply is bounded by AppConfig.chat_timeout_s and the
+        new-token cap (lower in demo mode, which chats only with the visitor's own runs of the demo model)."""
+        p = self.page
+        if not run_id:
+            raise TunewiseError("run: pick a finished run in the list first", field="run")
+        run_dir = self.run_dir(monitor_state, run_id)
+        text = message.strip() if isinstance(message, str) else ""
+        if not text:
+            raise TunewiseError("chat: write a message first", field="chat")
+        cap = self.config.demo_chat_max_new_tokens if self.config.demo_mode else chat.MAX_NEW_TOKENS_CAP
+        if isinstance(max_new_tokens, (int, float)) and not isinstance(max_new_tokens, bool):
+            max_new_tokens = int(min(max_new_tokens, cap))
+        said = {"role": "user", "content": text}
+        shown = {"tuned": chat.clean_history(tuned_history) + [said],
+                 "base": chat.clean_history(base_history) + [said] if compare else None}
+        request = {"tuned": shown["tuned"], "base": shown["base"], "system": system, "temperature": temperature,
+                   "top_p": top_p, "max_new_tokens": max_new_tokens, "demo": self.config.demo_mode}
+        events = chat.stream_chat(run_dir, request, self.config.chat_timeout_s, step=step or None)
+        for model in ("tuned", "base"):
+            if shown[model] is not None:
+                shown[model] = [*shown[model], {"role": "assistant", "content": ""}]
+        notes: list[str] = []
+
+        def update(note: str):
+            return {p.chat_message: "", p.chat_tuned: shown["tuned"],
+                    p.chat_base: gr.update(value=shown["base"] or [], visible=bool(compare)),
+                    p.chat_note: self.shown(note)}
+
+        yield update("Loading the models (a process of their own)...")
+        for event in events:
+            kind, model = event.get("event"), event.get("model", "tuned")
+            if kind == "token" and shown.get(model) is not None:
+                shown[model][-1]["content"] += str(event.get("text", ""))
+                yield update(" ".join(notes) or "Answering...")
+            elif kind == "done" and shown.get(model) is not None:
+                shown[model][-1]["content"] = str(event.get("text", ""))
+                first = event.get("first_token_s")
+                notes.append(f"{model}: {event.get('new_tokens')} new tokens"
+                             + (f", first after {first:.2f} s" if isinstance(first, (int, float)) else "") + ".")
+                yield update(" ".join(notes))
+            elif kind == "timeout":
+                for reply in (shown["tuned"], shown["base"]):
+                    if reply is not None:
+                        reply[-1]["content"] = (reply[-1]["content"] + " ... (cut off)").strip()
+                yield update(f"Stopped: {event.get('message')}")
+                return
+            elif kind == "error":
+                raise TunewiseError(str(event.get("message")), field="chat")
+            elif kind == "end":
+                yield update(" ".join(notes) + f" Models loaded in {event.get('load_s', 0):.1f} s.")
+
+    def on_chat_clear(self):
+        p = self.page
+        return {p.chat_tuned: [], p.chat_base: [], p.chat_note: "", p.chat_message: ""}
