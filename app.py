@@ -149,12 +149,27 @@ def _step_data(gr, wizard) -> dict:
                 profile_table = gr.Dataframe(headers=["profile", ""], value=[], interactive=False, wrap=True,
                                              label="Dataset profile", elem_id="profile-table")
                 histogram = gr.Plot(label="Token lengths", elem_id="histogram")
+        loss_preview = _loss_preview(gr)
         with gr.Row():
             back_2 = gr.Button("Back", elem_id="back-2", scale=0, min_width=100)
             next_2 = gr.Button("Next: plan and advice", variant="primary", elem_id="next-2", scale=0, min_width=220)
     return dict(dataset=dataset, upload=upload, goal=goal, task=task, domain=domain, priority=priority,
                 quantized_inference=quantized_inference, profile_table=profile_table, histogram=histogram,
-                back_2=back_2, next_2=next_2)
+                back_2=back_2, next_2=next_2, **loss_preview)
+
+
+def _loss_preview(gr) -> dict:
+    """Step 2's "what the model trains on": rows through the chat template, the loss tokens highlighted."""
+    w = {}
+    with gr.Accordion("What the model will be trained on: rows through its chat template, loss tokens highlighted",
+                      open=False, elem_id="loss-preview"):
+        with gr.Row():
+            w["preview_rows"] = gr.Slider(1, 8, value=3, step=1, label="Rows to show", scale=1, elem_id="preview-rows")
+            w["preview_btn"] = gr.Button("Show the rows as the trainer sees them", scale=0, min_width=280,
+                                         elem_id="preview-btn")
+        w["preview_note"] = gr.Markdown(elem_id="preview-note")
+        w["preview_html"] = gr.HTML(elem_id="preview-html")
+    return w
 
 
 def _plan_editor(gr, Number) -> dict:  # noqa: N803
@@ -457,6 +472,11 @@ def _wire(page: Page, h: Handlers) -> None:
                          outputs=p.samples_table, api_name="samples")
     p.export_btn.click(ev(h.on_export), inputs=[p.open_run, p.export_reload, p.monitor_state, p.open_step],
                        outputs=[p.export_note, p.export_file], api_name="export")
+
+    # Step 2's loss preview: the plan on the page (its sequence length, packing, format), rendered by TRL in a
+    # subprocess (trainer.preview).
+    p.preview_btn.click(ev(h.on_preview), inputs=[p.plan_state, p.preview_rows], inputs_kwargs=p.plan_widgets,
+                        outputs=p.group("preview_note", "preview_html"), api_name="preview")
 
     # Step 5's chat: the reply streams in (a generator handler), from a worker process per reply.
     chat_io = dict(inputs=[p.open_run, p.open_step, p.chat_message, p.chat_tuned, p.chat_base, p.chat_system,

@@ -29,7 +29,7 @@ from advisor import wizard
 from advisor.errors import TunewiseError, user_message
 from advisor.plan import is_demo_model
 from advisor.profile import profile_dataset
-from trainer import chat, jobs, runs, samples, supervisor, warm
+from trainer import chat, jobs, preview, runs, samples, supervisor, warm
 from trainer.events import EVENTS_FILE
 from trainer import rundir
 from trainer.rundir import STDOUT_FILE, run_path, tail_lines
@@ -279,6 +279,19 @@ class Handlers:
         profiled = {**profile.to_dict(), "dataset_label": wizard.dataset_label(dataset)}
         return {self.page.plan_state: {**plan_state, "profile": profiled},
                 self.page.profile_table: wizard.profile_rows(profile), self.page.histogram: histogram}
+
+    def on_preview(self, plan_state, rows, **values):
+        """Step 2: a few rows of the plan's SFT data as the trainer tokenizes them (trainer.preview, in a
+        subprocess), loss tokens highlighted, and every checked row left without loss named with the fix."""
+        self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
+        plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
+        rows = int(rows) if isinstance(rows, (int, float)) and not isinstance(rows, bool) else 3
+        result = preview.preview(plan, rows, self.config.generate_timeout_s)
+        note = preview.preview_markdown(result)
+        if plan.stage != "sft" and plan.pipeline == "none":
+            note = (f"_The preview shows SFT's loss; the {plan.stage} stage scores whole replies (the rows are "
+                    "shown as SFT would train on them)._\n\n" + note)
+        return {self.page.preview_note: self.shown(note), self.page.preview_html: self.shown(preview.preview_html(result))}
 
     def recommend(self, plan_state, keep_changes: bool, values: dict) -> dict:
         """Ask the advisor (keeping the plan widgets the user changed when `keep_changes`) and fill them in."""
