@@ -262,6 +262,7 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
         with gr.Accordion("How each memory figure is computed", open=False):
             w["explanations"] = gr.Dataframe(headers=["component", "how"], interactive=False, wrap=True,
                                              column_widths=["20%", "80%"])
+        w.update(_plans_in_and_out(gr))
         with gr.Accordion("Show as YAML / CLI", open=False, elem_id="show-yaml"):
             w["cli_text"] = gr.Code(language="shell", label="Run it from a terminal", elem_id="cli-text")
             w["yaml_text"] = gr.Code(language="yaml", label="plan.yaml", elem_id="yaml-text")
@@ -272,6 +273,21 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
                                              min_width=140, label="Scheduler", elem_id="job-scheduler")
             w["export_job_btn"] = gr.Button("Export a cluster job", elem_id="export-job", scale=0, min_width=200)
         w["job_note"] = gr.Markdown(elem_id="job-note")
+    return w
+
+
+def _plans_in_and_out(gr) -> dict:
+    """Step 3's plan files: load a plan.yaml into every widget, save the page's plan as one."""
+    w = {}
+    with gr.Accordion("Plans in and out: load a plan.yaml, save this one", open=False, elem_id="plan-io"):
+        with gr.Row():
+            w["plan_file"] = gr.File(label="Load a plan.yaml (fills every setting, Advanced ones too)",
+                                     file_types=[".yaml", ".yml"], file_count="single", height=90, elem_id="plan-file",
+                                     scale=2)
+            with gr.Column(scale=1):
+                w["save_plan_btn"] = gr.Button("Save plan", elem_id="save-plan")
+                w["plan_download"] = gr.File(label="plan.yaml", interactive=False, height=90, elem_id="plan-download")
+        w["plan_io_note"] = gr.Markdown(elem_id="plan-io-note")
     return w
 
 
@@ -316,6 +332,8 @@ def _step_results(gr, wizard) -> dict:
             w["open_step"] = gr.Dropdown(choices=[], label="Pipeline step (samples and export use its model)",
                                          visible=False, elem_id="open-step", scale=1)
             w["watch_btn"] = gr.Button("Watch in step 4", scale=0, min_width=170, elem_id="watch")
+            w["load_run_plan_btn"] = gr.Button("Edit its plan in step 3", scale=0, min_width=190,
+                                               elem_id="load-run-plan")
             w["delete_btn"] = gr.Button("Delete this run", variant="secondary", scale=0, min_width=150,
                                         elem_id="delete-run")
             w["delete_confirm"] = gr.Button("Yes, delete it", variant="stop", visible=False, scale=0, min_width=150,
@@ -477,6 +495,16 @@ def _wire(page: Page, h: Handlers) -> None:
     # subprocess (trainer.preview).
     p.preview_btn.click(ev(h.on_preview), inputs=[p.plan_state, p.preview_rows], inputs_kwargs=p.plan_widgets,
                         outputs=p.group("preview_note", "preview_html"), api_name="preview")
+
+    # Plans in and out: a plan.yaml or a run's plan fills every widget, then the plan's memory is redrawn.
+    loaded_io = [p.plan_state, *p.plan_widgets.values(), p.plan_io_note]
+    p.plan_file.upload(ev(h.on_load_plan_file), inputs=[p.plan_state, p.plan_file], outputs=loaded_io,
+                       api_name="load_plan").success(ev(h.on_estimate), **estimate_io, api_name="estimate_after_load")
+    p.load_run_plan_btn.click(ev(h.on_load_run_plan), inputs=[p.plan_state, p.open_run, p.monitor_state],
+                              outputs=[*loaded_io, p.walkthrough], api_name="load_run_plan").success(
+        ev(h.on_estimate), **estimate_io, api_name="estimate_after_run_plan")
+    p.save_plan_btn.click(ev(h.on_save_plan), inputs=[p.plan_state], inputs_kwargs=p.plan_widgets,
+                          outputs=[p.plan_download, p.plan_io_note], api_name="save_plan")
 
     # Step 5's chat: the reply streams in (a generator handler), from a worker process per reply.
     chat_io = dict(inputs=[p.open_run, p.open_step, p.chat_message, p.chat_tuned, p.chat_base, p.chat_system,

@@ -284,7 +284,7 @@ class Handlers:
         """Step 2: a few rows of the plan's SFT data as the trainer tokenizes them (trainer.preview, in a
         subprocess), loss tokens highlighted, and every checked row left without loss named with the fix."""
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
-        plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
+        plan = self.page_plan(plan_state, {**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
         rows = int(rows) if isinstance(rows, (int, float)) and not isinstance(rows, bool) else 3
         result = preview.preview(plan, rows, self.config.generate_timeout_s)
         note = preview.preview_markdown(result)
@@ -326,7 +326,7 @@ class Handlers:
 
     def on_estimate(self, plan_state, **values):
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
-        plan = wizard.plan_from_widgets(values)  # an upload keeps its name here: the page shows the plan
+        plan = self.page_plan(plan_state, values)  # an upload keeps its name here: the page shows the plan
         view = wizard.plan_view(plan)
         (headers, memory_rows), (fit_headers, fit_rows) = view.memory, view.fit
         p = self.page
@@ -382,7 +382,7 @@ class Handlers:
 
     def on_launch(self, monitor_state, plan_state, **values):
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
-        plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
+        plan = self.page_plan(plan_state, {**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
         notes: list[str] = []
         with self.launch_lock:
             active = runs.active_runs(self.config.runs_dir)
@@ -602,3 +602,53 @@ class Handlers:
     def on_chat_clear(self):
         p = self.page
         return {p.chat_tuned: [], p.chat_base: [], p.chat_note: "", p.chat_message: ""}
+
+    # -- plans in and out: a plan.yaml (or a run's plan) fills every widget; "Save plan" downloads the page's --
+
+    def page_plan(self, plan_state: dict, values: dict):
+        """The plan the page shows: its widgets over the plan last loaded (which keeps what no widget shows)."""
+        return wizard.plan_from_widgets(values, base=wizard.loaded_plan_base(plan_state))
+
+    def show_plan(self, plan_state: dict, plan, source: str) -> dict:
+        """Fill every plan widget (the Advanced settings too) with `plan`, and remember it as the page's base."""
+        self.demo_guard(model=plan.model.name)
+        values = wizard.widgets_from_plan(plan)
+        p = self.page
+        updates = {widget: (gr.update(value=values[name], choices=sorted(set(values[name]) | {"q_proj", "k_proj", "v_proj", "o_proj"}))
+                            if name == "lora_targets" else values[name])
+                   for name, widget in p.plan_widgets.items()}
+        return {p.plan_state: {**plan_state, "loaded_plan": plan.to_dict()}, **updates,
+                p.plan_io_note: self.shown(f"Loaded the plan from {source}: every setting is on the page; edit it, then "
+                                           "launch or save it.")}
+
+    def on_load_plan_file(self, plan_state, plan_file):
+        if not plan_file:
+            return {}
+        if str(Path(plan_file).resolve()) not in {str(Path(f).resolve()) for f in self.uploaded_here}:
+            raise TunewiseError("plan: only a file sent through the upload box can be loaded", field="plan")
+        path = Path(plan_file)
+        if path.stat().st_size > wizard.MAX_PLAN_BYTES:
+            raise TunewiseError(f"plan: {path.name} is {path.stat().st_size:,} bytes; a plan file is a few kB "
+                                f"(at most {wizard.MAX_PLAN_BYTES:,})", field="plan")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise TunewiseError(f"plan: {path.name} is not UTF-8 text (a plan.yaml is)", field="plan") from None
+        plan = wizard.plan_from_file_text(text, path.name)
+        return self.show_plan(plan_state, plan, path.name)
+
+    def on_load_run_plan(self, plan_state, run_id, monitor_state):
+        """Step 5 -> 3: the picked run's plan (plan.yaml in its directory) fills the wizard, to edit and launch again."""
+        if not run_id:
+            raise TunewiseError("run: pick a run in the list first", field="run")
+        run_dir = self.run_dir(monitor_state, run_id)
+        plan = wizard.plan_from_file_text((run_dir / rundir.PLAN_FILE).read_text(encoding="utf-8"), f"run {run_id}")
+        return {**self.show_plan(plan_state, plan, f"run {run_id}"), self.page.walkthrough: gr.Walkthrough(selected=3)}
+
+    def on_save_plan(self, plan_state, **values):
+        """The plan.yaml of what the page shows (the text "Show as YAML" shows), as a file to download."""
+        plan = self.page_plan(plan_state, values)
+        folder = Path(tempfile.mkdtemp(prefix="tunewise-plan-"))
+        saved = plan.save(folder / "plan.yaml")
+        return {self.page.plan_download: str(saved), self.page.plan_io_note: "Saved: download plan.yaml below; "
+                "`tunewise train plan.yaml` runs it from a terminal."}
