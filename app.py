@@ -7,8 +7,9 @@ Layout and event wiring only (see ../shared/style.md): the decisions live in
 widgets-to-plan mapping, table rows and the demo's rules), the charts and the
 monitor's text in `figures`, and everything that touches the runs folder in
 `trainer` (`trainer.supervisor` launches, stops and resumes runs in their own
-processes, `trainer.runs` keeps uploads and exports, `trainer.samples`
-generates in a subprocess). The page talks to a run only through its
+processes, `trainer.runs` keeps uploads and exports, `trainer.samples` and
+`trainer.chat` generate and `trainer.preview` renders the data's loss tokens,
+each in a subprocess). The page talks to a run only through its
 directory: it launches it, then tails `events.jsonl` from a byte offset kept
 per browser session, so closing the browser or restarting this app never
 stops a run. torch, transformers and TRL are never imported here.
