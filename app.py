@@ -7,8 +7,9 @@ Layout and event wiring only (see ../shared/style.md): the decisions live in
 widgets-to-plan mapping, table rows and the demo's rules), the charts and the
 monitor's text in `figures`, and everything that touches the runs folder in
 `trainer` (`trainer.supervisor` launches, stops and resumes runs in their own
-processes, `trainer.runs` keeps uploads and exports, `trainer.samples`
-generates in a subprocess). The page talks to a run only through its
+processes, `trainer.runs` keeps uploads and exports, `trainer.samples` and
+`trainer.chat` generate and `trainer.preview` renders the data's loss tokens,
+each in a subprocess). The page talks to a run only through its
 directory: it launches it, then tails `events.jsonl` from a byte offset kept
 per browser session, so closing the browser or restarting this app never
 stops a run. torch, transformers and TRL are never imported here.
@@ -155,12 +156,27 @@ def _step_data(gr, wizard) -> dict:
                 profile_table = gr.Dataframe(headers=["profile", ""], value=[], interactive=False, wrap=True,
                                              label="Dataset profile", elem_id="profile-table")
                 histogram = gr.Plot(label="Token lengths", elem_id="histogram")
+        loss_preview = _loss_preview(gr)
         with gr.Row():
             back_2 = gr.Button("Back", elem_id="back-2", scale=0, min_width=100)
             next_2 = gr.Button("Next: plan and advice", variant="primary", elem_id="next-2", scale=0, min_width=220)
     return dict(dataset=dataset, upload=upload, goal=goal, task=task, domain=domain, priority=priority,
                 quantized_inference=quantized_inference, profile_table=profile_table, histogram=histogram,
-                back_2=back_2, next_2=next_2)
+                back_2=back_2, next_2=next_2, **loss_preview)
+
+
+def _loss_preview(gr) -> dict:
+    """Step 2's "what the model trains on": rows through the chat template, the loss tokens highlighted."""
+    w = {}
+    with gr.Accordion("What the model will be trained on: rows through its chat template, loss tokens highlighted",
+                      open=False, elem_id="loss-preview"):
+        with gr.Row():
+            w["preview_rows"] = gr.Slider(1, 8, value=3, step=1, label="Rows to show", scale=1, elem_id="preview-rows")
+            w["preview_btn"] = gr.Button("Show the rows as the trainer sees them", scale=0, min_width=280,
+                                         elem_id="preview-btn")
+        w["preview_note"] = gr.Markdown(elem_id="preview-note")
+        w["preview_html"] = gr.HTML(elem_id="preview-html")
+    return w
 
 
 def _plan_editor(gr, Number) -> dict:  # noqa: N803
@@ -253,6 +269,7 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
         with gr.Accordion("How each memory figure is computed", open=False):
             w["explanations"] = gr.Dataframe(headers=["component", "how"], interactive=False, wrap=True,
                                              column_widths=["20%", "80%"])
+        w.update(_plans_in_and_out(gr))
         with gr.Accordion("Show as YAML / CLI", open=False, elem_id="show-yaml"):
             w["cli_text"] = gr.Code(language="shell", label="Run it from a terminal", elem_id="cli-text")
             w["yaml_text"] = gr.Code(language="yaml", label="plan.yaml", elem_id="yaml-text")
@@ -263,6 +280,21 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
                                              min_width=140, label="Scheduler", elem_id="job-scheduler")
             w["export_job_btn"] = gr.Button("Export a cluster job", elem_id="export-job", scale=0, min_width=200)
         w["job_note"] = gr.Markdown(elem_id="job-note")
+    return w
+
+
+def _plans_in_and_out(gr) -> dict:
+    """Step 3's plan files: load a plan.yaml into every widget, save the page's plan as one."""
+    w = {}
+    with gr.Accordion("Plans in and out: load a plan.yaml, save this one", open=False, elem_id="plan-io"):
+        with gr.Row():
+            w["plan_file"] = gr.File(label="Load a plan.yaml (fills every setting, Advanced ones too)",
+                                     file_types=[".yaml", ".yml"], file_count="single", height=90, elem_id="plan-file",
+                                     scale=2)
+            with gr.Column(scale=1):
+                w["save_plan_btn"] = gr.Button("Save plan", elem_id="save-plan")
+                w["plan_download"] = gr.File(label="plan.yaml", interactive=False, height=90, elem_id="plan-download")
+        w["plan_io_note"] = gr.Markdown(elem_id="plan-io-note")
     return w
 
 
@@ -316,6 +348,8 @@ def _step_results(gr, wizard, demo_mode: bool) -> dict:
             w["open_step"] = gr.Dropdown(choices=[], label="Pipeline step (samples and export use its model)",
                                          visible=False, elem_id="open-step", scale=1)
             w["watch_btn"] = gr.Button("Watch in step 4", scale=0, min_width=170, elem_id="watch")
+            w["load_run_plan_btn"] = gr.Button("Edit its plan in step 3", scale=0, min_width=190,
+                                               elem_id="load-run-plan")
             w["delete_btn"] = gr.Button("Delete this run", variant="secondary", scale=0, min_width=150,
                                         elem_id="delete-run")
             w["delete_confirm"] = gr.Button("Yes, delete it", variant="stop", visible=False, scale=0, min_width=150,
@@ -340,6 +374,36 @@ def _step_results(gr, wizard, demo_mode: bool) -> dict:
             w["export_btn"] = gr.Button("Merge the adapter into the base and export", elem_id="export-btn")
             w["export_note"] = gr.Markdown()
             w["export_file"] = gr.File(label="Download", interactive=False)
+        w.update(_chat_tab(gr))
+    return w
+
+
+def _chat_tab(gr) -> dict:
+    """Step 5's chat: talk to the run picked above (its pipeline step) through the template it trained with."""
+    from trainer.chat import MAX_NEW_TOKENS_CAP
+
+    w = {}
+    with gr.Tabs(elem_id="results-tabs"):
+        with gr.Tab("Chat with the tuned model", id="chat", elem_id="chat-tab"):
+            with gr.Row():
+                w["chat_system"] = gr.Textbox(label="System prompt", lines=1, scale=3, elem_id="chat-system",
+                                              placeholder="optional: how the model should answer")
+                w["chat_temperature"] = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)",
+                                                  scale=1, elem_id="chat-temperature")
+                w["chat_top_p"] = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p", scale=1)
+                w["chat_max_new_tokens"] = gr.Slider(1, MAX_NEW_TOKENS_CAP, value=48, step=1, label="Max new tokens",
+                                                     scale=1, elem_id="chat-max-new-tokens")
+                w["chat_compare"] = gr.Checkbox(value=False, label="Compare with base", scale=0, min_width=160,
+                                                elem_id="chat-compare")
+            with gr.Row():
+                w["chat_tuned"] = gr.Chatbot(label="Tuned model", height=320, elem_id="chat-tuned")
+                w["chat_base"] = gr.Chatbot(label="Base model", height=320, visible=False, elem_id="chat-base")
+            with gr.Row():
+                w["chat_message"] = gr.Textbox(show_label=False, placeholder="Write a message and press Enter",
+                                               scale=6, elem_id="chat-message")
+                w["chat_send"] = gr.Button("Send", variant="primary", scale=0, min_width=100, elem_id="chat-send")
+                w["chat_clear"] = gr.Button("Clear", scale=0, min_width=90, elem_id="chat-clear")
+            w["chat_note"] = gr.Markdown(elem_id="chat-note")
     return w
 
 
@@ -475,6 +539,30 @@ def _wire(page: Page, h: Handlers) -> None:
                          outputs=p.samples_table, api_name="samples")
     p.export_btn.click(ev(h.on_export), inputs=[p.open_run, p.export_reload, p.monitor_state, p.open_step],
                        outputs=[p.export_note, p.export_file], api_name="export")
+
+    # Step 2's loss preview: the plan on the page (its sequence length, packing, format), rendered by TRL in a
+    # subprocess (trainer.preview).
+    p.preview_btn.click(ev(h.on_preview), inputs=[p.plan_state, p.preview_rows], inputs_kwargs=p.plan_widgets,
+                        outputs=p.group("preview_note", "preview_html"), api_name="preview")
+
+    # Plans in and out: a plan.yaml or a run's plan fills every widget, then the plan's memory is redrawn.
+    loaded_io = [p.plan_state, *p.plan_widgets.values(), p.plan_io_note]
+    p.plan_file.upload(ev(h.on_load_plan_file), inputs=[p.plan_state, p.plan_file], outputs=loaded_io,
+                       api_name="load_plan").success(ev(h.on_estimate), **estimate_io, api_name="estimate_after_load")
+    p.load_run_plan_btn.click(ev(h.on_load_run_plan), inputs=[p.plan_state, p.open_run, p.monitor_state],
+                              outputs=[*loaded_io, p.walkthrough], api_name="load_run_plan").success(
+        ev(h.on_estimate), **estimate_io, api_name="estimate_after_run_plan")
+    p.save_plan_btn.click(ev(h.on_save_plan), inputs=[p.plan_state], inputs_kwargs=p.plan_widgets,
+                          outputs=[p.plan_download, p.plan_io_note], api_name="save_plan")
+
+    # Step 5's chat: the reply streams in (a generator handler), from a worker process per reply.
+    chat_io = dict(inputs=[p.open_run, p.open_step, p.chat_message, p.chat_tuned, p.chat_base, p.chat_system,
+                           p.chat_temperature, p.chat_top_p, p.chat_max_new_tokens, p.chat_compare, p.monitor_state],
+                   outputs=p.group("chat_message", "chat_tuned", "chat_base", "chat_note"))
+    p.chat_send.click(ev(h.on_chat), **chat_io, api_name="chat")
+    p.chat_message.submit(ev(h.on_chat), **chat_io, api_name="chat_submit")
+    p.chat_clear.click(ev(h.on_chat_clear), outputs=p.group("chat_tuned", "chat_base", "chat_note", "chat_message"),
+                       api_name="chat_clear")
 
     # Start over: the browser forgets the wizard (not its runs), and the page reloads as on a first visit.
     p.start_over.click(ev(h.on_start_over), inputs=[p.plan_state, p.monitor_state], outputs=p.saved,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
 import logging
 import os
 import tempfile
@@ -28,7 +29,7 @@ from advisor import wizard
 from advisor.errors import TunewiseError, user_message
 from advisor.plan import is_demo_model
 from advisor.profile import profile_dataset
-from trainer import jobs, runs, samples, supervisor, warm
+from trainer import chat, jobs, preview, runs, samples, supervisor, warm
 from trainer.events import EVENTS_FILE
 from trainer import rundir
 from trainer.rundir import STDOUT_FILE, is_run_dir, run_path, tail_lines
@@ -61,6 +62,10 @@ class AppConfig:
     """Where export archives are written for download (a folder of their own outside the runs folder, which
     the page never serves; Gradio copies each archive into its cache to serve it). None: a private temp
     folder of this process, made on the first export and removed at a clean exit."""
+    chat_timeout_s: float = 120.0
+    """Longest one chat reply may take (loading the models included); the reply is cut off there."""
+    demo_chat_max_new_tokens: int = 96
+    """Longest chat reply (new tokens) in demo mode (otherwise trainer.chat.MAX_NEW_TOKENS_CAP)."""
 
 
 # -- errors: a message in the page, never a traceback ------------------------------------------------------
@@ -70,6 +75,8 @@ def shows_errors_in_page(fn: Callable, shown: Callable[[str], str] | None = None
     """Wrap an event handler so that any exception reaches the page as `gr.Error(message)`; `shown` edits
     each message first (the public demo cuts server paths out)."""
     shown = shown or (lambda text: text)
+    if inspect.isgeneratorfunction(fn):
+        return _streams_errors_in_page(fn, shown)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -84,6 +91,28 @@ def shows_errors_in_page(fn: Callable, shown: Callable[[str], str] | None = None
             field_name = getattr(exc, "field", None)
             title = f"Check {field_name}" if field_name else ("Check your input" if isinstance(exc, TunewiseError) else "Error")
             raise gr.Error(html.escape(shown(user_message(exc)), quote=False), title=title, print_exception=False) from None
+
+    return wrapper
+
+
+_DONE = object()
+
+
+def _streams_errors_in_page(fn: Callable, shown: Callable[[str], str]) -> Callable:
+    """`shows_errors_in_page` for a handler that yields partial updates (a streamed chat reply): each step of
+    the generator goes through the same error shaping, so an error after some updates is a message too."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        updates = fn(*args, **kwargs)
+
+        def next_update():
+            return next(updates, _DONE)
+
+        next_update.__name__ = fn.__name__
+        step = shows_errors_in_page(next_update, shown)
+        while (update := step()) is not _DONE:
+            yield update
 
     return wrapper
 
@@ -265,6 +294,19 @@ class Handlers:
         return {self.page.plan_state: {**plan_state, "profile": profiled},
                 self.page.profile_table: wizard.profile_rows(profile), self.page.histogram: histogram}
 
+    def on_preview(self, plan_state, rows, **values):
+        """Step 2: a few rows of the plan's SFT data as the trainer tokenizes them (trainer.preview, in a
+        subprocess), loss tokens highlighted, and every checked row left without loss named with the fix."""
+        self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
+        plan = self.page_plan(plan_state, {**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
+        rows = int(rows) if isinstance(rows, (int, float)) and not isinstance(rows, bool) else 3
+        result = preview.preview(plan, rows, self.config.generate_timeout_s)
+        note = preview.preview_markdown(result)
+        if plan.stage != "sft" and plan.pipeline == "none":
+            note = (f"_The preview shows SFT's loss; the {plan.stage} stage scores whole replies (the rows are "
+                    "shown as SFT would train on them)._\n\n" + note)
+        return {self.page.preview_note: self.shown(note), self.page.preview_html: self.shown(preview.preview_html(result))}
+
     def recommend(self, plan_state, keep_changes: bool, values: dict, overrides: dict | None = None) -> dict:
         """Ask the advisor (keeping the plan widgets the user changed when `keep_changes`, or `overrides`) and
         fill them in."""
@@ -361,7 +403,7 @@ class Handlers:
 
     def on_estimate(self, plan_state, **values):
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
-        plan = wizard.plan_from_widgets(values)  # an upload keeps its name here: the page shows the plan
+        plan = self.page_plan(plan_state, values)  # an upload keeps its name here: the page shows the plan
         view = wizard.plan_view(plan)
         (headers, memory_rows), (fit_headers, fit_rows) = view.memory, view.fit
         p = self.page
@@ -419,7 +461,7 @@ class Handlers:
 
     def on_launch(self, monitor_state, plan_state, **values):
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
-        plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
+        plan = self.page_plan(plan_state, {**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
         notes: list[str] = []
         with self.launch_lock:
             active = runs.active_runs(self.config.runs_dir)
@@ -601,3 +643,113 @@ class Handlers:
         archive, note = runs.export(self.run_dir(monitor_state, run_id), self.config.exports_dir, bool(reload_16bit),
                                     self.config.generate_timeout_s, step=step or None)
         return {self.page.export_note: self.shown(note), self.page.export_file: archive}
+
+    # -- step 5: chat with the tuned model (trainer.chat, one worker process per reply) ------------------------
+
+    def on_chat(self, run_id, step, message, tuned_history, base_history, system, temperature, top_p,
+                max_new_tokens, compare, monitor_state):
+        """Stream the tuned model's reply (and the base model's, when comparing) into the chat, token by token.
+        Each model keeps its own conversation; the reply is bounded by AppConfig.chat_timeout_s and the
+        new-token cap (lower in demo mode, which chats only with the visitor's own runs of the demo model)."""
+        p = self.page
+        if not run_id:
+            raise TunewiseError("run: pick a finished run in the list first", field="run")
+        run_dir = self.run_dir(monitor_state, run_id)
+        text = message.strip() if isinstance(message, str) else ""
+        if not text:
+            raise TunewiseError("chat: write a message first", field="chat")
+        cap = self.config.demo_chat_max_new_tokens if self.config.demo_mode else chat.MAX_NEW_TOKENS_CAP
+        if isinstance(max_new_tokens, (int, float)) and not isinstance(max_new_tokens, bool):
+            max_new_tokens = int(min(max_new_tokens, cap))
+        said = {"role": "user", "content": text}
+        shown = {"tuned": chat.clean_history(tuned_history) + [said],
+                 "base": chat.clean_history(base_history) + [said] if compare else None}
+        request = {"tuned": shown["tuned"], "base": shown["base"], "system": system, "temperature": temperature,
+                   "top_p": top_p, "max_new_tokens": max_new_tokens, "demo": self.config.demo_mode}
+        events = chat.stream_chat(run_dir, request, self.config.chat_timeout_s, step=step or None)
+        for model in ("tuned", "base"):
+            if shown[model] is not None:
+                shown[model] = [*shown[model], {"role": "assistant", "content": ""}]
+        notes: list[str] = []
+
+        def update(note: str):
+            return {p.chat_message: "", p.chat_tuned: shown["tuned"],
+                    p.chat_base: gr.update(value=shown["base"] or [], visible=bool(compare)),
+                    p.chat_note: self.shown(note)}
+
+        yield update("Loading the models (a process of their own)...")
+        for event in events:
+            kind, model = event.get("event"), event.get("model", "tuned")
+            if kind == "token" and shown.get(model) is not None:
+                shown[model][-1]["content"] += str(event.get("text", ""))
+                yield update(" ".join(notes) or "Answering...")
+            elif kind == "done" and shown.get(model) is not None:
+                shown[model][-1]["content"] = str(event.get("text", ""))
+                first = event.get("first_token_s")
+                notes.append(f"{model}: {event.get('new_tokens')} new tokens"
+                             + (f", first after {first:.2f} s" if isinstance(first, (int, float)) else "") + ".")
+                yield update(" ".join(notes))
+            elif kind == "timeout":
+                for reply in (shown["tuned"], shown["base"]):
+                    if reply is not None:
+                        reply[-1]["content"] = (reply[-1]["content"] + " ... (cut off)").strip()
+                yield update(f"Stopped: {event.get('message')}")
+                return
+            elif kind == "error":
+                raise TunewiseError(str(event.get("message")), field="chat")
+            elif kind == "end":
+                yield update(" ".join(notes) + f" Models loaded in {event.get('load_s', 0):.1f} s.")
+
+    def on_chat_clear(self):
+        p = self.page
+        return {p.chat_tuned: [], p.chat_base: [], p.chat_note: "", p.chat_message: ""}
+
+    # -- plans in and out: a plan.yaml (or a run's plan) fills every widget; "Save plan" downloads the page's --
+
+    def page_plan(self, plan_state: dict, values: dict):
+        """The plan the page shows: its widgets over the plan last loaded (which keeps what no widget shows)."""
+        return wizard.plan_from_widgets(values, base=wizard.loaded_plan_base(plan_state))
+
+    def show_plan(self, plan_state: dict, plan, source: str) -> dict:
+        """Fill every plan widget (the Advanced settings too) with `plan`, and remember it as the page's base."""
+        self.demo_guard(model=plan.model.name)
+        values = wizard.widgets_from_plan(plan)
+        p = self.page
+        updates = {widget: (gr.update(value=values[name], choices=sorted(set(values[name]) | {"q_proj", "k_proj", "v_proj", "o_proj"}))
+                            if name == "lora_targets" else values[name])
+                   for name, widget in p.plan_widgets.items()}
+        return {p.plan_state: {**plan_state, "loaded_plan": plan.to_dict()}, **updates,
+                p.plan_io_note: self.shown(f"Loaded the plan from {source}: every setting is on the page; edit it, then "
+                                           "launch or save it.")}
+
+    def on_load_plan_file(self, plan_state, plan_file):
+        if not plan_file:
+            return {}
+        if str(Path(plan_file).resolve()) not in {str(Path(f).resolve()) for f in self.uploaded_here}:
+            raise TunewiseError("plan: only a file sent through the upload box can be loaded", field="plan")
+        path = Path(plan_file)
+        if path.stat().st_size > wizard.MAX_PLAN_BYTES:
+            raise TunewiseError(f"plan: {path.name} is {path.stat().st_size:,} bytes; a plan file is a few kB "
+                                f"(at most {wizard.MAX_PLAN_BYTES:,})", field="plan")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise TunewiseError(f"plan: {path.name} is not UTF-8 text (a plan.yaml is)", field="plan") from None
+        plan = wizard.plan_from_file_text(text, path.name)
+        return self.show_plan(plan_state, plan, path.name)
+
+    def on_load_run_plan(self, plan_state, run_id, monitor_state):
+        """Step 5 -> 3: the picked run's plan (plan.yaml in its directory) fills the wizard, to edit and launch again."""
+        if not run_id:
+            raise TunewiseError("run: pick a run in the list first", field="run")
+        run_dir = self.run_dir(monitor_state, run_id)
+        plan = wizard.plan_from_file_text((run_dir / rundir.PLAN_FILE).read_text(encoding="utf-8"), f"run {run_id}")
+        return {**self.show_plan(plan_state, plan, f"run {run_id}"), self.page.walkthrough: gr.Walkthrough(selected=3)}
+
+    def on_save_plan(self, plan_state, **values):
+        """The plan.yaml of what the page shows (the text "Show as YAML" shows), as a file to download."""
+        plan = self.page_plan(plan_state, values)
+        folder = Path(tempfile.mkdtemp(prefix="tunewise-plan-"))
+        saved = plan.save(folder / "plan.yaml")
+        return {self.page.plan_download: str(saved), self.page.plan_io_note: "Saved: download plan.yaml below; "
+                "`tunewise train plan.yaml` runs it from a terminal."}

@@ -206,7 +206,8 @@ def plan_from_widgets(values: Mapping[str, Any], base: Plan | None = None) -> Pl
                 overrides["hardware.device"] = "cpu"
                 overrides["hardware.gpu"] = None
                 continue
-            overrides["hardware.device"] = "auto"
+            # A GPU: "auto", or the device a loaded plan names (cuda) when it is not the CPU.
+            overrides["hardware.device"] = base.hardware.device if base.hardware.device != "cpu" else "auto"
         if name == "max_steps" and (_blank(value) or value == 0):
             # 0 or empty: run the epochs. with_overrides skips None, so clear it explicitly below.
             overrides[dotted] = _CLEAR
@@ -1107,3 +1108,26 @@ def guide_note() -> str:
 
     return (memory.GUIDE_TABLE_NOTE + "\n\n*Ours: micro-batch 1, 512 tokens, sdpa attention; full fine-tuning "
             "with mixed-precision AdamW, LoRA / QLoRA rank 16 on the attention projections in bf16.*")
+
+
+# -- plans in and out ------------------------------------------------------------------------------
+
+
+#: A plan file the page reads at most (a plan is a few kB).
+MAX_PLAN_BYTES = 1_000_000
+
+
+def plan_from_file_text(text: str, source: str) -> Plan:
+    """The plan in a plan.yaml's text, checked exactly as the CLI checks it (`Plan.from_yaml`); TunewiseError
+    naming the setting, and the file, otherwise."""
+    try:
+        return Plan.from_yaml(text)
+    except PlanError as exc:
+        raise TunewiseError(f"{exc} (in {source})", field=exc.field) from None
+
+
+def loaded_plan_base(plan_state: Mapping[str, Any] | None) -> Plan | None:
+    """The plan last loaded into the page (a plan file or a run's plan), which keeps the settings no widget
+    shows (the data's example and token counts, a cuda device) when the page turns its widgets into a plan."""
+    loaded = (plan_state or {}).get("loaded_plan")
+    return Plan.from_dict(loaded) if loaded else None

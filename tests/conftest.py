@@ -296,9 +296,16 @@ def start_app(runs_dir: Path, *extra: str, log_path: Path) -> tuple[subprocess.P
                             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 150
+    # Gradio asks for its own page once it listens, and exits when that takes over 3 s; a page asked for at the
+    # same moment doubles the render time on a loaded machine. So ask only once its check has passed (it then
+    # prints the share hint), or after 90 s whatever the log says.
+    quiet_until = time.time() + 90
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"app.py exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+        if time.time() < quiet_until and "To create a public link" not in Path(log_path).read_text(errors="replace"):
+            time.sleep(0.3)
+            continue
         try:
             # (a first render of this page can take seconds on a busy 2-core machine: a short timeout would
             # only pile up renders that are never read)

@@ -330,3 +330,12 @@ def test_the_page_shows_and_opens_the_runs_of_another_folder_such_as_a_cli_run(m
             assert said in str(refused.value), refused.value
     finally:
         stop_app(proc)
+def test_the_data_steps_preview_shows_the_loss_tokens_and_names_rows_cut_out_of_their_loss(server):
+    """The demo's chat data through the demo model's template: the assistant replies carry the loss; at a
+    sequence length shorter than a row's prompt, the rows that lose all their loss are named with the fix."""
+    client, _ = server
+    note, shown = client.predict(dataset="demo-sft", model="demo", seq_len=512, rows=2, api_name="/preview")
+    assert "**Loss on:** assistant tokens only" in note and "Every checked row has tokens that carry loss" in note
+    assert shown.count("class='tw-row'") == 2 and "tw-tok tw-loss" in shown
+    note, _ = client.predict(dataset="demo-sft", model="demo", seq_len=8, rows=1, api_name="/preview")
+    assert "**Check this:** Rows 1, 2, 3" in note and "raise training.seq_len to" in note

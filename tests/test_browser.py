@@ -4,10 +4,11 @@ Starts `python app.py` as a subprocess. First what a newcomer may get wrong:
 an unknown model is named in its card and Next refuses it; a real model's
 plan carries its advised length (epochs, not the demo's step cap); a
 malformed upload is named in the profile and Next refuses it. Then, on the
-bundled demo model: sees the data profile, the memory table and the
+bundled demo model: sees the data profile and the rows with their loss tokens
+highlighted, the memory table and the
 recommendations (and watches memory follow an edit), launches a LoRA run
 with the forgetting monitor on, sees the loss chart gain points, stops it
-(a checkpoint is kept), and finds it in the run history. Last, the compare
+(a checkpoint is kept), finds it in the run history and chats with it. Last, the compare
 pipeline: its side-by-side table in the monitor, its final policy sampled
 and exported from step 5. A screenshot of each step goes to tests/artifacts/; with
 TUNEWISE_SCREENSHOTS=1 the plan, monitor and compare views are also copied to
@@ -63,6 +64,7 @@ def _loss_points(page) -> int:
         if page.locator("#loss-plot .scatterlayer .trace").count() else 0
 
 
+@pytest.mark.timeout(1200)  # two trainings, a pipeline, a preview and a chat: past the suite's 600 s on a loaded machine
 def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
     _require_browser()
     assert DEMO_MODEL.is_file(), "the bundled demo model (assets/demo-model) is missing"
@@ -147,6 +149,12 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 expect(page.locator("#profile-table")).to_contain_text("messages")
                 expect(page.locator("#histogram .main-svg").first).to_be_visible()
                 shot(page, "data")
+                # What the model will be trained on: rows through the chat template, the loss tokens highlighted.
+                page.locator("#loss-preview").get_by_text("What the model will be trained on").click()
+                page.locator("#preview-btn").click()
+                expect(page.locator("#preview-html .tw-loss").first).to_be_visible(timeout=120_000)
+                expect(page.locator("#preview-note")).to_contain_text("assistant tokens only")
+                expect(page.locator("#preview-html")).to_contain_text("with loss")
 
                 # Step 3: recommendations with reasons, the memory table, and memory following an edit.
                 page.locator("#next-2").click()
@@ -208,6 +216,13 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 expect(page.locator("#overlay-plot .main-svg").first).to_be_visible()
                 time.sleep(1)  # let the tables finish their fade-in before the screenshot
                 shot(page, "results")
+                # Chat with the tuned model (the stopped run's saved adapter): the reply streams into the chat.
+                question = "Please spell out the date 2016-05-11."
+                page.locator("#chat-message textarea").fill(question)
+                page.locator("#chat-send").click()
+                expect(page.locator("#chat-note")).to_contain_text("new tokens", timeout=120_000)
+                expect(page.locator("#chat-tuned")).to_contain_text(question)
+                assert len(page.locator("#chat-tuned").inner_text()) > len(question) + 3, "no reply in the chat"
 
                 # The compare pipeline: RLHF beside DPO, its table in the monitor, its final policy in step 5.
                 page.locator("#start-over").click()  # a fresh wizard on step 1 (the demo model is the default)

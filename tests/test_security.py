@@ -135,8 +135,12 @@ def _serve(work: Path, *extra: str):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 150
+    quiet_until = time.time() + 90  # as conftest.start_app: ask once Gradio's own startup check has passed
     while True:
         assert proc.poll() is None, (work / "app.log").read_text()[-3000:]
+        if time.time() < quiet_until and "To create a public link" not in (work / "app.log").read_text(errors="replace"):
+            time.sleep(0.3)
+            continue
         try:
             urllib.request.urlopen(url, timeout=2).close()
             return proc, url
@@ -420,7 +424,8 @@ def test_another_demo_visitor_cannot_list_watch_stop_or_use_a_run_or_upload(publ
     opened = bob.predict(api_name="/attach")  # opening the page attaches to no one else's run
     assert run_id not in str(opened)
     for endpoint, args in (("/watch", (run_id,)), ("/overlay", ([run_id], "loss")), ("/samples", (run_id, "hi")),
-                           ("/export", (run_id, False))):
+                           ("/export", (run_id, False)), ("/chat", (run_id, None, "hi", [], [], "", 0.0, 1.0, 8, False)),
+                           ("/load_run_plan", (run_id,))):
         with pytest.raises(AppError) as refused:
             bob.predict(*args, api_name=endpoint)
         assert run_id in str(refused.value) and "not in the list" in str(refused.value), (endpoint, refused.value)

@@ -17,6 +17,8 @@ pre-flight check calls too, so pre-flight accepts exactly what a stage loads:
   prompt/chosen/rejected rows and held-out pairs.
 - `load_prompt_rows(plan)`: online RL's prompts (from any format with
   prompts) and held-out rows, which are pairs when the data has them.
+- `training_records(plan, tokenizer, kind)`: every row in file order, reshaped as the stage trains on it
+  (what `load_training_data` splits; the loss preview, trainer.preview, renders it).
 - `check_dataset(plan, kind)`: the pre-flight check (the loader of `kind`).
 - `split_heldout(records, fraction, seed)`: the one eval split they share.
 - `sft_loss_options(tokenizer, dataset)`: where SFT's loss goes. Chat data
@@ -269,6 +271,16 @@ def load_training_data(
     """
     import datasets
 
+    records = training_records(plan, tokenizer, kind, notify)
+    train, heldout = split_heldout(records, plan.data.eval_fraction, plan.training.seed)
+    eval_dataset = datasets.Dataset.from_list(heldout) if heldout else None
+    return datasets.Dataset.from_list(_capped(train, plan)), eval_dataset
+
+
+def training_records(plan: Plan, tokenizer=None, kind: str = "sft",
+                     notify: Callable[[str], None] | None = None) -> list[dict]:
+    """Every row of the dataset in file order, in the columns the stage of `kind` trains on (before the eval
+    split): what `load_training_data` splits, and what the loss preview (trainer.preview) renders."""
     say = notify or (lambda message: None)
     loaded = read_dataset(plan.data.dataset, plan.data.format)
     records, note = _adapt(loaded, kind)
@@ -287,9 +299,7 @@ def load_training_data(
                 "the chat template has no {% generation %} markers: training on each conversation's last "
                 "assistant reply (its earlier turns are the prompt)"
             )
-    train, heldout = split_heldout(records, plan.data.eval_fraction, plan.training.seed)
-    eval_dataset = datasets.Dataset.from_list(heldout) if heldout else None
-    return datasets.Dataset.from_list(_capped(train, plan)), eval_dataset
+    return records
 
 
 def sft_loss_options(tokenizer, dataset) -> dict:

@@ -6,7 +6,8 @@ Runs one plan inside its run directory and reports through events.jsonl:
 2. a pre-flight check of everything that is cheap to check before any model
    is loaded (plan valid, model resolvable, dataset present and well formed
    with the right columns, checkpoint to resume present, device and
-   precision usable, sequence length within the model's maximum), so a bad
+   precision usable, sequence length within the model's maximum, SFT rows
+   that keep a token with loss after the cut to seq_len), so a bad
    plan fails in seconds with a `failed` event naming the problem;
 3. the stage (`trainer.stages.get_stage(plan.stage)`) or, for a pipeline,
    `trainer.pipeline.run_pipeline(ctx)`;
@@ -127,6 +128,13 @@ def preflight(ctx: RunContext) -> None:
     stages = (plan.stage,) if plan.pipeline == "none" else PIPELINE_STAGES[plan.pipeline]
     for kind in dict.fromkeys(STAGE_DATA_KIND[stage] for stage in stages):
         check_dataset(plan, kind)
+    if "sft" in stages:
+        # Rows the cut to seq_len leaves without a loss token (TRL drops them silently): said by number, with
+        # the fix; none left at all fails now (trainer.preview, TRL's own labelling).
+        from trainer.models import load_tokenizer
+        from trainer.preview import check_loss_masks
+
+        check_loss_masks(plan, load_tokenizer(plan), lambda message: ctx.emit("notice", message=message))
     from trainer.forgetting import check_original_text
 
     check_original_text(plan)
