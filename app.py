@@ -547,11 +547,12 @@ def _wire(page: Page, h: Handlers) -> None:
 
     # Plans in and out: a plan.yaml or a run's plan fills every widget, then the plan's memory is redrawn.
     loaded_io = [p.plan_state, *p.plan_widgets.values(), p.plan_io_note]
-    p.plan_file.upload(ev(h.on_load_plan_file), inputs=[p.plan_state, p.plan_file], outputs=loaded_io,
-                       api_name="load_plan").success(ev(h.on_estimate), **estimate_io, api_name="estimate_after_load")
-    p.load_run_plan_btn.click(ev(h.on_load_run_plan), inputs=[p.plan_state, p.open_run, p.monitor_state],
-                              outputs=[*loaded_io, p.walkthrough], api_name="load_run_plan").success(
-        ev(h.on_estimate), **estimate_io, api_name="estimate_after_run_plan")
+    remember(p.plan_file.upload(ev(h.on_load_plan_file), inputs=[p.plan_state, p.plan_file], outputs=loaded_io,
+                                api_name="load_plan").success(ev(h.on_estimate), **estimate_io,
+                                                              api_name="estimate_after_load"), 3, "load_plan")
+    remember(p.load_run_plan_btn.click(ev(h.on_load_run_plan), inputs=[p.plan_state, p.open_run, p.monitor_state],
+                                       outputs=[*loaded_io, p.walkthrough], api_name="load_run_plan").success(
+        ev(h.on_estimate), **estimate_io, api_name="estimate_after_run_plan"), 3, "load_run_plan")
     p.save_plan_btn.click(ev(h.on_save_plan), inputs=[p.plan_state], inputs_kwargs=p.plan_widgets,
                           outputs=[p.plan_download, p.plan_io_note], api_name="save_plan")
 
