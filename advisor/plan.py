@@ -292,6 +292,9 @@ class MethodSettings:
     """Recompute activations in the backward pass: much less memory, ~30% slower."""
     attn: str = _setting("sdpa", label="Attention", flag="--attn", choices=ATTENTIONS, widget=True, memory=True)
     """Attention kernel: eager (materializes the attention matrix) or sdpa (fused)."""
+    use_dora: bool = _setting(False, label="DoRA (weight-decomposed LoRA)", flag="--dora", memory=True)
+    """LoRA / QLoRA: train DoRA adapters (PEFT's use_dora): a magnitude vector per adapted layer on top of
+    rank r, often better at low ranks, a little more memory and slower steps. Not for full fine-tuning."""
 
     def __post_init__(self):
         _check_fields("method", self)
@@ -303,6 +306,9 @@ class MethodSettings:
             raise PlanError("method.lora_targets", "is empty: name modules such as q_proj,v_proj or use all-linear")
         if self.method == "qlora" and self.precision == "fp32":
             raise PlanError("method.precision", "QLoRA computes in 16 bit: choose bf16 or fp16")
+        if self.use_dora and self.method == "full":
+            raise PlanError("method.use_dora", "DoRA is a kind of LoRA adapter and full fine-tuning trains no "
+                            "adapters: choose method lora or qlora, or turn DoRA off")
 
     @property
     def alpha(self) -> float:

@@ -179,6 +179,7 @@ def test_a_plan_round_trips_through_the_command_the_wizard_prints():
     from trainer.cli import plan_from_args
 
     changed = {s.dotted: _other_value(s) for s in settings()}
+    changed["method.method"] = "qlora"  # DoRA (method.use_dora, on here) needs adapters: not full fine-tuning
     plan = Plan().with_overrides(changed)
     assert all(s.value(plan) != s.default for s in settings())  # every setting differs from its default
     text = wizard.train_command(plan, runs_dir="my runs")

@@ -357,3 +357,43 @@ def test_merge_refuses_a_qlora_adapter_and_explains(qlora_run, tmp_path):
     message = str(raised.value)
     assert "4-bit" in message and "keep the adapter separate" in message and "--reload-16bit" in message
     assert not (tmp_path / "merged").exists()
+
+
+def test_dora_trains_and_peft_counts_what_the_planner_counts(tmp_path, make_plan, tiny_model_dir):
+    """DoRA (method.use_dora) trains through PEFT: the saved adapter is a DoRA adapter (a magnitude vector per
+    adapted module), PEFT's own trainable count of it equals the planner's, and the loss falls."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from advisor import memory, specs
+
+    plan = make_plan({"method.use_dora": True})
+    code, events = run_in_process(plan, tmp_path / "run")
+    assert code == 0, events[-1]
+    values = losses(events)
+    assert values[-1] < values[0] - 0.2
+    output = Path(events[-1]["output_dir"])
+    assert json.loads((output / "adapter_config.json").read_text())["use_dora"] is True
+    weights = load_file(output / "adapter_model.safetensors")
+    magnitudes = [name for name in weights if "lora_magnitude_vector" in name]
+    assert len(magnitudes) == 2 * 7  # every linear layer of both blocks
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), output, is_trainable=True)
+    trainable, _ = model.get_nb_trainable_parameters()
+    spec = specs.spec_from_hf_config(json.loads((tiny_model_dir / "config.json").read_text()), "tiny")
+    planned = memory.estimate(spec, memory.setup_from_plan(plan))
+    assert planned.trainable_params == trainable == of_kind(events, "model_loaded")[0]["trainable_params"]
+    # LoRA rank 8 on the 7 linear layers of 2 blocks, plus one magnitude per output feature of each.
+    per_block = 8 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64)) + (64 + 32 * 2 + 64 + 128 * 2 + 64)
+    assert trainable == 2 * per_block
+    lora = memory.estimate(spec, memory.setup_from_plan(plan.with_overrides({"method.use_dora": False})))
+    assert planned.components["activations"] > lora.components["activations"]
+    assert planned.components["overhead"] > lora.components["overhead"]
+
+
+def test_dora_is_refused_for_full_fine_tuning(make_plan):
+    from advisor.plan import PlanError
+
+    with pytest.raises(PlanError, match="method.use_dora: DoRA is a kind of LoRA adapter.*choose method lora or qlora"):
+        make_plan({"method.use_dora": True, "method.method": "full"})
