@@ -47,7 +47,7 @@ import figures
 from advisor import wizard
 from handlers import AppConfig, Handlers, new_monitor_state, new_plan_state, shows_errors_in_page
 from trainer import warm
-from ui_parts import RequireLogin, number_with_named_range, setting_widget
+from ui_parts import RequireLogin, number_with_named_range, patient_url_ok, setting_widget
 
 __all__ = ["AppConfig", "build_app", "main", "parse_args"]
 
@@ -395,6 +395,12 @@ def _wire(page: Page, h: Handlers) -> None:
     for name, widget in p.plan_widgets.items():
         if name in ("model", "dataset", "goal", "gpu", "num_gpus", "num_nodes"):
             continue  # those change the advice: the plan step re-advises when you reach it
+        if name in wizard.FOLLOWED_WIDGETS:  # others follow it (alpha the rank, the rate the method): re-advise
+            edited = widget.input(ev(h.on_readvise), **advice_io, api_name=f"edit_{name}", show_progress="hidden",
+                                  trigger_mode="always_last")
+            edited.failure(ev(h.plan_problem), **estimate_io, **quiet)
+            edited.success(ev(h.on_estimate), **estimate_io, api_name=f"estimate_after_{name}", show_progress="hidden")
+            continue
         widget.input(ev(h.on_estimate), **estimate_io, api_name=f"edit_{name}", show_progress="hidden",
                      trigger_mode="always_last").failure(ev(h.plan_problem), **estimate_io, **quiet)
 
@@ -489,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     # export archive); nothing is added to allowed_paths, and the runs folder (plans, logs, uploaded data,
     # checkpoints) is blocked outright, wherever it lies. show_error=True: a refusal by Gradio's own input
     # checks reaches the page as its message (never a traceback; handler errors are shows_errors_in_page messages).
+    gr.networking.url_ok = patient_url_ok  # Gradio's own check gives the first render 3 s (see patient_url_ok)
     app.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=args.port, auth=auth, css=css, theme=gr.themes.Soft(primary_hue="indigo"),
         max_file_size="20mb" if demo_mode else None, blocked_paths=[str(runs_dir)], footer_links=["api", "gradio"],

@@ -255,7 +255,7 @@ class Handlers:
         """Ask the advisor (keeping the plan widgets the user changed when `keep_changes`) and fill them in."""
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
         advisor_values = {name: values[name] for name in wizard.ADVISOR_WIDGETS}
-        overrides = {name: values[name] for name in wizard.ADVISED_WIDGETS} if keep_changes else None
+        overrides = wizard.user_changes(values, plan_state.get("advice")) if keep_changes else None
         advised = wizard.advise(advisor_values, plan_state.get("profile"), overrides,
                                 max_steps=self.step_cap(values, keep_changes))
         widget_values = wizard.widgets_from_plan(advised.plan)

@@ -94,3 +94,22 @@ class RequireLogin:
         cookie_id = getattr(server, "cookie_id", "")
         token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
         return token is not None and token in getattr(server, "tokens", {})
+
+
+def patient_url_ok(url: str, attempts: int = 30, timeout_s: float = 10.0) -> bool:
+    """Gradio's launch check that the page answers on localhost, with patience: Gradio gives the first render
+    of the page one try of 3 s and then refuses to start ("When localhost is not accessible..."). This page
+    has a few hundred components, and on a busy 2-core machine (a CPU Space, CI) its first render can take
+    longer. Same answer as Gradio's for a server that really is not reachable, after `attempts` tries."""
+    import time
+
+    import httpx
+
+    for _ in range(attempts):
+        try:
+            if httpx.head(url, timeout=timeout_s, verify=False).status_code in (200, 401, 301, 302, 303, 307, 308):
+                return True
+        except (httpx.ConnectError, httpx.TimeoutException):
+            pass
+        time.sleep(0.5)
+    return False

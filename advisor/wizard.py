@@ -722,6 +722,27 @@ class Advised:
     """Memory verdict, warnings and notes as markdown."""
 
 
+#: Plan widgets that other advised values follow: editing one re-advises the rest (keeping the user's own
+#: changes), so LoRA alpha and its reason follow a new rank, and the learning rate follows a new method.
+FOLLOWED_WIDGETS = ("method", "lora_rank")
+
+
+def user_changes(values: Mapping[str, Any], advice: Mapping[str, Any] | None) -> dict:
+    """The advised widgets (`ADVISED_WIDGETS`) whose page value is the user's own: it differs from the last
+    advice, or that advice already kept it as "set by you". Re-advising keeps these and re-derives the rest,
+    so a value that follows another (alpha from the rank, the rate from the method) follows the user's edit
+    instead of staying at what was advised for the old one."""
+    advice = advice or {}
+    changed = {}
+    for name in ADVISED_WIDGETS:
+        if name not in values:
+            continue
+        item = advice.get(name)
+        if item is None or getattr(item, "overridden", False) or not _same(values[name], getattr(item, "value", item)):
+            changed[name] = values[name]
+    return changed
+
+
 def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
            overrides: Mapping[str, Any] | None = None, max_steps: int | None = None) -> Advised:
     """Ask the advisor for the page's model, data, goal and hardware (`values` by widget name: model,

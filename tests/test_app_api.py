@@ -236,3 +236,28 @@ def test_a_pipelines_plan_is_sized_by_its_heaviest_step_as_its_advice_is(server)
     assert "sized by its heaviest step, PPO" in rlhf and "heaviest" not in sft
     need = lambda text: float(text.split("needs **")[1].split(" GB")[0])  # noqa: E731
     assert need(rlhf) > 1.5 * need(sft)  # policy, reference, reward and value models, not SFT's one
+
+
+def test_editing_the_rank_re_advises_what_follows_it_and_keeps_the_users_changes(server):
+    from advisor import wizard
+
+    client, _ = server
+    model, task = "HuggingFaceTB/SmolLM2-135M", "classification"
+    n = len(wizard.ADVISED_WIDGETS)
+    advised = dict(zip(wizard.ADVISED_WIDGETS, client.predict(model=model, task=task, api_name="/recommend")[:n]))
+    advised["lora_targets"] = advised["lora_targets"]["value"]
+    rank = advised["lora_rank"] * 4
+    edited = {**advised, "lora_rank": rank, "warmup_ratio": 0.07}  # two edits: the rank, and the warmup by hand
+    outputs = client.predict(model=model, task=task, **edited, api_name="/edit_lora_rank")
+    after = dict(zip(wizard.ADVISED_WIDGETS, outputs[:n]))
+    # What the advisor says for this rank, asked directly: alpha follows the new rank, not the old one.
+    direct = wizard.advise({"model": model, "task": task}, None, {"lora_rank": rank, "warmup_ratio": 0.07})
+    assert after["lora_rank"] == rank and after["warmup_ratio"] == 0.07  # the user's edits are kept
+    assert after["lora_alpha"] == direct.plan.method.lora_alpha != advised["lora_alpha"]
+    # The recommendations table, refreshed after the re-advice, gives alpha's reason for the new rank.
+    recommendations = client.predict(model=model, **{**edited, "lora_alpha": after["lora_alpha"]},
+                                     api_name="/estimate")[3]
+    alpha_row = next(row for row in recommendations["data"] if row[0].lower().startswith("lora alpha"))
+    assert alpha_row[1] == wizard._display(after["lora_alpha"]) and "set by you" not in alpha_row[2], alpha_row
+    rank_row = next(row for row in recommendations["data"] if row[0].lower().startswith("lora rank"))
+    assert "set by you" in rank_row[2], rank_row
