@@ -83,6 +83,8 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "messages", "preference")
 ONLINE_RL = ("ppo", "rloo", "grpo")
 DEVICES = ("auto", "cpu", "cuda")
+#: Experiment loggers the trainer can report to (transformers' `report_to` names).
+REPORTERS = ("none", "tensorboard", "trackio", "wandb")
 
 
 class PlanError(TunewiseError, ValueError):
@@ -367,6 +369,9 @@ class TrainingSettings:
     max_grad_norm: float = _setting(1.0, label="Gradient clipping norm", flag="--max-grad-norm",
                                     limit=Limit(0.0, 1e9, low_open=True))
     """Gradient clipping norm."""
+    report_to: str = _setting("none", label="Experiment logger", flag="--report-to", choices=REPORTERS)
+    """Also send the metrics to an experiment logger: none, tensorboard (event files in <run>/tensorboard),
+    trackio (pip install trackio) or wandb (pip install wandb; needs WANDB_API_KEY or WANDB_MODE=offline)."""
 
     def __post_init__(self):
         _check_fields("training", self)

@@ -397,3 +397,44 @@ def test_dora_is_refused_for_full_fine_tuning(make_plan):
 
     with pytest.raises(PlanError, match="method.use_dora: DoRA is a kind of LoRA adapter.*choose method lora or qlora"):
         make_plan({"method.use_dora": True, "method.method": "full"})
+
+
+def test_tensorboard_gets_the_loss_that_events_record(tmp_path, make_plan):
+    """training.report_to = tensorboard: transformers' TensorBoard callback writes event files into
+    <run>/tensorboard, and TensorBoard's own reader finds the loss of every logged step in them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    code, events = run_in_process(make_plan({"training.report_to": "tensorboard", "training.max_steps": 4}), run_dir)
+    assert code == 0, events[-1]
+    files = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert files, sorted(p.name for p in run_dir.iterdir())
+    reader = EventAccumulator(str(files[0].parent))
+    reader.Reload()
+    assert "train/loss" in reader.Tags()["scalars"]
+    scalars = reader.Scalars("train/loss")
+    assert [s.step for s in scalars] == [1, 2, 3, 4]
+    assert [s.value for s in scalars] == pytest.approx(losses(events), rel=1e-5)
+
+
+@pytest.mark.parametrize("logger", ["trackio", "wandb"])
+def test_a_missing_experiment_logger_is_refused_before_training(tmp_path, make_plan, logger):
+    import importlib.util
+
+    if importlib.util.find_spec(logger) is not None:
+        pytest.skip(f"{logger} is installed here")
+    code, events = run_in_process(make_plan({"training.report_to": logger}), tmp_path / "run")
+    assert code == 2
+    failed = events[-1]
+    assert failed["event"] == "failed" and failed.get("user_error") is True
+    assert f"training.report_to: {logger} is not installed here: run `pip install {logger}`" in failed["error"] and failed["field"] == "training.report_to"
+    assert not of_kind(events, "model_loaded")
+
+
+def test_wandb_without_a_login_is_refused_with_the_offline_way(tmp_path, make_plan, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    code, events = run_in_process(make_plan({"training.report_to": "wandb"}), tmp_path / "run")
+    assert code == 2 and "set WANDB_API_KEY" in events[-1]["error"] and "WANDB_MODE=offline" in events[-1]["error"]

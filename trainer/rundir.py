@@ -15,6 +15,7 @@ the layout is written down once:
         data/            a copy of an uploaded dataset (the plan points at it)
         checkpoints/     checkpoint-<step>/ directories (HF Trainer layout)
         output/          the final adapter or model, with its tokenizer (or the plan's `output`)
+        tensorboard/     TensorBoard event files, when the plan's training.report_to is tensorboard
         steps/           pipelines only: <n>-<stage>/, one run directory per step, each with its
                          own plan.yaml, events.jsonl, checkpoints/, output/ and result.json
         comparison.json  the compare pipeline's side-by-side report
@@ -60,6 +61,7 @@ COMPARISON_FILE = "comparison.json"
 ACCELERATE_CONFIG_FILE = "accelerate_config.yaml"
 RUNS_DIR_ENV = "TUNEWISE_RUNS_DIR"
 JOB_DIR = "job"
+TENSORBOARD_DIR = "tensorboard"
 RUN_FILE_LOCK = ".run.json.lock"
 
 #: The trainer's exit code when the disk filled up (said on stderr too, in case no event fitted).
