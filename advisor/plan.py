@@ -369,6 +369,14 @@ class TrainingSettings:
     max_grad_norm: float = _setting(1.0, label="Gradient clipping norm", flag="--max-grad-norm",
                                     limit=Limit(0.0, 1e9, low_open=True))
     """Gradient clipping norm."""
+    early_stopping_patience: int = _setting(0, label="Early stopping patience (evals)", flag="--early-stopping-patience",
+                                            limit=Limit(0, 100_000, whole=True, hint=" (0 is off; typical: 3-5)"))
+    """Stop when the eval loss has not improved for this many evaluations in a row (0: off), and keep the
+    best checkpoint as the output (transformers' EarlyStoppingCallback; needs eval_steps and held-out data)."""
+    # A loss improvement of 10 nats between two evaluations never happens after the first few steps.
+    early_stopping_threshold: float = _setting(0.0, label="Early stopping threshold", flag="--early-stopping-threshold",
+                                               limit=Limit(0.0, 10.0))
+    """How much the eval loss must fall below the best so far to count as an improvement (0: any fall)."""
     report_to: str = _setting("none", label="Experiment logger", flag="--report-to", choices=REPORTERS)
     """Also send the metrics to an experiment logger: none, tensorboard (event files in <run>/tensorboard),
     trackio (pip install trackio) or wandb (pip install wandb; needs WANDB_API_KEY or WANDB_MODE=offline)."""
@@ -539,6 +547,17 @@ class Plan:
 
     def __post_init__(self):
         _check_fields("", self)
+        if self.training.early_stopping_patience:
+            stages = PIPELINE_STAGES.get(self.pipeline, (self.stage,))
+            if not self.training.eval_steps:
+                raise PlanError("training.early_stopping_patience", "early stopping compares evaluations during "
+                                "training: set training.eval_steps (Evaluate every), or set the patience to 0")
+            if not self.data.eval_fraction:
+                raise PlanError("training.early_stopping_patience", "early stopping needs held-out data to "
+                                "evaluate on: set data.eval_fraction above 0 (e.g. 0.1), or set the patience to 0")
+            if stages == ("ppo",):
+                raise PlanError("training.early_stopping_patience", "PPO has no eval loss to stop on: set the "
+                                "patience to 0 (the KL and reward alerts can stop a PPO run)")
         if self.stage == "ppo" and self.method.method == "qlora" and self.preference.algorithm == "ppo":
             # TRL's PPO needs a separate value model; quantized policies are not supported there.
             raise PlanError("method.method", "PPO does not support QLoRA in TRL: use lora or full, or choose rloo/grpo")

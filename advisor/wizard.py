@@ -612,7 +612,8 @@ def run_row(status: Any) -> list[Any]:
     return [
         status.run_id,
         state,
-        f"{step}/{status.max_steps}" if status.max_steps else str(step),
+        (f"{step}/{status.max_steps}" if status.max_steps else str(step))
+        + (f" (best {status.best_step})" if getattr(status, "best_step", None) is not None else ""),
         f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
         f"{round(forgetting, 1) + 0.0:+.1f}%" if isinstance(forgetting, (int, float)) else "-",  # no "-0.0%"
         started,

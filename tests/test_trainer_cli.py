@@ -166,8 +166,9 @@ def test_every_flag_is_listed_with_its_help_and_accepted():
     for setting in settings():
         if setting.flag:
             value = _other_value(setting)
-            # (--shard first: CPU offload needs sharding)
-            plan = plan_from_args(parser.parse_args(["launch", "--shard", "zero3", *flag_argv(setting, value)]))
+            # (--shard first: CPU offload needs sharding; --eval-steps: early stopping compares evaluations)
+            plan = plan_from_args(parser.parse_args(["launch", "--shard", "zero3", "--eval-steps", "5",
+                                                     *flag_argv(setting, value)]))
             assert setting.value(plan) == value, setting.dotted
 
 

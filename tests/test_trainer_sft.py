@@ -438,3 +438,43 @@ def test_wandb_without_a_login_is_refused_with_the_offline_way(tmp_path, make_pl
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     code, events = run_in_process(make_plan({"training.report_to": "wandb"}), tmp_path / "run")
     assert code == 2 and "set WANDB_API_KEY" in events[-1]["error"] and "WANDB_MODE=offline" in events[-1]["error"]
+
+
+def test_early_stopping_stops_when_eval_loss_stops_improving_and_keeps_the_best(tmp_path, make_plan):
+    """A learning rate far too high makes the eval loss turn up after a few steps: with patience 2 the run
+    stops two evaluations after its best one, says which step was best, and its output holds that step's weights."""
+    from safetensors.torch import load_file
+
+    from trainer.status import derive_status
+
+    plan = make_plan({"training.learning_rate": 0.05, "training.max_steps": 60, "training.eval_steps": 2,
+                      "training.save_steps": 3, "training.keep_checkpoints": 1,
+                      "training.early_stopping_patience": 2, "data.eval_fraction": 0.25})
+    run_dir = tmp_path / "run"
+    code, events = run_in_process(plan, run_dir)
+    assert code == 0, events[-1]
+    notices = " ".join(event["message"] for event in of_kind(events, "notice"))
+    assert "checkpoint interval 3 is not a multiple of the eval interval 2, using 2" in notices
+    evals = [(event["step"], event["eval_loss"]) for event in of_kind(events, "eval")]
+    best_step, best_loss = min(evals, key=lambda pair: pair[1])
+    [best] = of_kind(events, "best_checkpoint")
+    assert best["step"] == best_step and best["eval_loss"] == pytest.approx(best_loss)
+    assert best["early_stopped"] is True and best["stopped_at"] < 60
+    assert best["stopped_at"] == best_step + 2 * 2  # two evaluations without improvement
+    finished = events[-1]
+    assert finished["event"] == "finished" and finished["best_step"] == best_step and finished["early_stopped"] is True
+    # The output is the best checkpoint's adapter, not the last step's.
+    output = load_file(Path(finished["output_dir"]) / "adapter_model.safetensors")
+    kept = load_file(Path(best["path"]) / "adapter_model.safetensors")
+    assert output.keys() == kept.keys() and all((output[k] == kept[k]).all() for k in output)
+    run_status = derive_status(run_dir)
+    assert run_status.best_step == best_step and run_status.early_stopped is True
+
+
+def test_early_stopping_needs_evaluations_during_training(make_plan):
+    from advisor.plan import PlanError
+
+    with pytest.raises(PlanError, match="training.early_stopping_patience: early stopping compares evaluations.*eval_steps"):
+        make_plan({"training.early_stopping_patience": 3, "data.eval_fraction": 0.25})
+    with pytest.raises(PlanError, match="needs held-out data.*data.eval_fraction"):
+        make_plan({"training.early_stopping_patience": 3, "training.eval_steps": 2})

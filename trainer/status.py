@@ -182,6 +182,12 @@ class RunStatus:
     """Newest checkpoint reported."""
     output_dir: str | None = None
     """Where the result was saved (finished or stopped runs)."""
+    best_step: int | None = None
+    """With early stopping: the step of the best checkpoint (lowest eval loss), which the output holds."""
+    best_eval_loss: float | None = None
+    """With early stopping: the eval loss at `best_step`."""
+    early_stopped: bool = False
+    """Early stopping ended the run before its last step (eval loss stopped improving)."""
     step_s: float | None = None
     """The median time between logged steps of this attempt (None before two logs)."""
     stop_wait_s: float = 0.0
@@ -238,6 +244,8 @@ class RunStatus:
         steps = f"step {self.step}" + (f"/{self.max_steps}" if self.max_steps else "")
         loss = f" loss {self.last_loss:.4f}" if self.last_loss is not None else ""
         notes = f"  [no event for {self.stalled_s:.0f} s: stalled?]" if self.stalled_s is not None else ""
+        if self.best_step is not None:
+            notes += f"  [best step {self.best_step}{': early-stopped' if self.early_stopped else ''}]"
         notes += f"  [damaged: {self.damage}]" if self.damage else ""
         notes += f"  [{self.scheduler}{f' job {self.job_id}' if self.job_id else ''}]" if self.scheduler else ""
         return f"{self.run_id}  {what:<18} {steps}{loss}  {self.summary}{notes}"
@@ -254,6 +262,8 @@ class _Digest:
     last_loss: float | None = None
     last_eval_loss: float | None = None
     checkpoint: str | None = None
+    best: dict | None = None
+    """The latest `best_checkpoint` event (early stopping)."""
     terminal: dict | None = None
     output_dir: str | None = None
     started: dict | None = None
@@ -311,6 +321,8 @@ class _Digest:
                     self.log_times = (self.log_times + [when])[-21:]
             elif kind == "eval" and is_number(event.get("eval_loss")):
                 self.last_eval_loss = float(event["eval_loss"])
+            elif kind == "best_checkpoint" and is_int(event.get("step")):
+                self.best = event
             elif kind == "forgetting" and is_number(event.get("degradation_pct")):
                 self.forgetting_pct = float(event["degradation_pct"])
             elif kind == "checkpoint" and isinstance(event.get("path"), str):
@@ -545,6 +557,9 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         attempts=len(info.get("attempts") or []),
         checkpoint=digest.checkpoint,
         output_dir=digest.output_dir,
+        best_step=digest.best["step"] if digest.best else None,
+        best_eval_loss=digest.best.get("eval_loss") if digest.best and is_number(digest.best.get("eval_loss")) else None,
+        early_stopped=bool(digest.best and digest.best.get("early_stopped") is True),
         step_s=_step_s(digest),
         stop_wait_s=stop_wait(digest),
         stalled_s=_stalled_s(digest, started_at) if state == "running" else None,

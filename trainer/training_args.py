@@ -95,7 +95,37 @@ def training_kwargs(ctx: RunContext, precision: Precision, has_eval: bool) -> di
         ddp_find_unused_parameters=False,
     )
     kwargs.update(_checkpointing_kwargs(plan.method.gradient_checkpointing))
+    kwargs.update(early_stopping_kwargs(plan, has_eval)[0])
     return kwargs
+
+
+def early_stopping_on(plan: Plan, has_eval: bool) -> bool:
+    """Early stopping applies: a patience is set and this stage evaluates during training."""
+    return bool(plan.training.early_stopping_patience) and has_eval and bool(plan.training.eval_steps)
+
+
+def early_stopping_kwargs(plan: Plan, has_eval: bool) -> tuple[dict, str | None]:
+    """TrainingArguments for early stopping, and a note when the checkpoint interval had to change.
+
+    transformers' EarlyStoppingCallback needs the best model tracked (load_best_model_at_end on
+    eval_loss, lower is better), and the best is only known at a save, so checkpoints are written at
+    evaluations: save_steps must be a multiple of eval_steps. Unset, it becomes eval_steps; not a multiple,
+    it becomes eval_steps too (said in a notice). At the end the Trainer loads the best checkpoint, so the
+    output folder (what merge, export and samples read) holds the best weights."""
+    if not early_stopping_on(plan, has_eval):
+        return {}, None
+    every = plan.training.eval_steps
+    save = plan.training.save_steps
+    note = None
+    if save is None:
+        save = every
+    elif save % every:
+        note = (f"early stopping keeps the best checkpoint, so one is saved at every evaluation: checkpoint "
+                f"interval {save} is not a multiple of the eval interval {every}, using {every}")
+        save = every
+    kwargs = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+                  save_strategy="steps", save_steps=save)
+    return kwargs, note
 
 
 #: The package each experiment logger needs, and how to get it.
