@@ -618,11 +618,29 @@ def run_row(status: Any) -> list[Any]:
         f"{round(forgetting, 1) + 0.0:+.1f}%" if isinstance(forgetting, (int, float)) else "-",  # no "-0.0%"
         started,
         run_what(status),
+        run_labels(status),
     ]
 
 
+def run_labels(status: Any) -> str:
+    """The history's "name / tags" cell: the user's name for the run and its tags ("lr sweep #baseline #r16")."""
+    name = getattr(status, "name", None) or ""
+    tags = " ".join(f"#{tag}" for tag in getattr(status, "tags", ()) or ())
+    return " ".join(part for part in (name, tags) if part) or "-"
+
+
 #: The run history's columns: what a practitioner scans first (state, progress, loss), then the long text.
-RUN_HEADERS = ["run", "status", "step", "last loss", "forgetting", "started", "what"]
+RUN_HEADERS = ["run", "status", "step", "last loss", "forgetting", "started", "what", "name / tags"]
+
+#: The history's filters: "all", or one value (trainer.supervisor.filter_runs reads them).
+ALL = "all"
+STAGE_FILTERS = (ALL, "sft", "rm", "dpo", "ppo", "pipeline:rlhf", "pipeline:dpo", "pipeline:compare")
+STATE_FILTERS = (ALL, "queued", "running", "finished", "failed", "stopped")
+
+
+def history_filter(value: Any) -> str | None:
+    """A history filter's value for trainer.supervisor.filter_runs: None for "all" or nothing."""
+    return None if _blank(value) or value == ALL else str(value)
 
 
 def preselected_run(statuses: Sequence[Any]) -> str | None:

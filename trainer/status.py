@@ -28,7 +28,7 @@ from advisor.errors import TunewiseError
 from advisor.plan import Plan
 from trainer.events import EVENTS_FILE, TERMINAL_EVENTS, read_events
 from trainer.procs import pid_alive, rank_processes
-from trainer.rundir import (DISK_FULL_BYTES, EXIT_DISK_FULL, PLAN_FILE, RUN_FILE, STDOUT_FILE, WATCHER_LOG,
+from trainer.rundir import (DISK_FULL_BYTES, read_meta, EXIT_DISK_FULL, PLAN_FILE, RUN_FILE, STDOUT_FILE, WATCHER_LOG,
                             default_runs_dir, find_run_dir, is_int, is_number, is_run_dir, tail_lines)
 from trainer.scheduler import scheduler_state
 
@@ -131,7 +131,10 @@ class RunStatus:
     state: str
     """queued (starting), running, finished, failed or stopped."""
     name: str | None = None
-    """The label given at launch, if any."""
+    """What the user calls the run: its name from `tunewise runs --rename` (meta.json), else the label given
+    at launch, if any."""
+    tags: tuple[str, ...] = ()
+    """The user's tags (`tunewise runs --tag`, meta.json)."""
     summary: str = ""
     """One line: stage/pipeline, method, model, dataset."""
     stage: str | None = None
@@ -248,7 +251,8 @@ class RunStatus:
             notes += f"  [best step {self.best_step}{': early-stopped' if self.early_stopped else ''}]"
         notes += f"  [damaged: {self.damage}]" if self.damage else ""
         notes += f"  [{self.scheduler}{f' job {self.job_id}' if self.job_id else ''}]" if self.scheduler else ""
-        return f"{self.run_id}  {what:<18} {steps}{loss}  {self.summary}{notes}"
+        labels = (f"  \"{self.name}\"" if self.name else "") + (f"  #{' #'.join(self.tags)}" if self.tags else "")
+        return f"{self.run_id}  {what:<18} {steps}{loss}  {self.summary}{labels}{notes}"
 
 
 @dataclass
@@ -462,6 +466,7 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
     digest = digest_events(run_dir / EVENTS_FILE)
     problems += digest.problems
     plan_fields = _plan_fields(run_dir / PLAN_FILE) or {"summary": info.get("summary", "")}
+    meta = read_meta(run_dir)
 
     started_at = attempt.get("started_at")
     terminal = digest.terminal
@@ -537,7 +542,8 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         run_id=info.get("run_id") or run_dir.name,
         run_dir=str(run_dir),
         state=state,
-        name=info.get("name"),
+        name=meta["name"] or info.get("name"),
+        tags=tuple(meta["tags"]),
         exit_code=attempt.get("exit_code"),
         signal=attempt.get("signal") or (terminal_signal if is_int(terminal_signal) else None),
         reason=reason,
