@@ -53,6 +53,7 @@ __all__ = ["AppConfig", "build_app", "main", "parse_args"]
 
 REPO_ROOT = Path(__file__).resolve().parent
 CSS_PATH = REPO_ROOT / "assets" / "ui.css"
+CONNECTION_JS = REPO_ROOT / "assets" / "connection.js"  # the banner when the server stops answering
 LOG = logging.getLogger("tunewise.app")
 
 
@@ -85,6 +86,11 @@ class Page(SimpleNamespace):
     def plan_outputs(self) -> list:
         return self.group("memory_table", "memory_plot", "fit_table", "recommendations", "plan_status",
                           "explanations", "cli_text", "yaml_text")
+
+    @property
+    def saved_widgets(self) -> dict:
+        """What a reload keeps (wizard.SAVED_WIDGETS), by name."""
+        return {name: getattr(self, name) for name in wizard.SAVED_WIDGETS}
 
     @property
     def recommend_outputs(self) -> list:
@@ -294,11 +300,18 @@ def _step_monitor(gr, figures, poll_seconds: float) -> dict:
     return w
 
 
-def _step_results(gr, wizard) -> dict:
+def _step_results(gr, wizard, demo_mode: bool) -> dict:
     with gr.Step("Results & runs", id=5, elem_id="step-results"):
         w = {}
-        with gr.Row():
+        with gr.Row(equal_height=True):
             w["refresh_btn"] = gr.Button("Refresh the history", scale=0, min_width=180, elem_id="refresh-runs")
+            # Runs started elsewhere (`tunewise train` from a shell, a cluster job) live in their own runs folder.
+            w["other_runs_dir"] = gr.Textbox(label="Also show the runs in this folder (e.g. where tunewise train ran: "
+                                             "its ./runs)", placeholder="/path/to/runs", scale=3, visible=not demo_mode,
+                                             elem_id="other-runs-dir")
+            w["other_runs_btn"] = gr.Button("Show its runs", scale=0, min_width=150, visible=not demo_mode,
+                                            elem_id="other-runs-btn")
+        with gr.Row(equal_height=True):
             w["filter_tag"] = gr.Dropdown(choices=[wizard.ALL], value=wizard.ALL, label="Tag", scale=1,
                                           allow_custom_value=True, elem_id="filter-tag")
             w["filter_stage"] = gr.Dropdown(choices=list(wizard.STAGE_FILTERS), value=wizard.ALL, label="Stage",
@@ -356,16 +369,22 @@ def _layout(config: AppConfig) -> Page:
     with gr.Blocks(title="Tunewise: plan, advise and run fine-tuning") as blocks:
         plan_state = gr.State(new_plan_state)  # this browser's plan step: dataset profile, last advice, uploads
         monitor_state = gr.State(new_monitor_state)  # this browser's monitor: the run watched, its events
+        # What a reload keeps: the wizard's values and step (and, signed, the demo's own runs); see Handlers.on_restore
+        saved = gr.BrowserState({}, storage_key="tunewise-wizard")
         gr.HTML("<div class='tw-header'><div class='tw-logo'>Tunewise</div>"
                 "<div class='tw-tagline'>Plan the memory, get the settings with their reasons, train in the background "
                 "and watch loss, reward vs KL and forgetting live.</div></div>")
+        start_over = gr.Button("Start over", size="sm", variant="secondary", elem_id="start-over",
+                               elem_classes=["tw-start-over"])
         if config.demo_mode:
             gr.HTML(f"<div class='tw-demo'>Public demo: training is limited to the bundled demo model, "
                     f"{config.demo_max_steps} steps, one run at a time. Planning works for any model.</div>")
         with gr.Walkthrough(selected=1, elem_id="wizard") as walkthrough:
             widgets = {**_step_model(gr, Number, wizard), **_step_data(gr, wizard), **_step_plan(gr, Number),
-                       **_step_monitor(gr, figures, config.poll_seconds), **_step_results(gr, wizard)}
-    page = Page(blocks=blocks, walkthrough=walkthrough, plan_state=plan_state, monitor_state=monitor_state, **widgets)
+                       **_step_monitor(gr, figures, config.poll_seconds), **_step_results(gr, wizard, config.demo_mode)}
+    page = Page(blocks=blocks, walkthrough=walkthrough, plan_state=plan_state, monitor_state=monitor_state, saved=saved,
+                start_over=start_over,
+                **widgets)
     assert set(wizard.PLAN_WIDGETS) <= set(widgets), "every plan widget is on the page"
     return page
 
@@ -387,12 +406,21 @@ def _wire(page: Page, h: Handlers) -> None:
     nav_1 = dict(show_progress="hidden", js=f"(x) => {{ {top}; return x; }}")
     nav_n = dict(show_progress="hidden", js=f"(...args) => {{ {top}; return args; }}")
 
-    p.next_1.click(ev(h.on_next_model), inputs=p.model, outputs=p.walkthrough, api_name="go_data", **nav_1)
-    p.back_2.click(step(1), outputs=p.walkthrough, api_name="go_model", **nav_0)
-    p.back_3.click(step(2), outputs=p.walkthrough, api_name="back_to_data", **nav_0)
-    p.history_1.click(step(5), outputs=p.walkthrough, api_name="go_history", **nav_0).then(
+    # After each event that moves the page or edits the plan, the browser keeps the wizard (a reload finds it).
+    # One at a time, in the order they were asked for: the newest state is the one the browser keeps.
+    remember_io = dict(inputs=[p.saved, p.plan_state, p.monitor_state], inputs_kwargs=p.saved_widgets,
+                       outputs=p.saved, show_progress="hidden", concurrency_limit=1, concurrency_id="remember")
+
+    def remember(dependency, at: int | None = None, after: str = ""):
+        dependency.success(ev(h.remember_at(at)), **remember_io, api_name=f"remember_after_{after}")
+        return dependency
+
+    remember(p.next_1.click(ev(h.on_next_model), inputs=p.model, outputs=p.walkthrough, api_name="go_data", **nav_1), 2, "go_data")
+    remember(p.back_2.click(step(1), outputs=p.walkthrough, api_name="go_model", **nav_0), 1, "go_model")
+    remember(p.back_3.click(step(2), outputs=p.walkthrough, api_name="back_to_data", **nav_0), 2, "back_to_data")
+    remember(p.history_1.click(step(5), outputs=p.walkthrough, api_name="go_history", **nav_0), 5, "go_history").then(
         ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs, api_name="runs_after_history")
-    p.to_results.click(step(5), outputs=p.walkthrough, api_name="go_results", **nav_0).then(
+    remember(p.to_results.click(step(5), outputs=p.walkthrough, api_name="go_results", **nav_0), 5, "go_results").then(
         ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs, api_name="runs_after_nav")
 
     # Steps 1-3: the model card, the upload and the dataset profile, the advice, the plan's memory.
@@ -409,9 +437,10 @@ def _wire(page: Page, h: Handlers) -> None:
     p.next_2.click(ev(h.on_next_data), inputs=[p.plan_state, p.dataset, p.model],
                    outputs=[p.walkthrough, p.plan_state, p.profile_table, p.histogram], api_name="go_plan", **nav_n).success(
         ev(h.on_recommend), **advice_io, api_name="recommend").success(
-        ev(h.on_estimate), **estimate_io, api_name="estimate")
-    p.readvise.click(ev(h.on_readvise), **advice_io, api_name="readvise").then(
-        ev(h.on_estimate), **estimate_io, api_name="estimate_after_readvise")
+        ev(h.on_estimate), **estimate_io, api_name="estimate").success(
+        ev(h.remember_at(3)), **remember_io, api_name="remember_plan")
+    remember(p.readvise.click(ev(h.on_readvise), **advice_io, api_name="readvise").then(
+        ev(h.on_estimate), **estimate_io, api_name="estimate_after_readvise"), 3, "readvise")
     for name, widget in p.plan_widgets.items():
         if name in ("model", "dataset", "goal", "gpu", "num_gpus", "num_nodes"):
             continue  # those change the advice: the plan step re-advises when you reach it
@@ -419,15 +448,18 @@ def _wire(page: Page, h: Handlers) -> None:
             edited = widget.input(ev(h.on_readvise), **advice_io, api_name=f"edit_{name}", show_progress="hidden",
                                   trigger_mode="always_last")
             edited.failure(ev(h.plan_problem), **estimate_io, **quiet)
-            edited.success(ev(h.on_estimate), **estimate_io, api_name=f"estimate_after_{name}", show_progress="hidden")
+            remember(edited.success(ev(h.on_estimate), **estimate_io, api_name=f"estimate_after_{name}",
+                                    show_progress="hidden"), 3, f"edit_{name}")
             continue
-        widget.input(ev(h.on_estimate), **estimate_io, api_name=f"edit_{name}", show_progress="hidden",
-                     trigger_mode="always_last").failure(ev(h.plan_problem), **estimate_io, **quiet)
+        edited = widget.input(ev(h.on_estimate), **estimate_io, api_name=f"edit_{name}", show_progress="hidden",
+                              trigger_mode="always_last")
+        edited.failure(ev(h.plan_problem), **estimate_io, **quiet)
+        remember(edited, 3, f"edit_{name}")  # (every plan widget is in step 3)
 
     # Step 4: launch, the live monitor, stop, resume, the log.
     monitor = dict(inputs=p.monitor_state, outputs=p.monitor_outputs)
-    p.launch_btn.click(ev(h.on_launch), inputs=[p.monitor_state, p.plan_state], inputs_kwargs=p.plan_widgets,
-                       outputs=[p.walkthrough, *p.monitor_outputs], api_name="launch")
+    remember(p.launch_btn.click(ev(h.on_launch), inputs=[p.monitor_state, p.plan_state], inputs_kwargs=p.plan_widgets,
+                                outputs=[p.walkthrough, *p.monitor_outputs], api_name="launch"), 4, "launch")
     p.export_job_btn.click(ev(h.on_export_job), inputs=[p.job_scheduler], inputs_kwargs=p.plan_widgets,
                            outputs=p.job_note, api_name="export_job")
     p.timer.tick(ev(h.poll), **monitor, api_name="poll", show_progress="hidden", trigger_mode="always_last")
@@ -449,6 +481,9 @@ def _wire(page: Page, h: Handlers) -> None:
     p.delete_confirm.click(ev(h.on_delete_confirm), inputs=[p.open_run, p.monitor_state],
                            outputs=[*p.history_outputs, p.monitor_state, p.delete_confirm, p.run_note],
                            api_name="delete_confirm")
+    runs_folder = dict(inputs=[p.other_runs_dir, p.monitor_state], outputs=[p.monitor_state, *p.history_outputs])
+    p.other_runs_btn.click(ev(h.on_other_runs_dir), **runs_folder, api_name="other_runs_dir")
+    p.other_runs_dir.submit(ev(h.on_other_runs_dir), **runs_folder, api_name="other_runs_dir_submit")
     p.generate_btn.click(ev(h.on_generate), inputs=[p.open_run, p.prompts, p.monitor_state, p.open_step],
                          outputs=p.samples_table, api_name="samples")
     p.export_btn.click(ev(h.on_export), inputs=[p.open_run, p.export_reload, p.monitor_state, p.open_step],
@@ -469,14 +504,23 @@ def _wire(page: Page, h: Handlers) -> None:
     p.runs_table.change(ev(h.on_tag_choices), inputs=p.monitor_state, outputs=p.filter_tag,
                         api_name="tag_choices", show_progress="hidden")
 
-    # On page load, independently (one failing does not block the others): the model card; the dataset
-    # profile, then the advice and the plan's memory; the run to watch and the history.
-    p.blocks.load(ev(h.on_model), inputs=p.model, outputs=p.model_card, api_name="load_model_info")
-    p.blocks.load(ev(h.on_profile), **profile_io, api_name="load_profile").then(
-        ev(h.on_recommend), **advice_io, api_name="load_recommend").then(
+    # Start over: the browser forgets the wizard (not its runs), and the page reloads as on a first visit.
+    p.start_over.click(ev(h.on_start_over), inputs=[p.plan_state, p.monitor_state], outputs=p.saved,
+                       api_name="start_over", show_progress="hidden").then(
+        None, js="() => { window.scrollTo(0, 0); window.location.reload(); }")
+
+    # On page load: first the wizard as this browser left it (values, step; never an error), then, each on its
+    # own (one failing does not block the others): the model card; the dataset profile, then the advice
+    # (keeping the user's own changes) and the plan's memory; the run to watch and the history.
+    restore = p.blocks.load(ev(h.on_restore), inputs=[p.saved, p.plan_state, p.monitor_state],
+                            outputs=[*p.saved_widgets.values(), p.plan_state, p.monitor_state, p.walkthrough],
+                            api_name="restore")
+    restore.then(ev(h.on_model), inputs=p.model, outputs=p.model_card, api_name="load_model_info")
+    restore.then(ev(h.on_profile), **profile_io, api_name="load_profile").then(
+        ev(h.on_load_recommend), **advice_io, api_name="load_recommend").then(
         ev(h.on_estimate), **estimate_io, api_name="load_estimate")
-    p.blocks.load(ev(h.on_attach), inputs=p.monitor_state, outputs=[p.walkthrough, *p.monitor_outputs],
-                  api_name="attach").then(
+    restore.then(ev(h.on_attach), inputs=p.monitor_state, outputs=[p.walkthrough, *p.monitor_outputs],
+                 api_name="attach").then(
         ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs, api_name="load_runs")
 
 
@@ -533,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     gr.networking.url_ok = patient_url_ok  # Gradio's own check gives the first render 3 s (see patient_url_ok)
     app.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=args.port, auth=auth, css=css, theme=gr.themes.Soft(primary_hue="indigo"),
+        js=CONNECTION_JS.read_text(encoding="utf-8"),
         max_file_size="20mb" if demo_mode else None, blocked_paths=[str(runs_dir)], footer_links=["api", "gradio"],
         show_error=True, app_kwargs={"middleware": [Middleware(RequireLogin)]},
     )

@@ -31,7 +31,7 @@ from advisor.profile import profile_dataset
 from trainer import jobs, runs, samples, supervisor, warm
 from trainer.events import EVENTS_FILE
 from trainer import rundir
-from trainer.rundir import STDOUT_FILE, run_path, tail_lines
+from trainer.rundir import STDOUT_FILE, is_run_dir, run_path, tail_lines
 from trainer.status import events_so_far
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -136,6 +136,7 @@ class Handlers:
         # runs handlers concurrently): both happen under this lock.
         self.launch_lock = threading.Lock()
         self.uploaded_here = page.blocks.upload_file_set  # every file Gradio's upload route received
+        self.secret = runs.session_secret(config.runs_dir)  # signs what a browser keeps across a reload
 
     # -- the rules every handler applies -------------------------------------------------------------------
 
@@ -158,9 +159,22 @@ class Handlers:
             uploads = ((plan_state or {}).get("uploads") or {}).values()
             wizard.check_demo_inputs(model, self.dataset_path(plan_state or {}, dataset), uploads)
 
+    def runs_dirs(self, monitor_state: dict) -> list[Path]:
+        """The runs folders this page shows: the app's own, and the one the user opened in step 5 (say, where
+        `tunewise train` runs from a shell land), never in the public demo."""
+        other = monitor_state.get("other_runs_dir")
+        return [self.config.runs_dir] + ([Path(other)] if other and not self.config.demo_mode else [])
+
+    def runs_dir_of(self, monitor_state: dict, run_id: Any) -> Path:
+        """The folder that holds `run_id`: the opened folder when the run is there, else the app's own."""
+        for folder in self.runs_dirs(monitor_state)[1:]:
+            if isinstance(run_id, str) and is_run_dir(run_path(folder, run_id)):
+                return folder
+        return self.config.runs_dir
+
     def run_dir(self, monitor_state: dict, run_id: Any) -> Path:
         """The directory of a run this visitor may open (TunewiseError naming the field otherwise)."""
-        path = run_path(self.config.runs_dir, run_id)
+        path = run_path(self.runs_dir_of(monitor_state, run_id), run_id)
         if self.config.demo_mode and run_id not in (monitor_state.get("own") or []):
             raise TunewiseError(f"run: {run_id!r} is not one of your runs; the public demo shows each visitor "
                                 "only the runs they launched from this page", field="run")
@@ -251,11 +265,13 @@ class Handlers:
         return {self.page.plan_state: {**plan_state, "profile": profiled},
                 self.page.profile_table: wizard.profile_rows(profile), self.page.histogram: histogram}
 
-    def recommend(self, plan_state, keep_changes: bool, values: dict) -> dict:
-        """Ask the advisor (keeping the plan widgets the user changed when `keep_changes`) and fill them in."""
+    def recommend(self, plan_state, keep_changes: bool, values: dict, overrides: dict | None = None) -> dict:
+        """Ask the advisor (keeping the plan widgets the user changed when `keep_changes`, or `overrides`) and
+        fill them in."""
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
         advisor_values = {name: values[name] for name in wizard.ADVISOR_WIDGETS}
-        overrides = wizard.user_changes(values, plan_state.get("advice")) if keep_changes else None
+        if keep_changes:
+            overrides = wizard.user_changes(values, plan_state.get("advice"))
         advised = wizard.advise(advisor_values, plan_state.get("profile"), overrides,
                                 max_steps=self.step_cap(values, keep_changes))
         widget_values = wizard.widgets_from_plan(advised.plan)
@@ -277,10 +293,71 @@ class Handlers:
         return self.demo_limits.max_steps if demo else None
 
     def on_recommend(self, plan_state, **values):
+        """Reaching the plan step: the advice for steps 1 and 2's choices. Coming back to it (after going back
+        to change the data or the model), the values the user set in the plan step stay theirs."""
+        if plan_state.get("advice"):
+            return self.recommend(plan_state, False, values,
+                                  overrides=wizard.user_changes(values, plan_state["advice"]) or None)
         return self.recommend(plan_state, False, values)
 
     def on_readvise(self, plan_state, **values):
         return self.recommend(plan_state, True, values)
+
+    def on_load_recommend(self, plan_state, **values):
+        """On page load: the advice, keeping what the user had changed before a reload (see on_restore)."""
+        restored = plan_state.get("restored_changes")
+        if restored is None:
+            return self.recommend(plan_state, False, values)
+        kept = {name: values[name] for name in restored if name in values}
+        return self.recommend({**plan_state, "restored_changes": None}, False, values, overrides=kept)
+
+    # -- a reload keeps the wizard -------------------------------------------------------------------------
+
+    def remember_at(self, step: int | None) -> Callable:
+        """The handler that saves the wizard in the browser (gr.BrowserState) after an event; `step` is where
+        the event left the page (None: where it was)."""
+
+        def on_remember(saved, plan_state, monitor_state, **values):
+            last = saved.get("step") if isinstance(saved, dict) else None
+            record = wizard.session_record(
+                values, wizard.user_changes(values, plan_state.get("advice")) if plan_state.get("advice") else (),
+                step or (last if isinstance(last, int) else 1), self.secret, own=monitor_state.get("own") or [],
+                uploads=plan_state.get("uploads") or {}, run_id=monitor_state.get("run_id"))
+            return {self.page.saved: record}
+
+        return on_remember
+
+    def on_start_over(self, plan_state, monitor_state):
+        """The record of a fresh wizard that still knows this browser's runs and uploads (the page reloads)."""
+        return {self.page.saved: wizard.session_record({}, (), 1, self.secret, own=monitor_state.get("own") or [],
+                                                       uploads=plan_state.get("uploads") or {})}
+
+    def on_restore(self, saved, plan_state, monitor_state):
+        """On page load: the wizard as this browser left it (values, step, and in the public demo its own runs
+        and uploads when the record's signature verifies). Nothing saved: the page as it starts."""
+        try:  # never an error: the rest of the page load runs after this one (Gradio runs .then on success)
+            restored = wizard.restore_session(saved, self.secret)
+        except Exception:  # noqa: BLE001 (a damaged record: start fresh, and say why in the log)
+            LOG.warning("ignored a saved wizard that could not be read:\n%s", traceback.format_exc())
+            restored = None
+        p = self.page
+        if restored is None:
+            return {p.plan_state: plan_state}  # (an empty dict would leave the API call without an answer)
+        updates = {}
+        for name, value in restored.values.items():
+            widget = getattr(p, name)
+            if name == "lora_targets" and isinstance(value, list):
+                updates[widget] = gr.update(choices=value, value=value)  # the advice brings the model's own choices
+            elif value is not None:
+                updates[widget] = value
+        plan_state = {**plan_state, "restored_changes": list(restored.changed)}
+        if restored.trusted:
+            plan_state["uploads"] = restored.uploads or {}
+            monitor_state = {**monitor_state, "own": list(restored.own)}
+            if restored.run_id and (not self.config.demo_mode or restored.run_id in restored.own):
+                monitor_state = monitoring(monitor_state, restored.run_id)
+        return {**updates, p.plan_state: plan_state, p.monitor_state: monitor_state,
+                p.walkthrough: gr.Walkthrough(selected=restored.step)}
 
     def on_estimate(self, plan_state, **values):
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
@@ -308,9 +385,10 @@ class Handlers:
         run_id = monitor_state.get("run_id")
         if not run_id:
             return {p.monitor_state: monitor_state, p.timer: gr.Timer(active=False)}
-        events, offset = supervisor.read_run_events(run_id, monitor_state.get("offset", 0), self.config.runs_dir)
+        events, offset = supervisor.read_run_events(run_id, monitor_state.get("offset", 0),
+                                                    self.runs_dir_of(monitor_state, run_id))
         try:
-            status = supervisor.status(run_id, self.config.runs_dir)
+            status = supervisor.status(run_id, self.runs_dir_of(monitor_state, run_id))
         except TunewiseError:  # the run directory was deleted: show what was read
             status = None
         all_events = monitor_state.get("events", []) + events
@@ -377,10 +455,10 @@ class Handlers:
 
     def on_stop(self, monitor_state):
         run_id = self.current_run(monitor_state, "stop")
-        current = supervisor.status(run_id, self.config.runs_dir)
+        current = supervisor.status(run_id, self.runs_dir_of(monitor_state, run_id))
         # stop() waits for the run to save and exit, then kills it (after a wait scaled to this run's own step,
         # save and measurement times): in the background, so the page stays live; the header shows the end.
-        threading.Thread(target=supervisor.stop, args=(run_id,), kwargs={"runs_dir": self.config.runs_dir},
+        threading.Thread(target=supervisor.stop, args=(run_id,), kwargs={"runs_dir": self.runs_dir_of(monitor_state, run_id)},
                          daemon=True).start()
         step = f" (a step takes about {current.step_s:.1f} s)" if current.step_s else ""
         gr.Info(f"Stop requested: {run_id} finishes its current step{step}, saves a checkpoint and ends. If it has "
@@ -394,7 +472,7 @@ class Handlers:
             if self.config.demo_mode and runs.active_runs(self.config.runs_dir):
                 raise TunewiseError("queue: the public demo trains one run at a time; wait for the current run to end",
                                     field="queue")
-            supervisor.resume(run_id, self.config.runs_dir)
+            supervisor.resume(run_id, self.runs_dir_of(monitor_state, run_id))
         gr.Info(f"Resuming {run_id} from its last checkpoint.")
         return self.poll(monitor_state)
 
@@ -423,8 +501,11 @@ class Handlers:
     # -- step 5: results and runs --------------------------------------------------------------------------
 
     def on_runs(self, monitor_state, tag=None, stage=None, state=None):
-        """The history (this visitor's runs in demo mode), filtered by tag, stage and state ("all": no filter)."""
-        statuses = runs.history(self.config.runs_dir, only=self.own_runs(monitor_state))
+        """The history (this visitor's runs in demo mode; also the runs of the folder opened in step 5), filtered
+        by tag, stage and state ("all": no filter)."""
+        statuses = sorted((status for folder in self.runs_dirs(monitor_state)
+                           for status in runs.history(folder, only=self.own_runs(monitor_state))),
+                          key=lambda status: status.created_at or 0, reverse=True)
         statuses = supervisor.filter_runs(statuses, tag=wizard.history_filter(tag), stage=wizard.history_filter(stage),
                                           state=wizard.history_filter(state))
         ids = [status.run_id for status in statuses]
@@ -433,6 +514,26 @@ class Handlers:
         return {self.page.runs_table: {"headers": wizard.RUN_HEADERS, "data": [wizard.run_row(s) for s in statuses]},
                 self.page.open_run: gr.update(choices=ids, value=picked),
                 self.page.compare_runs: gr.update(choices=ids, value=[picked] if picked else [])}
+
+    def on_other_runs_dir(self, folder, monitor_state):
+        """Step 5: show the runs of another runs folder too (blank, or the app's own: only the app's)."""
+        if self.config.demo_mode:
+            raise TunewiseError("runs folder: the public demo shows each visitor only the runs they launched here",
+                                field="runs folder")
+        text = str(folder or "").strip()
+        path = Path(text).expanduser().resolve() if text else None
+        if path is not None and is_run_dir(path):
+            path = path.parent  # a run's own folder given: the folder that holds it
+        if path is None or path == self.config.runs_dir:
+            path = None
+        elif not path.is_dir():
+            raise TunewiseError(f"runs folder: {text} is not a folder on the machine this app runs on; give the folder "
+                                "`tunewise train` wrote to (its --runs-dir, or ./runs where it ran)", field="runs folder")
+        elif not any(is_run_dir(child) for child in path.iterdir() if child.is_dir()):
+            raise TunewiseError(f"runs folder: {path} holds no runs (no sub-folder with a run.json); a runs folder is "
+                                "the one that holds the run folders, not a run folder itself", field="runs folder")
+        state = {**monitor_state, "other_runs_dir": str(path) if path else None}
+        return {self.page.monitor_state: state, **self.on_runs(state)}
 
     def on_pick_run(self, run_id, monitor_state):
         """A run picked in step 5: its pipeline steps (final policy first choice), the QLoRA merge option."""
@@ -447,7 +548,7 @@ class Handlers:
                                           "when a stop ends in time, and at every checkpoint interval."}
         final = rundir.final_output(self.run_dir(monitor_state, run_id), policy=any(o.policy for o in outputs))
         steps = [o.label for o in outputs]
-        qlora = supervisor.status(run_id, self.config.runs_dir).method == "qlora"
+        qlora = supervisor.status(run_id, self.runs_dir_of(monitor_state, run_id)).method == "qlora"
         return {p.open_step: gr.update(choices=steps, value=final.label, visible=len(outputs) > 1 or final.label != "output"),
                 p.export_reload: gr.update(visible=qlora, value=False), p.delete_confirm: gr.update(visible=False),
                 p.run_note: ("" if not final.checkpoint else f"{final.label} saved no output yet: samples and export "
@@ -476,7 +577,8 @@ class Handlers:
 
     def on_tag_choices(self, monitor_state):
         """The tag filter's choices: every tag of this visitor's runs."""
-        statuses = runs.history(self.config.runs_dir, only=self.own_runs(monitor_state))
+        statuses = [status for folder in self.runs_dirs(monitor_state)
+                    for status in runs.history(folder, only=self.own_runs(monitor_state))]
         tags = sorted({tag for status in statuses for tag in status.tags})
         return {self.page.filter_tag: gr.update(choices=[wizard.ALL, *tags])}
 
@@ -484,7 +586,7 @@ class Handlers:
         """First click: ask. The confirmation button does the deleting."""
         if not run_id:
             raise TunewiseError("run: pick the run to delete in the list first", field="run")
-        current = supervisor.status(self.run_dir(monitor_state, run_id), self.config.runs_dir)
+        current = supervisor.status(self.run_dir(monitor_state, run_id), self.runs_dir_of(monitor_state, run_id))
         if current.active:
             raise TunewiseError(f"run: {run_id} is still {current.state}; stop it in step 4 before deleting it", field="run")
         return {self.page.delete_confirm: gr.update(visible=True),
@@ -493,7 +595,7 @@ class Handlers:
 
     def on_delete_confirm(self, run_id, monitor_state):
         self.run_dir(monitor_state, run_id)
-        deleted = supervisor.delete(run_id, self.config.runs_dir)
+        deleted = supervisor.delete(run_id, self.runs_dir_of(monitor_state, run_id))
         own = [r for r in (monitor_state.get("own") or []) if r != deleted]
         monitor_state = {**monitor_state, "own": own}
         if monitor_state.get("run_id") == deleted:

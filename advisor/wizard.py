@@ -21,6 +21,9 @@ Pure Python: no gradio, torch or transformers.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import math
 import re
 import shlex
@@ -727,6 +730,71 @@ ADVISOR_WIDGETS = ("model", "dataset", "goal", "gpu", "num_gpus", "num_nodes", "
                    "quantized_inference", "original_data")
 
 
+#: What a browser keeps of the wizard across a reload (gr.BrowserState): every widget steps 1 to 3 read.
+SAVED_WIDGETS = tuple(dict.fromkeys((*ADVISOR_WIDGETS, *PLAN_WIDGETS)))
+#: Bumped when what is saved changes meaning; an older record is ignored (the page starts fresh).
+SESSION_VERSION = 1
+
+
+def _json_safe(value: Any) -> Any:
+    """A widget value as the browser may keep it (JSON scalars, or a list of strings); else None."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value if not isinstance(value, float) or math.isfinite(value) else None
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return list(value)
+    return None
+
+
+def _mac(signed: Mapping[str, Any], secret: bytes) -> str:
+    return hmac.new(secret, json.dumps(signed, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def session_record(values: Mapping[str, Any], changed: Iterable[str], step: int, secret: bytes, *,
+                   own: Sequence[str] = (), uploads: Mapping[str, str] | None = None, run_id: str | None = None) -> dict:
+    """What the browser keeps so that a reload finds the wizard as it was: the widgets' values, which of the
+    advised ones are the user's own (`changed`: re-advised as "set by you"), the step, and, signed with the
+    server's `secret` (the browser can read it but not forge it), the runs this session launched, its
+    uploads by name (the public demo's ownership) and the run it watches."""
+    signed = {"own": [str(run) for run in own], "uploads": {str(k): str(v) for k, v in (uploads or {}).items()},
+              "run_id": run_id}
+    return {"version": SESSION_VERSION, "step": int(step),
+            "values": {name: _json_safe(values[name]) for name in SAVED_WIDGETS if name in values},
+            "changed": sorted(name for name in changed if name in ADVISED_WIDGETS), **signed, "mac": _mac(signed, secret)}
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A browser's saved wizard, checked (see `restore_session`)."""
+
+    values: dict
+    changed: tuple
+    step: int
+    own: tuple = ()
+    uploads: dict | None = None
+    run_id: str | None = None
+    trusted: bool = False
+    """Whether the signed part (own runs, uploads, watched run) verified; False: only the values are used."""
+
+
+def restore_session(saved: Any, secret: bytes) -> Restored | None:
+    """The wizard a browser saved, or None when there is nothing usable (no record, another version). Values
+    keep only known widgets with JSON-safe values; the signed part counts only when its signature verifies
+    with this server's `secret` (an edited record keeps its values but owns no run and no upload)."""
+    if not isinstance(saved, Mapping) or saved.get("version") != SESSION_VERSION or not isinstance(saved.get("values"), Mapping):
+        return None
+    values = {name: _json_safe(value) for name, value in saved["values"].items() if name in SAVED_WIDGETS}
+    changed = tuple(name for name in saved.get("changed") or () if name in ADVISED_WIDGETS and name in values)
+    step = saved.get("step")
+    step = step if isinstance(step, int) and not isinstance(step, bool) and 1 <= step <= 5 else 1
+    signed = {key: saved.get(key) for key in ("own", "uploads", "run_id")}
+    mac = saved.get("mac")
+    trusted = isinstance(mac, str) and hmac.compare_digest(mac, _mac(signed, secret))
+    if not trusted:
+        return Restored(values, changed, min(step, 3))
+    return Restored(values, changed, step, tuple(signed["own"] or ()), dict(signed["uploads"] or {}),
+                    signed["run_id"], True)
+
+
 @dataclass(frozen=True)
 class Advised:
     """What the plan step shows after asking the advisor."""
@@ -757,7 +825,9 @@ def user_changes(values: Mapping[str, Any], advice: Mapping[str, Any] | None) ->
         if name not in values:
             continue
         item = advice.get(name)
-        if item is None or getattr(item, "overridden", False) or not _same(values[name], getattr(item, "value", item)):
+        if item is None or getattr(item, "value", item) is None:
+            continue  # not advised (packing comes with the profile; a rank for full fine-tuning): nothing to compare
+        if getattr(item, "overridden", False) or not _same(values[name], getattr(item, "value", item)):
             changed[name] = values[name]
     return changed
 

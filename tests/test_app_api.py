@@ -342,3 +342,70 @@ def test_editing_the_rank_re_advises_what_follows_it_and_keeps_the_users_changes
     assert alpha_row[1] == wizard._display(after["lora_alpha"]) and "set by you" not in alpha_row[2], alpha_row
     rank_row = next(row for row in recommendations["data"] if row[0].lower().startswith("lora rank"))
     assert "set by you" in rank_row[2], rank_row
+
+
+def test_a_reload_keeps_the_wizard_and_the_demo_visitors_own_runs_but_a_forged_record_owns_nothing(server):
+    from gradio_client import Client
+
+    from advisor import wizard
+    from trainer import supervisor
+
+    client, runs = server
+    first = Client(client.src, verbose=False)  # one browser tab
+    first.predict(model="demo", dataset="demo-sft", method="lora", max_steps=5, seq_len=64, micro_batch=4,
+                  api_name="/launch")
+    try:
+        record = first.predict(saved={}, model="demo", dataset="demo-sft", method="lora", lora_rank=12, max_steps=5,
+                               api_name="/remember_after_launch")
+        assert record["step"] == 4 and len(record["own"]) == 1 and record["values"]["lora_rank"] == 12, record
+        (run_id,) = record["own"]
+        # A reload: a new session that brings the browser's record. The values, the step and the run come back.
+        again = Client(client.src, verbose=False)
+        outputs = again.predict(saved=record, api_name="/restore")
+        restored = dict(zip(wizard.SAVED_WIDGETS, outputs))
+        assert restored["lora_rank"] == 12 and restored["model"] == "demo" and restored["max_steps"] == 5
+        history, _choice, _compare = again.predict(api_name="/runs")
+        assert [row[0] for row in history["data"]] == [run_id]
+        # A record edited in the browser (another visitor's run named as its own) keeps its values, owns nothing.
+        forged = {**record, "own": [run_id, "20261201-000000-sft-lora-0000"]}
+        thief = Client(client.src, verbose=False)
+        outputs = thief.predict(saved=forged, api_name="/restore")
+        assert dict(zip(wizard.SAVED_WIDGETS, outputs))["lora_rank"] == 12
+        history, _choice, _compare = thief.predict(api_name="/runs")
+        assert history["data"] == []
+        # Nothing saved (a first visit) or a record of another version: the page as it starts.
+        assert again.predict(saved={"version": 0, "values": {"lora_rank": 3}}, api_name="/restore")[
+            wizard.SAVED_WIDGETS.index("lora_rank")] != 3
+    finally:
+        supervisor.stop(run_id if "run_id" in locals() else supervisor.list_runs(runs)[0].run_id, runs_dir=runs,
+                        timeout=30)
+
+
+def test_the_page_shows_and_opens_the_runs_of_another_folder_such_as_a_cli_run(make_plan, tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from trainer import supervisor
+
+    elsewhere = tmp_path / "cli-runs"  # where `tunewise train` put a run, started from a shell
+    run_id = supervisor.launch(make_plan({"training.max_steps": 2}), runs_dir=elsewhere)
+    assert supervisor.wait(run_id, timeout=240, runs_dir=elsewhere).state == "finished"
+    proc, url = start_app(tmp_path / "app-runs", log_path=tmp_path / "app.log")
+    try:
+        client = Client(url, verbose=False)
+        history, _choice, _compare = client.predict(api_name="/runs")
+        assert history["data"] == []
+        history, choice, _compare = client.predict(str(elsewhere), api_name="/other_runs_dir")
+        assert [row[0] for row in history["data"]] == [run_id]
+        # ... and the run opens like one of the app's own: the monitor reads its events from there.
+        header = next(out for out in client.predict(run_id, api_name="/watch") if isinstance(out, str) and "tw-badge" in out)
+        assert run_id in header and "finished" in header, header
+        # A run's own folder names its runs folder; a folder that is not there, or holds no run, is said so.
+        history, _choice, _compare = client.predict(str(elsewhere / run_id), api_name="/other_runs_dir")
+        assert [row[0] for row in history["data"]] == [run_id]
+        for folder, said in ((tmp_path / "nowhere", "is not a folder"), (tmp_path, "holds no runs")):
+            with pytest.raises(AppError) as refused:
+                client.predict(str(folder), api_name="/other_runs_dir")
+            assert said in str(refused.value), refused.value
+    finally:
+        stop_app(proc)

@@ -175,6 +175,15 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 expect(advanced).to_contain_text("Early stopping patience")
                 advanced.get_by_text("Advanced settings").first.click()
 
+                # A reload finds the wizard as it was: step 3, the edits, marked as the user's own.
+                edited_seq = seq.input_value()
+                page.reload()
+                expect(page.locator("#launch")).to_be_visible()
+                expect(page.locator("#max-steps input")).to_have_value("200")
+                expect(page.locator("#seq-len input")).to_have_value(edited_seq)
+                expect(page.locator("#recommendations")).to_contain_text("set by you")
+                expect(page.locator("#memory-table")).to_contain_text("total on the GPU")
+
                 # Step 4: launch; the loss chart gains points while the run trains.
                 page.locator("#launch").click()
                 expect(page.locator("#run-header .tw-badge")).to_have_text(re.compile("running|starting|queued"))
@@ -212,7 +221,9 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 expect(page.locator("#export")).to_contain_text(f"{run_id}-adapter")  # the download link
 
                 # The compare pipeline: RLHF beside DPO, its table in the monitor, its final policy in step 5.
-                page.goto(url)  # a fresh page on step 1 (the demo model is the default)
+                page.locator("#start-over").click()  # a fresh wizard on step 1 (the demo model is the default)
+                expect(page.locator("#next-1")).to_be_visible()
+                expect(page.locator("#model input")).to_have_value(re.compile("demo"))
                 page.locator("#next-1").click()
                 pick("dataset", "demo-preference")
                 pick("goal", "Compare both", "Compare both pipelines")
@@ -237,6 +248,10 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 page.locator("#export-btn").click()
                 expect(page.locator("#export")).to_contain_text("4-dpo: merged into", timeout=240_000)
                 expect(page.locator("#export")).to_contain_text("4-dpo-merged")  # the download link
+
+                # The server goes away: the page says so (the runs are not the page's: they would keep going).
+                stop_app(proc)
+                expect(page.locator("#tw-connection")).to_contain_text("Lost the connection", timeout=30_000)
             except Exception:
                 page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
                 raise

@@ -541,3 +541,37 @@ def test_torch_load_is_always_weights_only():
             if "torch.load(" in line:
                 calls.append((f"{path.relative_to(REPO)}:{number}", "weights_only=True" in line))
     assert all(safe for _, safe in calls), [where for where, safe in calls if not safe]
+
+
+def test_what_a_browser_keeps_across_a_reload_is_signed_where_it_grants_anything(tmp_path):
+    """The wizard's saved record (gr.BrowserState, readable and editable in the browser): its values are
+    only values; the runs and uploads it names count only with the server's signature, from the key that
+    trainer.runs keeps in the runs folder (0600, one key for every app on that folder)."""
+    import json
+    import stat
+
+    from advisor import wizard
+    from trainer import runs
+
+    secret = runs.session_secret(tmp_path)
+    assert runs.session_secret(tmp_path) == secret and len(secret) == 32
+    assert stat.S_IMODE((tmp_path / runs.SECRET_FILE).stat().st_mode) == 0o600
+    record = wizard.session_record({"model": "demo", "lora_rank": 12, "bogus": 1, "lora_targets": ["q_proj"]},
+                                   ["lora_rank", "model"], 4, secret, own=["run-a"], uploads={"d.jsonl": "/u/1/d.jsonl"},
+                                   run_id="run-a")
+    assert "bogus" not in record["values"] and record["changed"] == ["lora_rank"]  # model is not advised
+    good = wizard.restore_session(json.loads(json.dumps(record)), secret)  # (as the browser stores it: JSON)
+    assert good.trusted and good.own == ("run-a",) and good.uploads == {"d.jsonl": "/u/1/d.jsonl"} and good.step == 4
+    assert good.values["lora_rank"] == 12 and good.values["lora_targets"] == ["q_proj"]
+    for forged in ({**record, "own": ["run-b"]}, {**record, "uploads": {"d.jsonl": "/etc/passwd"}},
+                   {**record, "run_id": "run-b"}, {**record, "mac": "0" * 64}):
+        bad = wizard.restore_session(forged, secret)
+        assert not bad.trusted and bad.own == () and bad.uploads is None and bad.run_id is None
+        assert bad.values["lora_rank"] == 12 and bad.step == 3  # values kept; no step past the plan
+    (tmp_path / "other").mkdir()
+    assert not wizard.restore_session(record, runs.session_secret(tmp_path / "other")).trusted  # another server's key
+    for junk in (None, [], "x", {"version": 1}, {"version": 1, "values": []}):
+        assert wizard.restore_session(junk, secret) is None
+    odd = wizard.restore_session({**record, "values": {"lora_rank": {"a": 1}, "learning_rate": float("nan")},
+                                  "step": 99}, secret)
+    assert odd.values == {"lora_rank": None, "learning_rate": None} and odd.step == 1

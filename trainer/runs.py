@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,33 @@ def cleanup_old_runs(runs_dir: Path, uploads_dir: Path, keep: int) -> list[str]:
         for folder in folders[: max(0, len(folders) - UPLOADS_PER_RUN * keep)]:
             shutil.rmtree(folder, ignore_errors=True)
     return removed
+
+
+# -- the page's session secret ------------------------------------------------------------------------
+
+SECRET_FILE = ".page-secret"
+
+
+def session_secret(runs_dir: Path) -> bytes:
+    """The key the page signs what a browser keeps across a reload with (its runs and uploads in the public
+    demo): 32 random bytes in the runs folder (0600, which the page never serves), made on first use, so a
+    restarted app still recognises its visitors' records. Made whole or not at all (written aside, then
+    linked into place), so two apps starting at once agree on one key."""
+    path = Path(runs_dir) / SECRET_FILE
+    if not path.is_file():
+        aside = path.with_name(f"{SECRET_FILE}.{os.getpid()}.tmp")
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(32))
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass  # another app made it first: use theirs
+        finally:
+            aside.unlink(missing_ok=True)
+    return path.read_bytes()
 
 
 # -- export -------------------------------------------------------------------------------------------
