@@ -300,7 +300,8 @@ def start_app(runs_dir: Path, *extra: str, log_path: Path) -> tuple[subprocess.P
         if proc.poll() is not None:
             raise AssertionError(f"app.py exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            # The first page is a few MB of config (4.6 MB on main at b0b1797): 1-9 s on a loaded 2-core machine.
+            with urllib.request.urlopen(url, timeout=15) as response:
                 if response.status == 200:
                     return proc, url
         except OSError:
