@@ -107,6 +107,11 @@ class Page(SimpleNamespace):
     def history_outputs(self) -> list:
         return self.group("runs_table", "open_run", "compare_runs")
 
+    @property
+    def history_inputs(self) -> list:
+        """The monitor state and the history's filters (tag, stage, state), which every history refresh reads."""
+        return self.group("monitor_state", "filter_tag", "filter_stage", "filter_state")
+
 
 def _step_model(gr, Number, wizard) -> dict:  # noqa: N803 (Number stands for gr.Number)
     with gr.Step("Model & hardware", id=1, elem_id="step-model"):
@@ -341,6 +346,13 @@ def _step_results(gr, wizard, demo_mode: bool) -> dict:
                                              elem_id="other-runs-dir")
             w["other_runs_btn"] = gr.Button("Show its runs", scale=0, min_width=150, visible=not demo_mode,
                                             elem_id="other-runs-btn")
+        with gr.Row(equal_height=True):
+            w["filter_tag"] = gr.Dropdown(choices=[wizard.ALL], value=wizard.ALL, label="Tag", scale=1,
+                                          allow_custom_value=True, elem_id="filter-tag")
+            w["filter_stage"] = gr.Dropdown(choices=list(wizard.STAGE_FILTERS), value=wizard.ALL, label="Stage",
+                                            scale=1, elem_id="filter-stage")
+            w["filter_state"] = gr.Dropdown(choices=list(wizard.STATE_FILTERS), value=wizard.ALL, label="State",
+                                            scale=1, elem_id="filter-state")
         w["runs_table"] = gr.Dataframe(headers=wizard.RUN_HEADERS, interactive=False, wrap=True, label="Run history",
                                        elem_id="runs-table")
         with gr.Row():
@@ -354,6 +366,13 @@ def _step_results(gr, wizard, demo_mode: bool) -> dict:
                                         elem_id="delete-run")
             w["delete_confirm"] = gr.Button("Yes, delete it", variant="stop", visible=False, scale=0, min_width=150,
                                             elem_id="delete-confirm")
+        with gr.Row():
+            w["rename_box"] = gr.Textbox(label="Name", placeholder="a name for the picked run", scale=2,
+                                         elem_id="rename-box")
+            w["rename_btn"] = gr.Button("Rename", scale=0, min_width=110, elem_id="rename-run")
+            w["tag_box"] = gr.Textbox(label="Tag", placeholder="one word, e.g. baseline", scale=1, elem_id="tag-box")
+            w["tag_btn"] = gr.Button("Add tag", scale=0, min_width=110, elem_id="tag-run")
+            w["untag_btn"] = gr.Button("Remove tag", scale=0, min_width=120, elem_id="untag-run")
         w["run_note"] = gr.Markdown(elem_id="run-note")
         with gr.Row():
             w["compare_runs"] = gr.Dropdown(choices=[], multiselect=True, label="Overlay the curves of", scale=3,
@@ -371,7 +390,9 @@ def _step_results(gr, wizard, demo_mode: bool) -> dict:
         with gr.Accordion("Merge / export", open=False, elem_id="export"):
             w["export_reload"] = gr.Checkbox(value=False, label="QLoRA run: merge into the base reloaded in 16 bit "
                                              "(the adapter was trained against 4-bit weights)", visible=False)
-            w["export_btn"] = gr.Button("Merge the adapter into the base and export", elem_id="export-btn")
+            with gr.Row():
+                w["export_btn"] = gr.Button("Merge the adapter into the base and export", elem_id="export-btn")
+                w["adapter_btn"] = gr.Button("Download the adapter alone (small)", elem_id="adapter-btn")
             w["export_note"] = gr.Markdown()
             w["export_file"] = gr.File(label="Download", interactive=False)
         w.update(_chat_tab(gr))
@@ -469,9 +490,9 @@ def _wire(page: Page, h: Handlers) -> None:
     remember(p.back_2.click(step(1), outputs=p.walkthrough, api_name="go_model", **nav_0), 1, "go_model")
     remember(p.back_3.click(step(2), outputs=p.walkthrough, api_name="back_to_data", **nav_0), 2, "back_to_data")
     remember(p.history_1.click(step(5), outputs=p.walkthrough, api_name="go_history", **nav_0), 5, "go_history").then(
-        ev(h.on_runs), inputs=p.monitor_state, outputs=p.history_outputs, api_name="runs_after_history")
+        ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs, api_name="runs_after_history")
     remember(p.to_results.click(step(5), outputs=p.walkthrough, api_name="go_results", **nav_0), 5, "go_results").then(
-        ev(h.on_runs), inputs=p.monitor_state, outputs=p.history_outputs, api_name="runs_after_nav")
+        ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs, api_name="runs_after_nav")
 
     # Steps 1-3: the model card, the upload and the dataset profile, the advice, the plan's memory.
     profile_io = dict(inputs=[p.plan_state, p.dataset, p.model], outputs=[p.plan_state, p.profile_table, p.histogram])
@@ -520,7 +541,7 @@ def _wire(page: Page, h: Handlers) -> None:
 
     # Step 5: the history, curves compared, samples, export.
     overlay_io = dict(inputs=[p.compare_runs, p.compare_metric, p.monitor_state], outputs=p.overlay_plot)
-    p.refresh_btn.click(ev(h.on_runs), inputs=p.monitor_state, outputs=p.history_outputs, api_name="runs")
+    p.refresh_btn.click(ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs, api_name="runs")
     p.watch_btn.click(ev(h.on_watch), inputs=[p.monitor_state, p.open_run], outputs=[p.walkthrough, *p.monitor_outputs],
                       api_name="watch")
     p.compare_runs.change(ev(h.on_overlay), **overlay_io, api_name="overlay")
@@ -539,6 +560,21 @@ def _wire(page: Page, h: Handlers) -> None:
                          outputs=p.samples_table, api_name="samples")
     p.export_btn.click(ev(h.on_export), inputs=[p.open_run, p.export_reload, p.monitor_state, p.open_step],
                        outputs=[p.export_note, p.export_file], api_name="export")
+    p.adapter_btn.click(ev(h.on_adapter_download), inputs=[p.open_run, p.monitor_state, p.open_step],
+                        outputs=[p.export_note, p.export_file], api_name="download_adapter")
+    # Run management: rename and tag the picked run; the history filters by tag, stage and state.
+    relabelled = [*p.history_outputs, p.run_note]
+    p.rename_btn.click(ev(h.on_rename), inputs=[p.open_run, p.rename_box, *p.history_inputs], outputs=relabelled,
+                       api_name="rename_run")
+    p.tag_btn.click(ev(h.on_tag), inputs=[p.open_run, p.tag_box, *p.history_inputs], outputs=relabelled,
+                    api_name="tag_run")
+    p.untag_btn.click(ev(h.on_untag), inputs=[p.open_run, p.tag_box, *p.history_inputs], outputs=relabelled,
+                      api_name="untag_run")
+    for name in ("filter_tag", "filter_stage", "filter_state"):
+        getattr(p, name).input(ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs,
+                               api_name=f"runs_by_{name.split('_')[1]}")
+    p.runs_table.change(ev(h.on_tag_choices), inputs=p.monitor_state, outputs=p.filter_tag,
+                        api_name="tag_choices", show_progress="hidden")
 
     # Step 2's loss preview: the plan on the page (its sequence length, packing, format), rendered by TRL in a
     # subprocess (trainer.preview).
@@ -582,7 +618,7 @@ def _wire(page: Page, h: Handlers) -> None:
         ev(h.on_estimate), **estimate_io, api_name="load_estimate")
     restore.then(ev(h.on_attach), inputs=p.monitor_state, outputs=[p.walkthrough, *p.monitor_outputs],
                  api_name="attach").then(
-        ev(h.on_runs), inputs=p.monitor_state, outputs=p.history_outputs, api_name="load_runs")
+        ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs, api_name="load_runs")
 
 
 def build_app(config: AppConfig):

@@ -233,8 +233,32 @@ def loss_figure(events: Sequence[Mapping], title: str = "Loss") -> go.Figure:
         if key == "learning_rate" and not first:
             fig.update_layout(yaxis2={"title": "learning rate", "overlaying": "y", "side": "right",
                                       "showgrid": False, "exponentformat": "e", "rangemode": "tozero"})
+    best = best_checkpoint(events)
+    if best is not None:
+        fig.add_trace(go.Scatter(x=[best["step"]], y=[best["eval_loss"]], name=f"best checkpoint (step {best['step']})",
+                                 mode="markers", marker={"size": 14, "symbol": "star", "color": COLORS["eval"],
+                                                         "line": {"color": "#111827", "width": 1}}))
     _base_layout(fig, title, y_title="loss")
     return fig
+
+
+def best_checkpoint(events: Sequence[Mapping]) -> Mapping | None:
+    """The latest `best_checkpoint` event (early stopping: the step whose weights the output holds), or None."""
+    found = None
+    for event in events:
+        if (event.get("event") == "best_checkpoint" and isinstance(event.get("step"), int)
+                and isinstance(event.get("eval_loss"), (int, float))):
+            found = event
+    return found
+
+
+def best_checkpoint_text(best: Mapping | None) -> str:
+    """One line on early stopping's outcome for the monitor and the history ("" without one)."""
+    if not best:
+        return ""
+    how = (f"early stopping ended the run at step {best.get('stopped_at')}" if best.get("early_stopped")
+           else "early stopping was on")
+    return f"{how}; best checkpoint: step {best['step']} (eval loss {best['eval_loss']:.4f}), which the output holds"
 
 
 def reward_kl_series(events: Sequence[Mapping]) -> dict:
@@ -609,6 +633,10 @@ def run_header_html(run_id: str | None, progress: RunProgress | None, status: An
     reason = ""
     if state in ("failed", "stopped") and (progress.reason or getattr(status, "error", None)):
         reason = f"<div class='tw-reason'>{_escape(progress.reason or getattr(status, 'error', ''))}</div>"
+    if getattr(status, "best_step", None) is not None and getattr(status, "best_eval_loss", None) is not None:
+        best = {"step": status.best_step, "eval_loss": status.best_eval_loss, "early_stopped": status.early_stopped,
+                "stopped_at": status.step}
+        reason += f"<div class='tw-reason tw-best'>{_escape(best_checkpoint_text(best))}</div>"
     return (
         f"<div class='tw-run tw-{state}'>"
         f"<div class='tw-run-head'><span class='tw-badge tw-badge-{state}'>{state}</span> "

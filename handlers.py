@@ -543,10 +543,14 @@ class Handlers:
 
     # -- step 5: results and runs --------------------------------------------------------------------------
 
-    def on_runs(self, monitor_state):
+    def on_runs(self, monitor_state, tag=None, stage=None, state=None):
+        """The history (this visitor's runs in demo mode; also the runs of the folder opened in step 5), filtered
+        by tag, stage and state ("all": no filter)."""
         statuses = sorted((status for folder in self.runs_dirs(monitor_state)
                            for status in runs.history(folder, only=self.own_runs(monitor_state))),
                           key=lambda status: status.created_at or 0, reverse=True)
+        statuses = supervisor.filter_runs(statuses, tag=wizard.history_filter(tag), stage=wizard.history_filter(stage),
+                                          state=wizard.history_filter(state))
         ids = [status.run_id for status in statuses]
         # The newest run that did not fail is picked and its curve drawn, so the step opens on something to see.
         picked = wizard.preselected_run(statuses)
@@ -593,6 +597,34 @@ class Handlers:
                 p.run_note: ("" if not final.checkpoint else f"{final.label} saved no output yet: samples and export "
                              f"use its newest complete checkpoint ({final.path.name}).")}
 
+    def relabel(self, run_id, monitor_state, filters, **changes) -> dict:
+        if not run_id:
+            raise TunewiseError("run: pick the run in the list first", field="run")
+        changed = supervisor.relabel(self.run_dir(monitor_state, run_id), self.config.runs_dir, **changes)
+        labels = wizard.run_labels(changed)
+        shown = self.on_runs(monitor_state, *filters)
+        picker = shown[self.page.open_run]  # keep the run picked when the filters still show it
+        if run_id in (picker.get("choices") or []):
+            picker["value"] = run_id
+        return {**shown, self.page.run_note: f"**{run_id}**: {labels if labels != '-' else 'no name or tags'}."}
+
+    def on_rename(self, run_id, name, monitor_state, *filters):
+        """Give the picked run a display name (meta.json; the run id stays)."""
+        return self.relabel(run_id, monitor_state, filters, name=name if isinstance(name, str) else "")
+
+    def on_tag(self, run_id, tag, monitor_state, *filters):
+        return self.relabel(run_id, monitor_state, filters, add_tags=(tag if isinstance(tag, str) else "",))
+
+    def on_untag(self, run_id, tag, monitor_state, *filters):
+        return self.relabel(run_id, monitor_state, filters, remove_tags=(tag if isinstance(tag, str) else "",))
+
+    def on_tag_choices(self, monitor_state):
+        """The tag filter's choices: every tag of this visitor's runs."""
+        statuses = [status for folder in self.runs_dirs(monitor_state)
+                    for status in runs.history(folder, only=self.own_runs(monitor_state))]
+        tags = sorted({tag for status in statuses for tag in status.tags})
+        return {self.page.filter_tag: gr.update(choices=[wizard.ALL, *tags])}
+
     def on_delete(self, run_id, monitor_state):
         """First click: ask. The confirmation button does the deleting."""
         if not run_id:
@@ -636,6 +668,14 @@ class Handlers:
         lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
         rows = samples.generate(run_dir, lines, self.config.generate_timeout_s, step=step or None)
         return {self.page.samples_table: rows}
+
+    def on_adapter_download(self, run_id, monitor_state, step=None):
+        """Step 5's "Download the adapter": the adapter alone (small), with its adapter_config.json."""
+        if not run_id:
+            raise TunewiseError("run: pick a finished run in the list first", field="run")
+        archive, note = runs.adapter_archive(self.run_dir(monitor_state, run_id), self.config.exports_dir,
+                                             step=step or None)
+        return {self.page.export_note: self.shown(note), self.page.export_file: archive}
 
     def on_export(self, run_id, reload_16bit, monitor_state, step=None):
         if not run_id:

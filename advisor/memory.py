@@ -9,6 +9,11 @@ bitsandbytes on PyTorch), written as arithmetic on the model's shape:
   stay unquantized, and PEFT's `prepare_model_for_kbit_training` upcasts them
   to fp32;
 - adapters: LoRA's rank x (in + out) per adapted module, kept in fp32 by PEFT;
+  DoRA (PEFT's use_dora) adds a trainable magnitude vector (out) per adapted
+  module, keeps the base output and the LoRA output of each adapted module for
+  the magnitude's gradient (2 x out per token), and recomputes the weight norm
+  of W + s x BA every forward: an identity (in x in, adapter dtype), BA and
+  W + s x BA (out x in) of the largest adapted layer live at once;
 - gradients: one per trainable parameter, in the trainable parameter's dtype;
 - optimizer: AdamW 2 states in the parameter's dtype (mixed precision: fp32
   master weights count as the weights, so 4 + 4 + 8 = 16 B/param, the ZeRO
@@ -115,6 +120,9 @@ class TrainingSetup:
     """QLoRA: prepare_model_for_kbit_training upcasts embeddings, lm_head and norms to fp32 (PEFT does; litgpt does not)."""
     adapter_fp32: bool = True
     """LoRA adapter weights in fp32 (PEFT's default autocast_adapter_dtype) rather than the base dtype."""
+    use_dora: bool = False
+    """DoRA adapters (PEFT's use_dora): a magnitude vector per adapted module and a per-forward weight norm.
+    Ignored for full fine-tuning (no adapters)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; above 1 the gradients live alongside the activations."""
     stage: str = "sft"
@@ -196,6 +204,11 @@ class TrainingSetup:
     def world_size(self) -> int:
         """GPUs training together over every node (what ZeRO / FSDP shard over)."""
         return self.num_gpus * self.num_nodes
+
+    @property
+    def dora(self) -> bool:
+        """DoRA is on and there are adapters for it to apply to."""
+        return bool(self.use_dora) and self.method != "full"
 
     @property
     def compute_bytes(self) -> int:
@@ -320,14 +333,17 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 @lru_cache(maxsize=1024)
-def _lora_tensors(spec: ModelSpec, rank: int, targets: tuple[str, ...], head: str) -> tuple[tuple[int, ...], ...]:
-    """Shapes of the LoRA A and B matrices (plus a trainable score head for seq-cls models)."""
+def _lora_tensors(spec: ModelSpec, rank: int, targets: tuple[str, ...], head: str,
+                  dora: bool = False) -> tuple[tuple[int, ...], ...]:
+    """Shapes of the LoRA A and B matrices (DoRA: and the magnitude vector of each adapted module), plus a
+    trainable score head for seq-cls models."""
     shapes: list[tuple[int, ...]] = []
     for layer in resolve_targets(spec, targets):
-        shapes += [(rank, layer.in_features), (layer.out_features, rank)] * layer.count
+        shapes += ([(rank, layer.in_features), (layer.out_features, rank)]
+                   + ([(layer.out_features,)] if dora else [])) * layer.count
     shapes = shapes * spec.num_layers
     if "lm_head" in targets and head == "causal_lm":
-        shapes += [(rank, spec.hidden_size), (spec.vocab_size, rank)]
+        shapes += [(rank, spec.hidden_size), (spec.vocab_size, rank)] + ([(spec.vocab_size,)] if dora else [])
     if head == "seq_cls":
         shapes.append((1, spec.hidden_size))  # PEFT's SEQ_CLS task trains the score head (modules_to_save)
     return tuple(shapes)
@@ -392,6 +408,12 @@ def _layer_activation_bytes_per_token(spec: ModelSpec, setup: TrainingSetup, ada
     lora_input_bytes = (1 if setup.lora_dropout > 0 else 0) + a
     adapter_bytes = 4 if (setup.adapter_fp32 or setup.precision == "fp32") else 2
     shares_input = setup.lora_dropout == 0 and adapter_bytes == a
+    # DoRA's output is (m/||W + sBA|| - 1) x base + m/||W + sBA|| x lora x s: both products keep their
+    # (tokens x out) operand for the magnitude's gradient (peft/tuners/lora/dora.py, DoraLinearLayer.forward).
+    layers = linear_layers(spec)
+
+    def dora_bytes(name: str) -> int:
+        return 2 * a * layers[name].out_features * layers[name].count if setup.dora and name in layers else 0
 
     hf = setup.runtime == "transformers"
 
@@ -407,6 +429,7 @@ def _layer_activation_bytes_per_token(spec: ModelSpec, setup: TrainingSetup, ada
         if shares_input and full:
             copies = 0  # the trainable weights' saved input is that same tensor
         nbytes += copies * lora_input_bytes * width + len(hits) * a * setup.lora_rank  # input copy + lora_A output
+        nbytes += sum(dora_bytes(name) for name in hits)
         return nbytes
 
     # Norm inputs: HF's RMSNorm upcasts to fp32 and keeps that copy (plus the normalized output when
@@ -685,17 +708,17 @@ class _Trained:
 def _trained_model(spec: ModelSpec, setup: TrainingSetup, head: str) -> _Trained:
     # Only these settings matter here; caching on them keeps searches over batch and length fast.
     key = (setup.method, setup.precision, setup.optimizer, setup.lora_rank, tuple(setup.lora_targets),
-           setup.quant_bits, setup.double_quant, setup.upcast_non_quantized, setup.adapter_fp32)
+           setup.quant_bits, setup.double_quant, setup.upcast_non_quantized, setup.adapter_fp32, setup.dora)
     return _trained_model_cached(spec, key, head)
 
 
 @lru_cache(maxsize=512)
 def _trained_model_cached(spec: ModelSpec, key: tuple, head: str) -> _Trained:
-    method, precision, optimizer, rank, targets, quant_bits, double_quant, upcast, adapter_fp32 = key
+    method, precision, optimizer, rank, targets, quant_bits, double_quant, upcast, adapter_fp32, dora = key
     # Built without re-validation: the key comes from a setup that was validated (or is cpu_setup's QLoRA in fp32).
     setup = _with_size(TrainingSetup(), method=method, precision=precision, optimizer=optimizer, lora_rank=rank,
                        lora_targets=targets, quant_bits=quant_bits, double_quant=double_quant, upcast_non_quantized=upcast,
-                       adapter_fp32=adapter_fp32)
+                       adapter_fp32=adapter_fp32, use_dora=dora)
     counts = param_counts(spec, head=head)
     weights, weights_how = _base_weights(spec, setup, head)
     largest = max(l.in_features * l.out_features for l in linear_layers(spec).values())
@@ -709,15 +732,26 @@ def _trained_model_cached(spec: ModelSpec, key: tuple, head: str) -> _Trained:
                         f"{trainable:,} params x {param_bytes} B", opt, opt_how, trainable, counts.total,
                         frozenset(), largest, _step_workspace(shapes, setup.optimizer, param_bytes))
     targets = tuple(setup.lora_targets)
-    shapes = _lora_tensors(spec, setup.lora_rank, targets, head)
+    shapes = _lora_tensors(spec, setup.lora_rank, targets, head, setup.dora)
     trainable = sum(_numel(s) for s in shapes)
     adapter_bytes = 4 if (setup.adapter_fp32 or setup.precision == "fp32") else 2
     adapted = frozenset(l.name for l in resolve_targets(spec, targets))
     opt, opt_how = _optimizer_bytes(shapes, setup.optimizer, adapter_bytes)
+    kind = "DoRA rank" if setup.dora else "rank"
     return _Trained(weights, weights_how, adapter_bytes * trainable,
-                    f"rank {setup.lora_rank} on {', '.join(sorted(adapted))}: {trainable:,} params x {adapter_bytes} B",
+                    f"{kind} {setup.lora_rank} on {', '.join(sorted(adapted))}: {trainable:,} params x {adapter_bytes} B"
+                    + (" (A, B and a magnitude vector per module)" if setup.dora else ""),
                     adapter_bytes * trainable, f"{trainable:,} adapter params x {adapter_bytes} B", opt, opt_how,
                     trainable, counts.total, adapted, largest, _step_workspace(shapes, setup.optimizer, adapter_bytes))
+
+
+def _dora_norm_bytes(spec: ModelSpec, setup: TrainingSetup, adapted: frozenset) -> int:
+    """DoRA's per-forward temporaries for the largest adapted layer: PEFT computes BA as lora_B(lora_A(I))
+    from an (in x in) identity in the adapter dtype, then W + s x BA (out x in) for its column norms."""
+    adapter_bytes = 4 if (setup.adapter_fp32 or setup.precision == "fp32") else 2
+    layers = [layer for layer in linear_layers(spec).values() if layer.name in adapted]
+    return max(adapter_bytes * layer.in_features ** 2 + 2 * setup.compute_bytes * layer.in_features * layer.out_features
+               for layer in layers)
 
 
 def estimate(spec: ModelSpec, setup: TrainingSetup) -> MemoryEstimate:
@@ -831,6 +865,9 @@ def _estimate_cached(spec: ModelSpec, setup: TrainingSetup) -> MemoryEstimate:
     if setup.method == "qlora":
         overhead += 2 * policy.largest_linear  # one dequantized weight at a time in forward/backward
         notes.append("one dequantized 16-bit weight")
+    if setup.dora and policy.adapted:
+        overhead += _dora_norm_bytes(spec, setup, policy.adapted)
+        notes.append("DoRA's weight norm of the largest adapted layer (identity, BA and W + s x BA)")
     if setup.method == "full" and setup.precision == "amp" and not shard_opt:
         overhead += 2 * policy.total_params  # autocast's 16-bit weight copies, kept for backward
         notes.append("autocast's 16-bit weight copies (2 B/param)")

@@ -88,6 +88,8 @@ DEVICES = ("auto", "cpu", "cuda")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn")
 #: RoPE factors: YaRN's paper extends LLaMA 2 by 16-32x and Qwen's cards use 4; 64 covers every published one.
 MAX_ROPE_FACTOR = 64.0
+#: Experiment loggers the trainer can report to (transformers' `report_to` names).
+REPORTERS = ("none", "tensorboard", "trackio", "wandb")
 
 
 class PlanError(TunewiseError, ValueError):
@@ -300,6 +302,9 @@ class MethodSettings:
     use_liger_kernel: bool = _setting(False, label="Liger kernel", flag="--liger-kernel", memory=True)
     """Liger's Triton kernels through TRL's use_liger_kernel: a fused lm_head + cross-entropy that never holds
     the full logits, and fused RMSNorm / SwiGLU / RoPE. CUDA GPUs only; needs the liger-kernel package."""
+    use_dora: bool = _setting(False, label="DoRA (weight-decomposed LoRA)", flag="--dora", memory=True)
+    """LoRA / QLoRA: train DoRA adapters (PEFT's use_dora): a magnitude vector per adapted layer on top of
+    rank r, often better at low ranks, a little more memory and slower steps. Not for full fine-tuning."""
 
     def __post_init__(self):
         _check_fields("method", self)
@@ -311,6 +316,9 @@ class MethodSettings:
             raise PlanError("method.lora_targets", "is empty: name modules such as q_proj,v_proj or use all-linear")
         if self.method == "qlora" and self.precision == "fp32":
             raise PlanError("method.precision", "QLoRA computes in 16 bit: choose bf16 or fp16")
+        if self.use_dora and self.method == "full":
+            raise PlanError("method.use_dora", "DoRA is a kind of LoRA adapter and full fine-tuning trains no "
+                            "adapters: choose method lora or qlora, or turn DoRA off")
 
     @property
     def alpha(self) -> float:
@@ -377,6 +385,17 @@ class TrainingSettings:
     max_grad_norm: float = _setting(1.0, label="Gradient clipping norm", flag="--max-grad-norm",
                                     limit=Limit(0.0, 1e9, low_open=True))
     """Gradient clipping norm."""
+    early_stopping_patience: int = _setting(0, label="Early stopping patience (evals)", flag="--early-stopping-patience",
+                                            limit=Limit(0, 100_000, whole=True, hint=" (0 is off; typical: 3-5)"))
+    """Stop when the eval loss has not improved for this many evaluations in a row (0: off), and keep the
+    best checkpoint as the output (transformers' EarlyStoppingCallback; needs eval_steps and held-out data)."""
+    # A loss improvement of 10 nats between two evaluations never happens after the first few steps.
+    early_stopping_threshold: float = _setting(0.0, label="Early stopping threshold", flag="--early-stopping-threshold",
+                                               limit=Limit(0.0, 10.0))
+    """How much the eval loss must fall below the best so far to count as an improvement (0: any fall)."""
+    report_to: str = _setting("none", label="Experiment logger", flag="--report-to", choices=REPORTERS)
+    """Also send the metrics to an experiment logger: none, tensorboard (event files in <run>/tensorboard),
+    trackio (pip install trackio) or wandb (pip install wandb; needs WANDB_API_KEY or WANDB_MODE=offline)."""
 
     def __post_init__(self):
         _check_fields("training", self)
@@ -547,6 +566,17 @@ class Plan:
 
     def __post_init__(self):
         _check_fields("", self)
+        if self.training.early_stopping_patience:
+            stages = PIPELINE_STAGES.get(self.pipeline, (self.stage,))
+            if not self.training.eval_steps:
+                raise PlanError("training.early_stopping_patience", "early stopping compares evaluations during "
+                                "training: set training.eval_steps (Evaluate every), or set the patience to 0")
+            if not self.data.eval_fraction:
+                raise PlanError("training.early_stopping_patience", "early stopping needs held-out data to "
+                                "evaluate on: set data.eval_fraction above 0 (e.g. 0.1), or set the patience to 0")
+            if stages == ("ppo",):
+                raise PlanError("training.early_stopping_patience", "PPO has no eval loss to stop on: set the "
+                                "patience to 0 (the KL and reward alerts can stop a PPO run)")
         if self.stage == "ppo" and self.method.method == "qlora" and self.preference.algorithm == "ppo":
             # TRL's PPO needs a separate value model; quantized policies are not supported there.
             raise PlanError("method.method", "PPO does not support QLoRA in TRL: use lora or full, or choose rloo/grpo")

@@ -122,7 +122,8 @@ ADVICE = (
     "method", "precision", "optimizer", "gradient_checkpointing", "attn", "lora_rank", "lora_alpha", "lora_targets",
     "lora_dropout", "quant_bits", "double_quant", "shard", "seq_len", "rope_scaling", "rope_factor", "micro_batch",
     "grad_accum", "effective_batch",
-    "learning_rate", "warmup_ratio", "epochs", "total_steps", "forgetting_monitor", "forgetting_eval_every",
+    "learning_rate", "warmup_ratio", "epochs", "total_steps", "eval_steps", "early_stopping_patience",
+    "forgetting_monitor", "forgetting_eval_every",
     "replay_fraction", "ewc_lambda", "beta", "kl_coef", "preference_method",
 )
 
@@ -466,6 +467,34 @@ def forgetting_interval(total_steps: int, effective_batch: int, texts: int = MON
                f"{monitor_share(every, effective_batch, texts):.0%} of training time (a measurement costs about "
                f"{per_eval:.1f} steps at an effective batch of {effective_batch}); on a longer run Tunewise keeps it under "
                f"{MONITOR_BUDGET:.0%}")
+    return every, why
+
+
+#: Evaluation's share of training compute we aim for, and the fewest evaluations a run gets (a curve, and
+#: room for early stopping's patience).
+EVAL_BUDGET = 0.10
+EVAL_POINTS = 5
+#: The plan's default held-out share (data.eval_fraction), which sizes an evaluation.
+EVAL_SHARE = 0.1
+
+
+def eval_interval(total_steps: int, effective_batch: int, examples: int, share: float = EVAL_SHARE) -> tuple[int, str]:
+    """Steps between evaluations: within the compute budget (10%) on a long run, yet at least 5 a run."""
+    held_out = max(1, round(examples * share))
+    per_eval = _eval_cost_in_steps(effective_batch, held_out)
+    budget_every = max(_nice_up(per_eval * (1 - EVAL_BUDGET) / EVAL_BUDGET), _nice_up(total_steps / MAX_MEASUREMENTS))
+    curve_cap = max(1, total_steps // EVAL_POINTS)
+    cost = f"an evaluation ({held_out:,} held-out examples, the default {share:.0%}, forward only) costs about " \
+           f"{per_eval:.1f} training steps at an effective batch of {effective_batch}"
+    if budget_every <= curve_cap:
+        every = budget_every
+        why = (f"{cost}; every {every} steps keeps evaluation near {per_eval / (every + per_eval):.1%} of training "
+               f"({total_steps:,} steps: {total_steps // every} evaluations)")
+    else:
+        every = curve_cap
+        why = (f"only {total_steps:,} steps: every {every} gives at least {min(EVAL_POINTS, total_steps)} evaluations for "
+               f"the eval-loss curve (and early stopping), at about {per_eval / (every + per_eval):.0%} of training time; "
+               f"{cost}; a smaller data.eval_fraction makes each evaluation cheaper (the aim is {EVAL_BUDGET:.0%})")
     return every, why
 
 
@@ -970,6 +999,12 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
     else:
         warmup, warmup_reason = WARMUP_RANGE[0], f"guide: short warmup (5-10% of steps); 5% of {total_steps} steps is {max(1, round(0.05 * total_steps))} steps"
     rules.put("warmup_ratio", warmup, warmup_reason, "warmup_range")
+    run_steps = min(total_steps, inputs.max_steps) if inputs.max_steps else total_steps
+    eval_every = rules.put("eval_steps", *eval_interval(run_steps, effective_actual, inputs.examples), "eval_cost")
+    rules.put("early_stopping_patience", 0,
+              f"off: Tunewise runs the planned steps; set 3-5 to stop once the eval loss has not improved (by the "
+              f"threshold) for that many evaluations in a row (every {eval_every} steps), keeping the best checkpoint "
+              "as the output; worth it on small data, where the eval loss turns up (overfitting)", "early_stopping")
 
     # 7. Forgetting safeguards, scaled by the domain shift and the method. They need original-domain text: the
     # demo model has its own; a real model needs some from the user (never the demo's invented-world text).
@@ -980,7 +1015,6 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
         rules.put("forgetting_monitor", True, "guide: monitor for catastrophic forgetting; keep a validation set from the original domain", "forgetting_monitor")
     else:
         rules.put("forgetting_monitor", False, NO_ORIGINAL_TEXT, "forgetting_monitor")
-    run_steps = min(total_steps, inputs.max_steps) if inputs.max_steps else total_steps
     rules.put("forgetting_eval_every", *forgetting_interval(run_steps, effective_actual), "monitor_cost")
     adapters = method in ("lora", "qlora")
     replay_table = {"full": {"low": 0.01, "medium": 0.05, "high": 0.10}, "adapter": {"low": 0.0, "medium": 0.01, "high": 0.05}}

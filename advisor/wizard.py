@@ -616,18 +616,28 @@ def run_row(status: Any) -> list[Any]:
     return [
         status.run_id,
         state,
-        f"{step}/{status.max_steps}" if status.max_steps else str(step),
+        (f"{step}/{status.max_steps}" if status.max_steps else str(step))
+        + (f" (best {status.best_step})" if getattr(status, "best_step", None) is not None else ""),
         f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
         f"{round(forgetting, 1) + 0.0:+.1f}%" if isinstance(forgetting, (int, float)) else "-",  # no "-0.0%"
         memory_cell(getattr(status, "memory_estimate_bytes", None), getattr(status, "memory_measured_bytes", None)),
         started,
         run_what(status),
+        run_labels(status),
     ]
+
+
+def run_labels(status: Any) -> str:
+    """The history's "name / tags" cell: the user's name for the run and its tags ("lr sweep #baseline #r16")."""
+    name = getattr(status, "name", None) or ""
+    tags = " ".join(f"#{tag}" for tag in getattr(status, "tags", ()) or ())
+    return " ".join(part for part in (name, tags) if part) or "-"
 
 
 #: The run history's columns: what a practitioner scans first (state, progress, loss), then the long text.
 #: "memory" keeps the plan's estimate beside the measured peak (GPU tensors, or host RAM on the CPU).
-RUN_HEADERS = ["run", "status", "step", "last loss", "forgetting", "memory (estimate / measured)", "started", "what"]
+RUN_HEADERS = ["run", "status", "step", "last loss", "forgetting", "memory (estimate / measured)", "started", "what",
+               "name / tags"]
 
 
 def memory_cell(estimate: int | None, measured: int | None) -> str:
@@ -640,6 +650,16 @@ def memory_cell(estimate: int | None, measured: int | None) -> str:
     shown = [f"{value / scale:.2f}" if value else "-" for value in (estimate, measured)]
     error = f" ({100.0 * (estimate - measured) / measured:+.0f}%)" if estimate and measured else ""
     return f"{shown[0]} / {shown[1]} {unit}{error}"
+
+#: The history's filters: "all", or one value (trainer.supervisor.filter_runs reads them).
+ALL = "all"
+STAGE_FILTERS = (ALL, "sft", "rm", "dpo", "ppo", "pipeline:rlhf", "pipeline:dpo", "pipeline:compare")
+STATE_FILTERS = (ALL, "queued", "running", "finished", "failed", "stopped")
+
+
+def history_filter(value: Any) -> str | None:
+    """A history filter's value for trainer.supervisor.filter_runs: None for "all" or nothing."""
+    return None if _blank(value) or value == ALL else str(value)
 
 
 def preselected_run(statuses: Sequence[Any]) -> str | None:

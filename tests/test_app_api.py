@@ -156,6 +156,10 @@ def test_launch_poll_stop_and_history(server):
         time.sleep(1)
     assert len(points) >= 2, f"no loss points within 240 s; last header: {header}"
     assert all(math.isfinite(v) and v > 0 for v in points)
+    # A running run is not deleted: the page says to stop it first, and asks nothing.
+    client.predict(api_name="/runs")  # the history lists it (the run picker's choices)
+    with pytest.raises(AppError, match=f"{run_dir.name} is still running; stop it in step 4 before deleting it"):
+        client.predict(run_dir.name, api_name="/delete")
 
     client.predict(api_name="/stop")
     deadline = time.time() + 90
@@ -171,6 +175,83 @@ def test_launch_poll_stop_and_history(server):
     assert row["run"] == run_dir.name and row["status"] in ("stopped", "finished")
     step, total = (int(x) for x in row["step"].split("/"))
     assert total == 40 and step >= len(points)
+
+
+def _an_ended_run(client, runs) -> Path:
+    """This visitor's run from the launch test, or (a test run on its own) a short one trained now; ended."""
+    from conftest import wait_for
+    from trainer import supervisor
+
+    mine = [p for p in runs.iterdir() if (p / "plan.yaml").exists()]
+    if not mine:
+        client.predict(model="demo", dataset="demo-sft", method="lora", max_steps=4, seq_len=64, micro_batch=4,
+                       api_name="/launch")
+        mine = [p for p in runs.iterdir() if (p / "plan.yaml").exists()]
+    wait_for(lambda: not supervisor.status(mine[0].name, runs).active, 240, "the run to end")
+    client.predict(api_name="/runs")
+    return mine[0]
+
+
+def test_the_adapter_downloads_alone_with_its_config(server, tmp_path):
+    """Step 5's "Download the adapter": a zip of the run's adapter (adapter_config.json and its weights, the
+    tokenizer), byte for byte what the run saved, and no whole model, optimizer or trainer state."""
+    import zipfile
+
+    from trainer import supervisor
+
+    client, runs = server
+    run_dir = _an_ended_run(client, runs)
+    note, archive = client.predict(run_dir.name, None, api_name="/download_adapter")
+    assert "adapter alone" in note and "adapter_config.json" in note and "PeftModel.from_pretrained" in note
+    with zipfile.ZipFile(archive) as zipped:
+        names = set(zipped.namelist())
+        assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
+        assert not names & {"model.safetensors", "pytorch_model.bin", "optimizer.pt", "trainer_state.json",
+                            "training_args.bin", "scheduler.pt"}
+        saved = supervisor.status(run_dir.name, runs).output_dir or str(run_dir / "output")
+        if not (Path(saved) / "adapter_model.safetensors").is_file():  # stopped before saving: its checkpoint
+            saved = str(sorted((run_dir / "checkpoints").glob("checkpoint-*"))[-1])
+        assert zipped.read("adapter_model.safetensors") == (Path(saved) / "adapter_model.safetensors").read_bytes()
+        assert json.loads(zipped.read("adapter_config.json"))["peft_type"] == "LORA"
+    whole_model = sum(p.stat().st_size for p in (REPO / "assets" / "demo-model").glob("*.safetensors"))
+    assert Path(archive).stat().st_size < whole_model / 2
+
+
+def test_runs_are_renamed_tagged_filtered_and_deleted_after_asking(server):
+    from gradio_client.exceptions import AppError
+
+    client, runs = server
+    run_id = _an_ended_run(client, runs).name
+    state = json.loads((runs / run_id / "events.jsonl").read_text().splitlines()[-1])["event"]
+    history, _choice, _compare, note = client.predict(run_id, "my first demo", "all", "all", "all",
+                                                      api_name="/rename_run")
+    assert note == f"**{run_id}**: my first demo."
+    client.predict(run_id, "baseline", "all", "all", "all", api_name="/tag_run")
+    history, _choice, _compare, note = client.predict(run_id, "demo", "all", "all", "all", api_name="/tag_run")
+    assert note == f"**{run_id}**: my first demo #baseline #demo."
+    headers, rows = table(history)
+    assert dict(zip(headers, rows[0]))["name / tags"] == "my first demo #baseline #demo"
+    assert json.loads((runs / run_id / "meta.json").read_text()) == {"name": "my first demo", "tags": ["baseline", "demo"]}
+    with pytest.raises(AppError, match="tag: 'not one word' is not a tag"):
+        client.predict(run_id, "not one word", "all", "all", "all", api_name="/tag_run")
+
+    def shown(tag="all", stage="all", run_state="all"):
+        history, *_ = client.predict(tag, stage, run_state, api_name="/runs")
+        return [row[0] for row in table(history)[1]]
+
+    assert shown() == [run_id]
+    assert shown(tag="baseline") == [run_id] and shown(tag="other") == []
+    assert shown(stage="sft") == [run_id] and shown(stage="dpo") == [] and shown(stage="pipeline:rlhf") == []
+    assert shown(run_state=state) == [run_id] and shown(run_state="failed") == []
+    assert shown(tag="baseline", stage="sft", run_state=state) == [run_id]
+    client.predict(run_id, "demo", "all", "all", "all", api_name="/untag_run")
+    assert shown(tag="demo") == [] and shown(tag="baseline") == [run_id]
+
+    # Deleting asks first: the first click only asks; the confirmation deletes.
+    note = client.predict(run_id, api_name="/delete")  # (the confirmation button, shown, has no value)
+    assert f"Delete **{run_id}** ({state})" in note and "cannot be undone" in note and (runs / run_id).is_dir()
+    client.predict(run_id, api_name="/delete_confirm")
+    assert not (runs / run_id).exists() and shown() == []
 
 
 def test_next_is_refused_until_the_model_and_the_dataset_can_be_read(server, tmp_path):

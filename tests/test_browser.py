@@ -175,6 +175,13 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 expect(page.locator("#cli-text")).to_contain_text("--max-steps 200")
                 expect(page.locator("#yaml-text")).to_contain_text("stage: sft")
                 shot(page, "plan")
+                # Advanced settings hold DoRA, the experiment logger and early stopping.
+                advanced = page.locator("#advanced")
+                advanced.get_by_text("Advanced settings").first.click()
+                expect(advanced).to_contain_text("DoRA (weight-decomposed LoRA)")
+                expect(advanced).to_contain_text("Experiment logger")
+                expect(advanced).to_contain_text("Early stopping patience")
+                advanced.get_by_text("Advanced settings").first.click()
 
                 # A reload finds the wizard as it was: step 3, the edits, marked as the user's own.
                 edited_seq = seq.input_value()
@@ -223,6 +230,14 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 expect(page.locator("#chat-note")).to_contain_text("new tokens", timeout=120_000)
                 expect(page.locator("#chat-tuned")).to_contain_text(question)
                 assert len(page.locator("#chat-tuned").inner_text()) > len(question) + 3, "no reply in the chat"
+                # Tag the run: the history shows the tag; the adapter alone downloads beside the merged export.
+                page.locator("#tag-box textarea, #tag-box input").first.fill("baseline")
+                page.locator("#tag-run").click()
+                expect(page.locator("#runs-table")).to_contain_text("#baseline")
+                page.locator("#export").get_by_text("Merge / export").click()
+                page.locator("#adapter-btn").click()
+                expect(page.locator("#export")).to_contain_text("adapter alone")
+                expect(page.locator("#export")).to_contain_text(f"{run_id}-adapter")  # the download link
 
                 # The compare pipeline: RLHF beside DPO, its table in the monitor, its final policy in step 5.
                 page.locator("#start-over").click()  # a fresh wizard on step 1 (the demo model is the default)

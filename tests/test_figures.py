@@ -23,6 +23,18 @@ def test_loss_figure_has_training_eval_and_lr_traces():
     assert fig.layout.yaxis.title.text == "loss" and fig.layout.yaxis2.title.text == "learning rate"
 
 
+def test_loss_figure_marks_early_stoppings_best_checkpoint():
+    events = [_log(s, loss=3.0 - 0.5 * s) for s in (1, 2, 3, 4)]
+    events += [{"event": "eval", "time": 100.0 + s, "step": s, "eval_loss": v} for s, v in ((2, 1.8), (4, 2.1))]
+    events.append({"event": "best_checkpoint", "time": 105.0, "step": 2, "eval_loss": 1.8, "stopped_at": 4,
+                   "early_stopped": True, "path": "x/checkpoint-2"})
+    fig = figures.loss_figure(events)
+    assert [t.name for t in fig.data] == ["training loss", "eval loss", "best checkpoint (step 2)"]
+    assert list(fig.data[2].x) == [2] and list(fig.data[2].y) == [1.8]
+    assert figures.best_checkpoint_text(figures.best_checkpoint(events)) == (
+        "early stopping ended the run at step 4; best checkpoint: step 2 (eval loss 1.8000), which the output holds")
+
+
 def test_loss_figure_shows_the_ewc_penalty_when_the_safeguard_is_on():
     events = [_log(s, loss=2.0, learning_rate=1e-4, ewc_penalty=0.01 * s) for s in (1, 2)]
     fig = figures.loss_figure(events)

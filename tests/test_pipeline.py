@@ -213,3 +213,13 @@ def test_a_finished_pipeline_gives_a_model_to_sample_merge_and_export(tmp_path, 
 
     with zipfile.ZipFile(archive) as zipped:
         assert "config.json" in zipped.namelist() and any(n.endswith(".safetensors") for n in zipped.namelist())
+
+
+def test_early_stopping_carries_to_the_steps_that_evaluate_and_not_to_ppo():
+    from advisor.plan import Plan
+    from trainer.pipeline import _step_plan
+
+    plan = Plan().with_overrides({"pipeline": "rlhf", "training.eval_steps": 5, "training.early_stopping_patience": 2})
+    outputs = {"sft": "sft-output", "rm": "rm-output"}
+    patience = {stage: _step_plan(plan, stage, outputs).training.early_stopping_patience for stage in ("sft", "rm", "ppo")}
+    assert patience == {"sft": 2, "rm": 2, "ppo": 0}

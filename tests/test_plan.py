@@ -140,8 +140,10 @@ def test_every_float_setting_refuses_nan_infinity_and_1e308(dotted, text, value,
         assert info.value.field == dotted and str(info.value).startswith(f"{dotted}: must be a number")
 
 
-#: Settings that only mean something with another one set: a RoPE factor needs a RoPE scaling.
-NEEDS = {"training.rope_factor": {"training.rope_scaling": "linear"}}
+#: What a setting needs beside it to be on at all: a RoPE factor needs a RoPE scaling, early stopping compares
+#: evaluations during training.
+NEEDS = {"training.rope_factor": {"training.rope_scaling": "linear"},
+         "training.early_stopping_patience": {"training.eval_steps": 10}}
 
 
 @pytest.mark.parametrize("dotted", sorted(FIELD_LIMITS))

@@ -166,8 +166,9 @@ def test_every_flag_is_listed_with_its_help_and_accepted():
     for setting in settings():
         if setting.flag:
             value = _other_value(setting)
-            # (--shard first: CPU offload needs sharding)
-            plan = plan_from_args(parser.parse_args(["launch", "--shard", "zero3", *flag_argv(setting, value)]))
+            # (--shard first: CPU offload needs sharding; --eval-steps: early stopping compares evaluations)
+            plan = plan_from_args(parser.parse_args(["launch", "--shard", "zero3", "--eval-steps", "5",
+                                                     *flag_argv(setting, value)]))
             assert setting.value(plan) == value, setting.dotted
 
 
@@ -179,6 +180,7 @@ def test_a_plan_round_trips_through_the_command_the_wizard_prints():
     from trainer.cli import plan_from_args
 
     changed = {s.dotted: _other_value(s) for s in settings()}
+    changed["method.method"] = "qlora"  # DoRA (method.use_dora, on here) needs adapters: not full fine-tuning
     plan = Plan().with_overrides(changed)
     assert all(s.value(plan) != s.default for s in settings())  # every setting differs from its default
     text = wizard.train_command(plan, runs_dir="my runs")
@@ -193,3 +195,73 @@ def test_a_plan_round_trips_through_the_command_the_wizard_prints():
     assert parsed == Plan.from_dict({**plan.to_dict(), "data": {**plan.to_dict()["data"], "examples": None, "tokens": None}})
     # The defaults need no flags but what runs.
     assert wizard.train_command(Plan()).splitlines()[1] == "tunewise train --model demo --dataset demo-sft --method lora"
+
+
+def _ended_run(runs_dir, run_id: str, plan, terminal: str) -> str:
+    """A run directory as the supervisor lays it out, ended with `terminal` (finished / stopped), without training."""
+    import time
+
+    run_dir = runs_dir / run_id
+    run_dir.mkdir(parents=True)
+    plan.save(run_dir / "plan.yaml")
+    now = time.time()
+    record = {"run_id": run_id, "name": None, "created_at": now - 60, "summary": plan.summary(),
+              "attempts": [{"started_at": now - 60, "ended_at": now - 10, "exit_code": 0, "pid": 1}]}
+    (run_dir / "run.json").write_text(json.dumps(record), encoding="utf-8")
+    events = [{"event": "started", "time": now - 50, "step": 0}, {"event": "log", "time": now - 40, "step": 1, "loss": 2.0},
+              {"event": terminal, "time": now - 20, "step": 1, **({"reason": "stop requested"} if terminal == "stopped" else {})}]
+    (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+    return run_id
+
+
+def test_runs_are_renamed_tagged_and_filtered_from_the_command_line(runs_dir, make_plan, capsys):
+    from trainer import supervisor
+
+    sft = _ended_run(runs_dir, "20250101-000000-sft", make_plan(), "finished")
+    dpo = _ended_run(runs_dir, "20250101-000001-dpo", make_plan({"stage": "dpo"}), "stopped")
+    code, out, err = tunewise("runs", "--runs-dir", runs_dir, "--rename", sft, "lr sweep: 5e-3", "--tag", sft,
+                              "baseline", "--tag", dpo, "baseline", "--tag", dpo, "r8", capsys=capsys)
+    assert code == 0, err
+    assert f"{sft}  name lr sweep: 5e-3  tags baseline" in out
+    # Stored in the run directory, and the run id is unchanged.
+    assert json.loads((runs_dir / sft / "meta.json").read_text()) == {"name": "lr sweep: 5e-3", "tags": ["baseline"]}
+    assert supervisor.status(sft, runs_dir).name == "lr sweep: 5e-3"
+
+    def listed(*filters):
+        code, out, _ = tunewise("runs", "--runs-dir", runs_dir, "--json", *filters, capsys=capsys)
+        assert code == 0
+        return [run["run_id"] for run in json.loads(out)]
+
+    assert listed("--with-tag", "baseline") == [dpo, sft]
+    assert listed("--with-tag", "r8") == [dpo]
+    assert listed("--stage", "sft") == [sft] and listed("--stage", "dpo") == [dpo]
+    assert listed("--state", "stopped") == [dpo] and listed("--state", "running") == []
+    assert listed("--with-tag", "baseline", "--state", "finished") == [sft]
+    code, out, _ = tunewise("runs", "--runs-dir", runs_dir, capsys=capsys)
+    assert f'"lr sweep: 5e-3"  #baseline' in out and "#baseline #r8" in out
+
+    code, out, _ = tunewise("runs", "--runs-dir", runs_dir, "--untag", dpo, "baseline", capsys=capsys)
+    assert code == 0 and listed("--with-tag", "baseline") == [sft]
+    code, _, err = tunewise("runs", "--runs-dir", runs_dir, "--tag", sft, "two words", capsys=capsys)
+    assert code == 2 and "tag: 'two words' is not a tag: use one word" in err
+    code, _, err = tunewise("runs", "--runs-dir", runs_dir, "--rename", sft, "  ", capsys=capsys)
+    assert code == 2 and "name: is empty" in err
+    code, _, err = tunewise("runs", "--runs-dir", runs_dir, "--tag", "no-such-run", "x", capsys=capsys)
+    assert code == 2 and "no-such-run" in err
+
+
+@pytest.mark.slow
+def test_delete_refuses_a_running_run_and_deletes_an_ended_one(runs_dir, make_plan, capsys):
+    from conftest import wait_for
+    from trainer import supervisor
+
+    running = supervisor.launch(make_plan({"training.max_steps": 100_000}), runs_dir)
+    try:
+        wait_for(lambda: supervisor.status(running, runs_dir).state == "running", 120, "the run to start")
+        code, _, err = tunewise("runs", "--runs-dir", runs_dir, "--delete", running, capsys=capsys)
+        assert code == 2 and f"run {running} is still running: stop it before deleting it" in err
+        assert (runs_dir / running / "plan.yaml").is_file()
+    finally:
+        supervisor.stop(running, runs_dir=runs_dir, timeout=60)
+    code, out, _ = tunewise("runs", "--runs-dir", runs_dir, "--delete", running, capsys=capsys)
+    assert code == 0 and out.strip() == f"deleted {running}" and not (runs_dir / running).exists()

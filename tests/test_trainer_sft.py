@@ -357,3 +357,124 @@ def test_merge_refuses_a_qlora_adapter_and_explains(qlora_run, tmp_path):
     message = str(raised.value)
     assert "4-bit" in message and "keep the adapter separate" in message and "--reload-16bit" in message
     assert not (tmp_path / "merged").exists()
+
+
+def test_dora_trains_and_peft_counts_what_the_planner_counts(tmp_path, make_plan, tiny_model_dir):
+    """DoRA (method.use_dora) trains through PEFT: the saved adapter is a DoRA adapter (a magnitude vector per
+    adapted module), PEFT's own trainable count of it equals the planner's, and the loss falls."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from advisor import memory, specs
+
+    plan = make_plan({"method.use_dora": True})
+    code, events = run_in_process(plan, tmp_path / "run")
+    assert code == 0, events[-1]
+    values = losses(events)
+    assert values[-1] < values[0] - 0.2
+    output = Path(events[-1]["output_dir"])
+    assert json.loads((output / "adapter_config.json").read_text())["use_dora"] is True
+    weights = load_file(output / "adapter_model.safetensors")
+    magnitudes = [name for name in weights if "lora_magnitude_vector" in name]
+    assert len(magnitudes) == 2 * 7  # every linear layer of both blocks
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), output, is_trainable=True)
+    trainable, _ = model.get_nb_trainable_parameters()
+    spec = specs.spec_from_hf_config(json.loads((tiny_model_dir / "config.json").read_text()), "tiny")
+    planned = memory.estimate(spec, memory.setup_from_plan(plan))
+    assert planned.trainable_params == trainable == of_kind(events, "model_loaded")[0]["trainable_params"]
+    # LoRA rank 8 on the 7 linear layers of 2 blocks, plus one magnitude per output feature of each.
+    per_block = 8 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64)) + (64 + 32 * 2 + 64 + 128 * 2 + 64)
+    assert trainable == 2 * per_block
+    lora = memory.estimate(spec, memory.setup_from_plan(plan.with_overrides({"method.use_dora": False})))
+    assert planned.components["activations"] > lora.components["activations"]
+    assert planned.components["overhead"] > lora.components["overhead"]
+
+
+def test_dora_is_refused_for_full_fine_tuning(make_plan):
+    from advisor.plan import PlanError
+
+    with pytest.raises(PlanError, match="method.use_dora: DoRA is a kind of LoRA adapter.*choose method lora or qlora"):
+        make_plan({"method.use_dora": True, "method.method": "full"})
+
+
+def test_tensorboard_gets_the_loss_that_events_record(tmp_path, make_plan):
+    """training.report_to = tensorboard: transformers' TensorBoard callback writes event files into
+    <run>/tensorboard, and TensorBoard's own reader finds the loss of every logged step in them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    code, events = run_in_process(make_plan({"training.report_to": "tensorboard", "training.max_steps": 4}), run_dir)
+    assert code == 0, events[-1]
+    files = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert files, sorted(p.name for p in run_dir.iterdir())
+    reader = EventAccumulator(str(files[0].parent))
+    reader.Reload()
+    assert "train/loss" in reader.Tags()["scalars"]
+    scalars = reader.Scalars("train/loss")
+    assert [s.step for s in scalars] == [1, 2, 3, 4]
+    assert [s.value for s in scalars] == pytest.approx(losses(events), rel=1e-5)
+
+
+@pytest.mark.parametrize("logger", ["trackio", "wandb"])
+def test_a_missing_experiment_logger_is_refused_before_training(tmp_path, make_plan, logger):
+    import importlib.util
+
+    if importlib.util.find_spec(logger) is not None:
+        pytest.skip(f"{logger} is installed here")
+    code, events = run_in_process(make_plan({"training.report_to": logger}), tmp_path / "run")
+    assert code == 2
+    failed = events[-1]
+    assert failed["event"] == "failed" and failed.get("user_error") is True
+    assert f"training.report_to: {logger} is not installed here: run `pip install {logger}`" in failed["error"] and failed["field"] == "training.report_to"
+    assert not of_kind(events, "model_loaded")
+
+
+def test_wandb_without_a_login_is_refused_with_the_offline_way(tmp_path, make_plan, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    code, events = run_in_process(make_plan({"training.report_to": "wandb"}), tmp_path / "run")
+    assert code == 2 and "set WANDB_API_KEY" in events[-1]["error"] and "WANDB_MODE=offline" in events[-1]["error"]
+
+
+def test_early_stopping_stops_when_eval_loss_stops_improving_and_keeps_the_best(tmp_path, make_plan):
+    """A learning rate far too high makes the eval loss turn up after a few steps: with patience 2 the run
+    stops two evaluations after its best one, says which step was best, and its output holds that step's weights."""
+    from safetensors.torch import load_file
+
+    from trainer.status import derive_status
+
+    plan = make_plan({"training.learning_rate": 0.05, "training.max_steps": 60, "training.eval_steps": 2,
+                      "training.save_steps": 3, "training.keep_checkpoints": 1,
+                      "training.early_stopping_patience": 2, "data.eval_fraction": 0.25})
+    run_dir = tmp_path / "run"
+    code, events = run_in_process(plan, run_dir)
+    assert code == 0, events[-1]
+    notices = " ".join(event["message"] for event in of_kind(events, "notice"))
+    assert "checkpoint interval 3 is not a multiple of the eval interval 2, using 2" in notices
+    evals = [(event["step"], event["eval_loss"]) for event in of_kind(events, "eval")]
+    best_step, best_loss = min(evals, key=lambda pair: pair[1])
+    [best] = of_kind(events, "best_checkpoint")
+    assert best["step"] == best_step and best["eval_loss"] == pytest.approx(best_loss)
+    assert best["early_stopped"] is True and best["stopped_at"] < 60
+    assert best["stopped_at"] == best_step + 2 * 2  # two evaluations without improvement
+    finished = events[-1]
+    assert finished["event"] == "finished" and finished["best_step"] == best_step and finished["early_stopped"] is True
+    # The output is the best checkpoint's adapter, not the last step's.
+    output = load_file(Path(finished["output_dir"]) / "adapter_model.safetensors")
+    kept = load_file(Path(best["path"]) / "adapter_model.safetensors")
+    assert output.keys() == kept.keys() and all((output[k] == kept[k]).all() for k in output)
+    run_status = derive_status(run_dir)
+    assert run_status.best_step == best_step and run_status.early_stopped is True
+
+
+def test_early_stopping_needs_evaluations_during_training(make_plan):
+    from advisor.plan import PlanError
+
+    with pytest.raises(PlanError, match="training.early_stopping_patience: early stopping compares evaluations.*eval_steps"):
+        make_plan({"training.early_stopping_patience": 3, "data.eval_fraction": 0.25})
+    with pytest.raises(PlanError, match="needs held-out data.*data.eval_fraction"):
+        make_plan({"training.early_stopping_patience": 3, "training.eval_steps": 2})

@@ -141,10 +141,50 @@ class StopCallback(TrainerCallback):
         return control
 
 
-def callbacks_for(ctx: RunContext) -> list:
-    """The callbacks every stage ends its list with: events, cooperative stop, non-finite failure (last,
-    so the log it fails on is written first)."""
-    return [EventsCallback(ctx), StopCallback(ctx), NonFiniteCallback(ctx)]
+def callbacks_for(ctx: RunContext, has_eval: bool = False) -> list:
+    """The callbacks every stage ends its list with: events, cooperative stop, early stopping when the plan
+    asks for it and the stage evaluates, non-finite failure (last, so the log it fails on is written first)."""
+    return [EventsCallback(ctx), StopCallback(ctx), *early_stopping_callbacks(ctx, has_eval), NonFiniteCallback(ctx)]
+
+
+def early_stopping_callbacks(ctx: RunContext, has_eval: bool) -> list:
+    """transformers' EarlyStoppingCallback with the plan's patience and threshold (empty when off); says so in
+    a notice, with the checkpoint interval's change if there was one (trainer.training_args)."""
+    from transformers import EarlyStoppingCallback
+
+    from trainer.training_args import early_stopping_kwargs, early_stopping_on
+
+    plan = ctx.plan
+    if not early_stopping_on(plan, has_eval):
+        if plan.training.early_stopping_patience:
+            ctx.emit("notice", message="early stopping is off for this stage: it has no held-out data to evaluate")
+        return []
+    _, note = early_stopping_kwargs(plan, has_eval)
+    if note:
+        ctx.emit("notice", message=note)
+    training = plan.training
+    ctx.emit("notice", message=f"early stopping: the run stops after {training.early_stopping_patience} evaluations "
+             f"(every {training.eval_steps} steps) without an eval loss {training.early_stopping_threshold:g} below "
+             "the best, and the output keeps the best checkpoint")
+    return [EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience,
+                                  early_stopping_threshold=training.early_stopping_threshold)]
+
+
+def best_checkpoint(ctx: RunContext, trainer, has_eval: bool) -> dict:
+    """After training with early stopping: emit `best_checkpoint` (its step, eval loss and path, whether the
+    run stopped early) and return those numbers for the stage's result; {} when early stopping is off."""
+    from trainer.rundir import checkpoint_step
+    from trainer.training_args import early_stopping_on
+
+    state = trainer.state
+    if not early_stopping_on(ctx.plan, has_eval) or not state.best_model_checkpoint:
+        return {}
+    path = Path(state.best_model_checkpoint)
+    best = {"best_step": checkpoint_step(path), "best_eval_loss": state.best_metric,
+            "early_stopped": state.global_step < state.max_steps and not ctx.stop_requested()}
+    ctx.emit("best_checkpoint", step=best["best_step"], eval_loss=state.best_metric, path=str(path),
+             stopped_at=state.global_step, early_stopped=best["early_stopped"])
+    return best
 
 
 def metric_history(log_history: list[dict], key: str) -> list[float]:

@@ -174,7 +174,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
         for run in args.delete:
             print(f"deleted {supervisor.delete(run, args.runs_dir)}")
         return 0
-    runs = supervisor.list_runs(args.runs_dir)
+    if args.rename or args.tag or args.untag:
+        changed = []
+        for run, name in args.rename or []:
+            changed.append(supervisor.relabel(run, args.runs_dir, name=name))
+        for run, tag in args.tag or []:
+            changed.append(supervisor.relabel(run, args.runs_dir, add_tags=(tag,)))
+        for run, tag in args.untag or []:
+            changed.append(supervisor.relabel(run, args.runs_dir, remove_tags=(tag,)))
+        for run in changed:
+            print(f"{run.run_id}  name {run.name or '-'}  tags {', '.join(run.tags) or '-'}")
+        return 0
+    runs = supervisor.filter_runs(supervisor.list_runs(args.runs_dir), tag=args.with_tag, stage=args.stage,
+                                  state=args.state)
     if args.json:
         _print_json([run.to_dict() for run in runs])
         return 0
@@ -297,6 +309,16 @@ def register(subparsers) -> None:
     _add_runs_dir(runs)
     runs.add_argument("--delete", metavar="RUN", action="append",
                       help="delete this run's directory (repeatable); a queued or running run is refused")
+    runs.add_argument("--rename", nargs=2, metavar=("RUN", "NAME"), action="append",
+                      help="give the run a display name (its id stays); repeatable")
+    runs.add_argument("--tag", nargs=2, metavar=("RUN", "TAG"), action="append",
+                      help="add a tag to the run (one word: letters, digits, _ . + -); repeatable")
+    runs.add_argument("--untag", nargs=2, metavar=("RUN", "TAG"), action="append", help="remove a tag from the run")
+    runs.add_argument("--with-tag", metavar="TAG", help="list only the runs with this tag")
+    runs.add_argument("--stage", help="list only the runs of this stage (sft, rm, dpo, ppo) or pipeline "
+                      "(rlhf, compare, pipeline:dpo)")
+    runs.add_argument("--state", choices=("queued", "running", "finished", "failed", "stopped"),
+                      help="list only the runs in this state")
     runs.add_argument("--json", action="store_true")
     runs.set_defaults(func=cmd_runs)
 

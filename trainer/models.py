@@ -361,7 +361,7 @@ def quantization_config(plan: Plan, precision: Precision):
 
 
 def lora_config(plan: Plan, kind: str = "causal_lm"):
-    """PEFT LoraConfig from the plan: rank, alpha (default 2 x rank), targets (or all-linear), dropout."""
+    """PEFT LoraConfig from the plan: rank, alpha (default 2 x rank), targets (or all-linear), dropout, DoRA."""
     from peft import LoraConfig, TaskType
 
     targets = list(plan.method.lora_targets)
@@ -371,6 +371,7 @@ def lora_config(plan: Plan, kind: str = "causal_lm"):
         lora_alpha=plan.method.alpha,
         lora_dropout=plan.method.lora_dropout,
         target_modules=target_modules,
+        use_dora=plan.method.use_dora,
         bias="none",
         task_type=TaskType.SEQ_CLS if kind == "seq_cls" else TaskType.CAUSAL_LM,
     )

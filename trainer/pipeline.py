@@ -97,6 +97,8 @@ def _step_plan(plan, stage: str, outputs: dict):
         overrides["preference.reward_model"] = outputs["rm"]
     data = plan.to_dict()
     data.update({k: v for k, v in overrides.items() if "." not in k})
+    if stage == "ppo":  # PPO has no eval loss to stop on (the plan refuses early stopping for it alone)
+        data["training"]["early_stopping_patience"] = 0
     from advisor.plan import Plan
 
     step_plan = Plan.from_dict(data)

@@ -6,6 +6,7 @@ the layout is written down once:
     <runs>/<run id>/
         plan.yaml        the plan, enough to reproduce the run
         run.json         supervisor bookkeeping: attempts with pid, command, exit code / signal
+        meta.json        what the user calls the run: a display name and tags (`tunewise runs --rename/--tag`)
         events.jsonl     append-only events (trainer/events.py)
         stdout.log       everything the training process printed
         watcher.log      what the watcher process printed (trainer/watcher.py)
@@ -15,6 +16,7 @@ the layout is written down once:
         data/            a copy of an uploaded dataset (the plan points at it)
         checkpoints/     checkpoint-<step>/ directories (HF Trainer layout)
         output/          the final adapter or model, with its tokenizer (or the plan's `output`)
+        tensorboard/     TensorBoard event files, when the plan's training.report_to is tensorboard
         steps/           pipelines only: <n>-<stage>/, one run directory per step, each with its
                          own plan.yaml, events.jsonl, checkpoints/, output/ and result.json
         comparison.json  the compare pipeline's side-by-side report
@@ -60,6 +62,8 @@ COMPARISON_FILE = "comparison.json"
 ACCELERATE_CONFIG_FILE = "accelerate_config.yaml"
 RUNS_DIR_ENV = "TUNEWISE_RUNS_DIR"
 JOB_DIR = "job"
+TENSORBOARD_DIR = "tensorboard"
+META_FILE = "meta.json"
 RUN_FILE_LOCK = ".run.json.lock"
 
 #: The trainer's exit code when the disk filled up (said on stderr too, in case no event fitted).
@@ -328,6 +332,62 @@ def _lock_holder(fd: int) -> str:
             return text
         time.sleep(0.05)
     return "started, resumed or stopped"
+
+
+# -- the user's labels ----------------------------------------------------------------------------------
+
+#: A tag: a short word (letters, digits, _ . - and +), so tags filter and print without quoting.
+_TAG = re.compile(r"[A-Za-z0-9_.+-]{1,40}")
+#: The longest display name (a name is a label, not a description).
+MAX_NAME = 80
+
+
+def read_meta(run_dir: str | Path) -> dict:
+    """A run's labels: {"name": str | None, "tags": [str, ...]} (meta.json; empty when there is none, and what
+    is malformed in it is ignored)."""
+    data = read_json(Path(run_dir) / META_FILE)
+    name = data.get("name") if isinstance(data.get("name"), str) and data["name"].strip() else None
+    tags = [t for t in data.get("tags") or [] if isinstance(t, str) and _TAG.fullmatch(t)] if isinstance(
+        data.get("tags"), list) else []
+    return {"name": name, "tags": list(dict.fromkeys(tags))}
+
+
+def check_name(name: str) -> str:
+    """A display name, stripped; TunewiseError when empty, too long or holding control characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise TunewiseError("name: is empty: give the run a short name, e.g. \"lora r16 lr2e-4\"", field="name")
+    name = name.strip()
+    if len(name) > MAX_NAME or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise TunewiseError(f"name: must be one line of at most {MAX_NAME} characters, got {len(name)} characters"
+                            + (" with a control character" if any(ord(ch) < 32 or ord(ch) == 127 for ch in name) else ""),
+                            field="name")
+    return name
+
+
+def check_tag(tag: str) -> str:
+    """A tag, stripped; TunewiseError unless it is one short word."""
+    tag = tag.strip() if isinstance(tag, str) else ""
+    if not _TAG.fullmatch(tag):
+        raise TunewiseError(f"tag: {tag!r:.50} is not a tag: use one word of at most 40 letters, digits, _ . + or - "
+                            "(e.g. baseline, lr-sweep)", field="tag")
+    return tag
+
+
+def update_meta(run_dir: str | Path, name: str | None = None, add_tags: tuple[str, ...] = (),
+                remove_tags: tuple[str, ...] = ()) -> dict:
+    """Rename and tag a run in its meta.json (under the run's lock, written atomically); return the new labels.
+    The run id (its folder) never changes: pipelines, resumes and the CLI keep finding the run by it."""
+    run_dir = Path(run_dir)
+    name = check_name(name) if name is not None else None
+    add = [check_tag(t) for t in add_tags]
+    remove = {check_tag(t) for t in remove_tags}
+    with run_lock(run_dir, "relabelled", wait_s=5.0):
+        meta = read_meta(run_dir)
+        if name is not None:
+            meta["name"] = name
+        meta["tags"] = [t for t in dict.fromkeys(meta["tags"] + add) if t not in remove]
+        write_json_atomic(run_dir / META_FILE, meta)
+    return meta
 
 
 # -- checkpoints ------------------------------------------------------------------------------------

@@ -138,6 +138,9 @@ def preflight(ctx: RunContext) -> None:
     from trainer.forgetting import check_original_text
 
     check_original_text(plan)
+    from trainer.training_args import check_report_to
+
+    check_report_to(plan)
     precision = resolve_precision(plan)
     quantization_config(plan, precision)  # QLoRA without bitsandbytes fails here
     if plan.hardware.num_gpus > 1 and world_size_from_env() == 1:

@@ -13,6 +13,8 @@ can be used and tested without a page. Nothing imports torch: a merge for export
 - `cleanup_old_runs(runs_dir, uploads_dir, keep)`: the public demo's disk bound.
 - `export(run_dir, into, reload_16bit, timeout_s)`: the run's tuned model as a zip archive in a folder
   of its own (never inside the runs folder, which the page does not serve).
+- `adapter_archive(run_dir, into, step)`: the run's LoRA / QLoRA / DoRA adapter alone (adapter_config.json,
+  the adapter weights and the tokenizer files), zipped the same way: megabytes, not the whole model.
 """
 
 from __future__ import annotations
@@ -200,6 +202,54 @@ def export(run_dir: Path, into: Path | None, reload_16bit: bool, timeout_s: floa
             f"on {len(report['prompts'])} prompts: {report['max_abs_logit_diff']:.3g} (tolerance "
             f"{report['tolerance']:.3g}; the adapter itself moves logits by up to {report['adapter_effect']:.3g}).")
     return archive, note
+
+
+#: What an adapter folder holds besides PEFT's adapter_* files: the tokenizer and its chat template, so the
+#: adapter loads with the template it was trained with. Anything else (optimizer state, trainer state,
+#: training arguments, a whole model) stays out of the archive.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def adapter_files(folder: Path) -> list[Path]:
+    """The files of an adapter folder (or a checkpoint of one) that make up the adapter alone."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and (p.name.startswith("adapter_") or p.name in TOKENIZER_FILES))
+
+
+def adapter_archive(run_dir: Path, into: Path | None, step: str | None = None) -> tuple[str, str]:
+    """(zip archive, one-line note) of a run's adapter alone: adapter_config.json, the adapter weights and the
+    tokenizer files of its final output (trainer.rundir.final_output; a pipeline's final policy or `step`, or
+    the newest complete checkpoint while there is no output), in a folder of its own in `into`. TunewiseError
+    for a run that trained all weights (it has no adapter: "Merge and export" zips the whole model)."""
+    import zipfile
+
+    run_dir = Path(run_dir)
+    trained = final_output(run_dir, step, policy=False)
+    config = trained.path / "adapter_config.json"
+    if not config.is_file():
+        raise TunewiseError(f"adapter: {run_dir.name}" + ("" if trained.label == "output" else f" ({trained.label})")
+                            + " trained all the weights (full fine-tuning), so there is no adapter to download: "
+                            "\"Merge and export\" zips the whole model", field="adapter")
+    files = adapter_files(trained.path)
+    stem = run_dir.name if trained.label == "output" else f"{run_dir.name}-{trained.label}"
+    archive = export_folder(into) / f"{stem}-adapter.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for path in files:
+            zipped.write(path, arcname=path.name)
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        settings = {}
+    kind = "DoRA" if settings.get("use_dora") else "LoRA"
+    size = sum(path.stat().st_size for path in files)
+    what = "" if trained.label == "output" else f"{trained.label}: "
+    what += f"from its newest checkpoint ({trained.path.name}; the run saved no output): " if trained.checkpoint else ""
+    base = Path(str(settings.get("base_model_name_or_path") or "the base model")).name
+    note = (f"{what}the {kind} adapter alone (rank {settings.get('r', '?')}; {size / 1e6:.2f} MB: "
+            f"{', '.join(p.name for p in files)}). Load it on top of {base} with "
+            "`PeftModel.from_pretrained(base_model, folder)`.")
+    return str(archive), _capital(note)
 
 
 def _capital(text: str) -> str:

@@ -28,7 +28,7 @@ from advisor.errors import TunewiseError
 from advisor.plan import Plan
 from trainer.events import EVENTS_FILE, TERMINAL_EVENTS, read_events
 from trainer.procs import pid_alive, rank_processes
-from trainer.rundir import (DISK_FULL_BYTES, EXIT_DISK_FULL, PLAN_FILE, RUN_FILE, STDOUT_FILE, WATCHER_LOG,
+from trainer.rundir import (DISK_FULL_BYTES, read_meta, EXIT_DISK_FULL, PLAN_FILE, RUN_FILE, STDOUT_FILE, WATCHER_LOG,
                             default_runs_dir, find_run_dir, is_int, is_number, is_run_dir, tail_lines)
 from trainer.scheduler import scheduler_state
 
@@ -131,7 +131,10 @@ class RunStatus:
     state: str
     """queued (starting), running, finished, failed or stopped."""
     name: str | None = None
-    """The label given at launch, if any."""
+    """What the user calls the run: its name from `tunewise runs --rename` (meta.json), else the label given
+    at launch, if any."""
+    tags: tuple[str, ...] = ()
+    """The user's tags (`tunewise runs --tag`, meta.json)."""
     summary: str = ""
     """One line: stage/pipeline, method, model, dataset."""
     stage: str | None = None
@@ -182,6 +185,12 @@ class RunStatus:
     """Newest checkpoint reported."""
     output_dir: str | None = None
     """Where the result was saved (finished or stopped runs)."""
+    best_step: int | None = None
+    """With early stopping: the step of the best checkpoint (lowest eval loss), which the output holds."""
+    best_eval_loss: float | None = None
+    """With early stopping: the eval loss at `best_step`."""
+    early_stopped: bool = False
+    """Early stopping ended the run before its last step (eval loss stopped improving)."""
     step_s: float | None = None
     """The median time between logged steps of this attempt (None before two logs)."""
     stop_wait_s: float = 0.0
@@ -246,9 +255,12 @@ class RunStatus:
         steps = f"step {self.step}" + (f"/{self.max_steps}" if self.max_steps else "")
         loss = f" loss {self.last_loss:.4f}" if self.last_loss is not None else ""
         notes = f"  [no event for {self.stalled_s:.0f} s: stalled?]" if self.stalled_s is not None else ""
+        if self.best_step is not None:
+            notes += f"  [best step {self.best_step}{': early-stopped' if self.early_stopped else ''}]"
         notes += f"  [damaged: {self.damage}]" if self.damage else ""
         notes += f"  [{self.scheduler}{f' job {self.job_id}' if self.job_id else ''}]" if self.scheduler else ""
-        return f"{self.run_id}  {what:<18} {steps}{loss}  {self.summary}{notes}"
+        labels = (f"  \"{self.name}\"" if self.name else "") + (f"  #{' #'.join(self.tags)}" if self.tags else "")
+        return f"{self.run_id}  {what:<18} {steps}{loss}  {self.summary}{labels}{notes}"
 
 
 @dataclass
@@ -262,6 +274,8 @@ class _Digest:
     last_loss: float | None = None
     last_eval_loss: float | None = None
     checkpoint: str | None = None
+    best: dict | None = None
+    """The latest `best_checkpoint` event (early stopping)."""
     terminal: dict | None = None
     output_dir: str | None = None
     started: dict | None = None
@@ -324,6 +338,8 @@ class _Digest:
                     self.log_times = (self.log_times + [when])[-21:]
             elif kind == "eval" and is_number(event.get("eval_loss")):
                 self.last_eval_loss = float(event["eval_loss"])
+            elif kind == "best_checkpoint" and is_int(event.get("step")):
+                self.best = event
             elif kind == "forgetting" and is_number(event.get("degradation_pct")):
                 self.forgetting_pct = float(event["degradation_pct"])
             elif kind == "checkpoint" and isinstance(event.get("path"), str):
@@ -463,6 +479,7 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
     digest = digest_events(run_dir / EVENTS_FILE)
     problems += digest.problems
     plan_fields = _plan_fields(run_dir / PLAN_FILE) or {"summary": info.get("summary", "")}
+    meta = read_meta(run_dir)
 
     started_at = attempt.get("started_at")
     terminal = digest.terminal
@@ -541,7 +558,8 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         run_id=info.get("run_id") or run_dir.name,
         run_dir=str(run_dir),
         state=state,
-        name=info.get("name"),
+        name=meta["name"] or info.get("name"),
+        tags=tuple(meta["tags"]),
         exit_code=attempt.get("exit_code"),
         signal=attempt.get("signal") or (terminal_signal if is_int(terminal_signal) else None),
         reason=reason,
@@ -561,6 +579,9 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         attempts=len(info.get("attempts") or []),
         checkpoint=digest.checkpoint,
         output_dir=digest.output_dir,
+        best_step=digest.best["step"] if digest.best else None,
+        best_eval_loss=digest.best.get("eval_loss") if digest.best and is_number(digest.best.get("eval_loss")) else None,
+        early_stopped=bool(digest.best and digest.best.get("early_stopped") is True),
         step_s=_step_s(digest),
         stop_wait_s=stop_wait(digest),
         stalled_s=_stalled_s(digest, started_at) if state == "running" else None,

@@ -383,6 +383,29 @@ def delete(run: str | Path, runs_dir: str | Path | None = None) -> str:
     return current.run_id
 
 
+def relabel(run: str | Path, runs_dir: str | Path | None = None, name: str | None = None,
+            add_tags: tuple[str, ...] = (), remove_tags: tuple[str, ...] = ()) -> RunStatus:
+    """Rename a run and add or remove tags (its meta.json; the run id stays); return its new status. Works
+    on a running run too: the labels are the user's, the trainer never reads them."""
+    from trainer.rundir import update_meta
+
+    run_dir = find_run_dir(run, runs_dir)
+    update_meta(run_dir, name=name, add_tags=tuple(add_tags), remove_tags=tuple(remove_tags))
+    return status(run_dir)
+
+
+def filter_runs(runs: list[RunStatus], tag: str | None = None, stage: str | None = None,
+                state: str | None = None) -> list[RunStatus]:
+    """The runs with `tag`, of `stage` (sft, rm, dpo, ppo, or a pipeline: rlhf, dpo-pipeline written
+    "pipeline:dpo", compare) and in `state` (queued, running, finished, failed, stopped); None keeps all."""
+    def stage_of(run: RunStatus) -> str:
+        return f"pipeline:{run.pipeline}" if run.pipeline and run.pipeline != "none" else (run.stage or "")
+
+    return [run for run in runs
+            if (not tag or tag in run.tags) and (not stage or stage_of(run) == stage or run.pipeline == stage)
+            and (not state or run.state == state)]
+
+
 # -- stopping and waiting ---------------------------------------------------------------------------
 
 

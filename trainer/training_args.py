@@ -13,10 +13,13 @@ Pure mapping: imports transformers only to ask which checkpointing option name i
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 from advisor.plan import Plan
 from trainer.context import RunContext
 from trainer.models import Precision, resolve_precision
+from trainer.rundir import TENSORBOARD_DIR
 
 #: The plan's optimizer names -> transformers' `optim` names.
 OPTIMIZERS = {
@@ -42,8 +45,8 @@ def optimizer_name(plan: Plan) -> tuple[str, str | None]:
 def training_kwargs(ctx: RunContext, precision: Precision, has_eval: bool) -> dict:
     """TrainingArguments keywords for the plan: every optimisation setting, mapped.
 
-    Checkpoints go to `ctx.checkpoints_dir` (checkpoint-<step>/), never reported
-    to external trackers; progress bars are off (events.jsonl is the progress
+    Checkpoints go to `ctx.checkpoints_dir` (checkpoint-<step>/); metrics go to
+    the plan's experiment logger (`report_to`) besides events.jsonl; progress bars are off (events.jsonl is the progress
     report). Without `save_steps` a checkpoint is written only when a stop is
     requested (the final weights go to the output directory); without
     `eval_steps` the stage evaluates once at the end.
@@ -81,7 +84,9 @@ def training_kwargs(ctx: RunContext, precision: Precision, has_eval: bool) -> di
         save_total_limit=training.keep_checkpoints,
         eval_strategy="steps" if (has_eval and training.eval_steps) else "no",
         eval_steps=training.eval_steps if (has_eval and training.eval_steps) else None,
-        report_to="none",
+        report_to=report_to(ctx),
+        run_name=ctx.run_dir.name,
+        project="tunewise",  # Trackio's project (local logging unless the environment names a Space)
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=True,
@@ -93,7 +98,86 @@ def training_kwargs(ctx: RunContext, precision: Precision, has_eval: bool) -> di
         use_liger_kernel=bool(plan.method.use_liger_kernel),
     )
     kwargs.update(_checkpointing_kwargs(plan.method.gradient_checkpointing))
+    kwargs.update(early_stopping_kwargs(plan, has_eval)[0])
     return kwargs
+
+
+def early_stopping_on(plan: Plan, has_eval: bool) -> bool:
+    """Early stopping applies: a patience is set and this stage evaluates during training."""
+    return bool(plan.training.early_stopping_patience) and has_eval and bool(plan.training.eval_steps)
+
+
+def early_stopping_kwargs(plan: Plan, has_eval: bool) -> tuple[dict, str | None]:
+    """TrainingArguments for early stopping, and a note when the checkpoint interval had to change.
+
+    transformers' EarlyStoppingCallback needs the best model tracked (load_best_model_at_end on
+    eval_loss, lower is better), and the best is only known at a save, so checkpoints are written at
+    evaluations: save_steps must be a multiple of eval_steps. Unset, it becomes eval_steps; not a multiple,
+    it becomes eval_steps too (said in a notice). At the end the Trainer loads the best checkpoint, so the
+    output folder (what merge, export and samples read) holds the best weights."""
+    if not early_stopping_on(plan, has_eval):
+        return {}, None
+    every = plan.training.eval_steps
+    save = plan.training.save_steps
+    note = None
+    if save is None:
+        save = every
+    elif save % every:
+        note = (f"early stopping keeps the best checkpoint, so one is saved at every evaluation: checkpoint "
+                f"interval {save} is not a multiple of the eval interval {every}, using {every}")
+        save = every
+    kwargs = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+                  save_strategy="steps", save_steps=save)
+    return kwargs, note
+
+
+#: The package each experiment logger needs, and how to get it.
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard"),
+                   "trackio": ("trackio", "pip install trackio"),
+                   "wandb": ("wandb", "pip install wandb")}
+
+
+def check_report_to(plan: Plan) -> None:
+    """Refuse an experiment logger that cannot run here (pre-flight): its package missing, or for Weights &
+    Biases no way to log in; the message names the install or the setting."""
+    import importlib.util
+
+    from advisor.errors import TunewiseError
+
+    chosen = plan.training.report_to
+    if chosen == "none":
+        return
+    module, install = LOGGER_PACKAGES[chosen]
+    if importlib.util.find_spec(module) is None:
+        raise TunewiseError(f"training.report_to: {chosen} is not installed here: run `{install}`, "
+                            "or set report_to to none (events.jsonl and the wizard's charts need nothing)",
+                            field="training.report_to")
+    if chosen == "wandb" and not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") not in (
+            "offline", "disabled", "dryrun") and not _wandb_logged_in():
+        raise TunewiseError("training.report_to: wandb needs an account: set WANDB_API_KEY (or run `wandb login`), "
+                            "or set WANDB_MODE=offline to keep the logs on this machine (`wandb sync` uploads them later)",
+                            field="training.report_to")
+
+
+def _wandb_logged_in() -> bool:
+    """`wandb login` writes the key into ~/.netrc under api.wandb.ai."""
+    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        return "api.wandb.ai" in netrc.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def report_to(ctx: RunContext) -> str:
+    """transformers' `report_to` for the plan. TensorBoard writes into <run>/tensorboard (transformers 5 reads
+    the folder from TENSORBOARD_LOGGING_DIR; this process is the run's own); Trackio and W&B name the run by
+    its id, in a project named "tunewise" (for W&B unless WANDB_PROJECT names another)."""
+    chosen = ctx.plan.training.report_to
+    if chosen == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.run_dir / TENSORBOARD_DIR)
+    elif chosen == "wandb":
+        os.environ.setdefault("WANDB_PROJECT", "tunewise")
+    return chosen
 
 
 def trl_args(ctx: RunContext, has_eval: bool, config_cls) -> dict:

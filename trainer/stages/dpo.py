@@ -27,7 +27,7 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from trainer.callbacks import callbacks_for, metric_history, with_penalty
+from trainer.callbacks import best_checkpoint, callbacks_for, metric_history, with_penalty
 from trainer.context import stage_result
 from trainer.data import conversational, load_preference_rows
 from trainer.forgetting import PAIRS_NO_REPLAY, setup_forgetting
@@ -78,11 +78,12 @@ def run(ctx) -> dict:
         processing_class=tokenizer,
         peft_config=lora_config(plan, "causal_lm") if use_adapter else None,
         # Forgetting first (its callback adds keys to the logs), then sampling, then events and stop.
-        callbacks=[*forgetting.callbacks, sampler, *callbacks_for(ctx)],
+        callbacks=[*forgetting.callbacks, sampler, *callbacks_for(ctx, eval_dataset is not None)],
     )
 
     # -- train ------------------------------------------------------------------------------------
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    best = best_checkpoint(ctx, trainer, eval_dataset is not None)
     if eval_dataset is not None:
         trainer.evaluate()
 
@@ -101,4 +102,5 @@ def run(ctx) -> dict:
         last_loss=losses[-1] if losses else None,
         first_margin=margins[0] if margins else None,
         last_margin=margins[-1] if margins else None,
+        **best,
     )

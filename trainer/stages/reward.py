@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from trainer.callbacks import callbacks_for, metric_history, with_penalty
+from trainer.callbacks import best_checkpoint, callbacks_for, metric_history, with_penalty
 from trainer.data import conversational, load_preference_rows
 from trainer.forgetting import PAIRS_NO_REPLAY, setup_forgetting
 from trainer.models import load_model, load_tokenizer, lora_config
@@ -66,11 +66,12 @@ def run(ctx) -> dict:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(plan, "seq_cls") if use_adapter else None,
-        callbacks=[*forgetting.callbacks, *callbacks_for(ctx)],
+        callbacks=[*forgetting.callbacks, *callbacks_for(ctx, eval_dataset is not None)],
     )
 
     # -- train ------------------------------------------------------------------------------------
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    best = best_checkpoint(ctx, trainer, eval_dataset is not None)
     metrics = trainer.evaluate() if eval_dataset is not None else {}
 
     # -- save -------------------------------------------------------------------------------------
@@ -96,6 +97,7 @@ def run(ctx) -> dict:
         "heldout_accuracy": metrics.get("eval_accuracy"),
         "heldout_margin": metrics.get("eval_margin"),
         "heldout_pairs": len(heldout),
+        **best,
     }
     if stopped:
         result["reason"] = stop_reason or "stop requested"

@@ -29,7 +29,8 @@ from __future__ import annotations
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from trainer.callbacks import EventsCallback, NonFiniteCallback, StopCallback, metric_history, with_penalty
+from trainer.callbacks import (EventsCallback, NonFiniteCallback, StopCallback, best_checkpoint, early_stopping_callbacks,
+                               metric_history, with_penalty)
 from trainer.context import RunContext
 from trainer.data import load_training_data, sft_loss_options
 from trainer.forgetting import setup_forgetting
@@ -86,7 +87,8 @@ def run(ctx: RunContext) -> dict:
         processing_class=tokenizer,
         # The forgetting callbacks first: EWC adds `ewc_penalty` to each log before EventsCallback writes it;
         # NonFiniteCallback last, so the log it fails on is written first.
-        callbacks=[*forgetting.callbacks, EventsCallback(ctx), stop, NonFiniteCallback(ctx)],
+        callbacks=[*forgetting.callbacks, EventsCallback(ctx), stop,
+                   *early_stopping_callbacks(ctx, eval_dataset is not None), NonFiniteCallback(ctx)],
     )
     if ctx.stop_requested() and ctx.resume_from is None:
         return {"status": "stopped", "reason": "stopped before training started", "step": 0}
@@ -105,6 +107,7 @@ def run(ctx: RunContext) -> dict:
     if reason is None and eval_dataset is not None and not plan.training.eval_steps:
         summary.update(trainer.evaluate())  # "eval at the end only" (EventsCallback writes the event)
     summary.update(forgetting.summary())
+    summary.update(best_checkpoint(ctx, trainer, eval_dataset is not None))
 
     # -- save -------------------------------------------------------------------------------------
     output_dir = ctx.output_dir
