@@ -277,6 +277,8 @@ def _plan_editor(gr, Number) -> dict:  # noqa: N803
         w["stop_on_threshold"] = gr.Checkbox(value=False, label="Stop when forgetting crosses it")
         w["beta"] = Number("beta", value=0.1, step=0.05, label="DPO beta")
         w["kl_coef"] = Number("kl_coef", value=0.05, step=0.01, label="PPO KL coefficient")
+        w["preference_lr"] = Number("preference_lr", value=None, label="Preference learning rate",
+                                    info="DPO / PPO steps of a pipeline (empty: the learning rate above)")
     w["readvise"] = gr.Button("Re-advise, keeping my changes", size="sm", elem_id="readvise")
     return w
 

@@ -657,10 +657,12 @@ class Advised:
 
 
 def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
-           overrides: Mapping[str, Any] | None = None, max_steps: int | None = None) -> Advised:
+           overrides: Mapping[str, Any] | None = None, max_steps: int | None = None,
+           measured_lr: Mapping[str, Any] | None = None) -> Advised:
     """Ask the advisor for the page's model, data, goal and hardware (`values` by widget name: model,
     dataset, goal, gpu, num_gpus, task, domain, priority, quantized_inference). `profile` is the dataset
-    profile's dict when known; `overrides` (widget name -> value) are kept as "set by you"."""
+    profile's dict when known; `overrides` (widget name -> value) are kept as "set by you"; `measured_lr`
+    ({"rate", "reason"}, a pilot's result) replaces the learning-rate rules."""
     from advisor import recommend as rec_mod
     from advisor import specs
 
@@ -673,6 +675,7 @@ def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
     if profile and profile.get("tokens", {}).get("estimated_total"):
         tokens = int(profile["tokens"]["estimated_total"]) or None
     seq_len = int(profile["recommended_seq_len"]) if profile and profile.get("recommended_seq_len") else None
+    completion = (profile or {}).get("tokens", {}).get("estimated_completion") or None
     inputs = rec_mod.AdvisorInputs(
         model=str(values.get("model") or "demo").strip(),
         examples=examples,
@@ -687,6 +690,11 @@ def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
         pipeline=pipeline,
         seq_len=seq_len,
         max_steps=int(_whole(max_steps)) if not _blank(max_steps) and _whole(max_steps) else None,
+        completion_tokens=int(completion) if completion else None,
+        dataset=None if _blank(values.get("dataset")) else str(values["dataset"]).strip(),
+        measured_lr=float(measured_lr["rate"]) if measured_lr else None,
+        measured_lr_reason=str(measured_lr["reason"]) if measured_lr else None,
+        measured_lr_method=str(measured_lr["method"]) if measured_lr and measured_lr.get("method") else None,
     )
     kept = {}
     for name, value in (overrides or {}).items():
