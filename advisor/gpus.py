@@ -29,6 +29,8 @@ class GPU:
     """Supports bfloat16 (T4 does not: use fp16 there)."""
     aliases: tuple[str, ...] = ()
     """Other spellings accepted by `get_gpu`."""
+    bf16_tflops: float | None = None
+    """Dense 16-bit tensor-core TFLOPS from the datasheet (bf16; fp16 for the T4), for rough time estimates."""
 
     @property
     def memory_gb(self) -> float:
@@ -36,17 +38,18 @@ class GPU:
 
 
 #: The common training GPUs, smallest first (totals as nvidia-smi reports them, in MiB).
+#: TFLOPS: NVIDIA's datasheets, dense (without structured sparsity), 16-bit inputs with fp32 accumulation.
 GPUS: tuple[GPU, ...] = (
-    GPU("T4", 15360 * MIB, bf16=False, aliases=("t4-16gb", "tesla-t4")),
-    GPU("L4", 23034 * MIB, aliases=("l4-24gb",)),
-    GPU("A10G", 23028 * MIB, aliases=("a10g-24gb", "a10")),
-    GPU("RTX-3090", 24576 * MIB, aliases=("3090", "rtx3090", "rtx 3090")),
-    GPU("RTX-4090", 24564 * MIB, aliases=("4090", "rtx4090", "rtx 4090")),
-    GPU("A100-40GB", 40960 * MIB, aliases=("a100-40", "a100 40gb")),
-    GPU("L40S", 46068 * MIB, aliases=("l40s-48gb",)),
-    GPU("A100-80GB", 81920 * MIB, aliases=("a100", "a100-80", "a100 80gb")),
-    GPU("H100-80GB", 81559 * MIB, aliases=("h100", "h100-80", "h100 80gb")),
-    GPU("H200", 143771 * MIB, aliases=("h200-141gb",)),
+    GPU("T4", 15360 * MIB, bf16=False, aliases=("t4-16gb", "tesla-t4"), bf16_tflops=65),
+    GPU("L4", 23034 * MIB, aliases=("l4-24gb",), bf16_tflops=121),
+    GPU("A10G", 23028 * MIB, aliases=("a10g-24gb", "a10"), bf16_tflops=70),
+    GPU("RTX-3090", 24576 * MIB, aliases=("3090", "rtx3090", "rtx 3090"), bf16_tflops=71),
+    GPU("RTX-4090", 24564 * MIB, aliases=("4090", "rtx4090", "rtx 4090"), bf16_tflops=165),
+    GPU("A100-40GB", 40960 * MIB, aliases=("a100-40", "a100 40gb"), bf16_tflops=312),
+    GPU("L40S", 46068 * MIB, aliases=("l40s-48gb",), bf16_tflops=362),
+    GPU("A100-80GB", 81920 * MIB, aliases=("a100", "a100-80", "a100 80gb"), bf16_tflops=312),
+    GPU("H100-80GB", 81559 * MIB, aliases=("h100", "h100-80", "h100 80gb"), bf16_tflops=989),
+    GPU("H200", 143771 * MIB, aliases=("h200-141gb",), bf16_tflops=989),
 )
 
 

@@ -18,6 +18,9 @@ the layout is written down once:
         steps/           pipelines only: <n>-<stage>/, one run directory per step, each with its
                          own plan.yaml, events.jsonl, checkpoints/, output/ and result.json
         comparison.json  the compare pipeline's side-by-side report
+        pilot.json       learning-rate pilots only: the design (advisor.pilot); the runner then runs the pilot
+        pilot_result.json  the pilot's candidates, their held-out losses and the chosen rate (after each one)
+        candidates/      the pilot's candidates: <n>-lr<rate>/ with plan.yaml and events.jsonl (no weights)
 
 The trainer's exit codes are part of the contract too: 0 finished or stopped, 1 failed (a bug or a
 crash), 2 failed on the plan or its inputs, 3 failed because the disk is full (EXIT_DISK_FULL).
@@ -53,6 +56,9 @@ OUTPUT_DIR = "output"
 STEPS_DIR = "steps"
 RESULT_FILE = "result.json"
 COMPARISON_FILE = "comparison.json"
+PILOT_FILE = "pilot.json"
+PILOT_RESULT_FILE = "pilot_result.json"
+CANDIDATES_DIR = "candidates"
 ACCELERATE_CONFIG_FILE = "accelerate_config.yaml"
 RUNS_DIR_ENV = "TUNEWISE_RUNS_DIR"
 
