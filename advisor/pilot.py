@@ -14,7 +14,8 @@ bench/advice_quality.py, which compares it with a plain grid at the same cost):
 4. the lowest held-out loss of the last round wins; a run that diverges (NaN, infinite loss) scores
    as infinitely bad, so a known-bad rate is never chosen.
 
-Its cost is bounded: by default `DEFAULT_SHARE` of the planned run's training time, or `budget_minutes`;
+Its cost is bounded: by default `DEFAULT_SHARE` of the planned run's training time (at least a minute), or
+`budget_minutes`;
 `design_pilot` refuses a budget too small for two candidates. Time is estimated before the click from the
 model's size (`step_seconds`: forward-backward FLOPs at a rough device rate); the trainer measures the real
 step time after the first candidate and trims round 2 to stay inside the budget, and reports what it spent.
@@ -42,8 +43,10 @@ CANDIDATES = 5
 PER_DECADE = 2
 #: Fewest optimizer steps a candidate trains: below this the warmup and the first noisy steps are the run.
 MIN_STEPS = 5
-#: Default cost: this share of the planned run's training time.
+#: Default cost: this share of the planned run's training time, but at least MIN_BUDGET_S: below a minute a
+#: pilot buys mostly model loading (bench/advice_quality.py: on the demo, a 1.5-minute run's 10% is 9 s).
 DEFAULT_SHARE = 0.10
+MIN_BUDGET_S = 60.0
 #: Round 2 keeps this many rates and trains each this many times longer.
 KEEP, STRETCH = 2, 2
 #: At most this many held-out examples score a candidate (a fixed split, the same for every candidate):
@@ -174,8 +177,9 @@ def step_seconds(plan, params: int, tokens_per_example: float, gpu_tflops: float
 
 def design_pilot(plan, *, params: int, train_examples: int | None, tokens_per_example: float,
                  weight_bytes: int, gpu_tflops: float | None = None, budget_minutes: float | None = None,
-                 share: float = DEFAULT_SHARE, measured_step_s: float | None = None) -> PilotDesign:
-    """The pilot for `plan`: its rates, steps and expected cost. TunewiseError (naming the field) for a stage
+                 share: float = DEFAULT_SHARE, measured_step_s: float | None = None, rounds: int = 2) -> PilotDesign:
+    """The pilot for `plan`: its rates, steps and expected cost (`rounds=1`: a plain grid, no halving; the
+    benchmark compares the two at the same cost). TunewiseError (naming the field) for a stage
     the pilot does not measure, a run whose length is unknown without a budget, or a budget too small for
     two candidates."""
     if plan.pipeline != "none":
@@ -208,10 +212,14 @@ def design_pilot(plan, *, params: int, train_examples: int | None, tokens_per_ex
     else:
         budget_s = share * run_steps * step_s
         budget_source = f"{share:.0%} of the run's ~{minutes(run_steps * step_s)} of training"
+        if budget_s < MIN_BUDGET_S:
+            budget_s, budget_source = MIN_BUDGET_S, (f"the {minutes(MIN_BUDGET_S)} floor: {share:.0%} of the run's "
+                                                     f"~{minutes(run_steps * step_s)} would buy mostly loading")
     full = ladder(plan.training.learning_rate)
     # The largest search the budget affords: five rates and a second round, five rates, the middle three,
     # or the plan's rate and the rung below; round 1 costs rates x steps, round 2 KEEP x STRETCH x steps.
-    for rates, keep in ((full, KEEP), (full, 0), (full[1:-1], 0), (full[1:3], 0)):
+    options = ((full, KEEP), (full, 0), (full[1:-1], 0), (full[1:3], 0))
+    for rates, keep in options if rounds == 2 else options[1:]:
         units = len(rates) + keep * STRETCH
         spendable = budget_s - (len(rates) + keep) * candidate_s
         steps = int(spendable / (units * step_s)) if spendable > 0 else 0
@@ -282,7 +290,8 @@ def _loss_text(result: dict) -> str:
 
 
 def plan_pilot(plan, *, budget_minutes: float | None = None, share: float = DEFAULT_SHARE,
-               examples: int | None = None, tokens: int | None = None, measured_step_s: float | None = None) -> PilotDesign:
+               examples: int | None = None, tokens: int | None = None, measured_step_s: float | None = None,
+               rounds: int = 2) -> PilotDesign:
     """`design_pilot` for a plan, filling in what it needs from the model's description and the plan's data
     record (or `examples` / `tokens` counted by the caller, e.g. from the dataset profile)."""
     from advisor import gpus, specs
@@ -303,7 +312,7 @@ def plan_pilot(plan, *, budget_minutes: float | None = None, share: float = DEFA
         tflops = gpus.get_gpu(plan.hardware.gpu).bf16_tflops if plan.hardware.gpu else None
     return design_pilot(plan, params=params, train_examples=train_examples, tokens_per_example=per_example,
                         weight_bytes=int(params * bytes_per_param), gpu_tflops=tflops, budget_minutes=budget_minutes,
-                        share=share, measured_step_s=measured_step_s)
+                        share=share, measured_step_s=measured_step_s, rounds=rounds)
 
 
 def eval_held_out(examples: int, fraction: float) -> int:

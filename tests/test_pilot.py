@@ -38,17 +38,20 @@ def tunewise(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_rates_are_half_a_decade_apart_around_the_plans():
     assert ladder(2e-4) == (3.16e-05, 1e-04, 3.16e-04, 1e-03, 3.16e-03)  # 2e-4 snaps to 3.16e-4
     assert ladder(1e-3) == (1e-04, 3.16e-04, 1e-03, 3.16e-03, 1e-02)
-    plan = Plan().with_overrides({"training.max_steps": 6000, "training.learning_rate": 1e-3})
+    plan = Plan().with_overrides({"training.max_steps": 60_000, "training.learning_rate": 1e-3})
     common = dict(params=1_585_440, train_examples=1800, tokens_per_example=35, weight_bytes=6_000_000)
     design = design_pilot(plan, share=0.1, **common)
     # 10% of the run's time buys 5 x s + 2 x 2s steps, plus each candidate's loading and evaluation.
-    assert design.budget_s == pytest.approx(0.1 * 6000 * design.step_s)
+    assert design.budget_s == pytest.approx(0.1 * 60_000 * design.step_s)
     assert design.budget_source.startswith("10% of the run's")
     assert design.keep == 2 and design.steps >= MIN_STEPS and len(design.rates) == 5
     assert design.train_steps == 5 * design.steps + 2 * 2 * design.steps
     assert design.expected_s <= design.budget_s + 1e-9
     two = design_pilot(plan, budget_minutes=2, **common)
-    assert two.budget_s == 120 and two.steps > design.steps and two.budget_source == "--budget-minutes"
+    assert two.budget_s == 120 and two.steps < design.steps and two.budget_source == "--budget-minutes"
+    # A short run's share would buy mostly loading: a minute at least.
+    short = design_pilot(plan.with_overrides({"training.max_steps": 600}), share=0.1, **common)
+    assert short.budget_s == 60 and "floor" in short.budget_source
     # A smaller budget drops round 2, then the outer rates, before refusing.
     lean = design_pilot(plan, budget_minutes=0.15, **common)
     assert lean.keep == 0 and len(lean.rates) in (2, 3, 5) and lean.expected_s <= 9 + 1e-9
@@ -73,7 +76,7 @@ def test_refusals_name_the_problem_and_the_way_out():
     plan = Plan().with_overrides({"training.max_steps": 20})
     common = dict(params=1_585_440, train_examples=1800, tokens_per_example=35, weight_bytes=6_000_000)
     with pytest.raises(TunewiseError, match="too small for two candidates") as small:
-        design_pilot(plan, share=0.1, **common)
+        design_pilot(plan, budget_minutes=0.02, **common)
     assert small.value.field == "budget_minutes" and "minutes (--budget-minutes), or plan a longer run" in str(small.value)
     with pytest.raises(TunewiseError, match="not a rlhf pipeline: pilot its SFT step"):
         design_pilot(plan.with_overrides({"pipeline": "rlhf"}), **common)
