@@ -71,7 +71,7 @@ class AppConfig:
     """Where run directories live (shared with `tunewise launch/runs/status`)."""
     demo_mode: bool = False
     """Public-demo limits: demo model only, bounded steps, one run at a time, old runs cleaned up."""
-    demo_max_steps: int = 40
+    demo_max_steps: int = wizard.DemoLimits.max_steps
     """Training steps per run at most in demo mode."""
     demo_keep_runs: int = 8
     """Runs kept on disk in demo mode."""
@@ -166,7 +166,7 @@ class Page(SimpleNamespace):
     @property
     def plan_outputs(self) -> list:
         return self.group("memory_table", "memory_plot", "fit_table", "recommendations", "plan_status",
-                          "explanations", "cli_text", "yaml_text")
+                          "explanations", "cli_text", "yaml_text", "pilot_cost")
 
     @property
     def recommend_outputs(self) -> list:
@@ -259,8 +259,8 @@ def _plan_editor(gr, Number) -> dict:  # noqa: N803
         w["lr_scheduler"] = gr.Dropdown(choices=["cosine", "linear", "constant", "constant_with_warmup"],
                                         value="cosine", label="LR schedule")
         w["epochs"] = Number("epochs", value=1, label="Epochs")
-        w["max_steps"] = Number("max_steps", value=30, precision=0, label="Max steps (0: run the epochs)",
-                                elem_id="max-steps")
+        w["max_steps"] = Number("max_steps", value=wizard.DemoLimits.max_steps, precision=0,
+                                label="Max steps (0: run the epochs)", elem_id="max-steps")
     with gr.Row():
         w["micro_batch"] = Number("micro_batch", value=4, precision=0, label="Micro-batch", elem_id="micro-batch")
         w["grad_accum"] = Number("grad_accum", value=1, precision=0, label="Gradient accumulation")
@@ -283,6 +283,23 @@ def _plan_editor(gr, Number) -> dict:  # noqa: N803
     return w
 
 
+def _pilot_panel(gr, figures) -> dict:
+    """The learning-rate pilot in the plan step: its expected cost before the click, then its live charts."""
+    w = {"pilot_state": gr.State(dict)}  # this browser's pilot: run id, events read so far and their offset
+    with gr.Accordion("Check the learning rate on my data", open=False, elem_id="pilot"):
+        w["pilot_cost"] = gr.Markdown(elem_id="pilot-cost")
+        with gr.Row():
+            w["pilot_btn"] = gr.Button("Check the learning rate on my data", elem_id="pilot-btn", scale=0, min_width=280)
+            w["pilot_stop_btn"] = gr.Button("Stop the check (keeps what it measured)", elem_id="pilot-stop", scale=0,
+                                            min_width=260)
+        w["pilot_status"] = gr.Markdown(elem_id="pilot-status")
+        with gr.Row():
+            w["pilot_loss_plot"] = gr.Plot(figures.pilot_loss_figure([]), show_label=False, elem_id="pilot-loss-plot")
+            w["pilot_rate_plot"] = gr.Plot(figures.pilot_rate_figure([]), show_label=False, elem_id="pilot-rate-plot")
+        w["pilot_timer"] = gr.Timer(1.0, active=False)
+    return w
+
+
 def _step_plan(gr, Number) -> dict:  # noqa: N803
     with gr.Step("Plan", id=3, elem_id="step-plan"):
         w = {"plan_status": gr.Markdown(elem_id="plan-status")}
@@ -298,6 +315,7 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
         w["recommendations"] = gr.Dataframe(headers=["setting", "value", "why"], interactive=False, wrap=True,
                                             label="Recommendations, each with its reason", elem_id="recommendations",
                                             column_widths=["18%", "14%", "68%"])
+        w.update(_pilot_panel(gr, figures))
         with gr.Accordion("Edit the plan: every value updates memory and fit at once", open=True, elem_id="plan-editor"):
             w.update(_plan_editor(gr, Number))
         with gr.Row():
@@ -498,8 +516,10 @@ class Handlers:
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
         advisor_values = {name: values[name] for name in wizard.ADVISOR_WIDGETS}
         overrides = {name: values[name] for name in wizard.ADVISED_WIDGETS} if keep_changes else None
+        pilot = plan_state.get("pilot") or {}
+        same = all(pilot.get(key) == values.get(key) for key in ("model", "dataset", "goal"))
         advised = wizard.advise(advisor_values, plan_state.get("profile"), overrides,
-                                max_steps=wizard.step_cap(values.get("max_steps")))
+                                max_steps=wizard.step_cap(values.get("max_steps")), measured_lr=pilot if pilot and same else None)
         widget_values = wizard.widgets_from_plan(advised.plan)
         guide_headers, guide_rows = wizard.guide_rows()
         updates = {widget: (gr.update(value=widget_values[name], choices=advised.target_choices)
@@ -531,7 +551,87 @@ class Handlers:
             p.explanations: view.explanations,
             p.cli_text: wizard.train_command(plan),
             p.yaml_text: wizard.plan_yaml(plan),
+            p.pilot_cost: self.pilot_cost(plan, plan_state.get("profile")),
         }
+
+    # -- step 3: the learning-rate pilot (trainer/pilot.py) ---------------------------------------------------
+
+    def pilot_cost(self, plan, profile: dict | None) -> str:
+        """What the check would do and cost, shown before the click (or why it cannot run for this plan)."""
+        from advisor.pilot import plan_pilot
+
+        profile = profile or {}
+        try:
+            design = plan_pilot(plan, examples=profile.get("examples") or None,
+                                tokens=(profile.get("tokens") or {}).get("estimated_total") or None)
+        except TunewiseError as exc:
+            return f"The check cannot run for this plan: {user_message(exc)}"
+        return (f"Short runs at {len(design.rates)} learning rates on your model and data, scored by held-out loss: "
+                f"{design.describe()}. **Expected cost: about {figures.format_duration(design.expected_s)}.**")
+
+    def pilot_view(self, pilot_state: dict, events: list, state: str | None) -> dict:
+        p = self.page
+        return {p.pilot_status: self.shown(figures.pilot_markdown(events, state)),
+                p.pilot_loss_plot: figures.pilot_loss_figure(events), p.pilot_rate_plot: figures.pilot_rate_figure(events)}
+
+    def on_pilot(self, pilot_state, monitor_state, plan_state, **values):
+        from trainer.pilot import pilot_design
+
+        self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
+        plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
+        with self.launch_lock:
+            if self.config.demo_mode:
+                plan, _ = wizard.admit_demo_run(plan, self.demo_limits, runs.active_runs(self.config.runs_dir),
+                                                monitor_state.get("own") or [])
+            design = pilot_design(plan)
+            run_id = supervisor.launch(plan, self.config.runs_dir, pilot=design.to_dict())
+        gr.Info(f"Checking the learning rate: {design.describe()}")
+        state = {"run_id": run_id, "offset": 0, "events": [], "model": values.get("model"),
+                 "dataset": values.get("dataset"), "goal": values.get("goal"), "method": plan.method.method}
+        return {self.page.pilot_state: state, self.page.pilot_timer: gr.Timer(active=True),
+                self.page.monitor_state: {**monitor_state, "own": [*(monitor_state.get("own") or []), run_id]},
+                **self.pilot_view(state, [], "queued")}
+
+    def pilot_poll(self, pilot_state, plan_state, **values):
+        """New pilot events redrawn; once it has chosen a rate, the rate goes into the plan with its reason."""
+        from advisor.recommend import Advice
+        from trainer.pilot import read_result
+
+        p = self.page
+        run_id = (pilot_state or {}).get("run_id")
+        if not run_id:
+            return {p.pilot_timer: gr.Timer(active=False)}
+        try:
+            events, offset = supervisor.read_run_events(run_id, pilot_state.get("offset", 0), self.config.runs_dir)
+            status = supervisor.status(run_id, self.config.runs_dir)
+        except TunewiseError:  # its directory was deleted (the demo's clean-up): nothing more to read
+            return {p.pilot_timer: gr.Timer(active=False)}
+        events = pilot_state.get("events", []) + events
+        pilot_state = {**pilot_state, "offset": offset, "events": events}
+        update = {p.pilot_state: pilot_state, p.pilot_timer: gr.Timer(active=status.active),
+                  **self.pilot_view(pilot_state, events, status.state)}
+        result = read_result(run_path(self.config.runs_dir, run_id))
+        if status.active or result.get("status") != "finished" or pilot_state.get("applied"):
+            return update
+        rate, reason = result["chosen_rate"], result["reason"]
+        pilot_state["applied"] = True
+        measured = {"rate": rate, "reason": reason, "method": pilot_state.get("method"),
+                    "model": pilot_state.get("model"), "dataset": pilot_state.get("dataset"),
+                    "goal": pilot_state.get("goal")}
+        advice = {**(plan_state.get("advice") or {}), "learning_rate": Advice(rate, reason, "measured_lr")}
+        plan = wizard.plan_from_widgets({**values, "learning_rate": rate})
+        gr.Info(f"Learning rate set to {rate:.2e}, measured on your data.")
+        return {**update, p.plan_state: {**plan_state, "advice": advice, "pilot": measured}, p.learning_rate: rate,
+                p.recommendations: wizard.recommendation_rows(advice, wizard.widgets_from_plan(plan)),
+                p.cli_text: wizard.train_command(plan), p.yaml_text: wizard.plan_yaml(plan)}
+
+    def on_pilot_stop(self, pilot_state):
+        run_id = (pilot_state or {}).get("run_id")
+        if not run_id:
+            raise TunewiseError("pilot: no check is running; start one with the button above", field="pilot")
+        supervisor.request_stop(run_id, self.config.runs_dir, reason="stopped from the plan step")
+        gr.Info("Stopping the check: the candidate in progress ends, and what was measured is kept.")
+        return {self.page.pilot_timer: gr.Timer(active=True)}
 
     # -- step 4: launch and monitor ------------------------------------------------------------------------
 
@@ -726,6 +826,15 @@ def _wire(page: Page, h: Handlers) -> None:
             continue  # those change the advice: the plan step re-advises when you reach it
         widget.input(ev(h.on_estimate), **estimate_io, api_name=f"edit_{name}", show_progress="hidden",
                      trigger_mode="always_last")
+
+    # Step 3's learning-rate check: launched like a run, polled by its own timer; its result fills in the rate.
+    pilot_outputs = [p.pilot_state, p.pilot_status, p.pilot_loss_plot, p.pilot_rate_plot, p.pilot_timer]
+    p.pilot_btn.click(ev(h.on_pilot), inputs=[p.pilot_state, p.monitor_state, p.plan_state], inputs_kwargs=p.plan_widgets,
+                      outputs=[*pilot_outputs, p.monitor_state], api_name="pilot")
+    p.pilot_timer.tick(ev(h.pilot_poll), inputs=[p.pilot_state, p.plan_state], inputs_kwargs=p.plan_widgets,
+                       outputs=[*pilot_outputs, p.plan_state, p.learning_rate, p.recommendations, p.cli_text, p.yaml_text],
+                       api_name="pilot_poll", show_progress="hidden", trigger_mode="always_last")
+    p.pilot_stop_btn.click(ev(h.on_pilot_stop), inputs=p.pilot_state, outputs=p.pilot_timer, api_name="pilot_stop")
 
     # Step 4: launch, the live monitor, stop, resume, the log.
     monitor = dict(inputs=p.monitor_state, outputs=p.monitor_outputs)

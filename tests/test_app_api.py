@@ -57,9 +57,12 @@ def test_model_info_gives_exact_parameter_count(server):
 
 def test_estimate_returns_memory_fit_and_commands(server):
     client, _ = server
-    memory, chart, fits, _recs, status, _explained, cli, plan_yaml = client.predict(
+    memory, chart, fits, _recs, status, _explained, cli, plan_yaml, pilot_cost = client.predict(
         model="meta-llama/Llama-2-7b-hf", gpu="RTX-4090", method="lora", micro_batch=4, seq_len=512,
         api_name="/estimate")
+    # The learning-rate check says before the click what it would cost, or why this plan cannot afford it
+    # (30 steps of ~0.5 s on a 4090: a tenth of that buys no two candidates).
+    assert "too small for two candidates" in pilot_cost and "RTX" not in pilot_cost
     headers, rows = table(memory)
     assert headers == ["component (GB per GPU)", "Full", "LoRA", "QLoRA"]
     weights = next(r for r in rows if r[0] == "weights")
@@ -138,10 +141,12 @@ def test_launch_poll_stop_and_history(server):
     if not DEMO_MODEL.is_file():
         pytest.fail("the bundled demo model (assets/demo-model) is missing: build it with assets/build_demo_model.py")
     # Ask for more steps than the demo allows: the server cuts the plan to its limit.
-    client.predict(model="demo", dataset="demo-sft", method="lora", max_steps=500, seq_len=64, micro_batch=4,
+    from advisor.wizard import DemoLimits
+
+    client.predict(model="demo", dataset="demo-sft", method="lora", max_steps=50_000, seq_len=64, micro_batch=4,
                    api_name="/launch")
-    (run_dir,) = [p for p in runs.iterdir() if (p / "plan.yaml").exists()]
-    assert yaml.safe_load((run_dir / "plan.yaml").read_text())["training"]["max_steps"] == 40
+    (run_dir,) = [p for p in runs.iterdir() if (p / "plan.yaml").exists() and not (p / "pilot.json").exists()]
+    assert yaml.safe_load((run_dir / "plan.yaml").read_text())["training"]["max_steps"] == DemoLimits().max_steps
     # One job at a time: a second launch gets the queue message.
     with pytest.raises(AppError) as queued:
         client.predict(model="demo", dataset="demo-sft", max_steps=5, api_name="/launch")
@@ -170,3 +175,29 @@ def test_launch_poll_stop_and_history(server):
     assert row[0] == run_dir.name and row[2] in ("stopped", "finished")
     step, total = (int(x) for x in row[3].split("/"))
     assert total == 40 and step >= len(points)
+
+
+@pytest.mark.slow
+def test_the_learning_rate_check_shows_its_cost_then_fills_in_the_measured_rate(server):
+    """The plan step's "Check the learning rate on my data": its cost is shown before the click; the pilot then
+    runs in the background, its charts fill, and its chosen rate goes into the plan with what was measured."""
+    client, runs = server
+    plan = dict(model="demo", dataset="demo-sft", method="lora", max_steps=600, micro_batch=8, seq_len=64)
+    cost = client.predict(**plan, api_name="/estimate")[-1]
+    assert "Expected cost: about" in cost and "rates x" in cost
+    client.predict(**plan, learning_rate=1e-2, api_name="/pilot")
+    (pilot_dir,) = [p for p in runs.iterdir() if (p / "pilot.json").is_file()]
+    status, outputs, deadline = "", [], time.time() + 600
+    while time.time() < deadline and "**Chosen:" not in status:
+        outputs = client.predict(**plan, learning_rate=1e-2, api_name="/pilot_poll")
+        status = next((value for value in outputs if isinstance(value, str) and "Pilot" in value), status)
+        time.sleep(2)
+    assert "**Chosen:" in status, status
+    result = json.loads((pilot_dir / "pilot_result.json").read_text())
+    rate = result["chosen_rate"]
+    assert rate in [value for value in outputs if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    recommendations = next(value for value in outputs if isinstance(value, dict) and value.get("headers") == ["setting", "value", "why"])
+    row = next(r for r in recommendations["data"] if r[0] == "Learning rate")
+    assert row[2].startswith("pilot: ") and f"chosen {rate:.1e}" in row[2]
+    charts = [json.loads(value["plot"]) for value in outputs if isinstance(value, dict) and value.get("plot")]
+    assert any(chart["layout"]["xaxis"].get("type") == "log" for chart in charts)  # held-out loss against the rate
