@@ -594,6 +594,8 @@ def run_what(status: Any) -> str:
     if status.stage is None:
         return status.summary or "(plan unreadable)"
     what = status.stage if status.pipeline in (None, "none") else f"{status.pipeline} pipeline"
+    if (status.summary or "").startswith("learning-rate pilot"):  # trainer/pilot.py: a rate search, not a training run
+        what = f"learning-rate pilot of {what}"
     return f"{what} {status.method} on {status.model} with {dataset_label(status.dataset)}"
 
 

@@ -190,3 +190,17 @@ def test_a_stopped_pilot_keeps_what_it_measured(tmp_path, make_plan, runs_dir):
     assert "stopped after" in status.reason
     with pytest.raises(TunewiseError, match="is a learning-rate pilot: it is not resumed"):
         supervisor.resume(run_id, runs_dir)
+
+
+def test_the_history_names_a_pilot_as_one(tmp_path, make_plan, runs_dir):
+    from advisor.wizard import run_what
+    from trainer import supervisor
+    from trainer.rundir import PILOT_FILE, PLAN_FILE, write_json_atomic
+
+    run_dir = runs_dir / "20260101-000000-pilot-sft-lora-abcd"
+    run_dir.mkdir()
+    make_plan().save(run_dir / PLAN_FILE)
+    write_json_atomic(run_dir / PILOT_FILE, {"design": {}})
+    status = supervisor.status(run_dir.name, runs_dir)
+    assert status.summary.startswith("learning-rate pilot: sft lora")
+    assert run_what(status).startswith("learning-rate pilot of sft lora on ")

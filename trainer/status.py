@@ -26,7 +26,7 @@ from advisor.errors import TunewiseError
 from advisor.plan import Plan
 from trainer.events import EVENTS_FILE, TERMINAL_EVENTS, read_events
 from trainer.procs import pid_alive, rank_processes
-from trainer.rundir import (DISK_FULL_BYTES, EXIT_DISK_FULL, PLAN_FILE, RUN_FILE, STDOUT_FILE, WATCHER_LOG,
+from trainer.rundir import (DISK_FULL_BYTES, EXIT_DISK_FULL, PILOT_FILE, PLAN_FILE, RUN_FILE, STDOUT_FILE, WATCHER_LOG,
                             default_runs_dir, find_run_dir, is_int, is_number, is_run_dir, tail_lines)
 
 STATES = ("queued", "running", "finished", "failed", "stopped")
@@ -402,6 +402,8 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
     digest = digest_events(run_dir / EVENTS_FILE)
     problems += digest.problems
     plan_fields = _plan_fields(run_dir / PLAN_FILE) or {"summary": info.get("summary", "")}
+    if (run_dir / PILOT_FILE).is_file() and not plan_fields["summary"].startswith("learning-rate pilot"):
+        plan_fields["summary"] = "learning-rate pilot: " + plan_fields["summary"]  # trainer/pilot.py's run
 
     started_at = attempt.get("started_at")
     terminal = digest.terminal
