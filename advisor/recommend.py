@@ -1,4 +1,5 @@
-"""The advisor: the guide's rules turned into a recommended plan, every value with its reason.
+"""The advisor: the guide's rules and the published evidence turned into a recommended plan, every value
+with its reason.
 
 `recommend(AdvisorInputs(...))` applies the rules of the fine-tuning guide
 (`../shared/guide/fine-tuning-guide.md`) to the user's model, data, goal and
@@ -8,7 +9,13 @@ overridden)` per setting, warnings drawn from the guide's risks, and notes.
 Each `reason` quotes the guide rule that produced the value ("guide: LoRA rank
 table, complex (instruction following) -> 64-128"); values the guide does not
 fix (epochs, effective batch) are labelled "Tunewise heuristic" with the
-reasoning, and figures from elsewhere carry their source.
+reasoning, and figures from elsewhere carry their source. Where published
+evidence since the guide disagrees (LoRA Without Regret, the Tinker LoRA primer
+and sweep, the QLoRA and DPO papers: see "the published evidence" below), the
+value is the evidence's, labelled "evidence: ...", and the guide's value stays
+in the reason beside it. A measured learning rate (`tunewise pilot`, or the
+`measured_advice.json` a model folder carries, as the demo model does) replaces
+the rules, and the reason says what was measured and what the rules gave.
 
 Memory is never guessed: the method, gradient checkpointing, optimizer,
 sharding and micro-batch are chosen by asking the estimator
