@@ -160,3 +160,80 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
         DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shots["plan"], DOCS_SCREENSHOTS / "plan.png")
         shutil.copyfile(shots["monitor"], DOCS_SCREENSHOTS / "monitor.png")
+
+
+def _forgetting_points(page) -> int:
+    """Markers of the forgetting chart's measured line (the first trace)."""
+    traces = page.locator("#forgetting-plot .scatterlayer .trace")
+    return traces.first.locator(".point").count() if traces.count() else 0
+
+
+def test_the_demo_learns_visibly_on_the_wizards_defaults(tmp_path):
+    """A newcomer on the public demo clicks Next, Next, Launch without changing anything: the run trains in
+    about two minutes on 2 CPU cores, the forgetting chart gets at least 4 points at under 10% of the run's time,
+    and the base-vs-tuned table shows the tuned model writing the dates right where the base model does not."""
+    _require_browser()
+    assert DEMO_MODEL.is_file(), "the bundled demo model (assets/demo-model) is missing"
+    from playwright.sync_api import expect, sync_playwright
+
+    from trainer.events import read_all_events
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    runs = tmp_path / "runs"
+    proc, url = start_app(runs, "--demo-mode", log_path=tmp_path / "app.log")
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1360, "height": 1000})
+            page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)
+            try:
+                page.goto(url)
+                expect(page.locator("#model-card")).to_contain_text("parameters")
+                page.locator("#next-1").click()
+                expect(page.locator("#profile-table")).to_contain_text("2,000")
+                page.locator("#next-2").click()
+                # The advice for the demo says it was measured on this model and data.
+                expect(page.locator("#recommendations")).to_contain_text("measured on this model and data")
+                expect(page.locator("#pilot-cost")).to_contain_text("Expected cost")
+                page.locator("#launch").click()
+                expect(page.locator("#run-header .tw-badge")).to_have_text("finished", timeout=480_000)
+                launched = time.time()
+                page.wait_for_timeout(2_000)  # the last poll redraws the charts
+                assert _forgetting_points(page) >= 4, "the forgetting chart has fewer than 4 points"
+                run_id = page.locator("#run-header code").inner_text()
+                page.screenshot(path=str(ARTIFACTS / "demo-defaults-monitor.png"))
+
+                page.locator("#next-4").click()
+                expect(page.locator("#runs-table")).to_contain_text(run_id)
+                page.locator("#samples").get_by_text("Base vs tuned").click()
+                page.locator("#generate").click()
+                samples = page.locator("#samples table")
+                expect(samples).to_contain_text("24 September 2011", timeout=180_000)
+                expect(samples).to_contain_text("11 May 2016")
+                rows = samples.locator("tbody tr")
+                cells = [[rows.nth(i).locator("td").nth(j).inner_text() for j in range(3)] for i in range(rows.count())]
+                assert [row[2].strip() for row in cells] == ["24 September 2011", "11 May 2016"], cells
+                assert all(row[1].strip() != row[2].strip() for row in cells), cells  # the base model does not
+                page.screenshot(path=str(ARTIFACTS / "demo-defaults-samples.png"))
+                print(f"generated {time.time() - launched:.0f} s after the run finished")
+            except Exception:
+                page.screenshot(path=str(ARTIFACTS / "failure-demo.png"), full_page=True)
+                raise
+            finally:
+                browser.close()
+    finally:
+        from trainer import supervisor
+
+        for status in supervisor.list_runs(runs):
+            if status.state in ("queued", "running"):
+                supervisor.stop(status.run_id, runs_dir=runs, timeout=20)
+        stop_app(proc)
+
+    # The numbers behind what the page showed: the run's own time and the monitor's share of it.
+    events = read_all_events(runs / run_id / "events.jsonl")
+    end = next(e for e in events if e["event"] == "train_end")
+    measured = [e for e in events if e["event"] == "forgetting"]
+    print(f"demo run: {end['train_runtime']:.0f} s of training, forgetting monitor "
+          f"{measured[-1]['monitor_cost_pct']}% of it, {len(measured)} measurements")
+    assert len(measured) >= 4 and measured[-1]["monitor_cost_pct"] < 10
