@@ -13,11 +13,11 @@ directory: it launches it, then tails `events.jsonl` from a byte offset kept
 per browser session, so closing the browser or restarting this app never
 stops a run. torch, transformers and TRL are never imported here.
 
-The file reads top to bottom: the server's configuration and error shaping,
-then `_layout` (one function per wizard step), `Handlers` (one method per
-event, each returning {component: value}), `_wire` (every event with an
-`api_name`, so the whole wizard can be driven with `gradio_client`, as
-tests/test_app_api.py does), and `main`.
+The file reads top to bottom: `_layout` (one function per wizard step),
+`_wire` (every event with an `api_name`, so the whole wizard can be driven
+with `gradio_client`, as tests/test_app_api.py does), and `main`. What each
+event does is `handlers.Handlers` (one method per event, each returning
+{component: value}), with the server's `AppConfig` and the error shaping.
 
 Demo mode (`--demo-mode`, or automatically on a Hugging Face Space where
 SPACE_ID is set) lets visitors train only the bundled demo model, with bounded
@@ -36,106 +36,24 @@ import functools
 import logging
 import os
 import sys
-import tempfile
 import threading
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
 
 import gradio as gr
-from gradio.utils import get_upload_folder
 from starlette.middleware import Middleware
 
 import figures
 from advisor import wizard
-from advisor.errors import TunewiseError, user_message
-from advisor.profile import profile_dataset
-from trainer import runs, samples, supervisor, warm
-from trainer.events import EVENTS_FILE
-from trainer.rundir import STDOUT_FILE, run_path, tail_lines
-from trainer.status import events_so_far
-from ui_parts import RequireLogin, number_with_named_range
+from handlers import AppConfig, Handlers, new_monitor_state, new_plan_state, shows_errors_in_page
+from trainer import warm
+from ui_parts import RequireLogin, number_with_named_range, patient_url_ok, setting_widget
+
+__all__ = ["AppConfig", "build_app", "main", "parse_args"]
 
 REPO_ROOT = Path(__file__).resolve().parent
 CSS_PATH = REPO_ROOT / "assets" / "ui.css"
 LOG = logging.getLogger("tunewise.app")
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    """How this server runs."""
-
-    runs_dir: Path = Path("runs")
-    """Where run directories live (shared with `tunewise launch/runs/status`)."""
-    demo_mode: bool = False
-    """Public-demo limits: demo model only, bounded steps, one run at a time, old runs cleaned up."""
-    demo_max_steps: int = wizard.DemoLimits.max_steps
-    """Training steps per run at most in demo mode."""
-    demo_keep_runs: int = 8
-    """Runs kept on disk in demo mode."""
-    poll_seconds: float = 1.0
-    """How often the monitor step reads new events."""
-    generate_timeout_s: float = 300.0
-    """Longest a sample-generation or merge subprocess may take."""
-    uploads_dir: Path = field(default=Path("runs") / "_uploads")
-    """Where uploaded datasets are kept (under the runs folder, names sanitized)."""
-    warm_worker: bool = False
-    """Keep a warm trainer (trainer.warm) ready so launches skip the heavy imports (`main` turns it on)."""
-    exports_dir: Path | None = None
-    """Where export archives are written for download (a folder of their own outside the runs folder, which
-    the page never serves; Gradio copies each archive into its cache to serve it). None: a private temp
-    folder of this process, made on the first export and removed at a clean exit."""
-
-
-# -- errors: a message in the page, never a traceback ------------------------------------------------------
-
-
-def shows_errors_in_page(fn: Callable, shown: Callable[[str], str] | None = None) -> Callable:
-    """Wrap an event handler so that any exception reaches the page as `gr.Error(message)`; `shown` edits
-    each message first (the public demo cuts server paths out)."""
-    shown = shown or (lambda text: text)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error as exc:
-            exc.message = shown(exc.message)
-            raise
-        except Exception as exc:  # every handler: the page gets a message, the log gets the traceback
-            if not isinstance(exc, TunewiseError):
-                LOG.error("handler %s failed:\n%s", fn.__name__, traceback.format_exc())
-            field_name = getattr(exc, "field", None)
-            title = f"Check {field_name}" if field_name else ("Check your input" if isinstance(exc, TunewiseError) else "Error")
-            raise gr.Error(shown(user_message(exc)), title=title, print_exception=False) from None
-
-    return wrapper
-
-
-# -- per-browser state (gr.State) -----------------------------------------------------------------------
-
-
-def new_plan_state() -> dict:
-    """The plan step's state: the dataset profile, the last advice, and (demo mode) this visitor's uploads
-    by file name."""
-    return {"advice": {}, "profile": None, "uploads": {}}
-
-
-def new_monitor_state() -> dict:
-    """The monitor's state: the run watched, how far its events.jsonl was read (byte offset), the events
-    read so far, and the runs this session launched (`own`: in demo mode a visitor sees and drives only those)."""
-    return {"run_id": None, "offset": 0, "events": [], "own": []}
-
-
-def monitoring(state: dict, run_id: str | None) -> dict:
-    """The monitor state, now watching `run_id` from its first event."""
-    return {**state, "run_id": run_id, "offset": 0, "events": [], "drawn": False}
-
-
-
-
 
 
 # -- layout: one function per wizard step, each returning its widgets by name ------------------------------
@@ -175,7 +93,8 @@ class Page(SimpleNamespace):
     @property
     def monitor_outputs(self) -> list:
         return [self.monitor_state, *self.group("run_header", "loss_plot", "forgetting_plot", "reward_time_plot",
-                                                "reward_kl_plot", "alerts", "timer", "reward_row")]
+                                                "reward_kl_plot", "alerts", "timer", "reward_row", "comparison",
+                                                "log_tail")]
 
     @property
     def history_outputs(self) -> list:
@@ -193,13 +112,17 @@ def _step_model(gr, Number, wizard) -> dict:  # noqa: N803 (Number stands for gr
                 with gr.Row():
                     gpu = gr.Dropdown(choices=wizard.gpu_choices(), value=wizard.NO_GPU, label="GPU", elem_id="gpu",
                                       info="What you will train on; the plan is sized for it.")
-                    num_gpus = Number("num_gpus", value=1, precision=0, label="Number of GPUs", elem_id="num_gpus")
+                    num_gpus = Number("num_gpus", value=1, precision=0, label="Number of GPUs", elem_id="num_gpus",
+                                      info="per node when Nodes is above 1")
+                    num_nodes = Number("num_nodes", value=1, precision=0, label="Nodes", elem_id="num_nodes",
+                                       info="machines; above 1: export a cluster job")
             with gr.Column(scale=4):
                 model_card = gr.Markdown(elem_id="model-card")
         with gr.Row():
             next_1 = gr.Button("Next: data & goal", variant="primary", elem_id="next-1", scale=0, min_width=200)
             history_1 = gr.Button("Run history", elem_id="open-history", scale=0, min_width=140)
-    return dict(model=model, gpu=gpu, num_gpus=num_gpus, model_card=model_card, next_1=next_1, history_1=history_1)
+    return dict(model=model, gpu=gpu, num_gpus=num_gpus, num_nodes=num_nodes, model_card=model_card, next_1=next_1,
+                history_1=history_1)
 
 
 def _step_data(gr, wizard) -> dict:
@@ -259,8 +182,8 @@ def _plan_editor(gr, Number) -> dict:  # noqa: N803
         w["lr_scheduler"] = gr.Dropdown(choices=["cosine", "linear", "constant", "constant_with_warmup"],
                                         value="cosine", label="LR schedule")
         w["epochs"] = Number("epochs", value=1, label="Epochs")
-        w["max_steps"] = Number("max_steps", value=wizard.DemoLimits.max_steps, precision=0,
-                                label="Max steps (0: run the epochs)", elem_id="max-steps")
+        w["max_steps"] = Number("max_steps", value=0, precision=0, label="Max steps (0: run the epochs)",
+                                elem_id="max-steps")
     with gr.Row():
         w["micro_batch"] = Number("micro_batch", value=4, precision=0, label="Micro-batch", elem_id="micro-batch")
         w["grad_accum"] = Number("grad_accum", value=1, precision=0, label="Gradient accumulation")
@@ -277,8 +200,6 @@ def _plan_editor(gr, Number) -> dict:  # noqa: N803
         w["stop_on_threshold"] = gr.Checkbox(value=False, label="Stop when forgetting crosses it")
         w["beta"] = Number("beta", value=0.1, step=0.05, label="DPO beta")
         w["kl_coef"] = Number("kl_coef", value=0.05, step=0.01, label="PPO KL coefficient")
-        w["preference_lr"] = Number("preference_lr", value=None, label="Preference learning rate",
-                                    info="DPO / PPO steps of a pipeline (empty: the learning rate above)")
     w["readvise"] = gr.Button("Re-advise, keeping my changes", size="sm", elem_id="readvise")
     return w
 
@@ -300,6 +221,21 @@ def _pilot_panel(gr, figures) -> dict:
     return w
 
 
+def _advanced_settings(gr, Number) -> dict:  # noqa: N803
+    """A widget for every plan setting the steps do not show elsewhere, four to a row, by the plan's sections."""
+    w = {}
+    sections: dict[str, list] = {}
+    for setting in wizard.ADVANCED_SETTINGS:
+        sections.setdefault(setting.dotted.split(".")[0] if "." in setting.dotted else "run", []).append(setting)
+    for section, members in sections.items():
+        gr.Markdown(f"**{section.capitalize()}**")
+        for start in range(0, len(members), 4):
+            with gr.Row():
+                for setting in members[start:start + 4]:
+                    w[setting.name] = setting_widget(setting, Number)
+    return w
+
+
 def _step_plan(gr, Number) -> dict:  # noqa: N803
     with gr.Step("Plan", id=3, elem_id="step-plan"):
         w = {"plan_status": gr.Markdown(elem_id="plan-status")}
@@ -314,16 +250,18 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
         w["advice_notes"] = gr.Markdown(elem_id="advice-notes")
         w["recommendations"] = gr.Dataframe(headers=["setting", "value", "why"], interactive=False, wrap=True,
                                             label="Recommendations, each with its reason", elem_id="recommendations",
-                                            column_widths=["18%", "14%", "68%"])
+                                            column_widths=["18%", "14%", "68%"], max_height=4000)
         w.update(_pilot_panel(gr, figures))
         with gr.Accordion("Edit the plan: every value updates memory and fit at once", open=True, elem_id="plan-editor"):
             w.update(_plan_editor(gr, Number))
         with gr.Row():
             with gr.Column(scale=3):
                 w["guide_table"] = gr.Dataframe(interactive=False, wrap=True, elem_id="guide-table",
-                                                label="The guide's quick reference beside our estimate (GB)")
+                                                label="The Fine-Tuning Techniques Guide's quick reference beside our estimate (GB)")
             with gr.Column(scale=2):
                 w["guide_note"] = gr.Markdown(elem_id="guide-note")
+        with gr.Accordion("Advanced settings: every other plan setting", open=False, elem_id="advanced"):
+            w.update(_advanced_settings(gr, Number))
         with gr.Accordion("How each memory figure is computed", open=False):
             w["explanations"] = gr.Dataframe(headers=["component", "how"], interactive=False, wrap=True,
                                              column_widths=["20%", "80%"])
@@ -333,12 +271,19 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
         with gr.Row():
             w["back_3"] = gr.Button("Back", elem_id="back-3", scale=0, min_width=100)
             w["launch_btn"] = gr.Button("Launch training", variant="primary", elem_id="launch", scale=0, min_width=200)
+            w["job_scheduler"] = gr.Dropdown(choices=["slurm", "skypilot", "torchrun"], value="slurm", scale=0,
+                                             min_width=140, label="Scheduler", elem_id="job-scheduler")
+            w["export_job_btn"] = gr.Button("Export a cluster job", elem_id="export-job", scale=0, min_width=200)
+        w["job_note"] = gr.Markdown(elem_id="job-note")
     return w
 
 
 def _step_monitor(gr, figures, poll_seconds: float) -> dict:
     with gr.Step("Launch & monitor", id=4, elem_id="step-monitor"):
-        w = {"run_header": gr.HTML(figures.run_header_html(None, None), elem_id="run-header")}
+        w = {"run_header": gr.HTML(figures.run_header_html(None, None), elem_id="run-header"),
+             # The banner: alerts as they happen and what the trainer adjusted, above the charts.
+             "alerts": gr.Markdown(figures.alerts_markdown([]), label="Alerts", elem_id="alerts",
+                                   elem_classes=["tw-alerts"])}
         with gr.Row():
             w["stop_btn"] = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop", scale=0, min_width=220)
             w["resume_btn"] = gr.Button("Resume from the last checkpoint", elem_id="resume", scale=0, min_width=260)
@@ -355,7 +300,8 @@ def _step_monitor(gr, figures, poll_seconds: float) -> dict:
             w["reward_kl_plot"] = gr.Plot(figures.reward_vs_kl_figure([]), label="Reward against KL", show_label=False,
                                           elem_id="reward-kl-plot")
         w["reward_row"] = reward_row
-        w["alerts"] = gr.Markdown(figures.alerts_markdown([]), label="Alerts", elem_id="alerts")
+        w["comparison"] = gr.Dataframe(visible=False, interactive=False, wrap=True, elem_id="comparison",
+                                       label="RLHF beside DPO, on the same held-out prompts and reward model")
         w["log_tail"] = gr.Code(language=None, label="stdout.log (last lines)", visible=False, elem_id="log-tail")
         w["timer"] = gr.Timer(poll_seconds, active=False)
     return w
@@ -370,7 +316,14 @@ def _step_results(gr, wizard) -> dict:
                                        elem_id="runs-table")
         with gr.Row():
             w["open_run"] = gr.Dropdown(choices=[], label="Run", elem_id="open-run", scale=2)
+            w["open_step"] = gr.Dropdown(choices=[], label="Pipeline step (samples and export use its model)",
+                                         visible=False, elem_id="open-step", scale=1)
             w["watch_btn"] = gr.Button("Watch in step 4", scale=0, min_width=170, elem_id="watch")
+            w["delete_btn"] = gr.Button("Delete this run", variant="secondary", scale=0, min_width=150,
+                                        elem_id="delete-run")
+            w["delete_confirm"] = gr.Button("Yes, delete it", variant="stop", visible=False, scale=0, min_width=150,
+                                            elem_id="delete-confirm")
+        w["run_note"] = gr.Markdown(elem_id="run-note")
         with gr.Row():
             w["compare_runs"] = gr.Dropdown(choices=[], multiselect=True, label="Overlay the curves of", scale=3,
                                             elem_id="compare-runs")
@@ -382,10 +335,11 @@ def _step_results(gr, wizard) -> dict:
             w["prompts"] = gr.Textbox(lines=3, label="Prompts (one per line)",
                                       value="Convert 2011-09-24 to day, month and year.\nPlease spell out the date 2016-05-11.")
             w["generate_btn"] = gr.Button("Generate with the base and the tuned model", elem_id="generate")
-            w["samples_table"] = gr.Dataframe(headers=["prompt", "base", "tuned"], interactive=False, wrap=True)
+            w["samples_table"] = gr.Dataframe(headers=["prompt", "base", "tuned"], interactive=False, wrap=True,
+                                              column_widths=["30%", "35%", "35%"], elem_id="samples-table")
         with gr.Accordion("Merge / export", open=False, elem_id="export"):
             w["export_reload"] = gr.Checkbox(value=False, label="QLoRA run: merge into the base reloaded in 16 bit "
-                                             "(the adapter was trained against 4-bit weights)")
+                                             "(the adapter was trained against 4-bit weights)", visible=False)
             w["export_btn"] = gr.Button("Merge the adapter into the base and export", elem_id="export-btn")
             w["export_note"] = gr.Markdown()
             w["export_file"] = gr.File(label="Download", interactive=False)
@@ -414,380 +368,6 @@ def _layout(config: AppConfig) -> Page:
     return page
 
 
-# -- handlers: one method per event; each returns {component: value} for the outputs it changes --------------
-
-
-class Handlers:
-    """What each event does. The rules live in advisor / trainer; a handler reads the widgets, calls them, and
-    returns the components to update ({component: value}; outputs it leaves out keep their value).
-
-    Two per-browser states reach the handlers: `plan_state` (new_plan_state) and `monitor_state`
-    (new_monitor_state). In demo mode a visitor's uploads are named in the page by file name only
-    (`plan_state["uploads"]` maps each name to the kept file, for this session alone), and a visitor sees
-    and drives only the runs launched from this session (`monitor_state["own"]`)."""
-
-    def __init__(self, config: AppConfig, page: Page):
-
-        self.config, self.page = config, page
-        self.demo_limits = wizard.DemoLimits(max_steps=config.demo_max_steps, keep_runs=config.demo_keep_runs)
-        # The demo's one-run-at-a-time check and the launch must not interleave between requests (the queue
-        # runs handlers concurrently): both happen under this lock.
-        self.launch_lock = threading.Lock()
-        self.uploaded_here = page.blocks.upload_file_set  # every file Gradio's upload route received
-
-    # -- the rules every handler applies -------------------------------------------------------------------
-
-    def shown(self, text: Any) -> Any:
-        """What a visitor may see of a message, log or note: demo mode cuts server paths to file names."""
-        if not self.config.demo_mode or not isinstance(text, str):
-            return text
-
-
-        return wizard.hide_server_paths(text, [self.config.runs_dir, self.config.uploads_dir, REPO_ROOT,
-                                        Path(get_upload_folder()), Path(tempfile.gettempdir())])
-
-    def dataset_path(self, plan_state: dict, dataset: Any) -> Any:
-        """The file behind a dataset name this visitor uploaded (demo mode), else `dataset` itself."""
-        if self.config.demo_mode and isinstance(dataset, str):
-            return (plan_state.get("uploads") or {}).get(dataset.strip(), dataset)
-        return dataset
-
-    def demo_guard(self, model: Any = None, dataset: Any = None, plan_state: dict | None = None) -> None:
-        if self.config.demo_mode:
-    
-            uploads = ((plan_state or {}).get("uploads") or {}).values()
-            wizard.check_demo_inputs(model, self.dataset_path(plan_state or {}, dataset), uploads)
-
-    def run_dir(self, monitor_state: dict, run_id: Any) -> Path:
-        """The directory of a run this visitor may open (TunewiseError naming the field otherwise)."""
-        path = run_path(self.config.runs_dir, run_id)
-        if self.config.demo_mode and run_id not in (monitor_state.get("own") or []):
-            raise TunewiseError(f"run: {run_id!r} is not one of your runs; the public demo shows each visitor "
-                                "only the runs they launched from this page", field="run")
-        return path
-
-    def own_runs(self, monitor_state: dict) -> list[str] | None:
-        """The runs this visitor may list: their own in demo mode, every run (None) otherwise."""
-        return list(monitor_state.get("own") or []) if self.config.demo_mode else None
-
-    # -- steps 1 to 3: model, data, plan -----------------------------------------------------------------
-
-    def on_model(self, model):
-
-        self.demo_guard(model=model)
-        spec, counts = wizard.model_summary(model)
-        return {self.page.model_card: wizard.model_card_markdown(spec, counts)}
-
-    def on_upload(self, plan_state, upload):
-
-
-        if not upload:
-            return {}
-        if str(Path(upload).resolve()) not in {str(Path(p).resolve()) for p in self.uploaded_here}:
-            # Gradio fetches a URL named in the request itself; only files sent to its upload route count.
-            raise TunewiseError("dataset: only a file sent through the upload box can be used here, not a "
-                                "file named by its address", field="data.dataset")
-        limit = self.demo_limits.max_upload_bytes if self.config.demo_mode else None
-        kept = runs.keep_upload(self.config.uploads_dir, upload, max_bytes=limit)
-        if not self.config.demo_mode:
-            return {self.page.dataset: gr.update(value=str(kept), choices=wizard.dataset_choices() + [(kept.name, str(kept))])}
-        uploads = {**(plan_state.get("uploads") or {}), kept.name: str(kept)}
-        return {self.page.dataset: gr.update(value=kept.name, choices=wizard.dataset_choices() + [(n, n) for n in uploads]),
-                self.page.plan_state: {**plan_state, "uploads": uploads}}
-
-    def on_profile(self, plan_state, dataset, model):
-
-        if not isinstance(dataset, str) or not dataset.strip():
-            wizard.text_value(dataset, "data.dataset", wizard.TEXT_WIDGETS["dataset"])  # not text: says so
-            raise TunewiseError("data.dataset: no dataset chosen; pick a bundled one or upload a file"
-                                + ("" if self.config.demo_mode else ", or type a file path"), field="data.dataset")
-        model = wizard.text_value(model, "model.name", wizard.TEXT_WIDGETS["model"])
-        self.demo_guard(model=model, dataset=dataset, plan_state=plan_state)
-        profile = profile_dataset(self.dataset_path(plan_state, dataset), model or None)
-        histogram = figures.token_histogram_figure(profile.histogram.edges, profile.histogram.counts,
-                                                   profile.recommended_seq_len, profile.tokens.p95)
-        return {self.page.plan_state: {**plan_state, "profile": profile.to_dict()},
-                self.page.profile_table: wizard.profile_rows(profile), self.page.histogram: histogram}
-
-    def recommend(self, plan_state, keep_changes: bool, values: dict) -> dict:
-        """Ask the advisor (keeping the plan widgets the user changed when `keep_changes`) and fill them in."""
-
-
-        self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
-        advisor_values = {name: values[name] for name in wizard.ADVISOR_WIDGETS}
-        overrides = {name: values[name] for name in wizard.ADVISED_WIDGETS} if keep_changes else None
-        pilot = plan_state.get("pilot") or {}
-        same = all(pilot.get(key) == values.get(key) for key in ("model", "dataset", "goal"))
-        advised = wizard.advise(advisor_values, plan_state.get("profile"), overrides,
-                                max_steps=wizard.step_cap(values.get("max_steps")), measured_lr=pilot if pilot and same else None)
-        widget_values = wizard.widgets_from_plan(advised.plan)
-        guide_headers, guide_rows = wizard.guide_rows()
-        updates = {widget: (gr.update(value=widget_values[name], choices=advised.target_choices)
-                            if name == "lora_targets" else widget_values[name])
-                   for name, widget in self.page.advised_widgets.items()}
-        return {self.page.plan_state: {**plan_state, "advice": advised.values}, **updates,
-                self.page.guide_table: {"headers": guide_headers, "data": guide_rows},
-                self.page.guide_note: wizard.guide_note(), self.page.advice_notes: advised.notes_markdown}
-
-    def on_recommend(self, plan_state, **values):
-        return self.recommend(plan_state, False, values)
-
-    def on_readvise(self, plan_state, **values):
-        return self.recommend(plan_state, True, values)
-
-    def on_estimate(self, plan_state, **values):
-
-        self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
-        plan = wizard.plan_from_widgets(values)  # an upload keeps its name here: the page shows the plan
-        view = wizard.plan_view(plan)
-        (headers, memory_rows), (fit_headers, fit_rows) = view.memory, view.fit
-        p = self.page
-        return {
-            p.memory_table: {"headers": headers, "data": memory_rows},
-            p.memory_plot: figures.memory_figure(view.stacked, view.gpu_bytes, view.gpu_label),
-            p.fit_table: {"headers": fit_headers, "data": fit_rows},
-            p.recommendations: wizard.recommendation_rows(plan_state.get("advice") or {}, wizard.widgets_from_plan(plan)),
-            p.plan_status: view.status_markdown,
-            p.explanations: view.explanations,
-            p.cli_text: wizard.train_command(plan),
-            p.yaml_text: wizard.plan_yaml(plan),
-            p.pilot_cost: self.pilot_cost(plan, plan_state.get("profile")),
-        }
-
-    # -- step 3: the learning-rate pilot (trainer/pilot.py) ---------------------------------------------------
-
-    def pilot_cost(self, plan, profile: dict | None) -> str:
-        """What the check would do and cost, shown before the click (or why it cannot run for this plan)."""
-        from advisor.pilot import plan_pilot
-
-        profile = profile or {}
-        try:
-            design = plan_pilot(plan, examples=profile.get("examples") or None,
-                                tokens=(profile.get("tokens") or {}).get("estimated_total") or None)
-        except TunewiseError as exc:
-            return f"The check cannot run for this plan: {user_message(exc)}"
-        return (f"Short runs at {len(design.rates)} learning rates on your model and data, scored by held-out loss: "
-                f"{design.describe()}. **Expected cost: about {figures.format_duration(design.expected_s)}.**")
-
-    def pilot_view(self, pilot_state: dict, events: list, state: str | None) -> dict:
-        p = self.page
-        return {p.pilot_status: self.shown(figures.pilot_markdown(events, state)),
-                p.pilot_loss_plot: figures.pilot_loss_figure(events), p.pilot_rate_plot: figures.pilot_rate_figure(events)}
-
-    def on_pilot(self, pilot_state, monitor_state, plan_state, **values):
-        from trainer.pilot import pilot_design
-
-        self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
-        plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
-        with self.launch_lock:
-            if self.config.demo_mode:
-                plan, _ = wizard.admit_demo_run(plan, self.demo_limits, runs.active_runs(self.config.runs_dir),
-                                                monitor_state.get("own") or [])
-            design = pilot_design(plan)
-            run_id = supervisor.launch(plan, self.config.runs_dir, pilot=design.to_dict())
-        gr.Info(f"Checking the learning rate: {design.describe()}")
-        state = {"run_id": run_id, "offset": 0, "events": [], "model": values.get("model"),
-                 "dataset": values.get("dataset"), "goal": values.get("goal"), "method": plan.method.method}
-        return {self.page.pilot_state: state, self.page.pilot_timer: gr.Timer(active=True),
-                self.page.monitor_state: {**monitor_state, "own": [*(monitor_state.get("own") or []), run_id]},
-                **self.pilot_view(state, [], "queued")}
-
-    def pilot_poll(self, pilot_state, plan_state, **values):
-        """New pilot events redrawn; once it has chosen a rate, the rate goes into the plan with its reason."""
-        from advisor.recommend import Advice
-        from trainer.pilot import read_result
-
-        p = self.page
-        run_id = (pilot_state or {}).get("run_id")
-        if not run_id:
-            return {p.pilot_timer: gr.Timer(active=False)}
-        try:
-            events, offset = supervisor.read_run_events(run_id, pilot_state.get("offset", 0), self.config.runs_dir)
-            status = supervisor.status(run_id, self.config.runs_dir)
-        except TunewiseError:  # its directory was deleted (the demo's clean-up): nothing more to read
-            return {p.pilot_timer: gr.Timer(active=False)}
-        events = pilot_state.get("events", []) + events
-        pilot_state = {**pilot_state, "offset": offset, "events": events}
-        update = {p.pilot_state: pilot_state, p.pilot_timer: gr.Timer(active=status.active),
-                  **self.pilot_view(pilot_state, events, status.state)}
-        result = read_result(run_path(self.config.runs_dir, run_id))
-        if status.active or result.get("status") != "finished" or pilot_state.get("applied"):
-            return update
-        rate, reason = result["chosen_rate"], result["reason"]
-        pilot_state["applied"] = True
-        measured = {"rate": rate, "reason": reason, "method": pilot_state.get("method"),
-                    "model": pilot_state.get("model"), "dataset": pilot_state.get("dataset"),
-                    "goal": pilot_state.get("goal")}
-        advice = {**(plan_state.get("advice") or {}), "learning_rate": Advice(rate, reason, "measured_lr")}
-        plan = wizard.plan_from_widgets({**values, "learning_rate": rate})
-        gr.Info(f"Learning rate set to {rate:.2e}, measured on your data.")
-        return {**update, p.plan_state: {**plan_state, "advice": advice, "pilot": measured}, p.learning_rate: rate,
-                p.recommendations: wizard.recommendation_rows(advice, wizard.widgets_from_plan(plan)),
-                p.cli_text: wizard.train_command(plan), p.yaml_text: wizard.plan_yaml(plan)}
-
-    def on_pilot_stop(self, pilot_state):
-        run_id = (pilot_state or {}).get("run_id")
-        if not run_id:
-            raise TunewiseError("pilot: no check is running; start one with the button above", field="pilot")
-        supervisor.request_stop(run_id, self.config.runs_dir, reason="stopped from the plan step")
-        gr.Info("Stopping the check: the candidate in progress ends, and what was measured is kept.")
-        return {self.page.pilot_timer: gr.Timer(active=True)}
-
-    # -- step 4: launch and monitor ------------------------------------------------------------------------
-
-    def poll(self, monitor_state):
-        """Read the new bytes of the watched run's events.jsonl and redraw (only when something arrived);
-        the timer is switched off once the run has ended and everything was read."""
-
-
-        p = self.page
-        run_id = monitor_state.get("run_id")
-        if not run_id:
-            return {p.monitor_state: monitor_state, p.timer: gr.Timer(active=False)}
-        events, offset = supervisor.read_run_events(run_id, monitor_state.get("offset", 0), self.config.runs_dir)
-        try:
-            status = supervisor.status(run_id, self.config.runs_dir)
-        except TunewiseError:  # the run directory was deleted: show what was read
-            status = None
-        all_events = monitor_state.get("events", []) + events
-        monitor_state = {**monitor_state, "offset": offset, "events": all_events}
-        still_going = status is not None and status.state in ("queued", "running")
-        update = {p.monitor_state: monitor_state, p.timer: gr.Timer(active=still_going or bool(events)),
-                  p.run_header: self.shown(figures.run_header_html(run_id, figures.run_progress(all_events), status))}
-        if not events and monitor_state.get("drawn"):
-            return update
-        monitor_state["drawn"] = True
-        series = figures.reward_kl_series(all_events)
-        return {**update, p.loss_plot: figures.loss_figure(all_events),
-                p.forgetting_plot: figures.forgetting_figure(all_events),
-                p.reward_time_plot: figures.reward_kl_time_figure(all_events),
-                p.reward_kl_plot: figures.reward_vs_kl_figure(all_events),
-                p.alerts: figures.alerts_markdown(figures.alert_messages(all_events)),
-                p.reward_row: gr.Row(visible=bool(series["reward"][0] or series["kl"][0]))}
-
-    def watch(self, monitor_state: dict, run_id: str) -> dict:
-        """Watch `run_id` in step 4 from its first event."""
-        return {self.page.walkthrough: gr.Walkthrough(selected=4), **self.poll(monitoring(monitor_state, run_id))}
-
-    def on_launch(self, monitor_state, plan_state, **values):
-
-
-        self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
-        plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
-        notes: list[str] = []
-        with self.launch_lock:
-            if self.config.demo_mode:
-                plan, notes = wizard.admit_demo_run(plan, self.demo_limits, runs.active_runs(self.config.runs_dir),
-                                                    monitor_state.get("own") or [])
-                runs.cleanup_old_runs(self.config.runs_dir, self.config.uploads_dir, self.demo_limits.keep_runs - 1)
-            # An upload goes into the run's own folder: the run keeps its data when old uploads are cleaned.
-            uploaded = runs.is_upload(plan.data.dataset, self.config.uploads_dir)
-            run_id = supervisor.launch(plan, self.config.runs_dir, copy_dataset=uploaded)
-        if self.config.warm_worker:  # the worker may have gone (idle, or orphaned by a restart): ready one for next time
-            threading.Thread(target=warm.ready_for, args=(self.config.runs_dir, os.getpid()), daemon=True).start()
-        if notes:
-            gr.Info("Demo limits applied: " + "; ".join(notes))
-        return self.watch({**monitor_state, "own": [*(monitor_state.get("own") or []), run_id]}, run_id)
-
-    def current_run(self, monitor_state: dict, what: str) -> str:
-        """The watched run's id (one this visitor may drive), or TunewiseError saying there is nothing to `what`."""
-        run_id = monitor_state.get("run_id")
-        if not run_id:
-            raise TunewiseError(f"run: nothing to {what}; launch a run or open one from the history first", field="run")
-        self.run_dir(monitor_state, run_id)
-        return run_id
-
-    def on_stop(self, monitor_state):
-
-
-        run_id = self.current_run(monitor_state, "stop")
-        # stop() waits for the run to save and exit (killing it after 30 s): do that in the background so the
-        # page stays live; the monitor shows "stopped" when it is done.
-        threading.Thread(target=supervisor.stop, args=(run_id,), kwargs={"runs_dir": self.config.runs_dir, "timeout": 30},
-                         daemon=True).start()
-        gr.Info(f"Stop requested: {run_id} saves a checkpoint and ends after the current step.")
-        return self.poll(monitor_state)
-
-    def on_resume(self, monitor_state):
-
-
-        run_id = self.current_run(monitor_state, "resume")
-        with self.launch_lock:
-            if self.config.demo_mode and runs.active_runs(self.config.runs_dir):
-                raise TunewiseError("queue: the public demo trains one run at a time; wait for the current run to end",
-                                    field="queue")
-            supervisor.resume(run_id, self.config.runs_dir)
-        gr.Info(f"Resuming {run_id} from its last checkpoint.")
-        return self.poll(monitor_state)
-
-    def on_log_tail(self, monitor_state):
-
-
-        run_id = monitor_state.get("run_id")
-        if not run_id:
-            return {self.page.log_tail: gr.update(visible=True, value="(no run selected)")}
-        log = self.run_dir(monitor_state, run_id) / STDOUT_FILE
-        text = "\n".join(tail_lines(log, 60)) if log.is_file() else f"({log.name} does not exist yet)"
-        return {self.page.log_tail: gr.update(visible=True, value=self.shown(text))}
-
-    def on_attach(self, monitor_state):
-        """On page load: watch the newest running run (in demo mode, only one of this visitor's), so reopening
-        the browser shows it again."""
-
-        if monitor_state.get("run_id"):
-            return self.poll(monitor_state)
-        running = runs.active_runs(self.config.runs_dir)
-        mine = self.own_runs(monitor_state)
-        running = [status for status in running if mine is None or status.run_id in mine]
-        return self.watch(monitor_state, running[0].run_id) if running else self.poll(monitor_state)
-
-    # -- step 5: results and runs --------------------------------------------------------------------------
-
-    def on_runs(self, monitor_state):
-
-
-        statuses = runs.history(self.config.runs_dir, only=self.own_runs(monitor_state))
-        ids = [status.run_id for status in statuses]
-        # The newest run is picked and its curve drawn, so the step never opens on an empty chart.
-        return {self.page.runs_table: [wizard.run_row(status) for status in statuses],
-                self.page.open_run: gr.update(choices=ids, value=ids[0] if ids else None),
-                self.page.compare_runs: gr.update(choices=ids, value=ids[:1])}
-
-    def on_watch(self, monitor_state, run_id):
-
-        if not run_id:
-            raise TunewiseError("run: pick a run in the list first", field="run")
-        self.run_dir(monitor_state, run_id)
-        return self.watch(monitor_state, run_id)
-
-    def on_overlay(self, run_ids, metric, monitor_state):
-
-        if not isinstance(metric, str) or not metric.strip():
-            raise TunewiseError(f"metric: pick a metric to compare (loss, eval_loss, reward, ...), not {metric!r}",
-                                field="metric")
-        if run_ids is not None and not isinstance(run_ids, list):
-            raise TunewiseError("run: pick the runs to compare from the list", field="run")
-        compared = {run_id: events_so_far(self.run_dir(monitor_state, run_id) / EVENTS_FILE) for run_id in run_ids or []}
-        return {self.page.overlay_plot: figures.overlay_figure(compared, metric=metric)}
-
-    def on_generate(self, run_id, prompts, monitor_state):
-
-        if not run_id:
-            raise TunewiseError("run: pick a finished run in the list first", field="run")
-        run_dir = self.run_dir(monitor_state, run_id)
-        lines = [line.strip() for line in (prompts or "").splitlines() if line.strip()]
-        rows = samples.generate(run_dir, lines, self.config.generate_timeout_s)
-        return {self.page.samples_table: rows}
-
-    def on_export(self, run_id, reload_16bit, monitor_state):
-
-        if not run_id:
-            raise TunewiseError("run: pick a finished run in the list first", field="run")
-        archive, note = runs.export(self.run_dir(monitor_state, run_id), self.config.exports_dir, bool(reload_16bit),
-                                    self.config.generate_timeout_s)
-        return {self.page.export_note: self.shown(note), self.page.export_file: archive}
-
-
 # -- wiring: every event, each with an api_name -------------------------------------------------------------
 
 
@@ -795,17 +375,22 @@ def _wire(page: Page, h: Handlers) -> None:
 
     p = page
     ev = functools.partial(shows_errors_in_page, shown=h.shown)  # every handler's errors reach the page as messages
-    nav = dict(show_progress="hidden")
 
     def step(number: int):
         return lambda: gr.Walkthrough(selected=number)
 
-    p.next_1.click(step(2), outputs=p.walkthrough, api_name="go_data", **nav)
-    p.back_2.click(step(1), outputs=p.walkthrough, api_name="go_model", **nav)
-    p.back_3.click(step(2), outputs=p.walkthrough, api_name="back_to_data", **nav)
-    p.history_1.click(step(5), outputs=p.walkthrough, api_name="go_history", **nav).then(
+    # Moving to another step starts at its top (the page would otherwise stay scrolled where the button was).
+    top = "window.scrollTo({top: 0, behavior: 'smooth'})"
+    nav_0 = dict(show_progress="hidden", js=f"() => {{ {top}; }}")
+    nav_1 = dict(show_progress="hidden", js=f"(x) => {{ {top}; return x; }}")
+    nav_n = dict(show_progress="hidden", js=f"(...args) => {{ {top}; return args; }}")
+
+    p.next_1.click(ev(h.on_next_model), inputs=p.model, outputs=p.walkthrough, api_name="go_data", **nav_1)
+    p.back_2.click(step(1), outputs=p.walkthrough, api_name="go_model", **nav_0)
+    p.back_3.click(step(2), outputs=p.walkthrough, api_name="back_to_data", **nav_0)
+    p.history_1.click(step(5), outputs=p.walkthrough, api_name="go_history", **nav_0).then(
         ev(h.on_runs), inputs=p.monitor_state, outputs=p.history_outputs, api_name="runs_after_history")
-    p.to_results.click(step(5), outputs=p.walkthrough, api_name="go_results", **nav).then(
+    p.to_results.click(step(5), outputs=p.walkthrough, api_name="go_results", **nav_0).then(
         ev(h.on_runs), inputs=p.monitor_state, outputs=p.history_outputs, api_name="runs_after_nav")
 
     # Steps 1-3: the model card, the upload and the dataset profile, the advice, the plan's memory.
@@ -813,26 +398,37 @@ def _wire(page: Page, h: Handlers) -> None:
     advice_io = dict(inputs=[p.plan_state], inputs_kwargs={**p.plan_widgets, **p.advisor_widgets},
                      outputs=p.recommend_outputs)
     estimate_io = dict(inputs=[p.plan_state], inputs_kwargs=p.plan_widgets, outputs=p.plan_outputs)
-    p.model.change(ev(h.on_model), inputs=p.model, outputs=p.model_card, api_name="model_info")
+    quiet = dict(api_visibility="private", show_progress="hidden")
+    p.model.change(ev(h.on_model), inputs=p.model, outputs=p.model_card, api_name="model_info").failure(
+        ev(h.model_problem), inputs=p.model, outputs=p.model_card, **quiet)
     p.upload.upload(ev(h.on_upload), inputs=[p.plan_state, p.upload], outputs=[p.dataset, p.plan_state], api_name="upload")
-    p.dataset.change(ev(h.on_profile), **profile_io, api_name="profile")
-    p.next_2.click(step(3), outputs=p.walkthrough, api_name="go_plan", **nav).then(
-        ev(h.on_recommend), **advice_io, api_name="recommend").then(
+    p.dataset.change(ev(h.on_profile), **profile_io, api_name="profile").failure(ev(h.profile_problem), **profile_io,
+                                                                                 **quiet)
+    p.next_2.click(ev(h.on_next_data), inputs=[p.plan_state, p.dataset, p.model],
+                   outputs=[p.walkthrough, p.plan_state, p.profile_table, p.histogram], api_name="go_plan", **nav_n).success(
+        ev(h.on_recommend), **advice_io, api_name="recommend").success(
         ev(h.on_estimate), **estimate_io, api_name="estimate")
     p.readvise.click(ev(h.on_readvise), **advice_io, api_name="readvise").then(
         ev(h.on_estimate), **estimate_io, api_name="estimate_after_readvise")
     for name, widget in p.plan_widgets.items():
-        if name in ("model", "dataset", "goal", "gpu", "num_gpus"):
+        if name in ("model", "dataset", "goal", "gpu", "num_gpus", "num_nodes"):
             continue  # those change the advice: the plan step re-advises when you reach it
+        if name in wizard.FOLLOWED_WIDGETS:  # others follow it (alpha the rank, the rate the method): re-advise
+            edited = widget.input(ev(h.on_readvise), **advice_io, api_name=f"edit_{name}", show_progress="hidden",
+                                  trigger_mode="always_last")
+            edited.failure(ev(h.plan_problem), **estimate_io, **quiet)
+            edited.success(ev(h.on_estimate), **estimate_io, api_name=f"estimate_after_{name}", show_progress="hidden")
+            continue
         widget.input(ev(h.on_estimate), **estimate_io, api_name=f"edit_{name}", show_progress="hidden",
-                     trigger_mode="always_last")
+                     trigger_mode="always_last").failure(ev(h.plan_problem), **estimate_io, **quiet)
 
     # Step 3's learning-rate check: launched like a run, polled by its own timer; its result fills in the rate.
     pilot_outputs = [p.pilot_state, p.pilot_status, p.pilot_loss_plot, p.pilot_rate_plot, p.pilot_timer]
     p.pilot_btn.click(ev(h.on_pilot), inputs=[p.pilot_state, p.monitor_state, p.plan_state], inputs_kwargs=p.plan_widgets,
                       outputs=[*pilot_outputs, p.monitor_state], api_name="pilot")
     p.pilot_timer.tick(ev(h.pilot_poll), inputs=[p.pilot_state, p.plan_state], inputs_kwargs=p.plan_widgets,
-                       outputs=[*pilot_outputs, p.plan_state, p.learning_rate, p.recommendations, p.cli_text, p.yaml_text],
+                       outputs=[*pilot_outputs, p.plan_state, p.learning_rate, p.recommendations, p.plan_status, p.cli_text,
+                                p.yaml_text],
                        api_name="pilot_poll", show_progress="hidden", trigger_mode="always_last")
     p.pilot_stop_btn.click(ev(h.on_pilot_stop), inputs=p.pilot_state, outputs=p.pilot_timer, api_name="pilot_stop")
 
@@ -840,10 +436,12 @@ def _wire(page: Page, h: Handlers) -> None:
     monitor = dict(inputs=p.monitor_state, outputs=p.monitor_outputs)
     p.launch_btn.click(ev(h.on_launch), inputs=[p.monitor_state, p.plan_state], inputs_kwargs=p.plan_widgets,
                        outputs=[p.walkthrough, *p.monitor_outputs], api_name="launch")
+    p.export_job_btn.click(ev(h.on_export_job), inputs=[p.job_scheduler], inputs_kwargs=p.plan_widgets,
+                           outputs=p.job_note, api_name="export_job")
     p.timer.tick(ev(h.poll), **monitor, api_name="poll", show_progress="hidden", trigger_mode="always_last")
     p.stop_btn.click(ev(h.on_stop), **monitor, api_name="stop")
     p.resume_btn.click(ev(h.on_resume), **monitor, api_name="resume")
-    p.log_btn.click(ev(h.on_log_tail), inputs=p.monitor_state, outputs=p.log_tail, api_name="log_tail")
+    p.log_btn.click(ev(h.on_log_tail), inputs=p.monitor_state, outputs=[p.log_tail, p.monitor_state], api_name="log_tail")
 
     # Step 5: the history, curves compared, samples, export.
     overlay_io = dict(inputs=[p.compare_runs, p.compare_metric, p.monitor_state], outputs=p.overlay_plot)
@@ -852,9 +450,16 @@ def _wire(page: Page, h: Handlers) -> None:
                       api_name="watch")
     p.compare_runs.change(ev(h.on_overlay), **overlay_io, api_name="overlay")
     p.compare_metric.change(ev(h.on_overlay), **overlay_io, api_name="overlay_metric")
-    p.generate_btn.click(ev(h.on_generate), inputs=[p.open_run, p.prompts, p.monitor_state], outputs=p.samples_table,
-                         api_name="samples")
-    p.export_btn.click(ev(h.on_export), inputs=[p.open_run, p.export_reload, p.monitor_state],
+    p.open_run.change(ev(h.on_pick_run), inputs=[p.open_run, p.monitor_state],
+                      outputs=p.group("open_step", "export_reload", "delete_confirm", "run_note"), api_name="pick_run")
+    p.delete_btn.click(ev(h.on_delete), inputs=[p.open_run, p.monitor_state], outputs=[p.delete_confirm, p.run_note],
+                       api_name="delete")
+    p.delete_confirm.click(ev(h.on_delete_confirm), inputs=[p.open_run, p.monitor_state],
+                           outputs=[*p.history_outputs, p.monitor_state, p.delete_confirm, p.run_note],
+                           api_name="delete_confirm")
+    p.generate_btn.click(ev(h.on_generate), inputs=[p.open_run, p.prompts, p.monitor_state, p.open_step],
+                         outputs=p.samples_table, api_name="samples")
+    p.export_btn.click(ev(h.on_export), inputs=[p.open_run, p.export_reload, p.monitor_state, p.open_step],
                        outputs=[p.export_note, p.export_file], api_name="export")
 
     # On page load, independently (one failing does not block the others): the model card; the dataset
@@ -918,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     # export archive); nothing is added to allowed_paths, and the runs folder (plans, logs, uploaded data,
     # checkpoints) is blocked outright, wherever it lies. show_error=True: a refusal by Gradio's own input
     # checks reaches the page as its message (never a traceback; handler errors are shows_errors_in_page messages).
+    gr.networking.url_ok = patient_url_ok  # Gradio's own check gives the first render 3 s (see patient_url_ok)
     app.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=args.port, auth=auth, css=css, theme=gr.themes.Soft(primary_hue="indigo"),
         max_file_size="20mb" if demo_mode else None, blocked_paths=[str(runs_dir)], footer_links=["api", "gradio"],

@@ -147,6 +147,51 @@ def _first_key(events: Sequence[Mapping], kinds: tuple[str, ...], keys: Sequence
     return None
 
 
+#: What each stage's own training objective is logged as (PPO logs no `loss`: its policy loss, and the
+#: RLHF objective it maximises, have their own keys).
+STAGE_LOSS_KEYS = {"ppo": ("loss/policy_avg",)}
+STAGE_COLORS = {"sft": "#4f46e5", "rm": "#0891b2", "ppo": "#db2777", "dpo": "#16a34a"}
+
+
+def is_pipeline(events: Sequence[Mapping]) -> bool:
+    """Whether these are a pipeline's events (it writes `stage` events; its steps' events carry `stage`)."""
+    return any(e.get("event") == "stage" for e in events)
+
+
+def _stage_figure(events: Sequence[Mapping], title: str) -> go.Figure:
+    """A pipeline's training curves: one line per stage in that stage's own objective (SFT / RM / DPO loss,
+    PPO's policy loss and its RLHF objective on a second axis), the stage boundaries marked and named, on the
+    pipeline's one timeline (each stage's steps after the earlier stages')."""
+    fig = go.Figure()
+    starts = [e for e in events if e.get("event") == "stage" and e.get("status") in ("started", "skipped")]
+    for stage in dict.fromkeys(e.get("stage") for e in events if e.get("event") == "log" and e.get("stage")):
+        logs = [e for e in events if e.get("event") == "log" and e.get("stage") == stage]
+        key = next((k for k in (*STAGE_LOSS_KEYS.get(stage, ()), "loss") if _series(logs, "log", k)[0]), None)
+        if key is None:
+            continue
+        steps, values = _series(logs, "log", key)
+        label = f"{stage} {key.replace('loss/policy_avg', 'policy loss')}"
+        fig.add_trace(go.Scatter(x=steps, y=values, name=label, mode="lines+markers", marker={"size": 4},
+                                 line={"color": STAGE_COLORS.get(stage, "#64748b"), "width": 2}))
+        if stage == "ppo" and _series(logs, "log", "objective/rlhf_reward")[0]:
+            steps, values = _series(logs, "log", "objective/rlhf_reward")
+            fig.add_trace(go.Scatter(x=steps, y=values, name="ppo objective (reward - KL penalty)", yaxis="y2",
+                                     mode="lines", line={"color": STAGE_COLORS["ppo"], "width": 1.5, "dash": "dot"}))
+            fig.update_layout(yaxis2={"title": "RLHF objective", "overlaying": "y", "side": "right", "showgrid": False})
+    evals = [e for e in events if e.get("event") == "eval"]
+    if _series(evals, "eval", "eval_loss")[0]:
+        steps, values = _series(evals, "eval", "eval_loss")
+        fig.add_trace(go.Scatter(x=steps, y=values, name="eval loss", mode="markers",
+                                 marker={"size": 8, "symbol": "diamond", "color": COLORS["eval"]}))
+    if not fig.data:
+        return empty_figure(title, "Waiting for the first logged step...")
+    for start in starts:
+        fig.add_vline(x=int(start.get("step") or 0) + 0.5, line={"color": "#94a3b8", "width": 1, "dash": "dash"},
+                      annotation_text=str(start.get("stage")), annotation_position="top left")
+    _base_layout(fig, title, y_title="loss (each stage's own)")
+    return fig
+
+
 def loss_figure(events: Sequence[Mapping], title: str = "Loss") -> go.Figure:
     """Training loss (every `log`), eval loss (`eval` events), EWC's penalty when the safeguard is on,
     and the learning rate on a second axis.
@@ -155,6 +200,8 @@ def loss_figure(events: Sequence[Mapping], title: str = "Loss") -> go.Figure:
     again, and one line through both attempts would run back along the x axis. The first attempt's
     line is "training loss", a resumed one's "training loss (resumed at step N)"; the other series'
     later attempts join their first line's legend entry."""
+    if is_pipeline(events):
+        return _stage_figure(events, title)
     parts = attempts(events)
     resumed_at = [next((e.get("step") for e in part if e.get("event") == "resumed"), None) for part in parts]
     if not any(_series(part, "log", "loss")[0] or _series(part, "eval", "eval_loss")[0] for part in parts):
@@ -202,6 +249,11 @@ def reward_kl_series(events: Sequence[Mapping]) -> dict:
     return {"reward_key": reward_key, "kl_key": kl_key, "reward": reward, "kl": kl, "margins": margins}
 
 
+def _named(what: str, key: str | None) -> str:
+    """A series' name: "reward", or "reward (objective/scores)" when the logged key says more than the word."""
+    return what if not key or key.lower() == what.lower() else f"{what} ({key})"
+
+
 def reward_kl_time_figure(events: Sequence[Mapping], title: str = "Reward and KL over time") -> go.Figure:
     """Reward (left axis) and KL to the reference (right axis) against the step."""
     series = reward_kl_series(events)
@@ -209,10 +261,10 @@ def reward_kl_time_figure(events: Sequence[Mapping], title: str = "Reward and KL
         return empty_figure(title, "No reward or KL yet (preference stages log them: DPO, PPO).")
     fig = go.Figure()
     if series["reward"][0]:
-        fig.add_trace(go.Scatter(x=series["reward"][0], y=series["reward"][1], name=f"reward ({series['reward_key']})",
+        fig.add_trace(go.Scatter(x=series["reward"][0], y=series["reward"][1], name=_named("reward", series["reward_key"]),
                                  mode="lines+markers", marker={"size": 4}, line={"color": COLORS["reward"], "width": 2}))
     if series["kl"][0]:
-        fig.add_trace(go.Scatter(x=series["kl"][0], y=series["kl"][1], name=f"KL ({series['kl_key']})", yaxis="y2",
+        fig.add_trace(go.Scatter(x=series["kl"][0], y=series["kl"][1], name=_named("KL", series["kl_key"]), yaxis="y2",
                                  mode="lines+markers", marker={"size": 5}, line={"color": COLORS["kl"], "width": 2}))
         fig.update_layout(yaxis2={"title": "KL (nats)", "overlaying": "y", "side": "right", "showgrid": False})
     if series["margins"][0]:
@@ -242,8 +294,8 @@ def reward_vs_kl_figure(events: Sequence[Mapping], title: str = "Reward against 
             earlier = [r for s, r in zip(reward_steps, rewards) if s <= kl_step]
             if earlier:
                 points.append((kl_step, kl, earlier[-1]))
-    if not points:
-        return empty_figure(title, "Needs both a reward and a KL measurement.")
+    if len(points) < 2:  # one point is the start (KL 0 to itself): a trade-off needs a second
+        return empty_figure(title, "Needs two reward-and-KL measurements (the first is the start, at KL 0).")
     steps, x, y = zip(*points)
     fig = go.Figure(go.Scatter(
         x=list(x), y=list(y), mode="lines+markers", name="reward vs KL",
@@ -253,7 +305,7 @@ def reward_vs_kl_figure(events: Sequence[Mapping], title: str = "Reward against 
                 "colorbar": {"title": "step", "thickness": 12}},
         hovertemplate="KL %{x:.4f}<br>reward %{y:.4f}<br>%{text}<extra></extra>",
     ))
-    _base_layout(fig, title, x_title=f"KL ({series['kl_key']})", y_title=f"reward ({series['reward_key']})")
+    _base_layout(fig, title, x_title=_named("KL", kl_key), y_title=_named("reward", reward_key))
     fig.update_layout(hovermode="closest", showlegend=False)
     return fig
 
@@ -371,6 +423,37 @@ def overlay_figure(runs: Mapping[str, Sequence[Mapping]], metric: str = "loss", 
     return fig
 
 
+#: The compare pipeline's numbers, in the order the table shows them: (key, row label, format).
+COMPARISON_ROWS = (
+    ("heldout_accuracy", "held-out preference accuracy", "{:.1%}"),
+    ("reward", "reward of held-out samples", "{:.4f}"),
+    ("reward_source", "scored by", "{}"),
+    ("kl", "KL to the SFT model (per token)", "{:.4f}"),
+    ("kl_sequence", "KL per completion", "{:.4f}"),
+    ("forgetting_degradation_pct", "forgetting (original-domain loss)", "{:+.1f}%"),
+    ("reward_model_heldout_accuracy", "reward model held-out accuracy", "{:.1%}"),
+    ("alerts", "alerts", "{}"),
+    ("wall_s", "wall time", "{:.0f} s"),
+)
+
+
+def comparison_table(events: Sequence[Mapping]) -> dict | None:
+    """The compare (or rlhf / dpo) pipeline's side-by-side table from its `comparison` event, as a Dataframe
+    value {"headers", "data"}: one row per number, one column per branch (RLHF via PPO, DPO); None before it."""
+    report = next((e for e in reversed(events) if e.get("event") == "comparison"), None)
+    branches = (report or {}).get("branches") or {}
+    if not branches:
+        return None
+    names = {"rlhf": "RLHF (SFT -> RM -> PPO)", "dpo": "DPO (SFT -> DPO)"}
+    rows = []
+    for key, label, form in COMPARISON_ROWS:
+        values = [branch.get(key) for branch in branches.values()]
+        if all(value is None for value in values):
+            continue
+        rows.append([label] + ["-" if value is None else form.format(value) for value in values])
+    return {"headers": ["", *(names.get(name, name) for name in branches)], "data": rows}
+
+
 @dataclass(frozen=True)
 class RunProgress:
     """Where a run stands, computed from its events."""
@@ -393,16 +476,25 @@ class RunProgress:
     """Why a run ended (from the terminal event), when it says."""
     stage: str | None
     """Current pipeline stage, from the latest `stage` event."""
+    stage_index: int | None = None
+    """Which step of its pipeline the current stage is (1-based), and of how many (`stages`)."""
+    stages: int | None = None
+    stage_step: int | None = None
+    """The current stage's own step (a pipeline's `step` counts across its stages)."""
 
 
 def run_progress(events: Sequence[Mapping], now: float | None = None) -> RunProgress:
     """Progress, elapsed time and time left from a run's events."""
     now = time.time() if now is None else now
+    # The current attempt: after a resume, the previous attempt's terminal event must not freeze the clock.
+    current = attempts(events)[-1] if events else []
+    first_time = events[0].get("time", now) if events else now
+    events = current
     step = max((int(e.get("step") or 0) for e in events), default=0)
     begin = next((e for e in reversed(events) if e.get("event") == "train_begin"), None)
     max_steps = int(begin["max_steps"]) if begin and isinstance(begin.get("max_steps"), (int, float)) else None
     terminal = next((e for e in reversed(events) if e.get("event") in ("finished", "failed", "stopped")), None)
-    start_time = float(events[0].get("time", now)) if events else now
+    start_time = float(first_time)  # elapsed counts from the run's first event, across attempts
     end_time = float(terminal.get("time", now)) if terminal else now
     eta = None
     if begin and max_steps and not terminal:
@@ -416,6 +508,24 @@ def run_progress(events: Sequence[Mapping], now: float | None = None) -> RunProg
     state = terminal["event"] if terminal else ("training" if begin else "starting")
     stage_event = next((e for e in reversed(events) if e.get("event") == "stage"), None)
     fraction = min(1.0, step / max_steps) if max_steps else 0.0
+    stage_index = stages = stage_step = None
+    if stage_event is not None:
+        # A pipeline: the current stage's own progress (its train_begin and logs carry local steps), and the
+        # whole run's as the stages done plus the share of this one.
+        stage_index, stages = int(stage_event.get("index") or 1), stage_event.get("of")
+        stages = int(stages) if isinstance(stages, int) else None
+        name = stage_event.get("stage")
+        local = [e for e in events if e.get("stage") == name and e.get("event") in ("train_begin", "log")]
+        begin = next((e for e in reversed(local) if e.get("event") == "train_begin"), None)
+        max_steps = int(begin["max_steps"]) if begin and isinstance(begin.get("max_steps"), int) else None
+        stage_step = max((int(e.get("local_step") or 0) for e in local if e.get("event") == "log"), default=0)
+        done = stage_event.get("status") in ("finished", "skipped")
+        share = 1.0 if done else (min(1.0, stage_step / max_steps) if max_steps else 0.0)
+        fraction = min(1.0, (stage_index - 1 + share) / stages) if stages else 0.0
+        eta = None
+        if begin and max_steps and not terminal and stage_step > 0 and not done:
+            per_step = (now - float(begin.get("time", now))) / stage_step
+            eta = max(0.0, per_step * (max_steps - stage_step))
     if terminal and terminal["event"] == "finished":
         fraction = 1.0
     return RunProgress(
@@ -428,17 +538,32 @@ def run_progress(events: Sequence[Mapping], now: float | None = None) -> RunProg
         state=state,
         reason=(terminal.get("reason") or terminal.get("error")) if terminal else None,
         stage=(stage_event.get("stage") or stage_event.get("name")) if stage_event else None,
+        stage_index=stage_index,
+        stages=stages,
+        stage_step=stage_step,
     )
 
 
 def alert_messages(events: Sequence[Mapping]) -> list[str]:
-    """The plain-language message of every `alert` event, oldest first, prefixed with its step."""
+    """The plain-language message of every `alert` event, oldest first, prefixed with its step (the run's
+    step: a pipeline's steps count across its stages, as its charts do, and the stage is named)."""
     messages = []
     for event in events:
         if event.get("event") == "alert":
             text = event.get("message") or event.get("kind") or "alert"
-            messages.append(f"step {int(event.get('step') or 0)}: {text}")
+            stage = f" ({event['stage']})" if event.get("stage") else ""
+            messages.append(f"step {int(event.get('step') or 0)}{stage}: {text}")
     return messages
+
+
+def notice_messages(events: Sequence[Mapping]) -> list[str]:
+    """What the trainer adjusted or wants seen (`notice` and `note` events: a precision the machine cannot
+    run, processes run on the CPU, a safeguard off for a stage), oldest first, each once."""
+    seen: dict[str, None] = {}
+    for event in events:
+        if event.get("event") in ("notice", "note") and event.get("message"):
+            seen.setdefault(str(event["message"]), None)
+    return list(seen)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -474,9 +599,13 @@ def run_header_html(run_id: str | None, progress: RunProgress | None, status: An
     total = progress.max_steps
     pct = int(round(progress.fraction * 100))
     steps = f"step {progress.step} / {total}" if total else f"step {progress.step}"
+    if progress.stage_index is not None:  # a pipeline: which stage, and that stage's own step / total
+        of = f"/{progress.stages}" if progress.stages else ""
+        steps = (f"stage {progress.stage_index}{of} ({_escape(progress.stage)}) &middot; its step {progress.stage_step}"
+                 + (f" / {total}" if total else ""))
     eta = f" &middot; about {format_duration(progress.eta_s)} left" if progress.eta_s is not None and state == "running" else ""
     loss = f" &middot; loss {progress.last_loss:.4f}" if progress.last_loss is not None else ""
-    stage = f" &middot; stage {progress.stage}" if progress.stage else ""
+    stage = ""
     reason = ""
     if state in ("failed", "stopped") and (progress.reason or getattr(status, "error", None)):
         reason = f"<div class='tw-reason'>{_escape(progress.reason or getattr(status, 'error', ''))}</div>"
@@ -489,11 +618,13 @@ def run_header_html(run_id: str | None, progress: RunProgress | None, status: An
     )
 
 
-def alerts_markdown(messages: Sequence[str]) -> str:
-    """The monitor's alert list (the newest 20), or a line saying what the monitors watch."""
-    if not messages:
+def alerts_markdown(messages: Sequence[str], notices: Sequence[str] = ()) -> str:
+    """The monitor's banner: the alerts (the newest 20, in bold), then the trainer's notices; or a line
+    saying what the monitors watch."""
+    lines = [f"- **{_escape(m)}**" for m in messages[-20:]] + [f"- note: {_escape(n)}" for n in notices]
+    if not lines:
         return "No alerts so far. The monitors watch forgetting, KL explosion, reward hacking and mode collapse."
-    return "\n".join(f"- **{_escape(m)}**" for m in messages[-20:])
+    return "\n".join(lines)
 
 
 # -- the learning-rate pilot (trainer/pilot.py) ------------------------------------------------------------

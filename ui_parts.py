@@ -1,5 +1,6 @@
-"""The Gradio parts app.py is built from: number boxes whose refusals name their field, and a login check
-in front of every route (`--auth`). Imports gradio; nothing else of Tunewise but advisor.wizard's limits."""
+"""The Gradio parts app.py is built from: number boxes whose refusals name their field, a widget for any
+plan setting made from its description, and a login check in front of every route (`--auth`). Imports
+gradio; of Tunewise only the advisor's descriptions of the settings."""
 
 from __future__ import annotations
 
@@ -31,6 +32,23 @@ def number_with_named_range():
         return component
 
     return Number
+
+
+def setting_widget(setting, Number):  # noqa: N803 (Number stands for gr.Number)
+    """A widget for plan setting `setting` (an advisor.plan.Setting) from its description alone: a checkbox,
+    a menu of its choices, a number box bounded by its range, or a text box; labelled as the plan labels it,
+    with its help as the info line, and its plan default as the value."""
+    info = setting.help.split(". ")[0].rstrip(".") + "."
+    common = dict(label=setting.label, info=info, elem_id=f"setting-{setting.name.replace('_', '-')}")
+    if setting.type is bool:
+        return gr.Checkbox(value=bool(setting.default), **common)
+    if setting.choices:
+        return gr.Dropdown(choices=list(setting.choices), value=setting.default, **common)
+    if setting.type in (int, float) and setting.name in wizard.NUMBER_LIMITS and setting.default is not None:
+        return Number(setting.name, value=setting.default, precision=0 if setting.type is int else None, **common)
+    # An optional number that is unset by default (save every N steps, GPU memory in GB) is a text box: empty
+    # means "not set" (a number box cannot be empty without making its API parameter required).
+    return gr.Textbox(value=setting.default or "", placeholder="not set" if setting.optional else "", **common)
 
 
 class RequireLogin:
@@ -76,3 +94,22 @@ class RequireLogin:
         cookie_id = getattr(server, "cookie_id", "")
         token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
         return token is not None and token in getattr(server, "tokens", {})
+
+
+def patient_url_ok(url: str, attempts: int = 30, timeout_s: float = 10.0) -> bool:
+    """Gradio's launch check that the page answers on localhost, with patience: Gradio gives the first render
+    of the page one try of 3 s and then refuses to start ("When localhost is not accessible..."). This page
+    has a few hundred components, and on a busy 2-core machine (a CPU Space, CI) its first render can take
+    longer. Same answer as Gradio's for a server that really is not reachable, after `attempts` tries."""
+    import time
+
+    import httpx
+
+    for _ in range(attempts):
+        try:
+            if httpx.head(url, timeout=timeout_s, verify=False).status_code in (200, 401, 301, 302, 303, 307, 308):
+                return True
+        except (httpx.ConnectError, httpx.TimeoutException):
+            pass
+        time.sleep(0.5)
+    return False

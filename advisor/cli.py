@@ -86,6 +86,10 @@ def register(subparsers) -> None:
     plan.add_argument("--method", choices=METHODS, help="estimate one method (default: all three)")
     add_plan_flags(plan.add_argument_group("memory settings (the plan's defaults unless given)"), _memory_settings(),
                    defaults={"method.lora_targets": "the guide's recommended set for the model, all attention"})
+    plan.add_argument("--gpus-per-node", type=int, help="GPUs in each node (with --nodes; instead of --gpus)")
+    plan.add_argument("--interconnect-gbps", type=float,
+                      help="network speed between nodes in Gbit/s per node, for the traffic estimate "
+                           "(default 100: cloud Ethernet; an InfiniBand node with 8 x 400 Gb NICs: 3200)")
     plan.add_argument("--gpu", help="GPU name (e.g. A100-80GB, T4) to check the fit on")
     plan.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GB to check the fit on (overrides --gpu's)")
     plan.add_argument("--explain", action="store_true", help="show how each component was computed")
@@ -111,7 +115,8 @@ def register(subparsers) -> None:
     rec.add_argument("--priority", choices=("quality", "balanced", "memory"), default="balanced")
     rec.add_argument("--gpu", help="GPU name (e.g. A100-80GB, T4)")
     rec.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GB (for a GPU not in the list)")
-    rec.add_argument("--gpus", type=int, default=1, help="number of GPUs")
+    rec.add_argument("--gpus", type=int, default=1, help="number of GPUs (per node with --nodes)")
+    rec.add_argument("--nodes", type=int, default=1, help="machines training together (default 1)")
     rec.add_argument("--stage", choices=STAGES, default="sft")
     rec.add_argument("--pipeline", choices=("none", "rlhf", "dpo", "compare"), default="none")
     rec.add_argument("--quantized-inference", action="store_true", help="the model will be served quantized")
@@ -151,6 +156,8 @@ def _plan_overrides(args, spec) -> dict[str, Any]:
     from advisor import specs
 
     overrides = {"model.name": args.model, **plan_overrides(args, _memory_settings())}
+    if args.gpus_per_node is not None:
+        overrides["hardware.num_gpus"] = args.gpus_per_node
     if overrides["method.lora_targets"] is None:
         overrides["method.lora_targets"] = specs.target_module_sets(spec)["recommended"]
     return overrides
@@ -173,12 +180,95 @@ def _gpu_bytes(gpu_name: str | None, gpu_memory_gb: float | None) -> tuple[str |
     return label, num_bytes
 
 
+def _check_layout(args) -> None:
+    """--nodes / --gpus-per-node: nodes >= 1, and no more GPUs per node than a node holds."""
+    from advisor.plan import check_gpus_per_node
+
+    nodes = getattr(args, "hardware.num_nodes")
+    if nodes is not None and nodes < 1:
+        raise TunewiseError(f"--nodes must be at least 1 (a machine), got {nodes}", field="hardware.num_nodes")
+    per_node = args.gpus_per_node if args.gpus_per_node is not None else (getattr(args, "hardware.num_gpus") or 1)
+    if per_node < 1:
+        raise TunewiseError(f"--gpus-per-node must be at least 1, got {per_node}", field="hardware.num_gpus")
+    check_gpus_per_node(args.gpu, per_node, nodes or 1)
+
+
+def _cluster_entry(spec, setup, args) -> dict[str, Any]:
+    """The multi-node figures of one method: memory per GPU by strategy, host RAM, traffic, warnings."""
+    from advisor import cluster, gpus
+
+    tflops = gpus.find_gpu(args.gpu).dense_tflops if args.gpu else None
+    found = cluster.cluster_estimate(spec, setup, args.interconnect_gbps, tflops)
+    return {
+        "nodes": found.nodes,
+        "gpus_per_node": found.gpus_per_node,
+        "world_size": found.world_size,
+        "per_gpu_bytes": {shard: int(value) for shard, value in found.per_gpu_bytes.items()},
+        "host_bytes_per_node": int(found.host_bytes_per_node),
+        "host_explanation": found.host_explanation,
+        "interconnect_gbps": found.interconnect_gbps,
+        "traffic": {
+            shard: {
+                "bytes_per_step": int(t.bytes_per_step),
+                "seconds_per_step": t.seconds_per_step,
+                "compute_seconds_per_step": t.compute_seconds_per_step,
+                "needed_gbps": t.needed_gbps,
+                "explanation": t.explanation,
+            }
+            for shard, t in found.traffic.items()
+        },
+        "warnings": list(found.warnings),
+    }
+
+
+def format_cluster_report(report: dict) -> list[str]:
+    """The multi-node section: memory per GPU by strategy, host RAM per node, traffic between nodes."""
+    from advisor.cluster import STRATEGIES
+
+    estimates = [e for e in report["estimates"] if "cluster" in e]
+    if not estimates:
+        return []
+    first = estimates[0]["cluster"]
+    shard = report["setup"]["shard"]
+    lines = ["", f"over {first['nodes']} node{'s' if first['nodes'] > 1 else ''} x {first['gpus_per_node']} GPUs = "
+             f"{first['world_size']} GPUs (network between nodes: {first['interconnect_gbps']:g} Gb/s per node)"]
+    header = ["per GPU (GB)"] + [e["method"] for e in estimates]
+    rows = [[name] + [_gb(e["cluster"]["per_gpu_bytes"][key]) for e in estimates] for key, name in STRATEGIES.items()]
+    rows.append(["host RAM per node"] + [_gb(e["cluster"]["host_bytes_per_node"]) for e in estimates])
+    if first["nodes"] > 1:
+        rows.append([f"between nodes per step ({shard})"] + [_gb(e["cluster"]["traffic"][shard]["bytes_per_step"])
+                                                             for e in estimates])
+        rows.append([f"  seconds at {first['interconnect_gbps']:g} Gb/s"]
+                    + [f"{e['cluster']['traffic'][shard]['seconds_per_step']:.2f}" for e in estimates])
+        rows.append(["  seconds of compute"] + [
+            "-" if e["cluster"]["traffic"][shard]["compute_seconds_per_step"] is None
+            else f"{e['cluster']['traffic'][shard]['compute_seconds_per_step']:.2f}" for e in estimates])
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
+    lines.append("  ".join(h.ljust(widths[0]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(header)))
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i]) for i, c in enumerate(row)))
+    lines.append(f"host RAM: {first['host_explanation']}")
+    if first["nodes"] > 1:
+        lines.append(f"traffic: {first['traffic'][shard]['explanation']}")
+    for entry in estimates:
+        for warning in entry["cluster"]["warnings"]:
+            lines.append(f"warning ({entry['method']}): {warning}")
+    return lines
+
+
 def build_plan_report(args) -> dict:
     """Everything `tunewise plan` prints, as the JSON object (the table is drawn from it)."""
     from advisor import memory, specs
 
     spec = specs.resolve_model(args.model)
     counts = specs.param_counts(spec)
+    if getattr(args, "hardware.num_gpus") is not None and args.gpus_per_node is not None:
+        raise TunewiseError("--gpus and --gpus-per-node both given: use --nodes N --gpus-per-node G for several "
+                            "machines, or --gpus for one", field="hardware.num_gpus")
+    cluster_wanted = getattr(args, "hardware.num_nodes") is not None or args.gpus_per_node is not None
+    if cluster_wanted:
+        _check_layout(args)
     overrides = _plan_overrides(args, spec)
     base = Plan().with_overrides(overrides)  # PlanError names a bad flag (e.g. method.lora_rank)
     specs.check_seq_len(spec, base.training.seq_len)
@@ -202,6 +292,8 @@ def build_plan_report(args) -> dict:
             "total_bytes": int(result.total_bytes),
             "explanations": dict(result.explanations),
         }
+        if cluster_wanted:
+            entry["cluster"] = _cluster_entry(spec, setup, args)
         if gpu_bytes is not None:
             fit = memory.gpu_fit(spec, setup, gpu_bytes)
             entry.update({
@@ -241,6 +333,7 @@ def build_plan_report(args) -> dict:
             "quant_bits": first_plan.method.quant_bits,
             "double_quant": first_plan.method.double_quant,
             "num_gpus": first_plan.hardware.num_gpus,
+            "num_nodes": first_plan.hardware.num_nodes,
             "shard": first_plan.hardware.shard,
         },
         "estimates": estimates,
@@ -262,7 +355,8 @@ def format_plan_report(report: dict, explain: bool = False) -> str:
         f"stage {setup['stage']}, micro-batch {setup['micro_batch']}, seq {setup['seq_len']}, {setup['precision']}, "
         f"{setup['optimizer']}, gradient checkpointing {'on' if setup['gradient_checkpointing'] else 'off'}, "
         f"attn {setup['attn']}, LoRA r{setup['lora_rank']} on {','.join(setup['lora_targets'])}, "
-        f"{setup['num_gpus']} GPU{'s' if setup['num_gpus'] > 1 else ''} ({setup['shard']})",
+        + (f"{setup['num_nodes']} nodes x " if setup.get("num_nodes", 1) > 1 else "")
+        + f"{setup['num_gpus']} GPU{'s' if setup['num_gpus'] > 1 else ''} ({setup['shard']})",
         "memory per GPU in GB (1e9 bytes)",
         "",
     ]
@@ -292,6 +386,7 @@ def format_plan_report(report: dict, explain: bool = False) -> str:
                 lines.append(f"{entry['method']} does not fit: {entry['cheapest_fix']}")
     for item in report.get("skipped", []):
         lines.append(f"{item['method']} skipped: {item['reason']}")
+    lines += format_cluster_report(report)
     if explain:
         for entry in estimates:
             lines.append("")
@@ -380,6 +475,7 @@ def cmd_recommend(args) -> int:
         gpu=args.gpu,
         gpu_memory_gb=args.gpu_memory_gb,
         num_gpus=args.gpus,
+        num_nodes=args.nodes,
         priority=args.priority,
         quantized_inference=args.quantized_inference,
         stage=args.stage,

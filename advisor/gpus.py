@@ -4,6 +4,11 @@ Memory is what `nvidia-smi` reports as the card's total (MiB x 2^20), which is
 a little less than the marketing figure for some cards. "any" other card is
 described by its memory in GB with `custom_gpu`.
 
+For plans over several machines each GPU also says how many fit in one node
+(`max_per_node`) and its dense 16-bit tensor throughput (`dense_tflops`, the
+datasheet's figure without sparsity), which the cluster planner uses to tell
+whether the network between nodes can keep up with the compute.
+
 Pure Python.
 """
 
@@ -15,6 +20,13 @@ from advisor.errors import TunewiseError
 
 MIB = 2**20
 GB = 10**9
+
+#: No node holds more GPUs than this: the largest boxes sold carry 16 (DGX-2 / HGX-2 with 16 V100s,
+#: Google Cloud's a2-megagpu-16g with 16 A100-40GB); a plan asking for more per node is a typo.
+MAX_GPUS_PER_NODE = 16
+#: What a node of one GPU type usually holds: 8, the HGX / DGX baseboards (A100, H100, H200) and
+#: the largest cloud instances of every type listed here (p4d/p5, g5/g6/g6e.48xlarge, a2/a3 VMs).
+TYPICAL_GPUS_PER_NODE = 8
 
 
 @dataclass(frozen=True)
@@ -29,8 +41,12 @@ class GPU:
     """Supports bfloat16 (T4 does not: use fp16 there)."""
     aliases: tuple[str, ...] = ()
     """Other spellings accepted by `get_gpu`."""
-    bf16_tflops: float | None = None
-    """Dense 16-bit tensor-core TFLOPS from the datasheet (bf16; fp16 for the T4), for rough time estimates."""
+    max_per_node: int = TYPICAL_GPUS_PER_NODE
+    """The most of these a node holds (8 for every type here except the A100-40GB, of which
+    Google Cloud's a2-megagpu-16g carries 16)."""
+    dense_tflops: float | None = None
+    """Peak dense 16-bit tensor throughput in TFLOPS (datasheet, no sparsity; bf16, or fp16 with
+    fp32 accumulation where there is no bf16); None when unknown."""
 
     @property
     def memory_gb(self) -> float:
@@ -40,16 +56,19 @@ class GPU:
 #: The common training GPUs, smallest first (totals as nvidia-smi reports them, in MiB).
 #: TFLOPS: NVIDIA's datasheets, dense (without structured sparsity), 16-bit inputs with fp32 accumulation.
 GPUS: tuple[GPU, ...] = (
-    GPU("T4", 15360 * MIB, bf16=False, aliases=("t4-16gb", "tesla-t4"), bf16_tflops=65),
-    GPU("L4", 23034 * MIB, aliases=("l4-24gb",), bf16_tflops=121),
-    GPU("A10G", 23028 * MIB, aliases=("a10g-24gb", "a10"), bf16_tflops=70),
-    GPU("RTX-3090", 24576 * MIB, aliases=("3090", "rtx3090", "rtx 3090"), bf16_tflops=71),
-    GPU("RTX-4090", 24564 * MIB, aliases=("4090", "rtx4090", "rtx 4090"), bf16_tflops=165),
-    GPU("A100-40GB", 40960 * MIB, aliases=("a100-40", "a100 40gb"), bf16_tflops=312),
-    GPU("L40S", 46068 * MIB, aliases=("l40s-48gb",), bf16_tflops=362),
-    GPU("A100-80GB", 81920 * MIB, aliases=("a100", "a100-80", "a100 80gb"), bf16_tflops=312),
-    GPU("H100-80GB", 81559 * MIB, aliases=("h100", "h100-80", "h100 80gb"), bf16_tflops=989),
-    GPU("H200", 143771 * MIB, aliases=("h200-141gb",), bf16_tflops=989),
+    # dense_tflops from NVIDIA's datasheets and architecture whitepapers (GeForce cards: fp16 with fp32
+    # accumulation, half their fp16-accumulate rate); AWS publishes none for its A10G: 70 is the figure
+    # Baseten's A10 / A10G comparison gives. H100-80GB is the SXM card (989; the PCIe card: 756).
+    GPU("T4", 15360 * MIB, bf16=False, aliases=("t4-16gb", "tesla-t4"), dense_tflops=65),
+    GPU("L4", 23034 * MIB, aliases=("l4-24gb",), dense_tflops=121),
+    GPU("A10G", 23028 * MIB, aliases=("a10g-24gb", "a10"), dense_tflops=70),
+    GPU("RTX-3090", 24576 * MIB, aliases=("3090", "rtx3090", "rtx 3090"), dense_tflops=71),
+    GPU("RTX-4090", 24564 * MIB, aliases=("4090", "rtx4090", "rtx 4090"), dense_tflops=165),
+    GPU("A100-40GB", 40960 * MIB, aliases=("a100-40", "a100 40gb"), max_per_node=16, dense_tflops=312),
+    GPU("L40S", 46068 * MIB, aliases=("l40s-48gb",), dense_tflops=362),
+    GPU("A100-80GB", 81920 * MIB, aliases=("a100", "a100-80", "a100 80gb"), dense_tflops=312),
+    GPU("H100-80GB", 81559 * MIB, aliases=("h100", "h100-80", "h100 80gb"), dense_tflops=989),
+    GPU("H200", 143771 * MIB, aliases=("h200-141gb",), dense_tflops=989),
 )
 
 
@@ -75,4 +94,15 @@ def custom_gpu(memory_gb: float, name: str | None = None) -> GPU:
     """Any other card, described by its memory in GB (1e9 bytes)."""
     if not isinstance(memory_gb, (int, float)) or isinstance(memory_gb, bool) or not memory_gb > 0:
         raise TunewiseError(f"hardware.gpu_memory_gb: must be a positive number of GB, got {memory_gb!r}", field="hardware.gpu_memory_gb")
-    return GPU(name or f"{memory_gb:g} GB GPU", int(memory_gb * GB))
+    return GPU(name or f"{memory_gb:g} GB GPU", int(memory_gb * GB), max_per_node=MAX_GPUS_PER_NODE)
+
+
+def max_gpus_per_node(gpu_name: str | None) -> tuple[int, str]:
+    """(the most GPUs one node holds, that limit in words) for a GPU type by name, or for any GPU."""
+    if gpu_name:
+        gpu = get_gpu(gpu_name)
+        if gpu.max_per_node == TYPICAL_GPUS_PER_NODE:
+            return gpu.max_per_node, (f"the {gpu.max_per_node} {gpu.name} GPUs a node holds (HGX / DGX boards and "
+                                      "the largest cloud instances carry 8)")
+        return gpu.max_per_node, f"the {gpu.max_per_node} {gpu.name} GPUs the largest nodes hold"
+    return MAX_GPUS_PER_NODE, f"the {MAX_GPUS_PER_NODE} GPUs the largest nodes hold (DGX-2, a2-megagpu-16g)"

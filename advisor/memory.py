@@ -30,7 +30,10 @@ bitsandbytes on PyTorch), written as arithmetic on the model's shape:
   reward and value models and the generation KV cache;
 - several GPUs: DDP keeps a full copy per GPU (plus gradient buckets), ZeRO-2
   shards gradients and optimizer state, ZeRO-3 / FSDP shards the weights too,
-  CPU offload moves optimizer state (and with ZeRO-3 the weights) off the GPU.
+  CPU offload moves optimizer state (and with ZeRO-3 the weights) off the GPU;
+  over several nodes the shards are split over every GPU of every node
+  (nodes x GPUs per node); host memory and network traffic per node are in
+  `advisor.cluster`.
 
 `peak_allocated_bytes` is comparable to `torch.cuda.max_memory_allocated()`;
 `total_bytes` adds the CUDA context and the caching allocator's slack (what
@@ -115,7 +118,9 @@ class TrainingSetup:
     generation_len: int = 64
     """PPO: tokens generated per rollout (added to seq_len for the policy's forward)."""
     num_gpus: int = 1
-    """GPUs training together (data parallel)."""
+    """GPUs training together (data parallel); with num_nodes above 1, the GPUs of each node."""
+    num_nodes: int = 1
+    """Machines training together: num_nodes x num_gpus GPUs share the sharded state."""
     shard: str = "none"
     """none (DDP), zero2 (shard gradients + optimizer), zero3 (also the weights; FSDP full shard)."""
     cpu_offload: bool = False
@@ -149,6 +154,7 @@ class TrainingSetup:
         whole("training.grad_accum", self.grad_accum, high=MAX_GRAD_ACCUM * MAX_MICRO_BATCH)
         whole("method.lora_rank", self.lora_rank)
         whole("hardware.num_gpus", self.num_gpus)
+        whole("hardware.num_nodes", self.num_nodes)
         whole("preference.max_new_tokens", self.generation_len, 0)
         if self.quant_bits not in (4, 8):
             raise PlanError("method.quant_bits", f"must be 4 or 8, got {self.quant_bits!r}")
@@ -164,6 +170,11 @@ class TrainingSetup:
             raise PlanError("method.precision", "QLoRA computes in 16 bit: choose bf16 or fp16")
         if self.cpu_offload and self.shard == "none":
             raise PlanError("hardware.cpu_offload", "needs sharding: set shard to zero2 or zero3")
+
+    @property
+    def world_size(self) -> int:
+        """GPUs training together over every node (what ZeRO / FSDP shard over)."""
+        return self.num_gpus * self.num_nodes
 
     @property
     def compute_bytes(self) -> int:
@@ -552,7 +563,7 @@ def estimate(spec: ModelSpec, setup: TrainingSetup) -> MemoryEstimate:
 @lru_cache(maxsize=4096)
 def _estimate_cached(spec: ModelSpec, setup: TrainingSetup) -> MemoryEstimate:
     stage = setup.stage
-    n = setup.num_gpus
+    n = setup.world_size  # ZeRO / FSDP shard over every GPU of every node
     shard_opt = n > 1 and setup.shard in ("zero2", "zero3")
     shard_weights = n > 1 and setup.shard == "zero3"
     offload = setup.cpu_offload and setup.shard != "none"
@@ -564,7 +575,8 @@ def _estimate_cached(spec: ModelSpec, setup: TrainingSetup) -> MemoryEstimate:
     def shard(nbytes: int, on: bool) -> int:
         return -(-nbytes // n) if on else nbytes
 
-    sharded_note = f" / {n} GPUs" if n > 1 else ""
+    sharded_note = (f" / {n} GPUs ({setup.num_nodes} nodes x {setup.num_gpus})" if setup.num_nodes > 1
+                    else f" / {n} GPUs" if n > 1 else "")
     # Weights: with ZeRO-3 each GPU holds 1/N (plus the layers being gathered, see overhead).
     # Mixed precision under ZeRO keeps 16-bit weights on the GPU and fp32 masters in the optimizer.
     weights = policy.weights
@@ -790,9 +802,15 @@ def gpu_fit(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> FitResult:
     return FitResult(fits, gpu_bytes, total, gpu_bytes - total, max_batch, max_seq, fix, fixed)
 
 
+#: (nodes, GPUs per node) the cheapest-fix search shards over, fewest GPUs first: one node up to the 8
+#: GPUs a node usually holds (advisor.gpus.TYPICAL_GPUS_PER_NODE), then whole nodes of 8.
+SHARD_LAYOUTS = ((1, 2), (1, 4), (1, 8), (2, 8), (4, 8), (8, 8), (16, 8))
+
+
 def _cheapest_fix(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> tuple[str | None, TrainingSetup | None]:
     """Climb a ladder of changes, cheapest first, each rung keeping the ones below it: gradient
-    checkpointing, 8-bit AdamW, QLoRA, ZeRO-3 over more GPUs. On each rung a smaller micro-batch
+    checkpointing, 8-bit AdamW, QLoRA, ZeRO-3 over more GPUs (one node of up to 8, then 2, 4, 8, 16
+    nodes of 8: SHARD_LAYOUTS). On each rung a smaller micro-batch
     (with more accumulation, so the effective batch stays) is tried before the next rung."""
 
     def rungs():
@@ -810,9 +828,15 @@ def _cheapest_fix(spec: ModelSpec, setup: TrainingSetup, gpu_bytes: int) -> tupl
                                     optimizer="paged_adamw_8bit" if current.optimizer != "sgd" else "sgd")
             said = said + ["use QLoRA (4-bit NF4 base, double quantization)"]
             yield said, current
-        for gpus in (2, 4, 8, 16, 32, 64):
-            if gpus > setup.num_gpus:
-                yield said + [f"shard with ZeRO-3 / FSDP over {gpus} GPUs of this size"], current.with_(num_gpus=gpus, shard="zero3")
+        for nodes, per_node in SHARD_LAYOUTS:
+            if nodes * per_node <= setup.world_size:
+                continue
+            if nodes == 1:
+                words = f"shard with ZeRO-3 / FSDP over {per_node} GPUs of this size"
+            else:
+                words = (f"shard with ZeRO-3 / FSDP over {nodes} nodes x {per_node} GPUs of this size "
+                         f"({nodes * per_node} GPUs; `tunewise job` writes the cluster job)")
+            yield said + [words], current.with_(num_gpus=per_node, num_nodes=nodes, shard="zero3")
 
     def answer(words: list[str], option: TrainingSetup) -> tuple[str, TrainingSetup]:
         total = _estimate_cached(spec, option).total_bytes

@@ -309,7 +309,7 @@ def plan_pilot(plan, *, budget_minutes: float | None = None, share: float = DEFA
     bytes_per_param = 0.5 if plan.method.method == "qlora" else 4 if plan.method.precision == "fp32" else 2
     tflops = None
     if plan.hardware.device != "cpu" and (plan.hardware.gpu or plan.hardware.gpu_memory_gb):
-        tflops = gpus.get_gpu(plan.hardware.gpu).bf16_tflops if plan.hardware.gpu else None
+        tflops = gpus.get_gpu(plan.hardware.gpu).dense_tflops if plan.hardware.gpu else None
     return design_pilot(plan, params=params, train_examples=train_examples, tokens_per_example=per_example,
                         weight_bytes=int(params * bytes_per_param), gpu_tflops=tflops, budget_minutes=budget_minutes,
                         share=share, measured_step_s=measured_step_s, rounds=rounds)

@@ -45,6 +45,27 @@ DEMO_DATASETS = {
     "demo-pretrain": DEMO_DATA_DIR / "demo_pretrain.txt",
 }
 
+#: The step that decides a pipeline's memory: PPO holds a policy, its reference, a reward and a value
+#: model; DPO a policy and (for full fine-tuning) its reference; SFT only the policy.
+PIPELINE_PEAK_STAGE = {"rlhf": "ppo", "compare": "ppo", "dpo": "dpo"}
+
+#: The bundled datasets that hold the demo's invented world (towns, rivers): they say something about what
+#: the demo model knows and nothing about a real model, so no real model is ever probed or replayed on them.
+DEMO_WORLD_TEXTS = ("demo-original", "demo-pretrain")
+
+
+def is_demo_model(name: Any) -> bool:
+    """Whether a plan's model.name is the bundled demo model ("demo", or the path of its folder)."""
+    if not isinstance(name, str) or not name.strip():
+        return False
+    if name.strip().lower() == "demo":
+        return True
+    try:
+        return Path(name).expanduser().resolve() == DEMO_MODEL_DIR.resolve()
+    except (OSError, ValueError):
+        return False
+
+
 STAGES = ("sft", "rm", "dpo", "ppo")
 PIPELINES = ("none", "rlhf", "dpo", "compare")
 #: The stages each pipeline runs, in order (compare: SFT once, then RM -> PPO beside DPO).
@@ -85,6 +106,8 @@ class Limit:
     """`low` itself is refused (the value must be above it)."""
     hint: str = ""
     """Typical values, added to the message."""
+    unit: str = ""
+    """What the number counts ("machines"), named in the message: "a whole number of machines from 1 to 1,024"."""
 
 
 # Maxima: no real run comes near them, but they keep every number the planner multiplies, searches
@@ -130,7 +153,7 @@ def _bound(number: float) -> str:
 
 def _range_text(limit: Limit) -> str:
     if limit.whole:
-        return f"a whole number from {_bound(limit.low)} to {_bound(limit.high)}"
+        return f"a whole number{f' of {limit.unit}' if limit.unit else ''} from {_bound(limit.low)} to {_bound(limit.high)}"
     if limit.low_open:
         return f"a number above {_bound(limit.low)} and at most {_bound(limit.high)}"
     return f"a number from {_bound(limit.low)} to {_bound(limit.high)}"
@@ -401,7 +424,7 @@ class PreferenceSettings:
     """PPO KL penalty coefficient (guide: 0.01-0.1)."""
     # The same bound as training.learning_rate: above 1.0 every optimizer diverges at once.
     learning_rate: float | None = _setting(None, label="Preference learning rate", flag="--pref-lr",
-                                           name="preference_lr", widget=True,
+                                           name="preference_lr",
                                            limit=Limit(0.0, 1.0, low_open=True, hint=" (DPO paper: 1e-6, full, 6B)"))
     """Peak learning rate of the DPO and PPO / RLOO / GRPO steps of a pipeline (None: the learning rate above);
     preference objectives want far smaller steps than SFT."""
@@ -438,6 +461,21 @@ class PreferenceSettings:
         _check_fields("preference", self)
 
 
+def check_gpus_per_node(gpu: str | None, gpus_per_node: int, nodes: int = 1) -> None:
+    """Refuse more GPUs per node than a node of that type holds (PlanError on hardware.num_gpus),
+    suggesting a layout with the same total."""
+    from advisor.gpus import max_gpus_per_node
+
+    try:
+        most, why = max_gpus_per_node(gpu)
+    except TunewiseError:  # an unknown GPU name is reported by the planner, not here
+        return
+    if gpus_per_node > most:
+        total = gpus_per_node * nodes
+        raise PlanError("hardware.num_gpus", f"{gpus_per_node} GPUs per node is more than {why}: spread the {total} "
+                        f"GPUs over more nodes, e.g. {-(-total // most)} nodes x {most} GPUs")
+
+
 @dataclass(frozen=True)
 class HardwareSettings:
     """Where the run executes, and the GPU the planner sizes it for."""
@@ -449,7 +487,14 @@ class HardwareSettings:
     """Memory per GPU in GB (1e9 bytes), when the GPU is not in the list."""
     num_gpus: int = _setting(1, label="Number of GPUs", flag="--num-processes", aliases=("--gpus",), widget=True,
                              memory=True, limit=Limit(1, 1024, whole=True))
-    """GPUs (or CPU processes when there is no GPU) to train on; more than 1 uses accelerate launch."""
+    """GPUs (or CPU processes when there is no GPU) to train on; more than 1 uses accelerate launch. With
+    `num_nodes` above 1, the GPUs of each node (so num_nodes x num_gpus train together)."""
+    num_nodes: int = _setting(1, label="Nodes", flag="--nodes", widget=True, memory=True,
+                              limit=Limit(1, 1024, whole=True, unit="machines"))
+    """Machines training together (data parallel across nodes). Above 1 the run goes to a cluster
+    scheduler as a job (`tunewise job`: Slurm, SkyPilot or torchrun by hand), not a local launch, and
+    `num_gpus` per node may not exceed what a node of the GPU type holds (8 for every listed type but
+    the A100-40GB's 16; 16 for any other GPU)."""
     shard: str = _setting("none", label="Sharding", flag="--shard", choices=SHARDINGS, widget=True, memory=True)
     """none (DDP: full copy per GPU), zero2 (shard optimizer + gradients), zero3 (shard everything; FSDP full shard)."""
     cpu_offload: bool = _setting(False, label="CPU offload", flag="--cpu-offload", memory=True)
@@ -459,6 +504,10 @@ class HardwareSettings:
 
     def __post_init__(self):
         _check_fields("hardware", self)
+        if self.num_nodes > 1:
+            # One node keeps the old meaning (all the GPUs training together, up to 1024: the memory only
+            # depends on the total); across nodes num_gpus is per node and must fit in one.
+            check_gpus_per_node(self.gpu, self.num_gpus, self.num_nodes)
         if self.cpu_offload and self.shard == "none":
             raise PlanError("hardware.cpu_offload", "needs sharding: set shard to zero2 or zero3")
 

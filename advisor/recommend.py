@@ -46,6 +46,12 @@ DOMAIN_SHIFTS = ("low", "medium", "high")
 PRIORITIES = ("quality", "balanced", "memory")
 SET_BY_YOU = "set by you"
 
+#: Why the forgetting safeguards are off for a real model the user gave no general text for.
+NO_ORIGINAL_TEXT = ("off: the forgetting monitor, replay and EWC need general text from the model's original domain, "
+                    "and the bundled demo text (an invented world) says nothing about a real model. Give a few hundred "
+                    "rows of general text (e.g. a held-out slice of pretraining-like data) as Original-domain data "
+                    "(--original-data FILE) to turn them on")
+
 # -- the guide's tables, as data -------------------------------------------------------------------
 
 #: Guide, LoRA "Rank (r)" table: task complexity -> (low, high) of the recommended rank.
@@ -203,7 +209,9 @@ class AdvisorInputs:
     gpu_memory_gb: float | None = None
     """Memory per GPU in GB (1e9 bytes) for a GPU not in the list; overrides the named GPU's memory."""
     num_gpus: int = 1
-    """GPUs available."""
+    """GPUs available (per node when num_nodes is above 1)."""
+    num_nodes: int = 1
+    """Machines training together (num_nodes x num_gpus GPUs)."""
     priority: str = "balanced"
     """quality (quality-critical), balanced, or memory (memory-constrained)."""
     quantized_inference: bool = False
@@ -233,6 +241,9 @@ class AdvisorInputs:
     """What the measurement was ("pilot: 5 rates x 20 steps on 180 held-out examples, ...")."""
     measured_lr_method: str | None = None
     """The method the rate was measured with (full, lora, qlora); it applies only to that method."""
+    original_data: str | None = None
+    """General text the forgetting monitor measures (and replay / EWC use), when the user has given some;
+    None: the demo's text, which only the demo model can be measured on."""
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model.strip():
@@ -252,6 +263,13 @@ class AdvisorInputs:
                 raise _bad(name, f"{getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not isinstance(self.num_gpus, int) or isinstance(self.num_gpus, bool) or not 1 <= self.num_gpus <= 1024:
             raise _bad("num_gpus", f"must be a whole number from 1 to 1024, got {self.num_gpus!r}")
+        if not isinstance(self.num_nodes, int) or isinstance(self.num_nodes, bool) or not 1 <= self.num_nodes <= 1024:
+            raise _bad("num_nodes", f"must be a whole number of machines from 1 to 1024, got {self.num_nodes!r}")
+
+    @property
+    def world_size(self) -> int:
+        """GPUs training together over every node."""
+        return self.num_gpus * self.num_nodes
 
     @property
     def heaviest_stage(self) -> str:
@@ -367,6 +385,7 @@ class Recommendation:
             "data.examples": self.inputs.examples,
             "data.tokens": self.inputs.tokens,
             "hardware.num_gpus": self.inputs.num_gpus,
+            "hardware.num_nodes": self.inputs.num_nodes,
             "hardware.gpu": self.inputs.gpu,
             "hardware.gpu_memory_gb": self.inputs.gpu_memory_gb,
         }
@@ -427,7 +446,8 @@ def _gpu_budget(inputs: AdvisorInputs) -> tuple[str | None, int | None, bool]:
         name = name or "GPU"
     if gpu_bytes is None:
         return None, None, True
-    return f"{inputs.num_gpus} x {name} ({_gb(gpu_bytes)})", gpu_bytes, bf16
+    nodes = f"{inputs.num_nodes} nodes x " if inputs.num_nodes > 1 else ""
+    return f"{nodes}{inputs.num_gpus} x {name} ({_gb(gpu_bytes)})", gpu_bytes, bf16
 
 
 class _Rules:
@@ -856,6 +876,14 @@ def lora_capacity(spec, rank: int, targets, tokens: int | None, exact: bool) -> 
                     f"rank {rank} trains {params:,}, which {verdict} the data's {tokens:,} {what}"), fits
 
 
+def _params(count: int) -> str:
+    """A parameter count for a reason: "1.6M", "7.2B" (a tiny model is not "0.0B")."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return str(count)
+
+
 def dropout_for(params_total: int) -> tuple[float, str]:
     """QLoRA paper's dropout by model size (the guide gives none)."""
     if params_total >= LORA_DROPOUT_SIZE_SPLIT:
@@ -864,7 +892,7 @@ def dropout_for(params_total: int) -> tuple[float, str]:
         value = LORA_DROPOUT_SMALL
     return value, (
         f"QLoRA paper (Dettmers et al. 2023): dropout 0.1 up to 13B parameters, 0.05 for 33B and 65B; "
-        f"this model has {_size(params_total)} parameters -> {value}"
+        f"this model has {_params(params_total)} -> {value}"
     )
 
 
@@ -893,20 +921,20 @@ def _ladder(method: str, base_setup, rules: _Rules, bf16: bool) -> list[_Candida
             ({"precision": "amp", "optimizer": "adamw", "gradient_checkpointing": False, "shard": "none"}, ()),
             ({"gradient_checkpointing": True}, ("gradient checkpointing",)),
         ]
-        if inputs.num_gpus > 1:
+        if inputs.world_size > 1:
             steps += [({"shard": "zero2"}, ("ZeRO-2",)), ({"shard": "zero3"}, ("ZeRO-3",))]
         steps += [({"precision": half}, (f"pure {half} (no fp32 master weights)",)),
                   ({"optimizer": "adamw_8bit"}, ("8-bit AdamW",))]
     elif method == "lora":
         steps = [({"precision": half, "optimizer": "adamw", "gradient_checkpointing": False, "shard": "none"}, ()),
                  ({"gradient_checkpointing": True}, ("gradient checkpointing",))]
-        if inputs.num_gpus > 1:
+        if inputs.world_size > 1:
             steps += [({"shard": "zero3"}, ("ZeRO-3 (shards the frozen base)",))]
     else:
         steps = [({"precision": half, "optimizer": "paged_adamw_8bit", "gradient_checkpointing": False, "shard": "none",
                    "quant_bits": 4, "double_quant": True}, ()),
                  ({"gradient_checkpointing": True}, ("gradient checkpointing",))]
-        if inputs.num_gpus > 1:
+        if inputs.world_size > 1:
             steps += [({"shard": "zero3"}, ("ZeRO-3",))]
     # What a rung changes, the user may have fixed: their value wins on every rung.
     user_fixed = {name: rules.overrides[name] for change, _ in steps for name in change if name in rules.overrides}
@@ -953,10 +981,13 @@ def _closest_fixes(spec, inputs: AdvisorInputs, last: _Candidate, gpu_bytes: int
     frugal = dataclasses.replace(last.setup, micro_batch=1, grad_accum=1)
     need = _total(spec, frugal)
     for count in GPU_COUNTS:
-        if count <= inputs.num_gpus:
+        if count <= inputs.world_size:
             continue
-        if _fits_at_one(spec, dataclasses.replace(frugal, num_gpus=count, shard="zero3"), gpu_bytes):
-            fixes.append(f"use {count} of these GPUs with ZeRO-3 / FSDP full shard ({last.method}, micro-batch 1)")
+        # Up to 8 GPUs on one node (advisor.gpus.TYPICAL_GPUS_PER_NODE), then whole nodes of 8.
+        nodes, per_node = (1, count) if count <= 8 else (count // 8, 8)
+        if _fits_at_one(spec, dataclasses.replace(frugal, num_gpus=per_node, num_nodes=nodes, shard="zero3"), gpu_bytes):
+            layout = f", {nodes} nodes x {per_node}: `tunewise job` writes the cluster job" if nodes > 1 else ""
+            fixes.append(f"use {count} of these GPUs with ZeRO-3 / FSDP full shard ({last.method}, micro-batch 1{layout})")
             break
     bigger = [gpu for gpu in gpus.GPUS if int(gpu.memory_bytes) >= need]
     if bigger:
@@ -991,7 +1022,7 @@ def _largest_model_that_fits(setup, gpu_bytes: int, spec, target_set: str) -> st
             continue
         if ok:
             best = (total, model_id)
-    return None if best is None else f"{best[1]} ({best[0] / 1e9:.1f}B parameters)"
+    return None if best is None else f"{best[1]} ({_params(best[0])} parameters)"
 
 
 # -- the entry point -------------------------------------------------------------------------------------
@@ -1066,6 +1097,7 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
             grad_accum=1,
             stage=stage,
             num_gpus=inputs.num_gpus,
+            num_nodes=inputs.num_nodes,
         )
         ladder = _ladder(method, base_setup, rules, bf16)
         if gpu_bytes is None:
@@ -1125,7 +1157,7 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
               ("recompute activations in the backward pass (less memory, ~30% slower); " if setup.gradient_checkpointing
                else "off: faster, and the activations fit; ") + fit_reason, "memory_fit")
     rules.put("attn", "sdpa", "fused attention (SDPA) never materialises the attention matrix, so activations grow linearly with the sequence", "attention_kernel")
-    rules.put("shard", setup.shard, ("one full copy per GPU (DDP)" if setup.shard == "none" else f"{setup.shard}: shards across {inputs.num_gpus} GPUs") + f"; {fit_reason}", "memory_fit")
+    rules.put("shard", setup.shard, ("one full copy per GPU (DDP)" if setup.shard == "none" else f"{setup.shard}: shards across {inputs.world_size} GPUs") + f"; {fit_reason}", "memory_fit")
 
     # 4. LoRA settings (None for full fine-tuning).
     if method == "full":
@@ -1153,7 +1185,7 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
 
     # 5. Batch: the largest power-of-two micro-batch (up to the effective batch per GPU) whose
     # setup, with the gradient accumulation it implies, fits; accumulation makes up the rest.
-    per_gpu_target = max(1, effective // inputs.num_gpus)
+    per_gpu_target = max(1, effective // inputs.world_size)
     if gpu_bytes is None:
         micro = min(8, per_gpu_target)
         micro_reason = f"{micro} per device toward an effective batch of {effective}; no GPU given: not checked against memory"
@@ -1165,19 +1197,19 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
         for size in MICRO_BATCHES:
             if size > per_gpu_target:
                 continue
-            accum_at = max(1, math.ceil(effective / (size * inputs.num_gpus)))
+            accum_at = max(1, math.ceil(effective / (size * inputs.world_size)))
             if _total(spec, dataclasses.replace(setup, micro_batch=size, grad_accum=accum_at)) <= gpu_bytes:
                 micro = size
                 break
         micro_reason = (f"the largest power of two up to {per_gpu_target} per GPU (an effective batch of {effective}) "
                         f"that the estimator fits on {gpu_text} at {setup.seq_len} tokens")
     micro = rules.put("micro_batch", micro, micro_reason, "micro_batch_fit")
-    accum = max(1, math.ceil(effective / (micro * inputs.num_gpus)))
-    accum = rules.put("grad_accum", accum, f"{effective} examples per step / ({micro} per micro-batch x {inputs.num_gpus} GPU{'s' if inputs.num_gpus > 1 else ''}) -> {accum}", "grad_accum")
-    effective_actual = micro * accum * inputs.num_gpus
+    accum = max(1, math.ceil(effective / (micro * inputs.world_size)))
+    accum = rules.put("grad_accum", accum, f"{effective} examples per step / ({micro} per micro-batch x {inputs.world_size} GPU{'s' if inputs.world_size > 1 else ''}) -> {accum}", "grad_accum")
+    effective_actual = micro * accum * inputs.world_size
     if method in ("lora", "qlora") and effective_actual <= LORA_LARGE_BATCH:
         effective_reason += f"; small enough for LoRA, which pays more than full fine-tuning for large batches ({LWR})"
-    rules.put("effective_batch", effective_actual, effective_reason + (f"; {micro} x {accum} x {inputs.num_gpus} = {effective_actual}" if effective_actual != effective else ""), "effective_batch")
+    rules.put("effective_batch", effective_actual, effective_reason + (f"; {micro} x {accum} x {inputs.world_size} = {effective_actual}" if effective_actual != effective else ""), "effective_batch")
     if method in ("lora", "qlora") and effective_actual > LORA_LARGE_BATCH:
         rules.warnings.append(
             f"effective batch {effective_actual} with {method}: {LWR} and the {TINKER_PRIMER} found that LoRA pays a larger "
@@ -1231,9 +1263,16 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
         warmup, warmup_reason = WARMUP_RANGE[0], f"guide: short warmup (5-10% of steps); 5% of {total_steps} steps is {max(1, round(0.05 * total_steps))} steps"
     rules.put("warmup_ratio", warmup, warmup_reason, "warmup_range")
 
-    # 7. Forgetting safeguards, scaled by the domain shift and the method.
-    rules.put("forgetting_monitor", True, "guide: monitor for catastrophic forgetting; keep a validation set from the original domain", "forgetting_monitor")
-    run_steps = min(total_steps, inputs.max_steps) if inputs.max_steps else total_steps
+    # 7. Forgetting safeguards, scaled by the domain shift and the method. They need original-domain text: the
+    # demo model has its own; a real model needs some from the user (never the demo's invented-world text).
+    from advisor.plan import DEMO_WORLD_TEXTS, is_demo_model
+
+    has_text = is_demo_model(inputs.model) or (inputs.original_data not in (None, *DEMO_WORLD_TEXTS))
+    if has_text:
+        rules.put("forgetting_monitor", True, "guide: monitor for catastrophic forgetting; keep a validation set from the original domain", "forgetting_monitor")
+    else:
+        rules.put("forgetting_monitor", False, NO_ORIGINAL_TEXT, "forgetting_monitor")
+    run_steps = inputs.max_steps or total_steps  # max steps, when set, replace the epochs (HF Trainer's rule)
     rules.put("forgetting_eval_every", *forgetting_interval(run_steps, effective_actual), "monitor_cost")
     adapters = method in ("lora", "qlora")
     replay_table = {"full": {"low": 0.01, "medium": 0.05, "high": 0.10}, "adapter": {"low": 0.0, "medium": 0.01, "high": 0.05}}
@@ -1246,8 +1285,12 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
         replay_reason = "off: guide, LoRA keeps the original weights frozen and the task is close to pretraining; turn on replay (1-10%) if the monitor alerts"
     elif inputs.preserve_original:
         replay_reason += "; doubled because forgetting is a concern"
-    rules.put("replay_fraction", replay, replay_reason + f" -> {replay:.0%}", "replay_buffer")
-    if method == "full" and (inputs.domain_shift == "high" or inputs.preserve_original) and setup.shard != "zero3":
+    if not has_text and replay:
+        replay, replay_reason = 0.0, f"off (the guide would mix {replay:.0%}): {NO_ORIGINAL_TEXT}"
+    rules.put("replay_fraction", replay, replay_reason + ("" if not has_text else f" -> {replay:.0%}"), "replay_buffer")
+    if not has_text and method == "full" and (inputs.domain_shift == "high" or inputs.preserve_original):
+        rules.put("ewc_lambda", 0.0, f"off (the guide would use EWC here): {NO_ORIGINAL_TEXT}", "ewc")
+    elif method == "full" and (inputs.domain_shift == "high" or inputs.preserve_original) and setup.shard != "zero3":
         rules.put("ewc_lambda", EWC_START_LAMBDA,
                   "guide: elastic weight consolidation penalises changes to important weights (Fisher information on the original data); "
                   f"on for full fine-tuning with {'forgetting concerns' if inputs.preserve_original else 'a high domain shift'}; "

@@ -68,7 +68,16 @@ PRIORITY_CHOICES = (("Best quality", "quality"), ("Balanced", "balanced"), ("Lea
 #: Widget name -> the plan setting it edits (dotted): every setting with a widget (`Setting.widget`), by its
 #: short name. `goal` is special (stage + pipeline) and `gpu` maps "none" to no GPU. Widget names are also
 #: the API's parameter names.
-PLAN_WIDGETS: dict[str, str] = {"goal": "stage", **{s.name: s.dotted for s in settings() if s.widget}}
+#: The plan settings the page shows nowhere else (the stage and pipeline come from the goal, the device from
+#: the GPU; examples and tokens are the advisor's record of the data): step 3's "Advanced settings" group
+#: gives each a widget made from its description (label, range, choices, help), so every plan setting is
+#: reachable in the wizard.
+_ELSEWHERE = ("stage", "pipeline", "data.examples", "data.tokens", "hardware.device")
+ADVANCED_SETTINGS = tuple(s for s in settings() if not s.widget and s.dotted not in _ELSEWHERE)
+
+PLAN_WIDGETS: dict[str, str] = {"goal": "stage", **{s.name: s.dotted for s in settings() if s.widget},
+                                **{s.name: s.dotted for s in ADVANCED_SETTINGS}}
+_ON_PAGE = {s.name for s in settings() if s.widget} | {s.name for s in ADVANCED_SETTINGS}
 
 #: Widgets that hold a name (what the name may be, for messages).
 TEXT_WIDGETS = {
@@ -77,7 +86,7 @@ TEXT_WIDGETS = {
 }
 
 #: Widgets whose empty value means "not set" (None in the plan) rather than an error.
-OPTIONAL_WIDGETS = tuple(s.name for s in settings() if s.widget and s.optional)
+OPTIONAL_WIDGETS = tuple(s.name for s in settings() if s.name in _ON_PAGE and s.optional)
 
 #: Human names for plan settings, used in messages and the recommendation table.
 LABELS = {s.dotted: s.label for s in settings()}
@@ -92,8 +101,24 @@ _PAGE_LOWS: dict[str, float] = {"epochs": 0.01, "max_steps": 0, "seq_len": 8, "f
 #: a value the page could not.
 NUMBER_LIMITS: dict[str, tuple[float | None, float | None]] = {
     s.name: (_PAGE_LOWS.get(s.name, None if s.limit.low_open else s.limit.low), s.limit.high)
-    for s in settings() if s.widget and s.limit is not None
+    for s in settings() if s.name in _ON_PAGE and s.limit is not None
 }
+
+
+#: Optional numbers the page shows as text boxes (empty: not set): those unset in a fresh plan.
+NUMBER_TEXT_WIDGETS = tuple(s.name for s in ADVANCED_SETTINGS if s.type in (int, float) and s.default is None)
+
+
+def _number_from_text(text: str, dotted: str) -> Any:
+    """A text box's number: None when empty, else an int or a float (PlanError naming the setting)."""
+    text = text.strip().replace(",", "")
+    if not text:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        raise PlanError(dotted, f"{LABELS.get(dotted, dotted)} must be a number (or empty: not set), got {text!r}") from None
+    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
 
 
 def _show_number(value: float | int) -> str:
@@ -156,6 +181,8 @@ def plan_from_widgets(values: Mapping[str, Any], base: Plan | None = None) -> Pl
     base = base or Plan()
     for name, value in values.items():
         dotted = PLAN_WIDGETS[name]
+        if name in NUMBER_TEXT_WIDGETS and isinstance(value, str):
+            value = _number_from_text(value, dotted)
         if name in NUMBER_LIMITS:
             problem = number_problem(value, *NUMBER_LIMITS[name])
             if problem:
@@ -201,9 +228,10 @@ def plan_from_widgets(values: Mapping[str, Any], base: Plan | None = None) -> Pl
         node[parts[-1]] = None if value is _CLEAR else value
     plan = Plan.from_dict(data)
     if plan.hardware.gpu is None:
-        # Without a GPU the plan runs on the CPU: one process, no sharding.
-        if plan.hardware.num_gpus != 1 or plan.hardware.shard != "none":
-            plan = plan.with_overrides({"hardware.num_gpus": 1, "hardware.shard": "none", "hardware.cpu_offload": False})
+        # Without a GPU the plan runs on the CPU: one process on one machine, no sharding.
+        if plan.hardware.num_gpus != 1 or plan.hardware.num_nodes != 1 or plan.hardware.shard != "none":
+            plan = plan.with_overrides({"hardware.num_gpus": 1, "hardware.num_nodes": 1, "hardware.shard": "none",
+                                        "hardware.cpu_offload": False})
     return plan
 
 
@@ -229,6 +257,8 @@ def widgets_from_plan(plan: Plan) -> dict[str, Any]:
             node = NO_GPU
         if name == "lora_targets":
             node = list(node)
+        if name in NUMBER_TEXT_WIDGETS:
+            node = "" if node is None else (f"{node:g}" if isinstance(node, float) else str(node))
         values[name] = node
     return values
 
@@ -289,8 +319,9 @@ def apply_demo_limits(plan: Plan, limits: DemoLimits) -> tuple[Plan, list[str]]:
     if plan.model.trust_remote_code:
         raise TunewiseError("model.trust_remote_code: the public demo never runs a model's own code; turn it off.",
                             field="model.trust_remote_code")
-    if plan.hardware.num_gpus != 1 or plan.hardware.shard != "none":
-        plan = plan.with_overrides({"hardware.num_gpus": 1, "hardware.shard": "none", "hardware.cpu_offload": False})
+    if plan.hardware.num_gpus != 1 or plan.hardware.num_nodes != 1 or plan.hardware.shard != "none":
+        plan = plan.with_overrides({"hardware.num_gpus": 1, "hardware.num_nodes": 1, "hardware.shard": "none",
+                                    "hardware.cpu_offload": False})
         notes.append("the demo trains in one process on the CPU")
     steps = plan.training.max_steps
     if steps is None or steps > limits.max_steps:
@@ -313,6 +344,18 @@ def admit_demo_run(plan: Plan, limits: DemoLimits, active: Sequence[Any], own: S
     this visitor). Another visitor's run is only said to exist: no id, no data. Call it under the lock
     that also covers the launch, so two clicks cannot both be admitted."""
     plan, notes = apply_demo_limits(plan, limits)
+    from advisor.plan import DEMO_DATASETS
+
+    for dotted, value in (("preference.sft_model", plan.preference.sft_model),
+                          ("preference.reward_model", plan.preference.reward_model)):
+        if value and value not in own:
+            raise TunewiseError(f"{dotted}: the public demo starts a stage only from one of your own runs "
+                                f"({', '.join(own) or 'none yet'}), not {value!r}", field=dotted)
+    for dotted, value in (("forgetting.original_data", plan.forgetting.original_data),
+                          ("forgetting.replay_data", plan.forgetting.replay_data)):
+        if value and value not in DEMO_DATASETS:
+            raise TunewiseError(f"{dotted}: the public demo reads only the bundled datasets "
+                                f"({', '.join(DEMO_DATASETS)}) here, not {value!r}", field=dotted)
     if active:
         current = active[0]
         if current.run_id in own:
@@ -323,6 +366,15 @@ def admit_demo_run(plan: Plan, limits: DemoLimits, active: Sequence[Any], own: S
         raise TunewiseError(f"queue: the public demo trains one run at a time and {what}; the button will work then.",
                             field="queue")
     return plan, notes
+
+
+def machine_busy_message(current: Any, plan: Plan) -> str:
+    """Why the page refuses a second launch while `current` (a queued or running run's status) trains here."""
+    where = f"the {plan.hardware.gpu}" if plan.hardware.gpu else "this machine's CPU"
+    return (f"queue: run {current.run_id} is {current.state} (step {current.step}/{current.max_steps or '?'}) on this "
+            f"machine; a second run on {where} would run both out of memory, or each at half speed. Wait for it to "
+            "finish, or stop it in step 4, then launch again (from a terminal, `tunewise launch` can still start runs "
+            "side by side on separate GPUs, e.g. with CUDA_VISIBLE_DEVICES)")
 
 
 def hide_server_paths(text: str, roots: Iterable[Path]) -> str:
@@ -549,8 +601,7 @@ def model_card_markdown(spec: Any, counts: Any) -> str:
 
 
 def run_row(status: Any) -> list[Any]:
-    """One row of the run history from a trainer.status.RunStatus: id, what, state, step / total, last
-    loss, forgetting %, started."""
+    """One row of the run history from a trainer.status.RunStatus (columns: RUN_HEADERS, key ones first)."""
     import time
 
     state = status.state
@@ -562,16 +613,23 @@ def run_row(status: Any) -> list[Any]:
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(status.created_at)) if status.created_at else ""
     return [
         status.run_id,
-        run_what(status),
         state,
         f"{step}/{status.max_steps}" if status.max_steps else str(step),
         f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
         f"{round(forgetting, 1) + 0.0:+.1f}%" if isinstance(forgetting, (int, float)) else "-",  # no "-0.0%"
         started,
+        run_what(status),
     ]
 
 
-RUN_HEADERS = ["run", "what", "status", "step", "last loss", "forgetting", "started"]
+#: The run history's columns: what a practitioner scans first (state, progress, loss), then the long text.
+RUN_HEADERS = ["run", "status", "step", "last loss", "forgetting", "started", "what"]
+
+
+def preselected_run(statuses: Sequence[Any]) -> str | None:
+    """The run step 5 opens on: the newest that did not fail (a failed run has nothing to show), else None."""
+    return next((status.run_id for status in statuses if status.state != "failed"), None)
+
 
 #: File suffixes of the dataset formats Tunewise reads.
 DATA_SUFFIXES = tuple(SUFFIX_FORMATS)
@@ -608,11 +666,18 @@ BUNDLED_DATASETS = {
 }
 
 
+#: The bare sizes the model menu offers (advisor.specs plans any such size as a Llama-shaped model).
+ROUGH_SIZES = ("1B", "3B", "7B", "8B", "13B", "34B", "70B")
+
+
 def model_choices() -> list[tuple[str, str]]:
     """(label, value) for the model menu: the bundled demo model, then the catalogue."""
     from advisor import specs
 
-    return [("demo (bundled offline model)", "demo")] + [(name, name) for name in specs.catalogue_names()]
+    # The rough sizes come before the catalogue, so typing "7B" and Enter picks the size (the filter takes the
+    # first match), not the first catalogue model whose name contains 7b.
+    sizes = [(f"{size}: any Llama-shaped model of this size (rough)", size) for size in ROUGH_SIZES]
+    return [("demo (bundled offline model)", "demo"), *sizes] + [(name, name) for name in specs.catalogue_names()]
 
 
 def gpu_choices() -> list[tuple[str, str]]:
@@ -643,7 +708,8 @@ ADVISED_WIDGETS = tuple(name for name in ADVICE if name in PLAN_WIDGETS) + ("pac
 
 #: What the advice depends on: the plan widgets of steps 1 and 2, and the step-2 widgets that are advisor
 #: inputs, not plan settings (task, domain, priority, quantized_inference).
-ADVISOR_WIDGETS = ("model", "dataset", "goal", "gpu", "num_gpus", "task", "domain", "priority", "quantized_inference")
+ADVISOR_WIDGETS = ("model", "dataset", "goal", "gpu", "num_gpus", "num_nodes", "task", "domain", "priority",
+                   "quantized_inference", "original_data")
 
 
 @dataclass(frozen=True)
@@ -660,11 +726,32 @@ class Advised:
     """Memory verdict, warnings and notes as markdown."""
 
 
+#: Plan widgets that other advised values follow: editing one re-advises the rest (keeping the user's own
+#: changes), so LoRA alpha and its reason follow a new rank, and the learning rate follows a new method.
+FOLLOWED_WIDGETS = ("method", "lora_rank")
+
+
+def user_changes(values: Mapping[str, Any], advice: Mapping[str, Any] | None) -> dict:
+    """The advised widgets (`ADVISED_WIDGETS`) whose page value is the user's own: it differs from the last
+    advice, or that advice already kept it as "set by you". Re-advising keeps these and re-derives the rest,
+    so a value that follows another (alpha from the rank, the rate from the method) follows the user's edit
+    instead of staying at what was advised for the old one."""
+    advice = advice or {}
+    changed = {}
+    for name in ADVISED_WIDGETS:
+        if name not in values:
+            continue
+        item = advice.get(name)
+        if item is None or getattr(item, "overridden", False) or not _same(values[name], getattr(item, "value", item)):
+            changed[name] = values[name]
+    return changed
+
+
 def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
            overrides: Mapping[str, Any] | None = None, max_steps: int | None = None,
            measured_lr: Mapping[str, Any] | None = None) -> Advised:
     """Ask the advisor for the page's model, data, goal and hardware (`values` by widget name: model,
-    dataset, goal, gpu, num_gpus, task, domain, priority, quantized_inference). `profile` is the dataset
+    dataset, goal, gpu, num_gpus, num_nodes, task, domain, priority, quantized_inference). `profile` is the dataset
     profile's dict when known; `overrides` (widget name -> value) are kept as "set by you"; `measured_lr`
     ({"rate", "reason"}, a pilot's result) replaces the learning-rate rules."""
     from advisor import recommend as rec_mod
@@ -688,6 +775,7 @@ def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
         domain_shift=str(values.get("domain") or "medium"),
         gpu=gpu,
         num_gpus=int(_whole(values.get("num_gpus") or 1)) if gpu else 1,
+        num_nodes=int(_whole(values.get("num_nodes") or 1)) if gpu else 1,
         priority=str(values.get("priority") or "balanced"),
         quantized_inference=bool(values.get("quantized_inference")),
         stage=stage,
@@ -699,6 +787,7 @@ def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
         measured_lr=float(measured_lr["rate"]) if measured_lr else None,
         measured_lr_reason=str(measured_lr["reason"]) if measured_lr else None,
         measured_lr_method=str(measured_lr["method"]) if measured_lr and measured_lr.get("method") else None,
+        original_data=None if _blank(values.get("original_data")) else str(values["original_data"]).strip(),
     )
     kept = {}
     for name, value in (overrides or {}).items():
@@ -708,6 +797,8 @@ def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
     base = Plan()
     if not _blank(values.get("dataset")):
         base = base.with_overrides({"data.dataset": str(values["dataset"])})
+    if inputs.original_data:
+        base = base.with_overrides({"forgetting.original_data": inputs.original_data})
     if profile and "pack" in profile:
         base = base.with_overrides({"data.packing": bool(profile["pack"])})
     if max_steps:
@@ -773,15 +864,22 @@ class PlanView:
     """How each component of the plan's own method was computed."""
 
 
-def plan_view(plan: Plan) -> PlanView:
-    """Memory of `plan` for full / LoRA / QLoRA, and how the plan's own setup fits every known GPU."""
+def plan_view(plan: Plan, measured_lr: float | None = None) -> PlanView:
+    """Memory of `plan` for full / LoRA / QLoRA, and how the plan's own setup fits every known GPU
+    (`measured_lr`: the rate the pilot measured on this data, which the status does not question)."""
     import dataclasses
 
     from advisor import gpus, memory, specs
 
+    from advisor.plan import PIPELINE_PEAK_STAGE
+
     spec = specs.resolve_model(plan.model.name)
     specs.check_seq_len(spec, plan.training.seq_len)
+    params = None if spec.rough else specs.param_counts(spec).total
     setup = memory.setup_from_plan(plan)
+    peak_stage = PIPELINE_PEAK_STAGE.get(plan.pipeline)
+    if peak_stage:  # a pipeline is sized by its heaviest step, as the advice is
+        setup = dataclasses.replace(setup, stage=peak_stage)
     estimates = {}
     for method, label in METHOD_LABELS.items():
         changes: dict[str, Any] = {"method": method}
@@ -803,10 +901,19 @@ def plan_view(plan: Plan) -> PlanView:
         rows.append(FitRow(card.name + (" (yours)" if gpu is not None and card.name == gpu.name else ""),
                            round(card.memory_bytes / GB, 1), METHOD_LABELS[setup.method], fit.fits,
                            fit.max_micro_batch, fit.max_seq_len, fit.cheapest_fix or ""))
-    per_gpu = f" per GPU ({plan.hardware.num_gpus} GPUs, {plan.hardware.shard})" if plan.hardware.num_gpus > 1 else ""
-    need = (f"This plan ({METHOD_LABELS[setup.method]}, micro-batch {setup.micro_batch} x {setup.seq_len} tokens) "
-            f"needs **{gb(own.total_bytes)} GB**{per_gpu}: {gb(own.peak_allocated_bytes)} GB of tensors at the peak, "
-            f"plus the CUDA context and allocator slack.")
+    hw = plan.hardware
+    sharding = {"none": "each holding a whole copy (DDP)", "zero2": "optimizer and gradients sharded (ZeRO-2)",
+                "zero3": "everything sharded (ZeRO-3 / FSDP)"}.get(hw.shard, hw.shard)
+    if hw.num_nodes > 1:
+        per_gpu = f" per GPU ({hw.num_nodes} nodes x {hw.num_gpus} GPUs, {sharding})"
+    else:
+        per_gpu = f" per GPU ({hw.num_gpus} GPUs, {sharding})" if hw.num_gpus > 1 else ""
+    step = f", sized by its heaviest step, {peak_stage.upper()}" if peak_stage else ""
+    need = (f"This plan ({METHOD_LABELS[setup.method]}, micro-batch {setup.micro_batch} x {setup.seq_len} tokens{step}) "
+            f"needs **{gb(own.total_bytes)} GB**{per_gpu} on a GPU: {gb(own.peak_allocated_bytes)} GB of tensors at the "
+            f"peak, plus the CUDA context and allocator slack"
+            + (" (on this CPU the tensors live in host memory, and there is no CUDA context)." if hw.gpu is None
+               else "."))
     if gpu is None:
         verdict = " No GPU chosen: it trains on the CPU here (the table below shows which GPUs would fit it)."
     elif chosen_fit.fits:
@@ -815,6 +922,8 @@ def plan_view(plan: Plan) -> PlanView:
     else:
         verdict = (f" **It does not fit your {gpu.name}** ({gb(gpu.memory_bytes, 0)} GB). "
                    + (chosen_fit.cheapest_fix or "Choose a larger GPU or a smaller model."))
+    if hw.num_nodes > 1:
+        verdict += " " + cluster_markdown(spec, setup, gpu)
     if own.rough or spec.rough:
         verdict += " *(Rough mode: the model's shape is guessed from its size.)*"
     return PlanView(
@@ -823,9 +932,73 @@ def plan_view(plan: Plan) -> PlanView:
         gpu_bytes=int(gpu.memory_bytes) if gpu is not None else None,
         gpu_label=gpu.name if gpu is not None else "",
         fit=fit_rows(rows),
-        status_markdown=need + verdict,
+        status_markdown=need + verdict + "".join(f"\n\n**Check this:** {w}"
+                                                 for w in plausibility_warnings(plan, params, measured_lr)),
         explanations=explanation_rows(own),
     )
+
+
+def cluster_markdown(spec: Any, setup: Any, gpu: Any = None) -> str:
+    """One paragraph for a plan over several nodes: host RAM per node, traffic between nodes, warnings."""
+    from advisor import cluster
+
+    found = cluster.cluster_estimate(spec, setup, dense_tflops=getattr(gpu, "dense_tflops", None))
+    traffic = found.traffic[setup.shard]
+    text = (f"Each node needs about **{gb(found.host_bytes_per_node)} GB of host RAM**; "
+            f"{cluster.STRATEGIES[setup.shard]} moves **{gb(traffic.bytes_per_step)} GB** into and out of each node per "
+            f"step ({traffic.seconds_per_step:.2f} s at {found.interconnect_gbps:g} Gb/s). Export it as a cluster job "
+            "(`tunewise job`).")
+    for warning in found.warnings:
+        text += f" **Warning:** {warning}."
+    return text
+
+
+#: Learning rates past which a run almost always diverges: the guide's ranges (LoRA 1e-4 to 3e-4, full
+#: 1e-5 to 5e-5) times about 30, which also covers the evidence that LoRA's best rate sits ~10x full's.
+IMPLAUSIBLE_LR = {"full": 1e-3, "lora": 1e-2, "qlora": 1e-2}
+#: Sequences per optimizer step past which steps become so few that warmup and the schedule lose meaning.
+IMPLAUSIBLE_BATCH = 8192
+
+
+#: ...or this many times the evidence's rate for the model's size and alpha (advisor.recommend.evidence_learning_rate),
+#: where that is higher: the fixed ceilings above were set for 7B-class models, and a small model trains best at
+#: far higher rates (Tinker's transfer: LR proportional to 1/sqrt(parameters); the demo model's LoRA rate is 0.028).
+IMPLAUSIBLE_OVER_EVIDENCE = 10
+
+
+def implausible_lr(method: str, params: int | None = None, alpha: float | None = None) -> float:
+    """The learning rate above which the plan status says "Check this" for `method` on a `params` model."""
+    from advisor.recommend import evidence_learning_rate
+
+    ceiling = IMPLAUSIBLE_LR[method]
+    if params:
+        evidence = evidence_learning_rate(method, params, None if method == "full" else alpha)[0]
+        ceiling = max(ceiling, IMPLAUSIBLE_OVER_EVIDENCE * evidence)
+    return ceiling
+
+
+def plausibility_warnings(plan: Plan, params: int | None = None, measured_lr: float | None = None) -> list[str]:
+    """Values the plan accepts (they are in range) but that a practitioner would not mean: said, not refused.
+    `params` (the model's parameter count, when known) scales the learning-rate ceiling with the model's size;
+    a rate the pilot measured on this data (`measured_lr`) is not questioned."""
+    warnings = []
+    t, method = plan.training, plan.method.method
+    ceiling = implausible_lr(method, params, plan.method.lora_alpha)
+    measured = measured_lr is not None and math.isclose(t.learning_rate, measured_lr, rel_tol=1e-6)
+    if t.learning_rate > ceiling and not measured:
+        usual = "the guide: " + ("1e-5 to 5e-5" if method == "full" else "1e-4 to 3e-4")
+        if ceiling > IMPLAUSIBLE_LR[method]:
+            usual = f"{ceiling / IMPLAUSIBLE_OVER_EVIDENCE:.1e} is the evidence's rate for this model's size; {usual}"
+        warnings.append(f"a learning rate of {t.learning_rate:g} for {METHOD_LABELS[method]} is far above the usual "
+                        f"range ({usual}); most runs diverge there. Press Re-advise, or check the rate on your data "
+                        "(Check the learning rate on my data) first.")
+    gpus = plan.hardware.num_gpus * plan.hardware.num_nodes
+    batch = t.micro_batch * t.grad_accum * gpus
+    if batch > IMPLAUSIBLE_BATCH:
+        warnings.append(f"{t.micro_batch} x {t.grad_accum} accumulation x {gpus} GPU(s) is "
+                        f"{batch:,} sequences per optimizer step: a run then takes very few steps, and LoRA in "
+                        "particular learns less per example at large batches. Lower the gradient accumulation.")
+    return warnings
 
 
 def _stack(estimate: Any) -> dict[str, int]:

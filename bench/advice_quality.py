@@ -8,7 +8,8 @@ seed, and is scored by its held-out loss (SFT: the eval split's loss; DPO: the h
 
 - the grid: LoRA (all linear layers, alpha 32) at two ranks and full fine-tuning, each at every rate of a
   half-decade ladder; its best cell is the target;
-- the guide's plan, literally (its rank, alpha = 2 x rank, attention-only targets, its LR range);
+- with --with-guide, the guide's plan, literally (its rank, alpha = 2 x rank, attention-only targets, its LR
+  range);
 - the rules-only plan (`advisor.recommend` without any measurement): the evidence's rank, alpha, targets
   and learning rate;
 - the pilot-advised plan: `tunewise pilot` on the rules plan (and on full fine-tuning), its chosen rate
@@ -58,9 +59,9 @@ PILOTS = ((2, None), (1, None))
 #: trains best, so most rates a pilot chooses are in it (any other is trained and added). Sized to run in
 #: well under an hour on 2 shared CPU cores.
 SFT_LADDER = (3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2)
-SFT_METHODS = {("lora", 8): SFT_LADDER[:4], ("lora", 64): SFT_LADDER[2:], ("full", None): SFT_LADDER[1:4]}
+SFT_METHODS = {("lora", 8): SFT_LADDER[:4], ("lora", 64): SFT_LADDER[3:], ("full", None): SFT_LADDER[1:3]}
 DPO_LADDER = (3.16e-5, 1e-4, 3.16e-4, 1e-3)
-DPO_METHODS = {("lora", 8): DPO_LADDER[1:], ("full", None): DPO_LADDER[:3]}
+DPO_METHODS = {("lora", 8): DPO_LADDER[2:], ("full", None): DPO_LADDER[:2]}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_PROMPTS = (("Convert 2011-09-24 to day, month and year.", "24 September 2011"),
                    ("Please spell out the date 2016-05-11.", "11 May 2016"))
@@ -275,7 +276,7 @@ def gap(loss: float, best: float) -> str:
     return f"{(loss - best) / best:+.1%}" if math.isfinite(loss) else "diverged"
 
 
-def run_task(bench: Bench, task: str, steps: int, batch: int, ladder, methods) -> dict:
+def run_task(bench: Bench, task: str, steps: int, batch: int, ladder, methods, with_guide: bool = False) -> dict:
     from advisor.profile import profile_dataset
 
     plan = base_plan(task, steps, batch)
@@ -284,7 +285,7 @@ def run_task(bench: Bench, task: str, steps: int, batch: int, ladder, methods) -
              for (method, rank), rates in methods.items() for rate in rates}
     advised, values = rules_plan(task, plan, profile)
     extra = [(f"{task}-rules", advised)]
-    if task == "sft":
+    if task == "sft" and with_guide:
         guide, guide_rate = guide_plan(plan, profile.examples)
         extra.append((f"{task}-guide", guide))
     bench.train_all(list(cells.values()) + extra)
@@ -294,7 +295,7 @@ def run_task(bench: Bench, task: str, steps: int, batch: int, ladder, methods) -
 
     rules = bench.train(f"{task}-rules", advised)
     rows = {"grid": grid, "best_key": best_key, "best": best, "rules": rules, "rules_values": values, "pilots": []}
-    if task == "sft":
+    if task == "sft" and with_guide:
         rows["guide"] = bench.train(f"{task}-guide", guide)
         rows["guide_rate"] = guide_rate
 
@@ -307,7 +308,8 @@ def run_task(bench: Bench, task: str, steps: int, batch: int, ladder, methods) -
                         values["learning_rate"] / (10 if method == "full" and values["method"] != "full" else 1))
         step_s = statistics_median([cell["step_s"] for (m, r, _), cell in grid.items() if (m, r) == (method, rank)]
                                    or [grid[best_key]["step_s"]])
-        for rounds, share in PILOTS:
+        # The method comparison (halving vs a plain grid) on the rules plan; full fine-tuning with halving only.
+        for rounds, share in (PILOTS if method == values["method"] else PILOTS[:1]):
             tag = (f"{task}-pilot-{label(method, rank).replace(' ', '')}-{'halving' if rounds == 2 else 'grid'}-"
                    f"{'default' if share is None else f'{share:.0%}'}")
             try:
@@ -407,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the demo's advice alone")
     parser.add_argument("--jobs", type=int, default=1, help="grid plans trained at once, one process each")
     parser.add_argument("--work", help="keep the runs here (a rerun with the same folder skips finished ones)")
+    parser.add_argument("--with-guide", action="store_true", help="also train the guide's plan read literally")
+    parser.add_argument("--no-wizard-check", action="store_true",
+                        help="skip training the wizard's default demo plan after writing the measured advice")
     parser.add_argument("--quick", action="store_true", help="a smoke test: three rates, two methods (implies --no-write)")
     args = parser.parse_args(argv)
     global SFT_LADDER, DPO_LADDER, SFT_METHODS, DPO_METHODS
@@ -424,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             "(the eval split: 200 SFT examples, 100 DPO pairs). LoRA is on all linear layers at alpha 32 unless said."]
     results = {}
     if args.only in (None, "sft"):
-        results["sft"] = run_task(bench, "sft", args.steps, args.batch, SFT_LADDER, SFT_METHODS)
+        results["sft"] = run_task(bench, "sft", args.steps, args.batch, SFT_LADDER, SFT_METHODS, args.with_guide)
         body.append(section("SFT on demo-sft", results["sft"], SFT_LADDER, SFT_METHODS, args.steps, args.batch))
     if args.only in (None, "dpo"):
         results["dpo"] = run_task(bench, "dpo", args.dpo_steps, args.batch, DPO_LADDER, DPO_METHODS)
@@ -456,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "summary": summary}}}
         if not args.no_write:
             (DEMO_MODEL_DIR / rec_mod.MEASURED_ADVICE_FILE).write_text(json.dumps(advice, indent=1) + "\n", encoding="utf-8")
-            body.append(wizard_default_check(bench))
+            if not args.no_wizard_check:
+                body.append(wizard_default_check(bench))
     body.append(f"Benchmark wall time: {(time.monotonic() - began) / 60:.0f} min.")
     text = "\n\n".join(body)
     print(text)

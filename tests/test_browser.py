@@ -1,11 +1,16 @@
 """A new user's walk through the wizard in a real browser (Debian's Chromium driven by Playwright).
 
-Starts `python app.py` as a subprocess, then, on the bundled demo model:
-picks the model, sees the data profile, sees the memory table and the
-recommendations (and watches memory follow an edit), launches a short LoRA
-run, sees the loss chart gain points, stops the run, and finds it in the run
-history. A screenshot of each step goes to tests/artifacts/; with
-TUNEWISE_SCREENSHOTS=1 the plan and monitor steps are also copied to
+Starts `python app.py` as a subprocess. First what a newcomer may get wrong:
+an unknown model is named in its card and Next refuses it; a real model's
+plan carries its advised length (epochs, not the demo's step cap); a
+malformed upload is named in the profile and Next refuses it. Then, on the
+bundled demo model: sees the data profile, the memory table and the
+recommendations (and watches memory follow an edit), launches a LoRA run
+with the forgetting monitor on, sees the loss chart gain points, stops it
+(a checkpoint is kept), and finds it in the run history. Last, the compare
+pipeline: its side-by-side table in the monitor, its final policy sampled
+and exported from step 5. A screenshot of each step goes to tests/artifacts/; with
+TUNEWISE_SCREENSHOTS=1 the plan, monitor and compare views are also copied to
 docs/screenshots/ for the README.
 
 Skips when /usr/bin/chromium is missing, unless TUNEWISE_REQUIRE_BROWSER=1
@@ -83,10 +88,52 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
             page = browser.new_page(viewport={"width": 1360, "height": 1000})
             page.set_default_timeout(60_000)
             expect.set_options(timeout=60_000)
+            def pick(elem_id: str, text: str, option: str | None = None) -> None:
+                box = page.locator(f"#{elem_id} input")
+                box.click()
+                box.fill(text)
+                page.get_by_role("option", name=option or text).first.click()  # (a substring of the option's label)
+
             try:
                 page.goto(url)
-                # Step 1: pick the demo model from the catalogue menu; its card shows the parameter count.
+                # An unknown model: its card says so (no stale card) and Next stays on step 1.
                 model_input = page.locator("#model input")
+                model_input.click()
+                model_input.fill("no-such-model-xyz")
+                model_input.press("Enter")
+                expect(page.locator("#model-card")).to_contain_text("This model cannot be planned")
+                expect(page.locator("#model-card")).to_contain_text("unknown model 'no-such-model-xyz'")
+                page.locator("#next-1").click()
+                time.sleep(1)
+                expect(page.locator("#next-2")).to_be_hidden()
+
+                # A real model's plan carries its advised length: epochs, not the demo's step cap.
+                pick("model", "meta-llama/Llama-3.1-8B")
+                expect(page.locator("#model-card")).to_contain_text("8.03B parameters")
+                page.locator("#next-1").click()
+                expect(page.locator("#profile-table")).to_contain_text("2,000")
+                page.locator("#next-2").click()
+                expect(page.locator("#recommendations")).to_contain_text("LoRA rank")
+                page.locator("#show-yaml").get_by_text("Show as YAML / CLI").click()
+                expect(page.locator("#cli-text")).to_contain_text("tunewise train --model meta-llama/Llama-3.1-8B")
+                expect(page.locator("#cli-text")).to_contain_text("--epochs")
+                expect(page.locator("#cli-text")).not_to_contain_text("--max-steps")
+                page.locator("#show-yaml").get_by_text("Show as YAML / CLI").click()  # closed again
+                page.locator("#back-3").click()
+
+                # A malformed upload: the profile names the row, and Next stays on step 2.
+                bad = tmp_path / "broken.jsonl"
+                bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n', encoding="utf-8")
+                page.locator("#upload input[type=file]").set_input_files(str(bad))
+                expect(page.locator("#profile-table")).to_contain_text("problem", timeout=60_000)
+                expect(page.locator("#profile-table")).to_contain_text("broken.jsonl")
+                page.locator("#next-2").click()
+                time.sleep(1)
+                expect(page.locator("#launch")).to_be_hidden()
+                pick("dataset", "demo-sft")
+                page.locator("#back-2").click()
+
+                # Step 1: pick the demo model from the catalogue menu; its card shows the parameter count.
                 model_input.click()
                 model_input.fill("demo")
                 page.get_by_role("option", name=re.compile("demo")).first.click()
@@ -131,9 +178,14 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 expect(page.locator("#run-header")).to_contain_text("step")
                 shot(page, "monitor")
 
-                # Stop: the run saves and ends as stopped.
+                # Stop, with the forgetting monitor measuring as it trains: the run saves first and ends stopped.
                 page.locator("#stop").click()
                 expect(page.locator("#run-header .tw-badge")).to_have_text("stopped", timeout=90_000)
+                from trainer import rundir
+
+                stopped_id = page.locator("#run-header code").inner_text()
+                assert rundir.last_checkpoint(runs / stopped_id) is not None, "the stop kept no checkpoint"
+                expect(page.locator("#run-header")).not_to_contain_text("killed")
 
                 # Step 5: the run is in the history with its status.
                 page.locator("#next-4").click()
@@ -143,6 +195,33 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 expect(page.locator("#overlay-plot .main-svg").first).to_be_visible()
                 time.sleep(1)  # let the tables finish their fade-in before the screenshot
                 shot(page, "results")
+
+                # The compare pipeline: RLHF beside DPO, its table in the monitor, its final policy in step 5.
+                page.goto(url)  # a fresh page on step 1 (the demo model is the default)
+                page.locator("#next-1").click()
+                pick("dataset", "demo-preference")
+                pick("goal", "Compare both", "Compare both pipelines")
+                page.locator("#next-2").click()
+                expect(page.locator("#recommendations")).to_contain_text("beta")
+                steps = page.locator("#max-steps input")
+                steps.fill("3")
+                steps.press("Enter")
+                page.locator("#launch").click()
+                expect(page.locator("#run-header")).to_contain_text("stage", timeout=120_000)
+                expect(page.locator("#run-header .tw-badge")).to_have_text("finished", timeout=480_000)
+                expect(page.locator("#comparison")).to_contain_text("RLHF (SFT -> RM -> PPO)")
+                expect(page.locator("#comparison")).to_contain_text("held-out preference accuracy")
+                shot(page, "compare")
+                page.locator("#next-4").click()
+                expect(page.locator("#open-step")).to_be_visible()
+                expect(page.locator("#open-step input")).to_have_value("4-dpo")
+                page.locator("#samples").get_by_text("Base vs tuned").click()
+                page.locator("#generate").click()
+                expect(page.locator("#samples-table")).to_contain_text("Convert 2011-09-24", timeout=240_000)
+                page.locator("#export").get_by_text("Merge / export").click()
+                page.locator("#export-btn").click()
+                expect(page.locator("#export")).to_contain_text("4-dpo: merged into", timeout=240_000)
+                expect(page.locator("#export")).to_contain_text("4-dpo-merged")  # the download link
             except Exception:
                 page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
                 raise
@@ -160,6 +239,7 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
         DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shots["plan"], DOCS_SCREENSHOTS / "plan.png")
         shutil.copyfile(shots["monitor"], DOCS_SCREENSHOTS / "monitor.png")
+        shutil.copyfile(shots["compare"], DOCS_SCREENSHOTS / "compare.png")
 
 
 def _forgetting_points(page) -> int:

@@ -715,7 +715,8 @@ def test_app_restart_finds_the_running_run_and_keeps_plotting(tiny_model_dir, ti
         second, url = start_app(runs, log_path=tmp_path / "app-2.log")
         client = Client(url, verbose=False)
         history, _choice, _compare = client.predict(api_name="/runs")
-        assert [(row[0], row[2]) for row in history["data"]] == [(run_dir.name, "running")]
+        state = history["headers"].index("status")
+        assert [(row[0], row[state]) for row in history["data"]] == [(run_dir.name, "running")]
 
         def loss_points(outputs) -> list | None:
             loss = outputs[1]

@@ -42,7 +42,8 @@ def test_dpo_reward_and_kl_come_from_sample_events():
     events += [{"event": "sample", "time": 0.0, "step": s, "kl_sequence": 0.5 * s, "kl": 0.01 * s, "reward": 0.2 * s}
                for s in (0, 2, 4)]
     over_time = figures.reward_kl_time_figure(events)
-    assert [t.name for t in over_time.data] == ["reward (reward)", "KL (kl_sequence)", "DPO reward margin"]
+    # The key is named only where it says more than the word ("reward (reward)" read as a stutter).
+    assert [t.name for t in over_time.data] == ["reward", "KL (kl_sequence)", "DPO reward margin"]
     assert list(over_time.data[1].x) == [0, 2, 4] and list(over_time.data[1].y) == [0.0, 1.0, 2.0]
     frontier = figures.reward_vs_kl_figure(events)
     assert list(frontier.data[0].x) == [0.0, 1.0, 2.0]
@@ -146,3 +147,35 @@ def test_attempts_split_where_logged_steps_go_back_without_a_resumed_marker():
     assert [t.name for t in fig.data if t.name.startswith("training")] == [
         "training loss", "training loss (resumed at step 2)"]
     assert figures.attempts([]) == [[]] and len(figures.attempts(events[:4])) == 1
+
+
+def test_after_a_resume_the_clock_runs_on_and_time_left_is_the_new_attempts():
+    events = [
+        {"event": "started", "time": 100.0, "step": 0},
+        {"event": "train_begin", "time": 101.0, "step": 0, "max_steps": 20},
+        *({"event": "log", "time": 101.0 + s, "step": s, "loss": 1.0} for s in range(1, 6)),
+        {"event": "stopped", "time": 107.0, "step": 5, "reason": "stopped by the user"},
+        {"event": "resumed", "time": 200.0, "step": 5},
+        {"event": "started", "time": 201.0, "step": 5},
+        {"event": "train_begin", "time": 202.0, "step": 5, "max_steps": 20},
+        *({"event": "log", "time": 202.0 + 2 * (s - 5), "step": s, "loss": 0.9} for s in range(6, 11)),
+    ]
+    progress = figures.run_progress(events, now=212.0)
+    assert progress.state == "training" and progress.step == 10
+    assert progress.elapsed_s == 112.0  # from the run's first event, not frozen at the earlier stop
+    assert progress.eta_s == 20.0  # 2 s per step in this attempt x 10 steps left
+
+
+def test_the_banner_shows_the_trainers_notices_beside_the_alerts():
+    events = [{"event": "notice", "time": 1.0, "step": 0, "message": "bf16 is not available on this CPU: training in fp32"},
+              {"event": "notice", "time": 2.0, "step": 0, "message": "bf16 is not available on this CPU: training in fp32"},
+              {"event": "alert", "time": 3.0, "step": 4, "stage": "ppo", "message": "KL explosion"}]
+    text = figures.alerts_markdown(figures.alert_messages(events), figures.notice_messages(events))
+    assert text.count("bf16 is not available") == 1 and "- **step 4 (ppo): KL explosion**" in text
+
+
+def test_reward_against_kl_waits_for_a_second_point():
+    start = [{"event": "sample", "time": 1.0, "step": 0, "reward": 0.1, "kl_sequence": 0.0}]
+    assert not figures.reward_vs_kl_figure(start).data  # the empty figure: one dot at KL 0 is no trade-off
+    later = start + [{"event": "sample", "time": 2.0, "step": 4, "reward": 0.3, "kl_sequence": 0.2}]
+    assert len(figures.reward_vs_kl_figure(later).data[0].x) == 2

@@ -285,3 +285,25 @@ def test_the_ewc_penalty_counts_once_per_optimizer_step_with_gradient_accumulati
     twice_the_penalty = _distance(weights["whole"], weights["whole_doubled"])
     assert twice_the_penalty > 1e-3  # the penalty moves the weights measurably (runs agree to ~1e-7)
     assert _distance(weights["accumulated"], weights["whole"]) < 0.01 * twice_the_penalty
+
+
+def test_a_real_model_is_never_probed_or_replayed_on_the_demo_text(pretrained_dir, data_dir, tmp_path):
+    """Any model but the demo: the demo's invented-world text turns the monitor off with a note saying how to
+    give general text, and replay or EWC on it are refused before training (never trained on the demo's towns)."""
+    from trainer.events import read_all_events
+    from trainer.runner import run
+
+    plan = make_plan(pretrained_dir, data_dir, {"forgetting.original_data": "demo-original", "training.max_steps": 2})
+    final, events = train(plan, tmp_path / "monitor")
+    assert final["event"] == "finished" and not of_kind(events, "forgetting")
+    (note,) = [e for e in of_kind(events, "note") if "forgetting monitor is off" in e["message"]]
+    assert "--original-data" in note["message"] and "invented-world" in note["message"]
+
+    for dotted, value in (("forgetting.replay_fraction", 0.05), ("forgetting.ewc_lambda", 1.0)):
+        run_dir = tmp_path / dotted.split(".")[1]
+        run_dir.mkdir()
+        plan.with_overrides({dotted: value}).save(run_dir / "plan.yaml")
+        assert run(run_dir) == 2
+        failed = read_all_events(run_dir / "events.jsonl")[-1]
+        assert failed["event"] == "failed" and failed["field"] == dotted and "demo's invented-world" in failed["error"]
+        assert not [e for e in read_all_events(run_dir / "events.jsonl") if e["event"] in ("model_loaded", "log")]

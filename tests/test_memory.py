@@ -274,9 +274,14 @@ def _cheapest_fix_by_trying_every_micro_batch(spec, setup, gpu_bytes):
                                     optimizer="paged_adamw_8bit" if current.optimizer != "sgd" else "sgd")
             said = said + ["use QLoRA (4-bit NF4 base, double quantization)"]
             yield said, current
-        for gpus in (2, 4, 8, 16, 32, 64):
-            if gpus > setup.num_gpus:
-                yield said + [f"shard with ZeRO-3 / FSDP over {gpus} GPUs of this size"], current.with_(num_gpus=gpus, shard="zero3")
+        # One node of up to 8 GPUs, then whole nodes of 8.
+        for nodes, per_node in ((1, 2), (1, 4), (1, 8), (2, 8), (4, 8), (8, 8), (16, 8)):
+            if nodes * per_node <= setup.world_size:
+                continue
+            words = (f"shard with ZeRO-3 / FSDP over {per_node} GPUs of this size" if nodes == 1 else
+                     f"shard with ZeRO-3 / FSDP over {nodes} nodes x {per_node} GPUs of this size "
+                     f"({nodes * per_node} GPUs; `tunewise job` writes the cluster job)")
+            yield said + [words], current.with_(num_gpus=per_node, num_nodes=nodes, shard="zero3")
 
     for said, candidate in rungs():
         options = [(said, candidate)]

@@ -166,3 +166,27 @@ def test_real_dpo_runs_kl_explosion_vs_gentle(tmp_path, tiny_preference_setup):
     assert wild_alerts[0]["kl"] > 1.0
     assert gentle_alerts == [], f"gentle run alerted: {gentle_alerts}; KL went {gentle_kl}"
     assert max(gentle_kl) < 1.0 and all(math.isfinite(k) for k in gentle_kl)
+
+
+def test_a_flat_noisy_run_never_fires_reward_hacking():
+    """A reward that only jitters (+0.01 here and there), a held-out accuracy flipping one of 8 pairs, an
+    original-domain loss within 1% and a small KL: nothing the run's own noise does not explain."""
+    import random
+
+    rng = random.Random(0)
+    monitor = RewardHackingMonitor(kl_budget=6.0)
+    stream = []
+    for step in range(0, 400, 4):
+        stream.append((step, {"reward": 0.5 + rng.gauss(0, 0.01), "kl": 0.05 + rng.random() * 0.02,
+                              "heldout_accuracy": rng.choice([0.5, 0.625, 0.75]), "heldout_pairs": 8,
+                              "original_loss": 2.0 * (1 + rng.uniform(-0.01, 0.01))}))
+    assert feed(monitor, stream) == []
+
+
+def test_reward_hacking_still_fires_when_the_rise_and_the_fall_stand_out_of_the_noise():
+    monitor = RewardHackingMonitor(kl_budget=6.0)
+    stream = [(s, {"reward": 0.5 + 0.002 * (s % 3), "heldout_accuracy": 0.8, "heldout_pairs": 200}) for s in range(8)]
+    stream += [(8 + s, {"reward": 0.6 + 0.1 * s, "heldout_accuracy": 0.8 - 0.05 * s, "heldout_pairs": 200})
+               for s in range(6)]
+    (alert,) = feed(monitor, stream)
+    assert alert.monitor == "reward_hacking" and alert.numbers["best_accuracy"] == 0.8

@@ -107,6 +107,26 @@ def test_compare_pipeline_reports_both_branches_side_by_side(tmp_path, tiny_pref
     (event,) = [e for e in events if e["event"] == "comparison"]
     assert set(event["branches"]) == {"rlhf", "dpo"}
 
+    # What the monitor shows of it: the table side by side, one curve per stage with the boundaries marked,
+    # PPO's own objective, and the header on the current stage's numbers.
+    import figures
+
+    table = figures.comparison_table(events)
+    assert table["headers"] == ["", "RLHF (SFT -> RM -> PPO)", "DPO (SFT -> DPO)"]
+    rows = {row[0]: row[1:] for row in table["data"]}
+    assert rows["scored by"] == ["reward_model", "reward_model"] and len(rows["held-out preference accuracy"]) == 2
+    figure = figures.loss_figure(events)
+    names = [trace.name for trace in figure.data]
+    assert names[:4] == ["sft loss", "rm loss", "ppo policy loss", "ppo objective (reward - KL penalty)"], names
+    assert "dpo loss" in names
+    assert [a.text for a in figure.layout.annotations] == ["sft", "rm", "ppo", "dpo"]
+    running = events[: next(i for i, e in enumerate(events) if e.get("event") == "stage" and e.get("stage") == "ppo"
+                            and e.get("status") == "finished")]
+    progress = figures.run_progress(running)
+    assert (progress.stage, progress.stage_index, progress.stages, progress.max_steps) == ("ppo", 3, 4, 2)
+    assert 0.5 < progress.fraction < 1.0 and progress.stage_step == 2
+    assert "stage 3/4 (ppo)" in figures.run_header_html("cmp", progress)
+
 
 def test_pipeline_stop_reaches_steps_and_ends_stopped(tmp_path, tiny_preference_setup):
     ctx = pipeline_ctx(tmp_path / "stop", tiny_preference_setup, "rlhf")
@@ -159,3 +179,37 @@ def test_a_stopped_pipeline_resumes_in_the_background(tmp_path, tiny_preference_
     begins = [e for e in step_events if e["event"] == "train_begin"]
     assert begins[-1]["start_step"] == stopped_at  # continued, not restarted
     assert json.loads((dpo_dir / "result.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_finished_pipeline_gives_a_model_to_sample_merge_and_export(tmp_path, tiny_preference_setup):
+    """The final policy by default, any step on request: samples, `tunewise merge` and the export all find it."""
+    import cli
+    from advisor.errors import TunewiseError
+    from trainer import runs, samples
+    from trainer.rundir import final_output, model_outputs
+
+    run_dir = tmp_path / "rlhf"
+    assert run_pipeline(pipeline_ctx(run_dir, tiny_preference_setup, "rlhf"))["status"] == "finished"
+    assert [o.label for o in model_outputs(run_dir)] == ["1-sft", "2-rm", "3-ppo"]
+    final = final_output(run_dir)
+    assert final.label == "3-ppo" and final.path == run_dir / "steps" / "3-ppo" / "output" and not final.checkpoint
+    assert final_output(run_dir, "sft").label == "1-sft" and final_output(run_dir, "2").stage == "rm"
+    with pytest.raises(TunewiseError, match="no step 'dpo'.*1-sft, 2-rm, 3-ppo"):
+        final_output(run_dir, "dpo")
+
+    rows = samples.generate(run_dir, ["Convert 2011-09-24 to day, month and year."], timeout_s=300)
+    assert len(rows) == 1 and rows[0][0].startswith("Convert") and isinstance(rows[0][2], str)
+
+    out = tmp_path / "merged-sft"
+    assert cli.main(["merge", str(run_dir), "--step", "sft", "--out", str(out), "--json"]) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["adapter_dir"] == str(run_dir / "steps" / "1-sft" / "output")
+    assert report["max_abs_logit_diff"] <= report["tolerance"] and (out / "config.json").is_file()
+
+    archive, note = runs.export(run_dir, tmp_path / "exports", reload_16bit=False, timeout_s=300)
+    assert note.startswith("3-ppo: merged into") and Path(archive).is_file()
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zipped:
+        assert "config.json" in zipped.namelist() and any(n.endswith(".safetensors") for n in zipped.namelist())

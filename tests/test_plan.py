@@ -229,7 +229,12 @@ def test_the_memory_setup_and_the_wizard_come_from_the_descriptions():
     setup = memory.setup_from_plan(plan)
     assert (setup.lora_rank, setup.grad_accum, setup.generation_len) == (8, 3, 99)
     widgets = {s.name: s.dotted for s in settings() if s.widget}
-    assert wizard.PLAN_WIDGETS == {"goal": "stage", **widgets}
+    advanced = {s.name: s.dotted for s in wizard.ADVANCED_SETTINGS}
+    assert wizard.PLAN_WIDGETS == {"goal": "stage", **widgets, **advanced}
+    # every plan setting is on the page: a widget of its own, the Advanced group, or the goal / GPU / profile
+    on_page = set(widgets.values()) | set(advanced.values()) | {"stage", "pipeline", "hardware.device",
+                                                                "data.examples", "data.tokens"}
+    assert {s.dotted for s in settings()} == on_page
     assert wizard.LABELS["training.micro_batch"] == "Micro-batch" and wizard.LABELS["hardware.num_gpus"] == "Number of GPUs"
     assert wizard.NUMBER_LIMITS["lora_rank"] == (1, FIELD_LIMITS["method.lora_rank"].high)
     assert wizard.NUMBER_LIMITS["max_steps"][0] == 0  # 0 on the page: run the epochs

@@ -83,7 +83,7 @@ def test_targets_use_the_architectures_own_names():
 
 def test_large_very_different_data_prefers_full_and_falls_back_when_it_does_not_fit():
     big_gpu = recommend(AdvisorInputs(model="Qwen/Qwen2.5-0.5B", examples=500_000, task="instruction",
-                                      domain_shift="high", gpu="A100-80GB"))
+                                      domain_shift="high", gpu="A100-80GB", original_data="general_text.jsonl"))
     assert big_gpu["method"].value == "full"
     assert "large dataset (>100k examples" in big_gpu["method"].reason
     assert big_gpu["lora_rank"].value is None
@@ -200,6 +200,12 @@ def test_forgetting_interval_keeps_the_monitor_cheap_and_the_curve_drawn():
     assert monitor_share(plan.forgetting.eval_every, plan.training.micro_batch * plan.training.grad_accum) <= MONITOR_BUDGET
     capped = recommend(AdvisorInputs(model="demo", examples=2000, task="instruction", max_steps=30))
     assert capped.values["forgetting_eval_every"].value <= 7
+    # The demo's step cap (600) replaces the epochs (375 steps of 16 here): the monitor is sized for 600 steps,
+    # at least 4 points on the chart and well under a tenth of the run.
+    demo = recommend(AdvisorInputs(model="demo", examples=2000, task="instruction", max_steps=600))
+    every, batch = demo.values["forgetting_eval_every"].value, demo.values["effective_batch"].value
+    assert 600 // every >= 4 and monitor_share(every, batch) <= MONITOR_BUDGET < 0.10
+    assert "(600 steps:" in demo.values["forgetting_eval_every"].reason
 
 
 # -- the published evidence beside the guide: each rule against its source's numbers ----------------------
@@ -327,3 +333,38 @@ def test_a_measured_rate_replaces_the_rules_and_keeps_them_in_the_reason():
     # Measured for LoRA, but the plan is full fine-tuning now: the rules again, and a note.
     full = recommend(inputs, {"method": "full"})
     assert full["learning_rate"].value == pytest.approx(3e-5) and any("check it again" in note for note in full.notes)
+def test_a_real_model_without_general_text_gets_no_forgetting_probe_on_the_demo_text():
+    """The demo's invented-world text says nothing about a real model: the safeguards are off, saying how to
+    turn them on, until the user gives general text; the demo model keeps its own probe."""
+    real = recommend(AdvisorInputs(model="Qwen/Qwen2.5-0.5B", examples=500_000, task="instruction",
+                                   domain_shift="high", gpu="A100-80GB"))
+    for name in ("forgetting_monitor", "replay_fraction", "ewc_lambda"):
+        assert not real[name].value, name
+        assert "--original-data" in real[name].reason and "demo text" in real[name].reason, real[name].reason
+    assert real.to_plan().forgetting.monitor is False
+    given = recommend(AdvisorInputs(model="Qwen/Qwen2.5-0.5B", examples=500_000, task="instruction",
+                                    domain_shift="high", gpu="A100-80GB", original_data="wiki_slice.jsonl"))
+    assert given["forgetting_monitor"].value is True and given["ewc_lambda"].value > 0
+    demo = recommend(AdvisorInputs(model="demo", examples=500, task="instruction"))
+    assert demo["forgetting_monitor"].value is True
+
+
+def test_the_implausible_rate_ceiling_grows_for_small_models_and_spares_a_measured_rate():
+    """The plan status's "Check this" on the learning rate agrees with the advice: the fixed ceilings (set for
+    7B-class models) rise to 10x the evidence's rate for a smaller model, and a rate the pilot measured is kept."""
+    from advisor.plan import Plan
+    from advisor.wizard import IMPLAUSIBLE_LR, implausible_lr, plausibility_warnings
+
+    demo = _params("demo")
+    assert implausible_lr("lora", demo) == pytest.approx(10 * evidence_learning_rate("lora", demo)[0])  # 0.28
+    assert implausible_lr("full", demo) == pytest.approx(10 * evidence_learning_rate("full", demo)[0])  # 0.028
+    big = _params("meta-llama/Llama-3.1-8B")
+    assert implausible_lr("lora", big) == IMPLAUSIBLE_LR["lora"] and implausible_lr("full", big) == IMPLAUSIBLE_LR["full"]
+    # The rules' own advice for the demo is never questioned by the plan status.
+    advised = recommend(AdvisorInputs(model="demo", examples=2_000, task="instruction")).to_plan()
+    assert not plausibility_warnings(advised, demo)
+    wild = Plan().with_overrides({"model.name": "demo", "training.learning_rate": 0.5})
+    (warning,) = plausibility_warnings(wild, demo)
+    assert "0.5 for LoRA is far above" in warning and "2.8e-02 is the evidence's rate" in warning
+    assert not plausibility_warnings(wild, demo, measured_lr=0.5)  # measured on the data: said by the pilot instead
+    assert plausibility_warnings(wild.with_overrides({"training.learning_rate": 0.05}), big)  # 7B: the fixed ceiling

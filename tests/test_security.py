@@ -13,7 +13,7 @@ import pytest
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-SKIP_DIRS = {".venv", ".venv-ci", ".git", "runs", "build", "dist", "node_modules", "__pycache__", ".team"}
+SKIP_DIRS = {".venv", ".venv-ci", ".venv-sky", ".git", "runs", "build", "dist", "node_modules", "__pycache__", ".team"}
 
 
 def _repo_python_files() -> list[Path]:
@@ -404,7 +404,8 @@ def test_a_demo_visitor_sees_their_upload_by_name_and_their_run_in_the_history(p
     assert SECRET in copy.read_text()
     history, choice, _compare = public_demo["alice"].predict(api_name="/runs")
     (row,) = history["data"]
-    assert row[0] == run_id and row[1] == "sft lora on demo with alice_private.jsonl"
+    row = dict(zip(history["headers"], row))
+    assert row["run"] == run_id and row["what"] == "sft lora on demo with alice_private.jsonl"
     assert choice["choices"] == [[run_id, run_id]]
 
 

@@ -110,6 +110,9 @@ def test_two_process_ddp_on_the_cpu(make_plan, runs_dir):
     assert [e["step"] for e in logs] == [1, 2, 3]
     assert logs[0]["epoch"] == pytest.approx(8 / 48)
     assert (run_dir / "output" / "adapter_model.safetensors").is_file()
+    # Said where the monitor shows it: two CPU processes are a check of the plan, not a speed-up.
+    (notice,) = [e for e in events if e["event"] == "notice" and "no GPU on this machine" in e["message"]]
+    assert "2 processes run DDP on the CPU" in notice["message"]
 
 
 def test_sharded_plans_get_an_fsdp_config(make_plan, tmp_path):
@@ -160,3 +163,25 @@ def test_a_copied_dataset_keeps_the_run_going_when_the_original_goes(make_plan, 
     assert Path(saved.data.dataset).read_bytes() == Path(plan.data.dataset).read_bytes()
     final = supervisor.wait(run_id, timeout=300, runs_dir=runs_dir)
     assert final.state == "finished", final.error
+
+
+def test_a_stop_saves_before_it_measures_and_waits_as_long_as_the_run_needs(make_plan, runs_dir, tiny_data_dir):
+    """With the forgetting monitor measuring every step (the heaviest load it puts on a stop), a stop writes
+    its checkpoint before any measurement of that step, the wait before a kill is scaled to the run's own
+    measured times, and the run ends stopped (not killed) with the checkpoint of the step it stopped at."""
+    plan = make_plan({"training.max_steps": 100_000, "forgetting.monitor": True, "forgetting.eval_every": 1,
+                      "forgetting.original_data": str(tiny_data_dir / "original.jsonl")})
+    run_id = supervisor.launch(plan, runs_dir=runs_dir)
+    running = wait_for(lambda: (s := supervisor.status(run_id, runs_dir)).step >= 4 and s, 240, "four steps")
+    assert running.step_s and running.stop_wait_s >= trainer.status.STOP_GRACE_S + 2 * running.step_s
+    stopped = supervisor.stop(run_id, runs_dir=runs_dir)  # the run's own wait, not a fixed 30 s
+    assert stopped.state == "stopped" and stopped.reason == "stopped by the user", stopped
+    events = read_all_events(runs_dir / run_id / "events.jsonl")
+    assert not events[-1].get("forced")
+    (checkpoint,) = [e for e in events if e["event"] == "checkpoint"]
+    at_stop = [e for e in events if e.get("step") == checkpoint["step"]]
+    kinds = [e["event"] for e in at_stop]
+    # The step's log, then its checkpoint; the one measurement at that step (final) comes after the save.
+    assert kinds.index("checkpoint") < kinds.index("forgetting"), kinds
+    assert [e for e in at_stop if e["event"] == "forgetting"][0].get("final") is True
+    assert rundir.last_checkpoint(runs_dir / run_id).name == f"checkpoint-{checkpoint['step']}"

@@ -8,6 +8,9 @@
 - shard zero3: FSDP FULL_SHARD (parameters too, like ZeRO-3).
 - cpu_offload: FSDP parameter (and optimizer) offload to CPU memory.
 
+A cluster job (trainer.jobs) starts from this config and sets the machine count,
+the total process count and the main node's address and port.
+
 FSDP rather than DeepSpeed because it ships with torch and accelerate (no
 extra package or compiler); the planner's zero2 / zero3 memory model is the
 same for both.
@@ -30,10 +33,14 @@ def gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
 
 
-def accelerate_config(plan: Plan) -> dict:
-    """The config as a dict (what `accelerate config` would write) for plan.hardware."""
+def accelerate_config(plan: Plan, on_cpu: bool | None = None) -> dict:
+    """The config as a dict (what `accelerate config` would write) for plan.hardware.
+
+    `on_cpu` None: decided by plan.hardware.device and whether this machine has a GPU (a local run);
+    a cluster job decides it from the plan alone, since it runs on other machines (trainer.jobs)."""
     hardware = plan.hardware
-    on_cpu = hardware.device == "cpu" or (hardware.device == "auto" and not gpu_present())
+    if on_cpu is None:
+        on_cpu = hardware.device == "cpu" or (hardware.device == "auto" and not gpu_present())
     config: dict = {
         "compute_environment": "LOCAL_MACHINE",
         "num_processes": hardware.num_gpus,

@@ -1,4 +1,4 @@
-"""The training subcommands of `tunewise`: train, launch, pilot, runs, status, stop, resume, merge, build-demo.
+"""The training subcommands of `tunewise`: train, launch, pilot, runs, status, stop, resume, merge, job, build-demo.
 
 `register(subparsers)` adds them to the parser in `cli.py`. A plan comes from
 a PLAN.yaml, from flags, or both (flags override the file), so one line runs
@@ -28,7 +28,7 @@ from pathlib import Path
 from advisor.errors import TunewiseError
 from advisor.cli import add_plan_flags, plan_overrides
 from advisor.plan import ASSETS_DIR, Plan, settings
-from trainer import rundir
+from trainer import jobs, rundir
 
 def _flagged() -> list:
     """Every plan setting that has a flag (advisor.plan.settings(): the flag, its help and its type are
@@ -248,6 +248,10 @@ def cmd_pilot(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from trainer import supervisor
 
+    if args.delete:
+        for run in args.delete:
+            print(f"deleted {supervisor.delete(run, args.runs_dir)}")
+        return 0
     runs = supervisor.list_runs(args.runs_dir)
     if args.json:
         _print_json([run.to_dict() for run in runs])
@@ -325,6 +329,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         prompts=args.prompt or None,
         reload_16bit=args.reload_16bit,
         tolerance=args.tolerance,
+        step=args.step,
     )
     if args.json:
         _print_json(report)
@@ -383,8 +388,10 @@ def register(subparsers) -> None:
     pilot.add_argument("--json", action="store_true", help="no progress bar; print the result as JSON")
     pilot.set_defaults(func=cmd_pilot)
 
-    runs = subparsers.add_parser("runs", help="list runs, newest first")
+    runs = subparsers.add_parser("runs", help="list runs, newest first (or delete ended ones)")
     _add_runs_dir(runs)
+    runs.add_argument("--delete", metavar="RUN", action="append",
+                      help="delete this run's directory (repeatable); a queued or running run is refused")
     runs.add_argument("--json", action="store_true")
     runs.set_defaults(func=cmd_runs)
 
@@ -396,7 +403,9 @@ def register(subparsers) -> None:
 
     stop = subparsers.add_parser("stop", help="stop a run (it saves a checkpoint; killed after --timeout)")
     stop.add_argument("run", help="run id or run directory")
-    stop.add_argument("--timeout", type=float, default=30.0, help="seconds to wait before killing (default 30)")
+    stop.add_argument("--timeout", type=float, default=None,
+                      help="seconds to wait before killing (default: scaled to the run's own step, checkpoint-save "
+                           "and forgetting-check times, at least 30)")
     _add_runs_dir(stop)
     stop.add_argument("--json", action="store_true")
     stop.set_defaults(func=cmd_stop)
@@ -421,9 +430,13 @@ def register(subparsers) -> None:
         help="for a QLoRA adapter: merge into the base reloaded in 16 bit (it was trained against 4-bit weights)",
     )
     merge.add_argument("--tolerance", type=float, default=None, help="largest logit difference accepted")
+    merge.add_argument("--step", default=None,
+                       help="a pipeline run: the step to merge, by number, stage or folder (default: its final policy)")
     _add_runs_dir(merge)
     merge.add_argument("--json", action="store_true")
     merge.set_defaults(func=cmd_merge)
+
+    jobs.register(subparsers)  # tunewise job: a cluster job for Slurm, SkyPilot or torchrun
 
     build = subparsers.add_parser("build-demo", help="build the offline demo model (assets/build_demo_model.py)")
     build.add_argument("extra", nargs=argparse.REMAINDER, help="passed to the script, e.g. --out DIR --steps N")

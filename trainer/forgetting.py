@@ -369,6 +369,11 @@ class ForgettingCallback(TrainerCallback):
             self._measure(model, state.global_step, control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        # A stop saves first: at the step it is asked for, the checkpoint is written before anything is
+        # measured (the measurement follows in on_train_end, after the save), so a forced kill cannot
+        # catch the run measuring instead of saving.
+        if self.ctx.stop_requested():
+            return
         if self.batches is not None and state.global_step % self.settings.eval_every == 0:
             self._measure(model if model is not None else self.model, state.global_step, control)
 
@@ -571,6 +576,33 @@ class Forgetting:
         return summary
 
 
+#: Why the monitor is off for a real model probed with the demo's text.
+DEMO_TEXT_NOTE = ("The forgetting monitor is off: forgetting.original_data is the demo's invented-world text, which says "
+                  "nothing about what this model knows. Give a few hundred rows of general text (a held-out slice of "
+                  "pretraining-like data) as Original-domain data (--original-data FILE) to measure forgetting.")
+
+
+def demo_text_for_real_model(plan) -> bool:
+    """Whether the plan would measure (or replay) a real model on the demo's invented-world text."""
+    from advisor.plan import DEMO_WORLD_TEXTS, is_demo_model
+
+    texts = {plan.forgetting.original_data, plan.forgetting.replay_data or plan.forgetting.original_data}
+    return not is_demo_model(plan.model.name) and bool(texts & set(DEMO_WORLD_TEXTS))
+
+
+def check_original_text(plan) -> None:
+    """Refuse replay or EWC that would train a real model on the demo's text (TunewiseError naming the field)."""
+    if not demo_text_for_real_model(plan):
+        return
+    for dotted, on in (("forgetting.replay_fraction", plan.forgetting.replay_fraction > 0),
+                       ("forgetting.ewc_lambda", plan.forgetting.ewc_lambda > 0)):
+        if on:
+            raise TunewiseError(f"{dotted}: replay and EWC use original-domain text, and forgetting.original_data is the "
+                                "demo's invented-world text, which would teach a real model the demo's towns. Give "
+                                "general text (--original-data FILE, or Original-domain data in the wizard), or set "
+                                f"{dotted.split('.')[1]} to 0", field=dotted)
+
+
 def setup_forgetting(ctx, model, tokenizer, train_dataset, *, replay: bool | str = True,
                      monitor: bool | str = True, ewc: bool | str = True) -> Forgetting:
     """Apply the plan's forgetting settings for one stage.
@@ -587,6 +619,9 @@ def setup_forgetting(ctx, model, tokenizer, train_dataset, *, replay: bool | str
     """
     settings = ctx.plan.forgetting
     training = ctx.plan.training
+    check_original_text(ctx.plan)  # replay / EWC on the demo's text for a real model: refused (pre-flight did too)
+    if demo_text_for_real_model(ctx.plan) and monitor is True:
+        monitor = DEMO_TEXT_NOTE  # the monitor would measure nothing meaningful: off, saying how to turn it on
     wanted = {"replay": settings.replay_fraction > 0, "monitor": settings.monitor, "ewc": settings.ewc_lambda > 0}
     allowed = {"replay": replay, "monitor": monitor, "ewc": ewc}
     for part, reason in allowed.items():

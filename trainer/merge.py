@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 
 from advisor.errors import TunewiseError
-from trainer.rundir import PLAN_FILE, output_dir
+from trainer.rundir import PLAN_FILE, final_output
 
 DEFAULT_PROMPTS = (
     "Convert 2011-09-24 to day, month and year.",
@@ -46,25 +46,22 @@ RELATIVE_TOLERANCE = {"bfloat16": 0.02, "float16": 0.005, "float32": 1e-4}
 REPORT_FILE = "merge_report.json"
 
 
-def _find_adapter(source: Path) -> tuple[Path, Path | None]:
-    """(adapter directory, run directory or None) for a run dir, a run's output or an adapter folder."""
+def _find_adapter(source: Path, step: str | None = None) -> tuple[Path, Path | None]:
+    """(adapter directory, the run directory that trained it, or None) for a run directory (its output, a
+    pipeline's final policy or its `step`, or the newest complete checkpoint while there is no output), a
+    run's output, or an adapter folder."""
     source = source.expanduser().resolve()
     if (source / "adapter_config.json").is_file():
         run_dir = source.parent if (source.parent / PLAN_FILE).is_file() else None
         return source, run_dir
     if (source / PLAN_FILE).is_file():
-        from advisor.plan import Plan
-
-        plan = Plan.load(source / PLAN_FILE)
-        output = output_dir(source, plan.output)
-        if (output / "adapter_config.json").is_file():
-            return output, source
-        if (output / "config.json").is_file():
-            raise TunewiseError(
-                f"run {source.name} trained all the weights (method {plan.method.method}): its output {output} "
-                "is already a complete model, so there is no adapter to merge"
-            )
-        raise TunewiseError(f"run {source.name} has no saved adapter in {output} yet (is it still running, or did it fail?)")
+        trained = final_output(source, step, policy=False)
+        if (trained.path / "adapter_config.json").is_file():
+            return trained.path, trained.run_dir
+        raise TunewiseError(
+            f"run {source.name} ({trained.label}) trained all the weights: {trained.path} is already a complete "
+            "model, so there is no adapter to merge; export copies it as it is"
+        )
     raise TunewiseError(f"{source} is neither a run directory nor an adapter folder (no adapter_config.json)")
 
 
@@ -108,6 +105,7 @@ def merge_and_export(
     reload_16bit: bool = False,
     tolerance: float | None = None,
     dtype: str = "bfloat16",
+    step: str | None = None,
 ) -> dict:
     """Merge the adapter into a 16-bit copy of its base, verify it, and save it to `out_dir`.
 
@@ -116,13 +114,14 @@ def merge_and_export(
     also written to out_dir/merge_report.json. Raises `TunewiseError` for a
     QLoRA adapter (unless reload_16bit), a full-fine-tuning run (nothing to
     merge), or a merged model whose logits differ from base + adapter by more
-    than the tolerance (then nothing is written).
+    than the tolerance (then nothing is written). For a pipeline run, `step` picks the step whose
+    adapter is merged (default: its final policy, see trainer.rundir.final_output).
     """
     from trainer.models import base_of_adapter, resolve_model_path
 
     if dtype not in RELATIVE_TOLERANCE:
         raise TunewiseError(f"dtype must be one of {', '.join(RELATIVE_TOLERANCE)}, got {dtype!r}")
-    adapter_dir, run_dir = _find_adapter(Path(run_dir_or_adapter))
+    adapter_dir, run_dir = _find_adapter(Path(run_dir_or_adapter), step)
     base_path = resolve_model_path(base_of_adapter(adapter_dir))
     quantized = _was_quantized(adapter_dir, run_dir, base_path)
     if quantized and not reload_16bit:
@@ -194,10 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a run directory, a run's output or an adapter folder")
     parser.add_argument("--out", default=None, help="where the merged model goes (default: <run>/merged)")
     parser.add_argument("--reload-16bit", action="store_true", help="QLoRA: merge into the base reloaded in 16 bit")
+    parser.add_argument("--step", default=None, help="a pipeline's step to merge (default: its final policy)")
     args = parser.parse_args(argv)
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            report = merge_and_export(args.run_dir, args.out, reload_16bit=args.reload_16bit)
+            report = merge_and_export(args.run_dir, args.out, reload_16bit=args.reload_16bit, step=args.step)
     except TunewiseError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

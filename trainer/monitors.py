@@ -157,6 +157,12 @@ class KLExplosionMonitor:
         return alerts
 
 
+#: How many standard deviations of its own step-to-step changes the reward must rise by to count as rising,
+#: and how many standard errors a held-out accuracy must fall by to count as falling (see RewardHackingMonitor).
+REWARD_NOISE_SIGMAS = 3.0
+ACCURACY_NOISE_SIGMAS = 2.0
+
+
 class RewardHackingMonitor:
     """Reward still rising while an independent check worsens, or while KL is over its budget.
 
@@ -164,6 +170,12 @@ class RewardHackingMonitor:
     original-domain loss (a rise of `loss_rise_pct` % or more above its best), and KL above
     `kl_budget`. "Rising" means the latest reward is above the reward seen when the check was at
     its best (or, for the KL budget, above the first reward) by more than `min_reward_gain`.
+
+    Both judgements are relative to the run's own noise, so a flat run never fires: the reward must
+    rise by more than REWARD_NOISE_SIGMAS standard deviations of its step-to-step changes (once three
+    changes are known), and the accuracy must fall by more than ACCURACY_NOISE_SIGMAS standard errors
+    of the difference of two shares measured on the sample's `heldout_pairs` (sqrt(2 p (1 - p) / n):
+    with 8 held-out pairs one flipped pair is a 12.5-point fall, well inside the noise).
     """
 
     def __init__(self, kl_budget: float, accuracy_drop: float = 0.1, loss_rise_pct: float = 5.0,
@@ -178,6 +190,17 @@ class RewardHackingMonitor:
         self.best_accuracy: tuple[int, float] | None = None
         self.best_loss: tuple[int, float] | None = None
         self._fired: set[str] = set()
+
+    def _reward_noise(self) -> float:
+        """REWARD_NOISE_SIGMAS x the standard deviation of the reward's step-to-step changes (0 before three)."""
+        changes = [b - a for (_, a), (_, b) in zip(self.rewards, self.rewards[1:])]
+        if len(changes) < 3:
+            return 0.0
+        mean = sum(changes) / len(changes)
+        return REWARD_NOISE_SIGMAS * math.sqrt(sum((c - mean) ** 2 for c in changes) / (len(changes) - 1))
+
+    def _rose(self, now: float, then: float) -> bool:
+        return now - then > max(self.min_reward_gain, self._reward_noise())
 
     def _reward_at(self, step: int) -> float | None:
         """The latest reward logged at or before `step` (the first one if none was)."""
@@ -203,7 +226,10 @@ class RewardHackingMonitor:
                 self.best_accuracy = (step, accuracy)
             best_step, best = self.best_accuracy
             then = self._reward_at(best_step)
-            if best - accuracy >= self.accuracy_drop and now - then > self.min_reward_gain:
+            pairs = metrics.get("heldout_pairs")
+            noise = (ACCURACY_NOISE_SIGMAS * math.sqrt(2 * best * (1 - best) / pairs)
+                     if isinstance(pairs, int) and pairs > 0 else 0.0)
+            if best - accuracy >= max(self.accuracy_drop, noise) and self._rose(now, then):
                 alerts += self._fire("accuracy", Alert(
                     "reward_hacking",
                     f"Possible reward hacking: the reward rose from {then:.3f} to {now:.3f} while held-out preference "
@@ -220,7 +246,7 @@ class RewardHackingMonitor:
             best_step, best = self.best_loss
             then = self._reward_at(best_step)
             rise_pct = (loss - best) / best * 100.0 if best > 0 else 0.0
-            if rise_pct >= self.loss_rise_pct and now - then > self.min_reward_gain:
+            if rise_pct >= self.loss_rise_pct and self._rose(now, then):
                 alerts += self._fire("original_loss", Alert(
                     "reward_hacking",
                     f"Possible reward hacking: the reward rose from {then:.3f} to {now:.3f} while the original-domain "
@@ -233,7 +259,7 @@ class RewardHackingMonitor:
         kl = self.kl_stream.read(metrics)
         if kl is not None:
             first = self.rewards[0][1]
-            if kl > self.kl_budget and now - first > self.min_reward_gain:
+            if kl > self.kl_budget and self._rose(now, first):
                 alerts += self._fire("kl_budget", Alert(
                     "reward_hacking",
                     f"Possible reward hacking: the reward rose from {first:.3f} to {now:.3f} with the KL at {kl:.2f} "

@@ -43,7 +43,7 @@ from trainer.context import RunContext
 from trainer.events import EVENTS_FILE, EventWriter
 from trainer.rundir import COMPARISON_FILE, PLAN_FILE, RESULT_FILE, last_checkpoint, step_dirs
 
-FORWARDED_EVENTS = ("log", "eval", "sample", "alert", "forgetting")
+FORWARDED_EVENTS = ("train_begin", "log", "eval", "sample", "alert", "forgetting")
 
 
 @dataclass

@@ -21,6 +21,9 @@ the layout is written down once:
         pilot.json       learning-rate pilots only: the design (advisor.pilot); the runner then runs the pilot
         pilot_result.json  the pilot's candidates, their held-out losses and the chosen rate (after each one)
         candidates/      the pilot's candidates: <n>-lr<rate>/ with plan.yaml and events.jsonl (no weights)
+        job/             cluster jobs only: the job folder `tunewise job` writes (trainer/jobs.py)
+        .run.json.lock   cluster jobs only: flock'd while a machine reads and rewrites run.json (the
+                         submitter and the job's first node both write it)
 
 The trainer's exit codes are part of the contract too: 0 finished or stopped, 1 failed (a bug or a
 crash), 2 failed on the plan or its inputs, 3 failed because the disk is full (EXIT_DISK_FULL).
@@ -38,6 +41,7 @@ import re
 import shutil
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from advisor.errors import TunewiseError
@@ -61,6 +65,8 @@ PILOT_RESULT_FILE = "pilot_result.json"
 CANDIDATES_DIR = "candidates"
 ACCELERATE_CONFIG_FILE = "accelerate_config.yaml"
 RUNS_DIR_ENV = "TUNEWISE_RUNS_DIR"
+JOB_DIR = "job"
+RUN_FILE_LOCK = ".run.json.lock"
 
 #: The trainer's exit code when the disk filled up (said on stderr too, in case no event fitted).
 EXIT_DISK_FULL = 3
@@ -68,6 +74,7 @@ EXIT_DISK_FULL = 3
 DISK_FULL_BYTES = 1_000_000
 
 _RUN_ID = re.compile(r"[\w.-]+")
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -125,6 +132,37 @@ def run_path(runs_dir: str | Path, run_id: str) -> Path:
     return Path(runs_dir) / run_id
 
 
+def new_run_id(plan, name: str | None = None) -> str:
+    """A new run's id for `plan` (an advisor.plan.Plan): <YYYYmmdd-HHMMSS>-<label>-<4 hex>: sortable by
+    time, readable, unique."""
+    import secrets
+
+    label = name or plan.name or (plan.stage if plan.pipeline == "none" else plan.pipeline) + "-" + plan.method.method
+    label = _NAME_CHARS.sub("-", label).strip("-.")[:40] or "run"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{secrets.token_hex(2)}"
+
+
+def absolute_paths(plan):
+    """`plan` (an advisor.plan.Plan) with its local paths made absolute, so the run reproduces from any
+    directory (and on any machine that mounts them at the same place)."""
+    from advisor.plan import DEMO_DATASETS
+
+    overrides = {}
+    for dotted, value in (
+        ("model.name", plan.model.name),
+        ("data.dataset", plan.data.dataset),
+        ("forgetting.original_data", plan.forgetting.original_data),
+        ("preference.sft_model", plan.preference.sft_model),
+        ("preference.reward_model", plan.preference.reward_model),
+    ):
+        if not value or value in DEMO_DATASETS or value == "demo":
+            continue
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_absolute():
+            overrides[dotted] = str(path.resolve())
+    return plan.with_overrides(overrides) if overrides else plan
+
+
 def output_dir(run_dir: str | Path, plan_output: str | None = None) -> Path:
     """Where a run saves its final adapter or model: the plan's `output` when set, else `<run>/output`."""
     return Path(plan_output) if plan_output else Path(run_dir) / OUTPUT_DIR
@@ -136,6 +174,84 @@ def step_dirs(run_dir: str | Path, pipeline: str) -> list[tuple[str, Path]]:
 
     return [(stage, Path(run_dir) / STEPS_DIR / f"{index}-{stage}")
             for index, stage in enumerate(PIPELINE_STAGES[pipeline], 1)]
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """Something a run trained that can be sampled from, merged and exported."""
+
+    label: str
+    """"output" for a single run; a pipeline step's folder name ("1-sft", "3-ppo") for a pipeline."""
+    stage: str
+    """The stage that trained it: sft, rm, dpo or ppo."""
+    path: Path
+    """The adapter or model folder (the output, or the newest complete checkpoint while there is none)."""
+    run_dir: Path
+    """The run directory whose plan trained it: the run itself, or the pipeline step's directory."""
+    checkpoint: bool = False
+    """True when `path` is a checkpoint: the run (or step) has saved no output yet."""
+
+    @property
+    def policy(self) -> bool:
+        """Whether it generates text (a reward model scores it instead)."""
+        return self.stage != "rm"
+
+
+def _trained(run_dir: Path, plan, label: str, stage: str) -> ModelOutput | None:
+    output = output_dir(run_dir, plan.output)
+    if (output / "config.json").is_file() or (output / "adapter_config.json").is_file():
+        return ModelOutput(label, stage, output, run_dir)
+    checkpoint = last_checkpoint(run_dir)
+    return ModelOutput(label, stage, checkpoint, run_dir, checkpoint=True) if checkpoint is not None else None
+
+
+def model_outputs(run_dir: str | Path) -> list[ModelOutput]:
+    """What a run trained, in training order: a single run's output (or newest complete checkpoint), or each
+    pipeline step's. The last one that generates (`final_output`) is the run's result by default."""
+    from advisor.plan import Plan
+
+    run_dir = Path(run_dir)
+    try:
+        plan = Plan.load(run_dir / PLAN_FILE)
+    except (OSError, TunewiseError):
+        return []
+    if plan.pipeline == "none":
+        found = _trained(run_dir, plan, OUTPUT_DIR, plan.stage)
+        return [found] if found else []
+    outputs = []
+    for stage, step_dir in step_dirs(run_dir, plan.pipeline):
+        try:
+            step_plan = Plan.load(step_dir / PLAN_FILE)
+        except (OSError, TunewiseError):
+            continue  # not reached yet
+        found = _trained(step_dir, step_plan, step_dir.name, stage)
+        if found:
+            outputs.append(found)
+    return outputs
+
+
+def final_output(run_dir: str | Path, step: str | None = None, policy: bool = True) -> ModelOutput:
+    """The model a run produced: `step` when given (a pipeline step's folder name, its number or its stage,
+    e.g. "3-ppo", "3" or "ppo"), else the last one trained (a policy, when `policy`: a pipeline's final
+    policy). TunewiseError saying what there is when nothing matches."""
+    outputs = model_outputs(run_dir)
+    name = Path(run_dir).name
+    if not outputs:
+        raise TunewiseError(f"run: {name} has no saved adapter or model yet (no output, no complete checkpoint): it "
+                            "saves one when it finishes, when a stop ends in time, and every training.save_steps",
+                            field="run")
+    if step:
+        wanted = str(step).strip()
+        matches = [o for o in outputs if wanted in (o.label, o.stage, o.label.split("-", 1)[0])]
+        if not matches:
+            raise TunewiseError(f"step: {name} has no step {wanted!r} with a model; it has "
+                                f"{', '.join(o.label for o in outputs)}", field="step")
+        return matches[-1]
+    candidates = [o for o in outputs if o.policy] if policy else outputs
+    if not candidates:
+        raise TunewiseError(f"run: {name} trained only a reward model ({outputs[-1].path}); it scores text rather "
+                            "than generating it", field="run")
+    return candidates[-1]
 
 
 # -- small file helpers -----------------------------------------------------------------------------

@@ -120,6 +120,9 @@ def preflight(ctx: RunContext) -> None:
     stages = (plan.stage,) if plan.pipeline == "none" else PIPELINE_STAGES[plan.pipeline]
     for kind in dict.fromkeys(STAGE_DATA_KIND[stage] for stage in stages):
         check_dataset(plan, kind)
+    from trainer.forgetting import check_original_text
+
+    check_original_text(plan)
     precision = resolve_precision(plan)
     quantization_config(plan, precision)  # QLoRA without bitsandbytes fails here
     if plan.hardware.num_gpus > 1 and world_size_from_env() == 1:
@@ -128,6 +131,10 @@ def preflight(ctx: RunContext) -> None:
             message=f"the plan asks for {plan.hardware.num_gpus} processes but this one runs alone "
             "(start it with `tunewise launch` to get accelerate launch)",
         )
+    elif world_size_from_env() > 1 and precision.device == "cpu":
+        ctx.emit("notice", message=f"no GPU on this machine: the plan's {world_size_from_env()} processes run DDP on "
+                 "the CPU (gloo). That checks a multi-GPU plan end to end, but it is no faster than one process; "
+                 "on a GPU machine each process gets its own GPU")
 
 
 def _dispatch(ctx: RunContext) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 from advisor.errors import DatasetError, TunewiseError
 from advisor.profile import SUFFIX_FORMATS
 from trainer.procs import REPO_ROOT, child_env
-from trainer.rundir import PLAN_FILE, output_dir
+from trainer.rundir import final_output
 from trainer.status import ACTIVE_STATES, RunStatus, list_runs
 
 #: Upload folders kept per run kept in demo mode (each upload has its own folder).
@@ -137,22 +137,25 @@ def export_folder(parent: Path | None) -> Path:
     return Path(tempfile.mkdtemp(prefix="export-", dir=parent))
 
 
-def export(run_dir: Path, into: Path | None, reload_16bit: bool, timeout_s: float) -> tuple[str, str]:
-    """(zip archive, one-line note) of a run's tuned model: an adapter is merged into its 16-bit base and
-    checked against base + adapter (`python -m trainer.merge`), a full fine-tuning output is zipped as it
-    is. The archive goes to a folder of its own in `into` (see export_folder), never into the run."""
-    from advisor.plan import Plan
-
+def export(run_dir: Path, into: Path | None, reload_16bit: bool, timeout_s: float,
+           step: str | None = None) -> tuple[str, str]:
+    """(zip archive, one-line note) of a run's tuned model (trainer.rundir.final_output: its output, a
+    pipeline's final policy or `step`, or the newest complete checkpoint while there is no output): an
+    adapter is merged into its 16-bit base and checked against base + adapter (`python -m trainer.merge`),
+    a whole model is zipped as it is. The archive goes to a folder of its own in `into` (see export_folder),
+    never into the run."""
     run_dir = Path(run_dir)
-    plan = Plan.load(run_dir / PLAN_FILE)
-    output = output_dir(run_dir, plan.output)
-    if not output.is_dir():
-        raise TunewiseError(f"run: {run_dir.name} has no output yet (it saves one when it finishes or is stopped)",
-                            field="run")
-    if plan.method.method == "full":
-        archive = shutil.make_archive(str(export_folder(into) / f"{run_dir.name}-full"), "zip", root_dir=output)
-        return archive, f"Full fine-tuning: the output is already a whole model; zipped `{output.name}/` for download."
-    command = [sys.executable, "-m", "trainer.merge", str(run_dir)] + (["--reload-16bit"] if reload_16bit else [])
+    trained = final_output(run_dir, step, policy=False)
+    # A single run's output needs no name; a pipeline step, or a checkpoint standing in for an output, does.
+    what = "" if trained.label == "output" else f"{trained.label}: "
+    what += f"from its newest checkpoint ({trained.path.name}; the run saved no output): " if trained.checkpoint else ""
+    stem = run_dir.name if trained.label == "output" else f"{run_dir.name}-{trained.label}"
+    if not (trained.path / "adapter_config.json").is_file():
+        archive = shutil.make_archive(str(export_folder(into) / f"{stem}-full"), "zip", root_dir=trained.path)
+        return archive, _capital(f"{what}the model is already whole (all weights trained); zipped "
+                                 f"`{trained.path.name}/` for download.")
+    command = [sys.executable, "-m", "trainer.merge", str(run_dir), "--step", trained.label]
+    command += ["--reload-16bit"] if reload_16bit else []
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=str(REPO_ROOT),
                               env=child_env())
@@ -164,8 +167,13 @@ def export(run_dir: Path, into: Path | None, reload_16bit: bool, timeout_s: floa
         raise TunewiseError(f"export: {message}", field="export")
     report = json.loads(done.stdout)
     merged = Path(report["out_dir"])
-    archive = shutil.make_archive(str(export_folder(into) / f"{run_dir.name}-merged"), "zip", root_dir=merged)
-    note = (f"Merged into `{merged}` ({report['dtype']}). Largest logit difference, merged vs base + adapter, on "
-            f"{len(report['prompts'])} prompts: {report['max_abs_logit_diff']:.3g} (tolerance {report['tolerance']:.3g}; "
-            f"the adapter itself moves logits by up to {report['adapter_effect']:.3g}).")
+    archive = shutil.make_archive(str(export_folder(into) / f"{stem}-merged"), "zip", root_dir=merged)
+    note = _capital(f"{what}merged into `{merged}` ({report['dtype']}). Largest logit difference, merged vs base + adapter, "
+            f"on {len(report['prompts'])} prompts: {report['max_abs_logit_diff']:.3g} (tolerance "
+            f"{report['tolerance']:.3g}; the adapter itself moves logits by up to {report['adapter_effect']:.3g}).")
     return archive, note
+
+
+def _capital(text: str) -> str:
+    """`text` with its first letter capitalised (a note may begin with its own words or with a step's name)."""
+    return text[:1].upper() + text[1:] if text and not text[0].isdigit() else text

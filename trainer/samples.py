@@ -1,10 +1,12 @@
 """Base vs tuned generations of a run, side by side: `python -m trainer.samples RUN_DIR --prompt P ...`.
 
-The app asks for samples through `generate(run_dir, prompts, timeout_s)`, which runs this module as a
-subprocess, so torch and transformers never load in the page's process. The child loads the run's base
-model and its tuned result (the run's output folder, or its newest complete checkpoint while it has no
-output yet), generates greedily from each prompt (through the tokenizer's chat template when it has one,
-as the stages train), and prints one JSON object: {"base": [...], "tuned": [...]}.
+The app asks for samples through `generate(run_dir, prompts, timeout_s, step)`, which runs this module as
+a subprocess, so torch and transformers never load in the page's process. The child loads the run's base
+model and its tuned result (trainer.rundir.final_output: the run's output, a pipeline's final policy or
+the step asked for, or the newest complete checkpoint while there is no output yet; an adapter is loaded
+on the base it was trained on, which for a pipeline's later steps is the merged SFT model), generates
+greedily from each prompt (through the tokenizer's chat template when it has one, as the stages train),
+and prints one JSON object: {"base": [...], "tuned": [...], "tuned_from": "<label>"}.
 
 Exit codes: 0 done, 2 the run has nothing to sample from yet (the message is on stderr).
 """
@@ -19,22 +21,26 @@ from pathlib import Path
 
 from advisor.errors import TunewiseError
 from trainer.procs import REPO_ROOT, child_env
-from trainer.rundir import PLAN_FILE, last_checkpoint, output_dir
+from trainer.rundir import PLAN_FILE, final_output
 
 #: At most this many prompts per request (each is generated twice, base and tuned).
 MAX_PROMPTS = 8
 MAX_NEW_TOKENS = 32
 
 
-def generate(run_dir: Path, prompts: list[str], timeout_s: float, max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[str]]:
-    """[prompt, base completion, tuned completion] for each prompt, computed in a subprocess; TunewiseError
-    (naming the field) when there are no prompts, too many, the run has nothing to sample yet, or it took
-    longer than `timeout_s`."""
+def generate(run_dir: Path, prompts: list[str], timeout_s: float, step: str | None = None,
+             max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[str]]:
+    """[prompt, base completion, tuned completion] for each prompt, computed in a subprocess (the tuned model:
+    `step` of a pipeline, else the run's final policy); TunewiseError (naming the field) when there are no
+    prompts, too many, the run has nothing to sample yet, or it took longer than `timeout_s`."""
     if not prompts:
         raise TunewiseError("prompts: write at least one prompt, one per line", field="prompts")
     if len(prompts) > MAX_PROMPTS:
         raise TunewiseError(f"prompts: at most {MAX_PROMPTS} prompts at a time", field="prompts")
+    final_output(run_dir, step)  # nothing to sample from, or no such step: say so now, not after loading torch
     command = [sys.executable, "-m", "trainer.samples", str(run_dir), "--max-new-tokens", str(max_new_tokens)]
+    if step:
+        command += ["--step", str(step)]
     for prompt in prompts:
         command += ["--prompt", prompt]
     try:
@@ -50,34 +56,28 @@ def generate(run_dir: Path, prompts: list[str], timeout_s: float, max_new_tokens
     return [[prompt, base, tuned] for prompt, base, tuned in zip(prompts, result["base"], result["tuned"])]
 
 
-def tuned_model_dir(run_dir: Path, plan) -> Path | None:
-    """What to sample the tuned model from: the run's output, else its newest complete checkpoint, else None."""
-    output = output_dir(run_dir, plan.output)
-    if output.is_dir():
-        return output
-    return last_checkpoint(run_dir)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.samples", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--step", default=None, help="a pipeline's step (default: its final policy)")
     args = parser.parse_args(argv)
 
     from advisor.plan import Plan
 
     run_dir = Path(args.run_dir)
     plan = Plan.load(run_dir / PLAN_FILE)
-    tuned_dir = tuned_model_dir(run_dir, plan)
-    if tuned_dir is None:
-        print(f"run {run_dir.name} has no output or checkpoint yet; wait for it to save one", file=sys.stderr)
+    try:
+        tuned = final_output(run_dir, args.step)
+    except TunewiseError as exc:
+        print(str(exc), file=sys.stderr)
         return 2
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.models import resolve_model_path
+    from trainer.models import base_of_adapter, resolve_model_path
 
     base_name = resolve_model_path(plan.model.name)
     trust = plan.model.trust_remote_code
@@ -97,15 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
     base_out = [complete(base, prompt) for prompt in args.prompt]
-    if (tuned_dir / "adapter_config.json").is_file():
+    adapter_base = base_of_adapter(tuned.path)
+    if adapter_base is not None:
         from peft import PeftModel
 
-        tuned = PeftModel.from_pretrained(base, str(tuned_dir))
+        # A pipeline's PPO or DPO adapter sits on the merged SFT model, not on the plan's base.
+        under = base if resolve_model_path(adapter_base) == base_name else AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(adapter_base), dtype=torch.float32, trust_remote_code=trust)
+        model = PeftModel.from_pretrained(under, str(tuned.path))
     else:
-        tuned = AutoModelForCausalLM.from_pretrained(str(tuned_dir), dtype=torch.float32, trust_remote_code=trust)
-    tuned.eval()
-    tuned_out = [complete(tuned, prompt) for prompt in args.prompt]
-    print(json.dumps({"base": base_out, "tuned": tuned_out}))
+        model = AutoModelForCausalLM.from_pretrained(str(tuned.path), dtype=torch.float32, trust_remote_code=trust)
+    model.eval()
+    tuned_out = [complete(model, prompt) for prompt in args.prompt]
+    print(json.dumps({"base": base_out, "tuned": tuned_out, "tuned_from": tuned.label}))
     return 0
 
 

@@ -239,6 +239,7 @@ def measure_policy(policy, tokenizer, prompts: Sequence[Any], *, reference=None,
             fields["reward_source"] = "implicit"
         if pairs:
             fields["heldout_accuracy"] = heldout_preference_accuracy(policy, tokenizer, pairs, reference)
+            fields["heldout_pairs"] = len(pairs)  # how noisy that share is (the monitors judge a fall by it)
         fields["examples"] = [
             {"prompt": tokenizer.decode(p, skip_special_tokens=True),
              "completion": tokenizer.decode(c, skip_special_tokens=True)}

@@ -5,7 +5,9 @@ the supervisor can ask as often as they like, and the answer survives restarts o
 
 - the current attempt's terminal event (`finished`, `failed`, `stopped`), else
 - the exit the watcher recorded in run.json (code or signal), else
-- whether the trainer's pid (checked with its start time, against pid reuse) or its watcher lives.
+- whether the trainer's pid (checked with its start time, against pid reuse) or its watcher lives;
+  a cluster job's attempt has no local pid but a scheduler and job id: whether its job has started,
+  and for Slurm whether `squeue` still has it (trainer/scheduler.py).
 
 A damaged run.json or event (wrong types, cut short, missing) never raises: the run is described as
 well as it can be, with a `damage` note naming the file. events.jsonl is read incrementally: each
@@ -28,6 +30,7 @@ from trainer.events import EVENTS_FILE, TERMINAL_EVENTS, read_events
 from trainer.procs import pid_alive, rank_processes
 from trainer.rundir import (DISK_FULL_BYTES, EXIT_DISK_FULL, PILOT_FILE, PLAN_FILE, RUN_FILE, STDOUT_FILE, WATCHER_LOG,
                             default_runs_dir, find_run_dir, is_int, is_number, is_run_dir, tail_lines)
+from trainer.scheduler import scheduler_state
 
 STATES = ("queued", "running", "finished", "failed", "stopped")
 ACTIVE_STATES = ("queued", "running")
@@ -57,7 +60,9 @@ _ATTEMPT_FIELDS = {"started_at": (is_number, "a number"), "ended_at": (is_number
                    "watcher_pid": (is_int, "a whole number"), "pid": (is_int, "a whole number"),
                    "pid_start": (is_int, "a whole number"), "exit_code": (is_int, "a whole number"),
                    "signal": (is_int, "a whole number"), "events_offset": (is_int, "a whole number"),
-                   "resume_from": (str, "a string"), "cwd": (str, "a string")}
+                   "resume_from": (str, "a string"), "cwd": (str, "a string"),
+                   "scheduler": (str, "a string"), "job_id": (str, "a string"),
+                   "job_started_at": (is_number, "a number")}
 
 
 def _passes(value, check) -> bool:
@@ -177,11 +182,20 @@ class RunStatus:
     """Newest checkpoint reported."""
     output_dir: str | None = None
     """Where the result was saved (finished or stopped runs)."""
+    step_s: float | None = None
+    """The median time between logged steps of this attempt (None before two logs)."""
+    stop_wait_s: float = 0.0
+    """How long a cooperative stop may take here: the current step, the checkpoint save and the forgetting
+    measurement, each as long as the longest seen so far, twice over, plus STOP_GRACE_S (see stop_wait)."""
     stalled_s: float | None = None
     """Seconds since a running trainer's last event, when that is far longer than its usual gap between
     logged steps (see STALL_MIN_S, STALL_FACTOR): it may be stuck, or stopped (SIGSTOP). None otherwise."""
     damage: str | None = None
     """What is wrong with a damaged run.json or event (naming the file); the rest is read as well as it can be."""
+    scheduler: str | None = None
+    """slurm, skypilot or torchrun for a cluster job (trainer/jobs.py); None for a local run."""
+    job_id: str | None = None
+    """The scheduler's job id (SkyPilot: the cluster), once known."""
 
     @property
     def active(self) -> bool:
@@ -192,6 +206,11 @@ class RunStatus:
         """What to do about a run that looks stalled (None when it does not)."""
         if self.stalled_s is None:
             return None
+        if self.scheduler:
+            job = f"the {self.scheduler} job" + (f" {self.job_id}" if self.job_id else "")
+            return (f"no event for {self.stalled_s:.0f} s, far longer than its steps take: {job} may be stuck or "
+                    "paused (a long evaluation or checkpoint save looks the same); "
+                    f"`tunewise stop {self.run_id}` ends it")
         return (f"no event for {self.stalled_s:.0f} s, far longer than its steps take: the trainer (pid {self.pid}) "
                 "may be stuck or paused (a long evaluation or checkpoint save looks the same); "
                 f"`py-spy dump --pid {self.pid}` shows where it is, `tunewise stop {self.run_id}` ends it")
@@ -220,6 +239,7 @@ class RunStatus:
         loss = f" loss {self.last_loss:.4f}" if self.last_loss is not None else ""
         notes = f"  [no event for {self.stalled_s:.0f} s: stalled?]" if self.stalled_s is not None else ""
         notes += f"  [damaged: {self.damage}]" if self.damage else ""
+        notes += f"  [{self.scheduler}{f' job {self.job_id}' if self.job_id else ''}]" if self.scheduler else ""
         return f"{self.run_id}  {what:<18} {steps}{loss}  {self.summary}{notes}"
 
 
@@ -247,6 +267,10 @@ class _Digest:
     """Fields of the wrong type met so far (ignored), for RunStatus.damage."""
     forgetting_pct: float | None = None
     """The latest forgetting check's degradation (original-domain loss above its baseline, %)."""
+    save_s: float = 0.0
+    """The longest a checkpoint took to write so far (from the event before a `checkpoint` event to it)."""
+    measure_s: float = 0.0
+    """The longest a forgetting measurement took so far (its `eval_ms`)."""
 
     def _wrong(self, event: dict, key: str, wanted: str) -> None:
         if len(self.problems) < 3:
@@ -270,6 +294,9 @@ class _Digest:
                 self._wrong(event, "step", "a whole number")
             if kind == "started":
                 self.started = event
+            elif kind == "train_begin" and "stage" in event:
+                # A pipeline step's, forwarded: its max_steps counts that step's own steps, not the run's.
+                self.begin_time, self.log_times = when, []
             elif kind == "train_begin":
                 if is_int(event.get("max_steps")) and event["max_steps"] > 0:
                     self.max_steps = event["max_steps"]
@@ -288,6 +315,10 @@ class _Digest:
                 self.forgetting_pct = float(event["degradation_pct"])
             elif kind == "checkpoint" and isinstance(event.get("path"), str):
                 self.checkpoint = event["path"]
+                if when is not None and self.log_times:
+                    self.save_s = max(self.save_s, when - self.log_times[-1])
+            if kind == "forgetting" and is_number(event.get("eval_ms")):
+                self.measure_s = max(self.measure_s, event["eval_ms"] / 1000)
             if kind in TERMINAL_EVENTS:
                 self.terminal = event
                 if isinstance(event.get("output_dir"), str) and event["output_dir"]:
@@ -384,6 +415,23 @@ def disk_full_description(run_dir: Path, free: int | None) -> str:
             "the newest complete checkpoint")
 
 
+#: The least a stop is given before it is forced (a step and a save on a quiet machine fit in it many times).
+STOP_GRACE_S = 30.0
+
+
+def _step_s(digest: _Digest) -> float | None:
+    gaps = [later - earlier for earlier, later in zip(digest.log_times, digest.log_times[1:])]
+    return round(statistics.median(gaps), 3) if gaps else None
+
+
+def stop_wait(digest: _Digest) -> float:
+    """Seconds to wait for a cooperative stop before killing the trainer: STOP_GRACE_S plus twice what the
+    stop has to do, as measured in this run (finish the current step, save a checkpoint, then the final
+    forgetting measurement), so a slow machine or a large model is not killed while it saves."""
+    work = (_step_s(digest) or 0.0) + digest.save_s + digest.measure_s
+    return round(STOP_GRACE_S + 2 * work, 1)
+
+
 def _stalled_s(digest: _Digest, started_at: float | None) -> float | None:
     """Seconds without an event, when far longer than this attempt's usual gap between logs (else None)."""
     if digest.last_time is None or digest.begin_time is None or started_at is None or digest.begin_time < started_at - 1e-3:
@@ -441,6 +489,10 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         else:
             error = exit_description(attempt.get("exit_code"), attempt.get("signal"))
         error_lines = tuple(tail_lines(run_dir / STDOUT_FILE, ERROR_TAIL_LINES))
+    elif attempt.get("scheduler"):  # a cluster job: no local pid; its start, exit record and scheduler say
+        state, error = scheduler_state(run_dir, attempt)
+        if state == "failed":
+            error_lines = tuple(tail_lines(run_dir / STDOUT_FILE, ERROR_TAIL_LINES))
     elif attempt.get("pid"):
         if pid_alive(attempt["pid"], attempt.get("pid_start")):
             state = "running"
@@ -463,6 +515,8 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         error_lines = tuple(tail_lines(run_dir / WATCHER_LOG, ERROR_TAIL_LINES))
 
     terminal_signal = (terminal or {}).get("signal")
+    job = info.get("job") if isinstance(info.get("job"), dict) else {}  # a cluster job's layout (trainer/jobs.py)
+    scheduler = attempt.get("scheduler") or (job.get("scheduler") if isinstance(job.get("scheduler"), str) else None)
     created_at = info.get("created_at")
     if created_at is None:
         try:
@@ -493,8 +547,12 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
         attempts=len(info.get("attempts") or []),
         checkpoint=digest.checkpoint,
         output_dir=digest.output_dir,
+        step_s=_step_s(digest),
+        stop_wait_s=stop_wait(digest),
         stalled_s=_stalled_s(digest, started_at) if state == "running" else None,
         damage="; ".join(problems[:3]) or None,
+        scheduler=scheduler,
+        job_id=attempt.get("job_id"),
         **plan_fields,
     )
 

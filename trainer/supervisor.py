@@ -16,6 +16,7 @@ The API the wizard and the CLI use (no torch imports: it must stay instant):
   over); events are appended after a `resumed` event. `resume_run(run)` says
   which checkpoint and why (`Resumed`).
 - `wait(run, timeout)`: until the run is no longer queued or running.
+- `delete(run)`: remove a run that has ended (a running one is refused).
 
 Launch, resume and stop take the run's lock (`flock` on `<run>/.lock`) while
 they check the state and start or signal the trainer, so two of them from
@@ -39,14 +40,20 @@ run.json: {"run_id", "name", "created_at", "summary", "attempts": [{"started_at"
 "warm", "ended_at", "exit_code", "signal"}]}; one writer at a time (the launcher
 before the watcher starts, then the watcher, each under the run's lock), written
 atomically.
+
+A cluster job (trainer/jobs.py: Slurm, SkyPilot, torchrun) has no local pid: its
+attempts carry "scheduler" and "job_id" instead, and its state comes from its
+events, the exit record its first node writes and, for Slurm, `squeue`
+(trainer/scheduler.py). Stop writes the STOP file as for any run and, when the
+job does not answer in time, cancels it (trainer.jobs.force_stop: scancel);
+resume submits the job again (trainer.jobs.resubmit); a launch of a plan over
+several nodes is refused (it runs on this machine only: `tunewise job`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
 import shutil
 import signal
 import socket
@@ -57,12 +64,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from advisor.errors import TunewiseError
-from advisor.plan import DEMO_DATASETS, Plan
+from advisor.plan import Plan
+from trainer import jobs
 from trainer.events import EVENTS_FILE, TERMINAL_EVENTS, EventWriter, make_reserve, read_events
 from trainer.procs import child_env, is_recorded_trainer, pid_alive, rank_processes
 from trainer.rundir import (ACCELERATE_CONFIG_FILE, CHECKPOINTS_DIR, DATA_DIR, PILOT_FILE, PLAN_FILE, RESULT_FILE, RUN_FILE,
-                            STOP_FILE, WATCHER_LOG, default_runs_dir, find_run_dir, read_json, resumable_checkpoint,
-                            run_lock, step_dirs, write_json_atomic)
+                            STOP_FILE, WATCHER_LOG, absolute_paths, default_runs_dir, find_run_dir, new_run_id,
+                            read_json, resumable_checkpoint, run_lock, step_dirs, write_json_atomic)
 from trainer.status import (ACTIVE_STATES, LAUNCH_WAIT_S, RunStatus, current_attempt, derive_status, digest_events,
                             read_run_record)
 from trainer.status import list_runs as _list_runs
@@ -94,34 +102,6 @@ def read_run_events(run: str | Path, offset: int = 0, runs_dir: str | Path | Non
 
 
 # -- starting a run ---------------------------------------------------------------------------------
-
-
-_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def new_run_id(plan: Plan, name: str | None = None) -> str:
-    """<YYYYmmdd-HHMMSS>-<label>-<4 hex>: sortable by time, readable, unique."""
-    label = name or plan.name or (plan.stage if plan.pipeline == "none" else plan.pipeline) + "-" + plan.method.method
-    label = _NAME_CHARS.sub("-", label).strip("-.")[:40] or "run"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{secrets.token_hex(2)}"
-
-
-def _absolutize(plan: Plan) -> Plan:
-    """Local paths in the plan made absolute, so the run reproduces from any directory."""
-    overrides = {}
-    for dotted, value in (
-        ("model.name", plan.model.name),
-        ("data.dataset", plan.data.dataset),
-        ("forgetting.original_data", plan.forgetting.original_data),
-        ("preference.sft_model", plan.preference.sft_model),
-        ("preference.reward_model", plan.preference.reward_model),
-    ):
-        if not value or value in DEMO_DATASETS or value == "demo":
-            continue
-        path = Path(value).expanduser()
-        if path.exists() and not path.is_absolute():
-            overrides[dotted] = str(path.resolve())
-    return plan.with_overrides(overrides) if overrides else plan
 
 
 def _free_port() -> int:
@@ -226,7 +206,11 @@ def launch(plan: Plan, runs_dir: str | Path | None = None, name: str | None = No
     is a learning-rate pilot of `plan` (trainer/pilot.py) instead of its training."""
     if not isinstance(plan, Plan):
         raise TypeError(f"launch() needs a Plan, got {type(plan).__name__}")
-    plan = _absolutize(plan)
+    if plan.hardware.num_nodes > 1:
+        raise TunewiseError(f"hardware.num_nodes: the plan spans {plan.hardware.num_nodes} machines and a launch runs on "
+                            "this one only: write a cluster job with `tunewise job PLAN --scheduler slurm|skypilot|torchrun` "
+                            "(the wizard: Export a cluster job)", field="hardware.num_nodes")
+    plan = absolute_paths(plan)
     base = Path(runs_dir).expanduser() if runs_dir else default_runs_dir()
     base.mkdir(parents=True, exist_ok=True)
     run_id = new_run_id(plan, name or (f"pilot-{plan.stage}-{plan.method.method}" if pilot else None))
@@ -291,11 +275,16 @@ def resume_run(run: str | Path, runs_dir: str | Path | None = None) -> Resumed:
     if (run_dir / PILOT_FILE).is_file():
         raise TunewiseError(f"run {run_dir.name} is a learning-rate pilot: it is not resumed, and what it measured is "
                             f"kept (`tunewise status {run_dir.name}`); start a new pilot to measure again")
-    with run_lock(run_dir, "resumed"):
+    # Wait a moment for another holder (the watcher recording how the last attempt ended, a launch in
+    # progress): then the state is settled, and a second resume is refused because the run is running.
+    with run_lock(run_dir, "resumed", wait_s=LOCK_WAIT_S):
         current = status(run_dir)
         _refuse_resume(current)  # again under the lock: another process may have resumed it meanwhile
         plan = Plan.load(run_dir / PLAN_FILE)
         _close_attempt(run_dir, current)
+        if current.scheduler:  # a cluster job: submit it again; its first node continues from the newest checkpoint
+            checkpoint, skipped, message, offset = jobs.resubmit(run_dir)
+            return Resumed(current.run_id, str(checkpoint), tuple((str(p), why) for p, why in skipped), message, offset)
         if plan.pipeline != "none":
             return _resume_pipeline(run_dir, plan, current)
         checkpoint, skipped = resumable_checkpoint(run_dir)
@@ -385,11 +374,28 @@ def _resume_pipeline(run_dir: Path, plan: Plan, current: "RunStatus") -> Resumed
                    tuple((str(p), why) for p, why in skipped), message, offset)
 
 
+# -- deleting -----------------------------------------------------------------------------------------
+
+
+def delete(run: str | Path, runs_dir: str | Path | None = None) -> str:
+    """Delete a run that has ended (its whole directory: plan, events, checkpoints, outputs); return its id.
+    A queued or running run is refused: stop it first."""
+    run_dir = find_run_dir(run, runs_dir)
+    with run_lock(run_dir, "deleted"):
+        current = status(run_dir)
+        if current.state in ACTIVE_STATES:
+            raise TunewiseError(f"run {current.run_id} is still {current.state}: stop it before deleting it")
+        shutil.rmtree(run_dir)
+    return current.run_id
+
+
 # -- stopping and waiting ---------------------------------------------------------------------------
 
 
 def _signal_run(run_dir: Path, attempt: dict, sig: int, whole_group: bool) -> None:
     """Send `sig` to the run's training ranks (and, with whole_group, the trainer's process group)."""
+    if attempt.get("scheduler"):
+        return  # a cluster job's processes run on its nodes: it stops through the STOP file (or its scheduler)
     pid = attempt.get("pid")
     targets = {p for p, _ in rank_processes(run_dir)}
     if is_recorded_trainer(pid, attempt.get("pid_start")):
@@ -425,19 +431,23 @@ def request_stop(run: str | Path, runs_dir: str | Path | None = None, reason: st
     return current
 
 
-def stop(run: str | Path, timeout: float = 30, runs_dir: str | Path | None = None, reason: str = "stopped by the user") -> RunStatus:
-    """Ask a run to stop (it saves a checkpoint and exits); kill it after `timeout` seconds; return its status."""
+def stop(run: str | Path, timeout: float | None = None, runs_dir: str | Path | None = None,
+         reason: str = "stopped by the user") -> RunStatus:
+    """Ask a run to stop (it saves a checkpoint and exits); kill it after `timeout` seconds (default: the run's
+    own `stop_wait_s`, scaled by its measured step, save and forgetting-check times); return its status."""
     run_dir = find_run_dir(run, runs_dir)
     current = request_stop(run_dir, reason=reason)
     if current.state not in ACTIVE_STATES:
         return current
-    deadline = time.time() + timeout
+    deadline = time.time() + (current.stop_wait_s if timeout is None else timeout)
     while time.time() < deadline:
         current = status(run_dir)
         if current.state not in ACTIVE_STATES:
             return _wait_for_record(run_dir)
         time.sleep(0.2)
     attempt = current_attempt(read_run_record(run_dir)[0])
+    if attempt.get("scheduler"):  # no local process to kill: cancel the job (scancel), or say how
+        return jobs.force_stop(run_dir, attempt, timeout)
     _signal_run(run_dir, attempt, signal.SIGKILL, whole_group=True)
     return _wait_for_record(run_dir)
 
