@@ -541,7 +541,8 @@ MEASURED_ADVICE_FILE = "measured_advice.json"
 
 def measured_advice(model: str, dataset: str | None) -> dict | None:
     """The measurement `MEASURED_ADVICE_FILE` records for this local model and dataset, or None. Keys: method,
-    learning_rate, effective_batch, steps (numbers) and `summary` (what was measured, to quote)."""
+    learning_rate, effective_batch, steps (numbers), `summary` (what was measured, to quote) and, for LoRA,
+    lora_rank."""
     import json
     from pathlib import Path
 
@@ -558,6 +559,8 @@ def measured_advice(model: str, dataset: str | None) -> dict | None:
     if not isinstance(entry, dict) or any(not isinstance(entry.get(key), kind) for key, kind in wanted.items()):
         return None
     if entry["method"] not in ("full", "lora", "qlora"):
+        return None
+    if entry.get("lora_rank") is not None and not (isinstance(entry["lora_rank"], int) and entry["lora_rank"] >= 1):
         return None
     return entry
 
@@ -1081,6 +1084,9 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
     if isinstance(overrides.get("lora_targets"), str):
         targets_value = tuple(t.strip() for t in overrides["lora_targets"].split(",") if t.strip())
     rank, rank_reason, capacity_warning = rank_with_evidence(inputs, spec, targets_value)
+    if measured and measured.get("lora_rank") and measured["method"] != "full":
+        rank, rank_reason = measured["lora_rank"], (f"measured on this model and data: rank {measured['lora_rank']} "
+                                                    f"trained best at the measured rate; rules: {rank} ({rank_reason})")
     rank_value = overrides.get("lora_rank", rank)
 
     chosen: _Candidate | None = None

@@ -368,3 +368,33 @@ def test_the_implausible_rate_ceiling_grows_for_small_models_and_spares_a_measur
     assert "0.5 for LoRA is far above" in warning and "2.8e-02 is the evidence's rate" in warning
     assert not plausibility_warnings(wild, demo, measured_lr=0.5)  # measured on the data: said by the pilot instead
     assert plausibility_warnings(wild.with_overrides({"training.learning_rate": 0.05}), big)  # 7B: the fixed ceiling
+
+
+def test_advice_measured_on_a_model_and_dataset_replaces_the_rules_for_that_data_only(tmp_path):
+    """A model folder's measured_advice.json (bench/advice_quality.py writes the demo model's) gives the method,
+    rank, rate and batch that trained best on a dataset; the reasons say so beside the rules, and other data,
+    or a malformed entry, get the rules."""
+    import json
+    import shutil
+
+    from advisor.plan import DEMO_MODEL_DIR
+    from advisor.recommend import MEASURED_ADVICE_FILE
+
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copyfile(DEMO_MODEL_DIR / "config.json", model / "config.json")
+    entry = {"method": "lora", "learning_rate": 1e-3, "effective_batch": 8, "steps": 600, "lora_rank": 8,
+             "summary": "600 steps of 8: LoRA r8 at 1e-3 reached 0.80"}
+    (model / MEASURED_ADVICE_FILE).write_text(json.dumps({"datasets": {"my-data": entry}}), encoding="utf-8")
+    inputs = AdvisorInputs(model=str(model), examples=2_000, task="instruction", dataset="my-data", max_steps=600)
+    rec = recommend(inputs)
+    assert rec["method"].value == "lora" and rec["lora_rank"].value == 8 and rec["learning_rate"].value == 1e-3
+    assert rec["effective_batch"].value == 8 and rec["learning_rate"].rule == "measured_lr"
+    for name in ("method", "lora_rank", "learning_rate", "effective_batch"):
+        assert rec[name].reason.startswith("measured on this model and data"), (name, rec[name].reason)
+    assert "rules gave 2.8e-02" in rec["learning_rate"].reason and "rules: 64" in rec["lora_rank"].reason
+    other = recommend(AdvisorInputs(model=str(model), examples=2_000, task="instruction", dataset="other-data"))
+    assert other["learning_rate"].value == 0.028 and other["lora_rank"].value == 64
+    entry["lora_rank"] = "eight"
+    (model / MEASURED_ADVICE_FILE).write_text(json.dumps({"datasets": {"my-data": entry}}), encoding="utf-8")
+    assert recommend(inputs)["learning_rate"].value == 0.028  # malformed: ignored, the rules apply
