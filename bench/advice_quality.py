@@ -455,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         advice = {"about": "Written by bench/advice_quality.py: what trained best on this model, per dataset; "
                            "advisor.recommend recommends it for the demo model on that data (MEASURED_ADVICE_FILE).",
                   "datasets": {"demo-sft": {"method": method, "learning_rate": rate, "effective_batch": args.batch,
+                                            **({"lora_rank": rank} if method != "full" else {}),
                                             "steps": args.steps, "eval_loss": round(best_cell["eval_loss"], 4),
                                             "default_prompts_right": seen["default_right"],
                                             "fresh_dates_right": f"{seen['fresh_right']}/{seen['fresh']}",
