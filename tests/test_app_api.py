@@ -299,11 +299,14 @@ def test_editing_the_rank_re_advises_what_follows_it_and_keeps_the_users_changes
     # What the advisor says for this rank, asked directly: alpha follows the new rank, not the old one.
     direct = wizard.advise({"model": model, "task": task}, None, {"lora_rank": rank, "warmup_ratio": 0.07})
     assert after["lora_rank"] == rank and after["warmup_ratio"] == 0.07  # the user's edits are kept
-    assert after["lora_alpha"] == direct.plan.method.lora_alpha != advised["lora_alpha"]
+    # Alpha is the evidence's fixed 32 (the guide's 2 x rank is in its reason), so the rank leaves it alone.
+    assert after["lora_alpha"] == direct.plan.method.lora_alpha == advised["lora_alpha"] == 32
     # The recommendations table, refreshed after the re-advice, gives alpha's reason for the new rank.
     recommendations = client.predict(model=model, **{**edited, "lora_alpha": after["lora_alpha"]},
                                      api_name="/estimate")[3]
     alpha_row = next(row for row in recommendations["data"] if row[0].lower().startswith("lora alpha"))
     assert alpha_row[1] == wizard._display(after["lora_alpha"]) and "set by you" not in alpha_row[2], alpha_row
+    assert f"at rank {rank})" in alpha_row[2], alpha_row  # the scale alpha / rank at this rank
+    assert f"2 x rank (scaling 2) -> {2 * rank}" in alpha_row[2], alpha_row  # and the guide's alpha for it
     rank_row = next(row for row in recommendations["data"] if row[0].lower().startswith("lora rank"))
     assert "set by you" in rank_row[2], rank_row
