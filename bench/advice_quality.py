@@ -6,14 +6,14 @@ On the bundled demo model, for the SFT task (demo-sft) and the DPO task (demo-pr
 trains the same number of optimizer steps at the same batch (the demo's step cap for SFT), with the same
 seed, and is scored by its held-out loss (SFT: the eval split's loss; DPO: the held-out DPO loss):
 
-- the grid: LoRA (all linear layers, alpha 32) at two ranks and full fine-tuning, each at every rate of a
-  half-decade ladder; its best cell is the target;
+- the grid: LoRA (all linear layers, alpha 32) at two ranks (SFT) or LoRA and full fine-tuning (DPO), each at
+  rates of a half-decade ladder; its best cell is the target;
 - with --with-guide, the guide's plan, literally (its rank, alpha = 2 x rank, attention-only targets, its LR
   range);
 - the rules-only plan (`advisor.recommend` without any measurement): the evidence's rank, alpha, targets
   and learning rate;
-- the pilot-advised plan: `tunewise pilot` on the rules plan (and on full fine-tuning), its chosen rate
-  trained for the whole budget (looked up in the grid, which holds every rate the pilot can choose);
+- the pilot-advised plan: `tunewise pilot` on the rules plan (and on the grid's best method and rank, or full
+  fine-tuning), its chosen rate trained for the whole budget (looked up in the grid, or trained and added);
 - the pilot's method: successive halving (5 rates, then the best 2 twice as long) against a plain grid of
   5 rates at the same cost, both at the product's default budget, with the cost each spent.
 
@@ -59,7 +59,7 @@ PILOTS = ((2, None), (1, None))
 #: trains best, so most rates a pilot chooses are in it (any other is trained and added). Sized to run in
 #: well under an hour on 2 shared CPU cores.
 SFT_LADDER = (3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2)
-SFT_METHODS = {("lora", 8): SFT_LADDER[:4], ("lora", 64): SFT_LADDER[3:], ("full", None): SFT_LADDER[1:3]}
+SFT_METHODS = {("lora", 8): SFT_LADDER, ("lora", 64): SFT_LADDER[1:], ("full", None): SFT_LADDER[:4]}
 DPO_LADDER = (3.16e-5, 1e-4, 3.16e-4, 1e-3)
 DPO_METHODS = {("lora", 8): DPO_LADDER[2:], ("full", None): DPO_LADDER[:2]}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -230,7 +230,9 @@ def wizard_default_check(bench: Bench) -> str:
               "task": "instruction", "domain": "medium", "priority": "balanced", "quantized_inference": False}
     advised = wizard.advise(values, profile.to_dict(), None, max_steps=DemoLimits().max_steps)
     plan = wizard.plan_from_widgets(wizard.widgets_from_plan(advised.plan))
-    bench.cache.pop("sft-wizard-default", None)  # always measured afresh: it checks the advice just written
+    cached = bench.cache.get("sft-wizard-default")
+    if cached and Plan.load(Path(cached["run_dir"]) / "plan.yaml").to_dict() != plan.to_dict():
+        bench.cache.pop("sft-wizard-default")  # measured afresh whenever the advice changed the plan
     result = bench.train("sft-wizard-default", plan)
     seen = date_accuracy(result["run_dir"])
     events = read_all_events(Path(result["run_dir"]) / "events.jsonl")
@@ -276,7 +278,8 @@ def gap(loss: float, best: float) -> str:
     return f"{(loss - best) / best:+.1%}" if math.isfinite(loss) else "diverged"
 
 
-def run_task(bench: Bench, task: str, steps: int, batch: int, ladder, methods, with_guide: bool = False) -> dict:
+def run_task(bench: Bench, task: str, steps: int, batch: int, ladder, methods, with_guide: bool = False,
+             extras: bool = True) -> dict:
     from advisor.profile import profile_dataset
 
     plan = base_plan(task, steps, batch)
@@ -299,17 +302,19 @@ def run_task(bench: Bench, task: str, steps: int, batch: int, ladder, methods, w
         rows["guide"] = bench.train(f"{task}-guide", guide)
         rows["guide_rate"] = guide_rate
 
-    # Pilots: on the rules plan's method and rank, and on full fine-tuning; halving vs a plain grid; two budgets.
-    pilot_methods = [(values["method"], values["lora_rank"])]
-    if ("full", None) not in pilot_methods:
-        pilot_methods.append(("full", None))
+    # Pilots: on the rules plan's method and rank, and on the grid's best method and rank (full fine-tuning when
+    # that is the rules' too); halving vs a plain grid on the rules plan.
+    pilot_methods = [(values["method"], values["lora_rank"] if values["method"] != "full" else None)]
+    second = best_key[:2] if best_key[:2] not in pilot_methods else ("full", None)
+    if second not in pilot_methods:
+        pilot_methods.append(second)
     for method, rank in pilot_methods:
         start = variant(plan, method, rank, values["learning_rate"] if method == values["method"] else
                         values["learning_rate"] / (10 if method == "full" and values["method"] != "full" else 1))
         step_s = statistics_median([cell["step_s"] for (m, r, _), cell in grid.items() if (m, r) == (method, rank)]
                                    or [grid[best_key]["step_s"]])
         # The method comparison (halving vs a plain grid) on the rules plan; full fine-tuning with halving only.
-        for rounds, share in (PILOTS if method == values["method"] else PILOTS[:1]):
+        for rounds, share in (PILOTS if (method, rank) == pilot_methods[0] else PILOTS[:1]):
             tag = (f"{task}-pilot-{label(method, rank).replace(' ', '')}-{'halving' if rounds == 2 else 'grid'}-"
                    f"{'default' if share is None else f'{share:.0%}'}")
             try:
@@ -319,12 +324,12 @@ def run_task(bench: Bench, task: str, steps: int, batch: int, ladder, methods, w
                                        "refused": str(exc)})
                 continue
             key = (method, rank, result["chosen"])
-            if key not in grid:
-                grid[key] = bench.train(f"{task}-{label(method, rank).replace(' ', '')}-{result['chosen']:.2e}",
-                                        variant(plan, method, rank, result["chosen"]))
+            extra_tag = f"{task}-{label(method, rank).replace(' ', '')}-{result['chosen']:.2e}"
+            if key not in grid and (extras or extra_tag in bench.cache):
+                grid[key] = bench.train(extra_tag, variant(plan, method, rank, result["chosen"]))
             run_s = steps * step_s
             rows["pilots"].append({**result, "method": method, "rank": rank, "rounds": rounds, "share": share,
-                                   "loss": grid[key]["eval_loss"], "run_s": run_s})
+                                   "loss": grid[key]["eval_loss"] if key in grid else None, "run_s": run_s})
     best_key = min(grid, key=lambda key: grid[key]["eval_loss"])
     rows.update(best_key=best_key, best=grid[best_key]["eval_loss"])
     return rows
@@ -369,9 +374,11 @@ def section(name: str, rows: dict, ladder, methods, steps: int, batch: int) -> s
                           f"{'halving' if pilot['rounds'] == 2 else 'plain grid'}, {budget_text(pilot['share'])}",
                           "-", "-", "-", "refused: " + pilot["refused"].split(": ", 1)[-1].split(";")[0]])
             continue
+        loss = pilot["loss"]
         table.append([f"pilot on {label(pilot['method'], pilot['rank'])}: {'halving' if pilot['rounds'] == 2 else 'plain grid'}, "
-                      f"{budget_text(pilot['share'])}", f"{pilot['chosen']:.2e}", f"{pilot['loss']:.3f}",
-                      gap(pilot["loss"], best), f"{pilot['spent_s']:.0f} s ({pilot['spent_s'] / pilot['run_s']:.0%} of the run)"])
+                      f"{budget_text(pilot['share'])}", f"{pilot['chosen']:.2e}",
+                      "not trained (--no-extras)" if loss is None else f"{loss:.3f}",
+                      "-" if loss is None else gap(loss, best), f"{pilot['spent_s']:.0f} s ({pilot['spent_s'] / pilot['run_s']:.0%} of the run)"])
     lines += [markdown_table(["plan", "learning rate", "held-out loss", "gap to the grid's best", "pilot cost"], table)]
     lines += ["", *explain(rows)]
     return "\n".join(lines)
@@ -382,7 +389,7 @@ def explain(rows: dict) -> list[str]:
     best_method, best_rank, best_rate = rows["best_key"]
     out = []
     for pilot in rows["pilots"]:
-        if "refused" in pilot or not math.isfinite(pilot["loss"]):
+        if "refused" in pilot or pilot["loss"] is None or not math.isfinite(pilot["loss"]):
             continue
         name = f"the pilot on {label(pilot['method'], pilot['rank'])} ({budget_text(pilot['share'])}, "
         name += "halving)" if pilot["rounds"] == 2 else "plain grid)"
@@ -409,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the demo's advice alone")
     parser.add_argument("--jobs", type=int, default=1, help="grid plans trained at once, one process each")
     parser.add_argument("--work", help="keep the runs here (a rerun with the same folder skips finished ones)")
+    parser.add_argument("--no-extras", action="store_true",
+                        help="do not train a pilot's chosen rate for the whole budget when the grid lacks it")
     parser.add_argument("--with-guide", action="store_true", help="also train the guide's plan read literally")
     parser.add_argument("--no-wizard-check", action="store_true",
                         help="skip training the wizard's default demo plan after writing the measured advice")
@@ -429,10 +438,12 @@ def main(argv: list[str] | None = None) -> int:
             "(the eval split: 200 SFT examples, 100 DPO pairs). LoRA is on all linear layers at alpha 32 unless said."]
     results = {}
     if args.only in (None, "sft"):
-        results["sft"] = run_task(bench, "sft", args.steps, args.batch, SFT_LADDER, SFT_METHODS, args.with_guide)
+        results["sft"] = run_task(bench, "sft", args.steps, args.batch, SFT_LADDER, SFT_METHODS, args.with_guide,
+                                  not args.no_extras)
         body.append(section("SFT on demo-sft", results["sft"], SFT_LADDER, SFT_METHODS, args.steps, args.batch))
     if args.only in (None, "dpo"):
-        results["dpo"] = run_task(bench, "dpo", args.dpo_steps, args.batch, DPO_LADDER, DPO_METHODS)
+        results["dpo"] = run_task(bench, "dpo", args.dpo_steps, args.batch, DPO_LADDER, DPO_METHODS,
+                                  extras=not args.no_extras)
         body.append(section("DPO on demo-preference", results["dpo"], DPO_LADDER, DPO_METHODS, args.dpo_steps, args.batch))
 
     if "sft" in results:
@@ -441,7 +452,6 @@ def main(argv: list[str] | None = None) -> int:
         best_cell = sft["grid"][sft["best_key"]]
         seen = date_accuracy(best_cell["run_dir"])
         rules_seen = date_accuracy(sft["rules"]["run_dir"])
-        lora_best = min(((key, cell) for key, cell in sft["grid"].items() if key[0] == "lora"), key=lambda kv: kv[1]["eval_loss"])
         body.append(
             f"What a person sees after the grid's best ({label(method, rank)} at {rate:.2e}, {best_cell['train_s']:.0f} s of "
             f"training): the wizard's two default prompts answered {seen['default_answers']} ({seen['default_right']} of 2 "
@@ -449,9 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{rules_seen['default_answers']}, {rules_seen['fresh_right']} of {rules_seen['fresh']}.")
         summary = (f"bench/advice_quality.py ({time.strftime('%Y-%m-%d')}): {args.steps} steps of {args.batch} on demo-sft, "
                    f"{label(method, rank)} at {rate:.2e} reached held-out loss {best_cell['eval_loss']:.3f}, the best of a "
-                   f"{sum(len(rates) for rates in SFT_METHODS.values())}-plan grid; the best LoRA ({label(*lora_best[0][:2])} at "
-                   f"{lora_best[0][2]:.2e}) {lora_best[1]['eval_loss']:.3f}: LoRA leaves the output embeddings frozen, and "
-                   "the answers' month names never occur in the demo model's pretraining")
+                   f"{len(sft['grid'])}-plan grid; the tuned model then wrote {seen['fresh_right']} of {seen['fresh']} "
+                   "fresh dates exactly right")
         advice = {"about": "Written by bench/advice_quality.py: what trained best on this model, per dataset; "
                            "advisor.recommend recommends it for the demo model on that data (MEASURED_ADVICE_FILE).",
                   "datasets": {"demo-sft": {"method": method, "learning_rate": rate, "effective_batch": args.batch,

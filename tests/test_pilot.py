@@ -101,7 +101,9 @@ def test_sft_pilot_never_picks_a_bad_rate_writes_its_events_and_saves_a_plan_tra
     # Centred on 0.1, the ladder reaches 1.0: with Adam that rate wrecks the tiny model within a few steps.
     plan_file = _plan_file(tmp_path, make_plan, **{"training.learning_rate": 0.1})
     saved = tmp_path / "tuned.yaml"
-    result = tunewise("pilot", str(plan_file), "--budget-minutes", "0.5", "--save", str(saved), "--runs-dir",
+    # A minute: on busy shared cores half of it let the first candidate's measured step time trim the outer
+    # rates (1.0 among them), which is the pilot's design but not what this test checks.
+    result = tunewise("pilot", str(plan_file), "--budget-minutes", "1", "--save", str(saved), "--runs-dir",
                       str(runs_dir), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout)
@@ -118,7 +120,7 @@ def test_sft_pilot_never_picks_a_bad_rate_writes_its_events_and_saves_a_plan_tra
     best_first = min(c["eval_loss"] for c in pilot["candidates"] if c["round"] == 1 and c["status"] == "finished")
     assert worst["status"] == "diverged" or worst["eval_loss"] > best_first
     assert pilot["reason"].startswith("pilot: 5 rates x ") and f"chosen {chosen:.1e}" in pilot["reason"]
-    assert pilot["spent_s"] <= 60  # inside 0.5 min plus loading (the budget bounds the steps)
+    assert pilot["spent_s"] <= 120  # inside 1 min plus loading (the budget bounds the steps)
 
     # The run directory has what the charts read; the charts draw one line per candidate and the chosen star.
     run_dir = runs_dir / out["run_id"]
