@@ -104,6 +104,7 @@ class Bench:
         self.root, self.jobs = root, jobs
         self.log = root / "progress.jsonl"
         self.cache: dict[str, dict] = {}
+        self.trained_now: set[str] = set()  # tags measured by this invocation (the rest came from the log)
         if self.log.is_file():
             for line in self.log.read_text(encoding="utf-8").splitlines():
                 record = json.loads(line)
@@ -112,6 +113,7 @@ class Bench:
 
     def _note(self, record: dict) -> None:
         self.cache[record["tag"]] = record
+        self.trained_now.add(record["tag"])
         with open(self.log, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
@@ -416,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the demo's advice alone")
     parser.add_argument("--jobs", type=int, default=1, help="grid plans trained at once, one process each")
     parser.add_argument("--work", help="keep the runs here (a rerun with the same folder skips finished ones)")
+    parser.add_argument("--note", help="a paragraph to add to the section (how the runs were made)")
     parser.add_argument("--no-extras", action="store_true",
                         help="do not train a pilot's chosen rate for the whole budget when the grid lacks it")
     parser.add_argument("--with-guide", action="store_true", help="also train the guide's plan read literally")
@@ -473,7 +476,11 @@ def main(argv: list[str] | None = None) -> int:
             (DEMO_MODEL_DIR / rec_mod.MEASURED_ADVICE_FILE).write_text(json.dumps(advice, indent=1) + "\n", encoding="utf-8")
             if not args.no_wizard_check:
                 body.append(wizard_default_check(bench))
-    body.append(f"Benchmark wall time: {(time.monotonic() - began) / 60:.0f} min.")
+    if args.note:
+        body.append(args.note)
+    reused = sum(1 for tag in bench.cache if tag not in bench.trained_now)
+    body.append(f"Wall time of this invocation: {(time.monotonic() - began) / 60:.0f} min"
+                + (f" ({reused} results reused from --work)." if reused else "."))
     text = "\n\n".join(body)
     print(text)
     if not args.no_write:
