@@ -55,6 +55,9 @@ from trainer.events import read_all_events  # noqa: E402
 #: with its one-minute floor): rounds 2 is successive halving (5 rates, then the best 2 twice as long), rounds 1
 #: a plain grid of 5 rates at the same cost.
 PILOTS = ((2, None), (1, None))
+#: When the default budget is refused (a short run on a slow machine: too small for two candidates), the rules
+#: plan's pilot once more with this share of the run's time, as a user would with --budget-minutes.
+FALLBACK_SHARE = 0.75
 #: The grid: each method at rates of the pilot's half-decade ladder around where the rules put it and where it
 #: trains best, so most rates a pilot chooses are in it (any other is trained and added). Sized to run in
 #: well under an hour on 2 shared CPU cores.
@@ -316,7 +319,8 @@ def run_task(bench: Bench, task: str, steps: int, batch: int, ladder, methods, w
         step_s = statistics_median([cell["step_s"] for (m, r, _), cell in grid.items() if (m, r) == (method, rank)]
                                    or [grid[best_key]["step_s"]])
         # The method comparison (halving vs a plain grid) on the rules plan; full fine-tuning with halving only.
-        for rounds, share in (PILOTS if (method, rank) == pilot_methods[0] else PILOTS[:1]):
+        tries = list(PILOTS if (method, rank) == pilot_methods[0] else PILOTS[:1])
+        for rounds, share in tries:
             tag = (f"{task}-pilot-{label(method, rank).replace(' ', '')}-{'halving' if rounds == 2 else 'grid'}-"
                    f"{'default' if share is None else f'{share:.0%}'}")
             try:
@@ -324,6 +328,8 @@ def run_task(bench: Bench, task: str, steps: int, batch: int, ladder, methods, w
             except TunewiseError as exc:  # e.g. a budget too small for two candidates: reported as such
                 rows["pilots"].append({"method": method, "rank": rank, "rounds": rounds, "share": share,
                                        "refused": str(exc)})
+                if share is None and rounds == 2 and (method, rank) == pilot_methods[0]:
+                    tries.append((2, FALLBACK_SHARE))
                 continue
             key = (method, rank, result["chosen"])
             extra_tag = f"{task}-{label(method, rank).replace(' ', '')}-{result['chosen']:.2e}"

@@ -275,6 +275,8 @@ def test_the_demo_learns_visibly_on_the_wizards_defaults(tmp_path):
                 page.locator("#next-2").click()
                 # The advice for the demo says it was measured on this model and data.
                 expect(page.locator("#recommendations")).to_contain_text("measured on this model and data")
+                # The learning-rate check's cost is shown before any click on it (its panel opened, nothing started).
+                page.locator("#pilot").get_by_text("Check the learning rate on my data").first.click()
                 expect(page.locator("#pilot-cost")).to_contain_text("Expected cost")
                 page.locator("#launch").click()
                 expect(page.locator("#run-header .tw-badge")).to_have_text("finished", timeout=1_200_000)  # ~2 min idle
