@@ -86,7 +86,7 @@ class Page(SimpleNamespace):
     @property
     def plan_outputs(self) -> list:
         return self.group("memory_table", "memory_plot", "fit_table", "recommendations", "plan_status",
-                          "explanations", "cli_text", "yaml_text")
+                          "explanations", "cli_text", "yaml_text", "pilot_cost")
 
     @property
     def saved_widgets(self) -> dict:
@@ -231,6 +231,23 @@ def _plan_editor(gr, Number) -> dict:  # noqa: N803
     return w
 
 
+def _pilot_panel(gr, figures) -> dict:
+    """The learning-rate pilot in the plan step: its expected cost before the click, then its live charts."""
+    w = {"pilot_state": gr.State(dict)}  # this browser's pilot: run id, events read so far and their offset
+    with gr.Accordion("Check the learning rate on my data", open=False, elem_id="pilot"):
+        w["pilot_cost"] = gr.Markdown(elem_id="pilot-cost")
+        with gr.Row():
+            w["pilot_btn"] = gr.Button("Check the learning rate on my data", elem_id="pilot-btn", scale=0, min_width=280)
+            w["pilot_stop_btn"] = gr.Button("Stop the check (keeps what it measured)", elem_id="pilot-stop", scale=0,
+                                            min_width=260)
+        w["pilot_status"] = gr.Markdown(elem_id="pilot-status")
+        with gr.Row():
+            w["pilot_loss_plot"] = gr.Plot(figures.pilot_loss_figure([]), show_label=False, elem_id="pilot-loss-plot")
+            w["pilot_rate_plot"] = gr.Plot(figures.pilot_rate_figure([]), show_label=False, elem_id="pilot-rate-plot")
+        w["pilot_timer"] = gr.Timer(1.0, active=False)
+    return w
+
+
 def _advanced_settings(gr, Number) -> dict:  # noqa: N803
     """A widget for every plan setting the steps do not show elsewhere, four to a row, by the plan's sections."""
     w = {}
@@ -261,6 +278,7 @@ def _step_plan(gr, Number) -> dict:  # noqa: N803
         w["recommendations"] = gr.Dataframe(headers=["setting", "value", "why"], interactive=False, wrap=True,
                                             label="Recommendations, each with its reason", elem_id="recommendations",
                                             column_widths=["18%", "14%", "68%"], max_height=4000)
+        w.update(_pilot_panel(gr, figures))
         with gr.Accordion("Edit the plan: every value updates memory and fit at once", open=True, elem_id="plan-editor"):
             w.update(_plan_editor(gr, Number))
         with gr.Row():
@@ -527,6 +545,16 @@ def _wire(page: Page, h: Handlers) -> None:
                               trigger_mode="always_last", api_visibility="private")
         edited.failure(ev(h.plan_problem), **estimate_io, **quiet)
         remember(edited, 3, f"edit_{name}")  # (every plan widget is in step 3)
+
+    # Step 3's learning-rate check: launched like a run, polled by its own timer; its result fills in the rate.
+    pilot_outputs = [p.pilot_state, p.pilot_status, p.pilot_loss_plot, p.pilot_rate_plot, p.pilot_timer]
+    p.pilot_btn.click(ev(h.on_pilot), inputs=[p.pilot_state, p.monitor_state, p.plan_state], inputs_kwargs=p.plan_widgets,
+                      outputs=[*pilot_outputs, p.monitor_state], api_name="pilot")
+    p.pilot_timer.tick(ev(h.pilot_poll), inputs=[p.pilot_state, p.plan_state], inputs_kwargs=p.plan_widgets,
+                       outputs=[*pilot_outputs, p.plan_state, p.learning_rate, p.recommendations, p.plan_status, p.cli_text,
+                                p.yaml_text],
+                       api_name="pilot_poll", show_progress="hidden", trigger_mode="always_last")
+    p.pilot_stop_btn.click(ev(h.on_pilot_stop), inputs=p.pilot_state, outputs=p.pilot_timer, api_name="pilot_stop")
 
     # Step 4: launch, the live monitor, stop, resume, the log.
     monitor = dict(inputs=p.monitor_state, outputs=p.monitor_outputs)

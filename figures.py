@@ -751,3 +751,110 @@ def memory_run_figure(events: Sequence[Mapping], title: str = "Memory: measured 
 
 def _bytes_text(nbytes: int) -> str:
     return f"{nbytes / GB:.2f} GB" if nbytes >= GB else f"{nbytes / 1e6:.0f} MB"
+
+
+# -- the learning-rate pilot (trainer/pilot.py) ------------------------------------------------------------
+
+#: Colours of the pilot's candidate rates, lowest rate first (cycled).
+PILOT_COLORS = ("#0ea5e9", "#6366f1", "#16a34a", "#f59e0b", "#dc2626", "#a855f7", "#64748b")
+
+
+def pilot_candidates(events: Sequence[Mapping]) -> list[dict]:
+    """Each candidate's latest `candidate` event (started, or how it ended), in the order they began."""
+    latest: dict[int, dict] = {}
+    for event in events:
+        if event.get("event") == "candidate" and isinstance(event.get("candidate"), int):
+            latest[event["candidate"]] = dict(event)
+    return [latest[index] for index in sorted(latest)]
+
+
+def _rate_label(rate: Any) -> str:
+    return f"{rate:.1e}" if isinstance(rate, (int, float)) else "?"
+
+
+def pilot_loss_figure(events: Sequence[Mapping], title: str = "Pilot: training loss per candidate rate") -> go.Figure:
+    """One line per candidate: its training loss against its own steps (the pilot's `log` events carry
+    `candidate`, `rate`, `round` and `local_step`); round 2's longer runs are drawn dashed."""
+    lines: dict[int, dict] = {}
+    for event in events:
+        if event.get("event") != "log" or not isinstance(event.get("candidate"), int):
+            continue
+        loss = event.get("loss")
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool):
+            continue
+        line = lines.setdefault(event["candidate"], {"rate": event.get("rate"), "round": event.get("round"), "x": [], "y": []})
+        line["x"].append(int(event.get("local_step") or 0))
+        line["y"].append(float(loss))
+    if not lines:
+        return empty_figure(title, "Waiting for the first candidate's steps...")
+    rates = sorted({line["rate"] for line in lines.values() if isinstance(line["rate"], (int, float))})
+    fig = go.Figure()
+    for index in sorted(lines):
+        line = lines[index]
+        colour = PILOT_COLORS[rates.index(line["rate"]) % len(PILOT_COLORS)] if line["rate"] in rates else "#94a3b8"
+        second = line["round"] == 2
+        fig.add_trace(go.Scatter(
+            x=line["x"], y=line["y"], mode="lines", name=f"{_rate_label(line['rate'])}" + (" (round 2)" if second else ""),
+            line={"color": colour, "width": 2, "dash": "dash" if second else "solid"}))
+    _base_layout(fig, title, x_title="step of the candidate", y_title="training loss")
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
+def pilot_rate_figure(events: Sequence[Mapping], title: str = "Pilot: held-out loss against the rate") -> go.Figure:
+    """Each finished candidate's held-out loss against its rate on a log axis (round 1 circles, round 2
+    diamonds), diverged or failed rates as crosses along the top, the chosen rate starred."""
+    candidates = [c for c in pilot_candidates(events) if c.get("status") not in (None, "started")]
+    if not candidates:
+        return empty_figure(title, "Waiting for the first candidate to finish...")
+    finished = [c for c in candidates if isinstance(c.get("eval_loss"), (int, float))]
+    fig = go.Figure()
+    for round_no, symbol in ((1, "circle"), (2, "diamond")):
+        points = sorted((c for c in finished if c.get("round") == round_no), key=lambda c: c["rate"])
+        if points:
+            steps = points[0].get("steps")
+            fig.add_trace(go.Scatter(
+                x=[c["rate"] for c in points], y=[c["eval_loss"] for c in points], mode="lines+markers",
+                name=f"round {round_no} ({steps} steps)", marker={"size": 10, "symbol": symbol},
+                line={"color": COLORS["loss"] if round_no == 1 else COLORS["eval"], "width": 1.5}))
+    bad = [c for c in candidates if c not in finished]
+    if bad:
+        top = max((c["eval_loss"] for c in finished), default=1.0)
+        fig.add_trace(go.Scatter(
+            x=[c["rate"] for c in bad], y=[top * 1.05 for _ in bad], mode="markers+text", name="diverged / failed",
+            text=[c.get("status") for c in bad], textposition="bottom center",
+            marker={"size": 11, "symbol": "x", "color": COLORS["threshold"]}))
+    result = next((e for e in reversed(events) if e.get("event") == "pilot_result"), None)
+    chosen = result.get("chosen_rate") if result else None
+    if isinstance(chosen, (int, float)):
+        chosen_loss = result.get("chosen_eval_loss")
+        fig.add_trace(go.Scatter(x=[chosen], y=[chosen_loss], mode="markers", name=f"chosen {_rate_label(chosen)}",
+                                 marker={"size": 18, "symbol": "star", "color": COLORS["reward"],
+                                         "line": {"width": 1, "color": "#14532d"}}))
+    _base_layout(fig, title, x_title="peak learning rate (log scale)", y_title="held-out loss")
+    fig.update_xaxes(type="log", exponentformat="e")
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
+def pilot_markdown(events: Sequence[Mapping], state: str | None = None) -> str:
+    """The pilot in words for the page: its design, where it is, and the chosen rate with what it spent."""
+    design = next((e for e in events if e.get("event") == "pilot"), None)
+    if design is None:
+        return "Starting the pilot..." if state in (None, "queued", "running") else f"The pilot {state}."
+    lines = [f"**Pilot:** {design.get('message', '').removeprefix('learning-rate pilot: ')}"]
+    done = [c for c in pilot_candidates(events) if c.get("status") not in (None, "started")]
+    lines.append(f"{len(done)} of {len(design.get('rates') or []) + (design.get('keep') or 0)} candidates measured "
+                 f"on {design.get('eval_examples')} held-out examples.")
+    result = next((e for e in reversed(events) if e.get("event") == "pilot_result"), None)
+    if result:
+        if result.get("chosen_rate"):
+            lines.append(f"**{'Chosen' if result.get('status') == 'finished' else 'Best so far'}: "
+                         f"{_rate_label(result['chosen_rate'])}** (held-out loss {result.get('chosen_eval_loss'):.3f}); "
+                         f"spent {format_duration(result.get('spent_s'))} of a {format_duration(result.get('budget_s'))} budget.")
+        if result.get("note"):
+            lines.append(f"*{result['note']}*")
+    failed = next((e for e in reversed(events) if e.get("event") == "failed"), None)
+    if failed:
+        lines.append(f"**The pilot failed:** {failed.get('error')}")
+    return "\n\n".join(lines)

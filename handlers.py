@@ -46,7 +46,7 @@ class AppConfig:
     """Where run directories live (shared with `tunewise launch/runs/status`)."""
     demo_mode: bool = False
     """Public-demo limits: demo model only, bounded steps, one run at a time, old runs cleaned up."""
-    demo_max_steps: int = 40
+    demo_max_steps: int = wizard.DemoLimits.max_steps
     """Training steps per run at most in demo mode."""
     demo_keep_runs: int = 8
     """Runs kept on disk in demo mode."""
@@ -315,7 +315,7 @@ class Handlers:
         if keep_changes:
             overrides = wizard.user_changes(values, plan_state.get("advice"))
         advised = wizard.advise(advisor_values, plan_state.get("profile"), overrides,
-                                max_steps=self.step_cap(values, keep_changes))
+                                max_steps=self.step_cap(values, keep_changes), measured_lr=self.measured_lr(plan_state, values))
         widget_values = wizard.widgets_from_plan(advised.plan)
         guide_headers, guide_rows = wizard.guide_rows()
         updates = {widget: (gr.update(value=widget_values[name], choices=advised.target_choices)
@@ -333,6 +333,14 @@ class Handlers:
             return wizard.step_cap(values.get("max_steps"))
         demo = self.config.demo_mode or is_demo_model(values.get("model"))
         return self.demo_limits.max_steps if demo else None
+
+    @staticmethod
+    def measured_lr(plan_state: dict, values: dict) -> dict | None:
+        """The pilot's result ({"rate", "reason", "method", ...}) when it was measured for this page's model, data
+        and goal (a re-advice keeps it); None otherwise."""
+        pilot = plan_state.get("pilot") or {}
+        same = all(pilot.get(key) == values.get(key) for key in ("model", "dataset", "goal"))
+        return pilot if pilot and same else None
 
     def on_recommend(self, plan_state, **values):
         """Reaching the plan step: the advice for steps 1 and 2's choices. Coming back to it (after going back
@@ -404,7 +412,8 @@ class Handlers:
     def on_estimate(self, plan_state, **values):
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
         plan = self.page_plan(plan_state, values)  # an upload keeps its name here: the page shows the plan
-        view = wizard.plan_view(plan)
+        measured = self.measured_lr(plan_state, values)
+        view = wizard.plan_view(plan, measured_lr=float(measured["rate"]) if measured else None)
         (headers, memory_rows), (fit_headers, fit_rows) = view.memory, view.fit
         p = self.page
         return {
@@ -416,7 +425,88 @@ class Handlers:
             p.explanations: view.explanations,
             p.cli_text: wizard.train_command(plan),
             p.yaml_text: wizard.plan_yaml(plan),
+            p.pilot_cost: self.pilot_cost(plan, plan_state.get("profile")),
         }
+
+    # -- step 3: the learning-rate pilot (trainer/pilot.py) ---------------------------------------------------
+
+    def pilot_cost(self, plan, profile: dict | None) -> str:
+        """What the check would do and cost, shown before the click (or why it cannot run for this plan)."""
+        from advisor.pilot import plan_pilot
+
+        profile = profile or {}
+        try:
+            design = plan_pilot(plan, examples=profile.get("examples") or None,
+                                tokens=(profile.get("tokens") or {}).get("estimated_total") or None)
+        except TunewiseError as exc:
+            return f"The check cannot run for this plan: {user_message(exc)}"
+        return (f"Short runs at {len(design.rates)} learning rates on your model and data, scored by held-out loss: "
+                f"{design.describe()}. **Expected cost: about {figures.format_duration(design.expected_s)}.**")
+
+    def pilot_view(self, pilot_state: dict, events: list, state: str | None) -> dict:
+        p = self.page
+        return {p.pilot_status: self.shown(figures.pilot_markdown(events, state)),
+                p.pilot_loss_plot: figures.pilot_loss_figure(events), p.pilot_rate_plot: figures.pilot_rate_figure(events)}
+
+    def on_pilot(self, pilot_state, monitor_state, plan_state, **values):
+        from trainer.pilot import pilot_design
+
+        self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
+        plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
+        with self.launch_lock:
+            if self.config.demo_mode:
+                plan, _ = wizard.admit_demo_run(plan, self.demo_limits, runs.active_runs(self.config.runs_dir),
+                                                monitor_state.get("own") or [])
+            design = pilot_design(plan)
+            run_id = supervisor.launch(plan, self.config.runs_dir, pilot=design.to_dict())
+        gr.Info(f"Checking the learning rate: {design.describe()}")
+        state = {"run_id": run_id, "offset": 0, "events": [], "model": values.get("model"),
+                 "dataset": values.get("dataset"), "goal": values.get("goal"), "method": plan.method.method}
+        return {self.page.pilot_state: state, self.page.pilot_timer: gr.Timer(active=True),
+                self.page.monitor_state: {**monitor_state, "own": [*(monitor_state.get("own") or []), run_id]},
+                **self.pilot_view(state, [], "queued")}
+
+    def pilot_poll(self, pilot_state, plan_state, **values):
+        """New pilot events redrawn; once it has chosen a rate, the rate goes into the plan with its reason."""
+        from advisor.recommend import Advice
+        from trainer.pilot import read_result
+
+        p = self.page
+        run_id = (pilot_state or {}).get("run_id")
+        if not run_id:
+            return {p.pilot_timer: gr.Timer(active=False)}
+        try:
+            events, offset = supervisor.read_run_events(run_id, pilot_state.get("offset", 0), self.config.runs_dir)
+            status = supervisor.status(run_id, self.config.runs_dir)
+        except TunewiseError:  # its directory was deleted (the demo's clean-up): nothing more to read
+            return {p.pilot_timer: gr.Timer(active=False)}
+        events = pilot_state.get("events", []) + events
+        pilot_state = {**pilot_state, "offset": offset, "events": events}
+        update = {p.pilot_state: pilot_state, p.pilot_timer: gr.Timer(active=status.active),
+                  **self.pilot_view(pilot_state, events, status.state)}
+        result = read_result(run_path(self.config.runs_dir, run_id))
+        if status.active or result.get("status") != "finished" or pilot_state.get("applied"):
+            return update
+        rate, reason = result["chosen_rate"], result["reason"]
+        pilot_state["applied"] = True
+        measured = {"rate": rate, "reason": reason, "method": pilot_state.get("method"),
+                    "model": pilot_state.get("model"), "dataset": pilot_state.get("dataset"),
+                    "goal": pilot_state.get("goal")}
+        advice = {**(plan_state.get("advice") or {}), "learning_rate": Advice(rate, reason, "measured_lr")}
+        plan = wizard.plan_from_widgets({**values, "learning_rate": rate})
+        gr.Info(f"Learning rate set to {rate:.2e}, measured on your data.")
+        return {**update, p.plan_state: {**plan_state, "advice": advice, "pilot": measured}, p.learning_rate: rate,
+                p.recommendations: wizard.recommendation_rows(advice, wizard.widgets_from_plan(plan)),
+                p.plan_status: wizard.plan_view(plan, measured_lr=rate).status_markdown,
+                p.cli_text: wizard.train_command(plan), p.yaml_text: wizard.plan_yaml(plan)}
+
+    def on_pilot_stop(self, pilot_state):
+        run_id = (pilot_state or {}).get("run_id")
+        if not run_id:
+            raise TunewiseError("pilot: no check is running; start one with the button above", field="pilot")
+        supervisor.request_stop(run_id, self.config.runs_dir, reason="stopped from the plan step")
+        gr.Info("Stopping the check: the candidate in progress ends, and what was measured is kept.")
+        return {self.page.pilot_timer: gr.Timer(active=True)}
 
     # -- step 4: launch and monitor ------------------------------------------------------------------------
 

@@ -111,6 +111,9 @@ def register(subparsers) -> None:
     rec.add_argument("--task", required=True, choices=("classification", "qa", "summarization", "instruction", "max"),
                      help="task complexity (the guide's rank table)")
     rec.add_argument("--tokens", type=int, help="total training tokens, when known")
+    rec.add_argument("--completion-tokens", type=int,
+                     help="training tokens that carry the loss (`tunewise profile` prints them): checks the LoRA rank's capacity")
+    rec.add_argument("--dataset", help="the dataset's name or path, for advice measured on it (the demo model's)")
     rec.add_argument("--domain-shift", choices=("low", "medium", "high"), default="medium", help="how different the task is from pretraining")
     rec.add_argument("--priority", choices=("quality", "balanced", "memory"), default="balanced")
     rec.add_argument("--gpu", help="GPU name (e.g. A100-80GB, T4)")
@@ -569,6 +572,8 @@ def cmd_recommend(args) -> int:
         preserve_original=args.preserve_original,
         seq_len=args.seq_len,
         sft_model=args.sft_model,
+        completion_tokens=args.completion_tokens,
+        dataset=args.dataset,
     )
     rec = recommend(inputs, _parse_set(args.set))
     saved = None

@@ -54,6 +54,7 @@ class GPU:
 
 
 #: The common training GPUs, smallest first (totals as nvidia-smi reports them, in MiB).
+#: TFLOPS: NVIDIA's datasheets, dense (without structured sparsity), 16-bit inputs with fp32 accumulation.
 GPUS: tuple[GPU, ...] = (
     # dense_tflops from NVIDIA's datasheets and architecture whitepapers (GeForce cards: fp16 with fp32
     # accumulation, half their fp16-accumulate rate); AWS publishes none for its A10G: 70 is the figure

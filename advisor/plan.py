@@ -460,6 +460,12 @@ class PreferenceSettings:
     kl_coef: float = _setting(0.05, label="PPO KL coefficient", flag="--kl-coef", widget=True,
                               limit=Limit(0.0, 100.0, low_open=True, hint=" (guide: 0.01-0.1)"))
     """PPO KL penalty coefficient (guide: 0.01-0.1)."""
+    # The same bound as training.learning_rate: above 1.0 every optimizer diverges at once.
+    learning_rate: float | None = _setting(None, label="Preference learning rate", flag="--pref-lr",
+                                           name="preference_lr",
+                                           limit=Limit(0.0, 1.0, low_open=True, hint=" (DPO paper: 1e-6, full, 6B)"))
+    """Peak learning rate of the DPO and PPO / RLOO / GRPO steps of a pipeline (None: the learning rate above);
+    preference objectives want far smaller steps than SFT."""
     adaptive_kl: bool = _setting(False, label="Adaptive KL", flag="--adaptive-kl")
     """Adapt the KL coefficient towards `target_kl`."""
     target_kl: float = _threshold(6.0, "Target KL", "--target-kl")

@@ -652,6 +652,24 @@ def example_texts(record: Mapping[str, Any], detected: DetectedFormat) -> tuple[
     return texts, turns
 
 
+def completion_text(record: Mapping[str, Any], detected: DetectedFormat) -> tuple[str, int]:
+    """The part of one record that training puts a loss on, and its chat-turn count: the completion
+    (prompt_completion), the assistant turns (messages), the chosen reply (preference), all of it (text).
+    Its tokens are what the Tinker LoRA primer calls completion tokens (advisor.recommend's capacity check)."""
+    normal = normalize_record(record, detected)
+    if detected.format == "text":
+        return normal["text"], 0
+    if detected.format == "prompt_completion":
+        return normal["completion"], 0
+    if detected.format == "messages":
+        replies = [turn for turn in normal["messages"] if turn.get("role") == "assistant"]
+        return _chat_text(replies), len(replies)
+    chosen = normal["chosen"]
+    if isinstance(chosen, list):
+        return _chat_text(chosen), len(chosen)
+    return str(chosen), 0
+
+
 def find_tokenizer_file(model: str | None) -> Path | None:
     """A local tokenizer.json for `model`, or None.
 
@@ -768,6 +786,8 @@ class TokenStats:
     """Average length."""
     total: int
     """Tokens in all profiled examples."""
+    completion_total: int = 0
+    """Tokens that carry the training loss in the profiled examples (see `completion_text`)."""
 
 
 @dataclass(frozen=True)
@@ -826,6 +846,13 @@ class DatasetProfile:
             return 0
         return round(self.tokens.total * self.examples / self.examples_profiled)
 
+    @property
+    def estimated_completion_tokens(self) -> int:
+        """Loss-carrying tokens in the whole file (scaled up like `estimated_total_tokens`)."""
+        if self.examples_profiled == 0:
+            return 0
+        return round(self.tokens.completion_total * self.examples / self.examples_profiled)
+
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (for `tunewise profile --json` and the UI)."""
         return {
@@ -842,6 +869,8 @@ class DatasetProfile:
                 "mean": round(self.tokens.mean, 2),
                 "total": self.tokens.total,
                 "estimated_total": self.estimated_total_tokens,
+                "completion_total": self.tokens.completion_total,
+                "estimated_completion": self.estimated_completion_tokens,
             },
             "tokens_exact": self.tokens_exact,
             "tokenizer": self.tokenizer,
@@ -963,6 +992,9 @@ def profile_dataset(dataset: str | Path, model: str | None = None, max_rows: int
         longest = max(flat_counts[position:position + len(texts)])
         position += len(texts)
         lengths.append(longest + TOKENS_PER_TURN * turns)
+    completions = [completion_text(record, detected) for _, record in rows]
+    completion_total = sum(counter.count([text for text, _ in completions])) + sum(
+        TOKENS_PER_TURN * turns for _, turns in completions)
     ordered = sorted(lengths)
     stats = TokenStats(
         p50=percentile(ordered, 50),
@@ -970,6 +1002,7 @@ def profile_dataset(dataset: str | Path, model: str | None = None, max_rows: int
         max=ordered[-1],
         mean=sum(ordered) / len(ordered),
         total=sum(ordered),
+        completion_total=completion_total,
     )
     max_len = model_max_length(model)
     seq_len, seq_reason = recommend_seq_len(stats.p95, max_len)
@@ -1031,7 +1064,8 @@ def format_profile(profile: DatasetProfile) -> str:
         f"format       {profile.format} ({', '.join(f'{role}={col!r}' for role, col in profile.columns.items())})",
         f"examples     {profile.examples}" + (f" (profiled {profile.examples_profiled})" if profile.examples_profiled != profile.examples else ""),
         f"tokens       p50 {profile.tokens.p50}, p95 {profile.tokens.p95}, max {profile.tokens.max}, "
-        f"mean {profile.tokens.mean:.1f}, total ~{profile.estimated_total_tokens}",
+        f"mean {profile.tokens.mean:.1f}, total ~{profile.estimated_total_tokens} "
+        f"(~{profile.estimated_completion_tokens} carry the loss)",
         f"counted by   {profile.tokenizer}",
         f"seq_len      {profile.recommended_seq_len}: {profile.seq_len_reason}",
         f"packing      {'yes' if profile.pack else 'no'}: {profile.pack_reason}",

@@ -1,4 +1,5 @@
-"""The advisor: the guide's rules turned into a recommended plan, every value with its reason.
+"""The advisor: the guide's rules and the published evidence turned into a recommended plan, every value
+with its reason.
 
 `recommend(AdvisorInputs(...))` applies the rules of the fine-tuning guide
 (`../shared/guide/fine-tuning-guide.md`) to the user's model, data, goal and
@@ -8,7 +9,13 @@ overridden)` per setting, warnings drawn from the guide's risks, and notes.
 Each `reason` quotes the guide rule that produced the value ("guide: LoRA rank
 table, complex (instruction following) -> 64-128"); values the guide does not
 fix (epochs, effective batch) are labelled "Tunewise heuristic" with the
-reasoning, and figures from elsewhere carry their source.
+reasoning, and figures from elsewhere carry their source. Where published
+evidence since the guide disagrees (LoRA Without Regret, the Tinker LoRA primer
+and sweep, the QLoRA and DPO papers: see "the published evidence" below), the
+value is the evidence's, labelled "evidence: ...", and the guide's value stays
+in the reason beside it. A measured learning rate (`tunewise pilot`, or the
+`measured_advice.json` a model folder carries, as the demo model does) replaces
+the rules, and the reason says what was measured and what the rules gave.
 
 Memory is never guessed: the method, gradient checkpointing, optimizer,
 sharding and micro-batch are chosen by asking the estimator
@@ -124,12 +131,59 @@ ADVICE = (
     "grad_accum", "effective_batch",
     "learning_rate", "warmup_ratio", "epochs", "total_steps", "eval_steps", "early_stopping_patience",
     "forgetting_monitor", "forgetting_eval_every",
-    "replay_fraction", "ewc_lambda", "beta", "kl_coef", "preference_method",
+    "replay_fraction", "ewc_lambda", "preference_lr", "beta", "kl_coef", "preference_method",
 )
 
 #: Advice name -> the dotted plan setting it fills in (None: information only).
 PLAN_FIELDS: dict[str, str | None] = {name: None if name in INFO_ONLY else find_setting(name).dotted for name in ADVICE}
 
+
+# -- the published evidence since the guide, as data ---------------------------------------------------
+#
+# Where later evidence disagrees with the guide, the advisor recommends the evidence and shows the guide's
+# value beside it in the reason, each with its source.
+
+#: The sources, as reasons quote them.
+LWR = "LoRA Without Regret (Schulman et al., Thinking Machines 2025)"
+TINKER_PRIMER = "Tinker LoRA primer"
+TINKER_SWEEP = "Tinker cookbook SFT sweep (Tulu-3, batch 128, 780 steps)"
+QLORA_PAPER = "QLoRA paper (Dettmers et al. 2023)"
+DPO_PAPER = "DPO paper (Rafailov et al. 2023)"
+INSTRUCTGPT = "InstructGPT (Ouyang et al. 2022)"
+
+#: LoRA Without Regret: LoRA's optimal learning rate is about 10x full fine-tuning's, in their parameterization
+#: (PEFT's alpha / rank with alpha fixed at 32); the Tinker cookbook divides its LoRA rates by 10 for full FT.
+LORA_LR_OVER_FULL = 10.0
+#: Tinker LoRA primer: LoRA needs a 20-100x larger LR than full fine-tuning depending on model size, e.g. 32 for
+#: Llama-3.2-1B and 128 for Llama-3.1-70B (against its own full-FT formula; quoted, not used for the value).
+PRIMER_LORA_FACTORS = {"meta-llama/Llama-3.2-1B": 32, "meta-llama/Llama-3.1-70B": 128}
+#: The alpha LoRA Without Regret and Tinker train with: fixed, so PEFT's alpha / rank scaling divides the update
+#: by the rank and the best learning rate barely moves when the rank changes.
+EVIDENCE_ALPHA = 32.0
+#: Tinker's sweep: the best LoRA learning rate of each model it shares with our catalogue.
+SWEEP_LORA_LR = {
+    "meta-llama/Llama-3.2-1B": 1e-3,
+    "meta-llama/Llama-3.2-3B": 1e-3,
+    "meta-llama/Llama-3.1-8B": 3e-4,
+    "meta-llama/Llama-3.1-70B": 3e-4,
+}
+#: QLoRA paper's learning rates by model size (LoRA on all linear layers of a 4-bit base, batch 16-32).
+QLORA_PAPER_LR = ((20e9, 2e-4, "7B and 13B"), (math.inf, 1e-4, "33B and 65B"))
+#: LoRA Without Regret: policy-gradient RL absorbs about one bit per episode, and rank 1 matched full fine-tuning.
+RL_LORA_RANK = 1
+#: DPO learns from one preference (about a bit) per pair too: Tunewise keeps the top of the guide's smallest
+#: rank row (4-8) rather than rank 1, as margin for DPO's log-likelihood terms (the evidence tested RL, not DPO).
+DPO_LORA_RANK = 8
+#: LoRA Without Regret and the Tinker primer: LoRA pays a larger loss penalty than full fine-tuning as the batch
+#: grows, and a higher rank does not remove it. They give no threshold; Tunewise flags effective batches above
+#: the batch Tinker's sweep calibrated its rates at.
+LORA_LARGE_BATCH = 128
+#: DPO paper: full fine-tuning at LR 1e-6 (batch 64) on models up to GPT-J 6B; TRL's DPOConfig defaults to 1e-6.
+DPO_PAPER_LR, DPO_PAPER_PARAMS = 1e-6, 6.05e9
+#: DPO paper's beta for its dialogue and most other runs (TRL's default too).
+DPO_PAPER_BETA = 0.1
+#: InstructGPT's KL reward coefficient for PPO.
+INSTRUCTGPT_KL = 0.02
 
 # -- inputs and outputs -------------------------------------------------------------------------------
 
@@ -178,6 +232,17 @@ class AdvisorInputs:
     """For dpo / ppo: the SFT model the stage starts from (None: the base model)."""
     max_steps: int | None = None
     """A cap on optimizer steps the run will use (e.g. the demo's), when the user has set one."""
+    completion_tokens: int | None = None
+    """Training tokens that carry the loss (completions, assistant turns), when known (the dataset profile's
+    `estimated_completion`): what the Tinker primer compares LoRA's capacity with."""
+    dataset: str | None = None
+    """The dataset's name (bundled name or path), for advice measured on that data (`measured_advice`)."""
+    measured_lr: float | None = None
+    """A learning rate measured on this model, data and hardware (`tunewise pilot`): it replaces the rules'."""
+    measured_lr_reason: str | None = None
+    """What the measurement was ("pilot: 5 rates x 20 steps on 180 held-out examples, ...")."""
+    measured_lr_method: str | None = None
+    """The method the rate was measured with (full, lora, qlora); it applies only to that method."""
     original_data: str | None = None
     """General text the forgetting monitor measures (and replay / EWC use), when the user has given some;
     None: the demo's text, which only the demo model can be measured on."""
@@ -189,7 +254,8 @@ class AdvisorInputs:
 
         # The plan's ranges (advisor.plan.FIELD_LIMITS): no search or sum below meets a number beyond them.
         for name, dotted in (("examples", "data.examples"), ("tokens", "data.tokens"), ("seq_len", "training.seq_len"),
-                             ("max_steps", "training.max_steps"), ("gpu_memory_gb", "hardware.gpu_memory_gb")):
+                             ("max_steps", "training.max_steps"), ("gpu_memory_gb", "hardware.gpu_memory_gb"),
+                             ("completion_tokens", "data.tokens"), ("measured_lr", "training.learning_rate")):
             value = getattr(self, name)
             if value is not None or name == "examples":
                 check_number(dotted, value, name=name)
@@ -498,6 +564,37 @@ def eval_interval(total_steps: int, effective_batch: int, examples: int, share: 
     return every, why
 
 
+#: A model folder may hold what was measured on it (bench/advice_quality.py writes the demo model's): per
+#: dataset, the method, learning rate, batch and steps that trained best at the measured budget.
+MEASURED_ADVICE_FILE = "measured_advice.json"
+
+
+def measured_advice(model: str, dataset: str | None) -> dict | None:
+    """The measurement `MEASURED_ADVICE_FILE` records for this local model and dataset, or None. Keys: method,
+    learning_rate, effective_batch, steps (numbers), `summary` (what was measured, to quote) and, for LoRA,
+    lora_rank."""
+    import json
+    from pathlib import Path
+
+    from advisor.plan import DEMO_MODEL_DIR
+
+    if not dataset:
+        return None
+    directory = DEMO_MODEL_DIR if model.strip().lower() == "demo" else Path(model).expanduser()
+    try:
+        entry = json.loads((directory / MEASURED_ADVICE_FILE).read_text(encoding="utf-8"))["datasets"][dataset]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    wanted = {"method": str, "learning_rate": float, "effective_batch": int, "steps": int, "summary": str}
+    if not isinstance(entry, dict) or any(not isinstance(entry.get(key), kind) for key, kind in wanted.items()):
+        return None
+    if entry["method"] not in ("full", "lora", "qlora"):
+        return None
+    if entry.get("lora_rank") is not None and not (isinstance(entry["lora_rank"], int) and entry["lora_rank"] >= 1):
+        return None
+    return entry
+
+
 def preferred_method(inputs: AdvisorInputs) -> tuple[str, str]:
     """The guide's "when to use" choice between full, LoRA and QLoRA, before memory is checked."""
     if inputs.priority == "memory" or inputs.quantized_inference:
@@ -544,8 +641,43 @@ def rank_for(inputs: AdvisorInputs) -> tuple[int, str]:
     return high, f"guide: LoRA rank table, {row}; high end: {inputs.examples:,} examples give enough signal for the larger rank"
 
 
-def learning_rate_for(method: str, rank: int | None, inputs: AdvisorInputs) -> tuple[float, str]:
-    """A point in the guide's LR range: higher rank and smaller data move it down."""
+#: The largest rank the capacity check raises to: the guide's "maximum adaptation" row.
+MAX_CAPACITY_RANK = 256
+
+
+def rank_with_evidence(inputs: AdvisorInputs, spec, targets) -> tuple[int, str, str | None]:
+    """The LoRA rank: the guide's table, raised when the data would not fit in it (Tinker primer's capacity
+    rule), and small for a DPO or RL stage of its own (LoRA Without Regret). Returns (rank, reason, warning)."""
+    guide_rank, guide_reason = rank_for(inputs)
+    if inputs.pipeline == "none" and inputs.stage in ("dpo", "ppo"):
+        if inputs.stage == "ppo":
+            rank, why = RL_LORA_RANK, f"rank {RL_LORA_RANK} matched full fine-tuning"
+        else:
+            rank, why = DPO_LORA_RANK, (f"a DPO pair also carries about a bit, so Tunewise takes {DPO_LORA_RANK}, the top of "
+                                        "the guide's smallest row (4-8), as margin (the evidence tested RL, not DPO)")
+        return rank, (f"evidence: {LWR}: reinforcement learning takes in about one bit per episode and even a small "
+                      f"rank suffices; {why}; {guide_reason} (a table for SFT)"), None
+    tokens = inputs.completion_tokens or inputs.tokens
+    exact = inputs.completion_tokens is not None
+    _, sentence, holds = lora_capacity(spec, guide_rank, targets, tokens, exact)
+    shared = ("; a pipeline's steps share this rank: its preference steps need far less (rank 1 sufficed for RL, "
+              f"{LWR})" if inputs.pipeline != "none" else "")
+    if holds:
+        return guide_rank, f"{guide_reason}; {sentence}{shared}", None
+    rank, raised = guide_rank, sentence
+    while rank < MAX_CAPACITY_RANK:
+        rank = min(MAX_CAPACITY_RANK, rank * 2)
+        _, raised, holds = lora_capacity(spec, rank, targets, tokens, exact)
+        if holds:
+            return rank, (f"evidence: raised from the guide's {guide_rank} until the adapter holds the data: {raised}; "
+                          f"{guide_reason}{shared}"), None
+    warning = (f"the data exceeds what LoRA can hold even at rank {rank}: {raised}; there LoRA learns less efficiently "
+               f"than full fine-tuning ({TINKER_PRIMER}): consider full fine-tuning, or train on fewer tokens")
+    return rank, f"evidence: raised from the guide's {guide_rank} to the largest rank Tunewise advises; {guide_reason}{shared}", warning
+
+
+def guide_learning_rate(method: str, rank: int | None, inputs: AdvisorInputs) -> tuple[float, str]:
+    """The guide's rule: a point in its LR range; higher rank and smaller data move it down."""
     low, high = LR_RANGES[method]
     adjustments = []
     if method == "full":
@@ -564,9 +696,99 @@ def learning_rate_for(method: str, rank: int | None, inputs: AdvisorInputs) -> t
         position *= 0.5
         adjustments.append("halved again to limit forgetting (guide: lower learning rate, less aggressive updates)")
     value = _round_sig(low + position * (high - low))
-    shown = f"{value:.1e}"
     which = "Full fine-tuning: lower LR than pretraining (1e-5 to 5e-5)" if method == "full" else "LoRA: higher than full fine-tuning, 1e-4 to 3e-4"
-    return value, f"guide: {which}; " + "; ".join(adjustments) + f" -> {shown}"
+    return value, f"guide: {which}; " + "; ".join(adjustments) + f" -> {value:.1e}"
+
+
+def _size(params: float) -> str:
+    """1.585e6 -> "1.6M", 8.03e9 -> "8.0B"."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if params >= scale:
+            return f"{params / scale:.1f}{suffix}"
+    return str(int(params))
+
+
+def _anchor_sizes() -> dict[str, int]:
+    """Parameters of the sweep's models, counted from our catalogue (the same count the advisor uses)."""
+    from advisor import specs
+
+    return {model_id: specs.param_counts(specs.catalogue()[model_id]).total for model_id in SWEEP_LORA_LR}
+
+
+def evidence_learning_rate(method: str, params: int, alpha: float | None = None) -> tuple[float, str, bool]:
+    """The evidence's learning rate for SFT of a `params`-parameter model: (value, reason, extrapolated).
+
+    Tinker's sweep measured the best LoRA LR of Llama 1B-70B; another size takes the nearest one (in log size)
+    times sqrt(its parameters / these), Tinker's own transfer rule (LR proportional to 1/sqrt(parameters)).
+    Full fine-tuning takes a tenth (LoRA Without Regret). The rates hold for alpha 32: PEFT's update scales with
+    alpha, so another alpha takes 32 / alpha of the rate. `extrapolated`: the model is smaller than the
+    sweep's smallest, where the transfer has not been measured."""
+    sizes = _anchor_sizes()
+    anchor = min(sizes, key=lambda model_id: abs(math.log(sizes[model_id] / params)))
+    anchor_lr, anchor_params = SWEEP_LORA_LR[anchor], sizes[anchor]
+    lora = anchor_lr * math.sqrt(anchor_params / params)
+    reason = (f"{TINKER_SWEEP}: LoRA {anchor_lr:.0e} for {anchor.split('/')[-1]} ({_size(anchor_params)} parameters)"
+              + ("" if anchor_params == params else
+                 f", x sqrt({_size(anchor_params)} / {_size(params)}) for this model (Tinker's transfer: LR proportional "
+                 f"to 1/sqrt(parameters)) -> {lora:.1e}"))
+    value = lora
+    if method == "full":
+        value = lora / LORA_LR_OVER_FULL
+        reason += (f"; full fine-tuning takes a tenth ({LWR}: LoRA's best LR is about 10x full fine-tuning's; the "
+                   f"{TINKER_PRIMER} says 20-100x by size, 32 for Llama-3.2-1B and 128 for Llama-3.1-70B) -> {value:.1e}")
+    else:
+        reason += f"; nearly independent of the rank with alpha fixed at {EVIDENCE_ALPHA:g} ({LWR})"
+        if alpha is not None and abs(alpha - EVIDENCE_ALPHA) > 1e-9:
+            value = lora * EVIDENCE_ALPHA / alpha
+            reason += (f"; your alpha {alpha:g} scales every update by {alpha / EVIDENCE_ALPHA:g}x, so the rate takes "
+                       f"{EVIDENCE_ALPHA:g} / {alpha:g} of it -> {value:.1e}")
+        if method == "qlora":
+            paper = next((lr, which) for limit, lr, which in QLORA_PAPER_LR if params < limit)
+            reason += f"; {QLORA_PAPER} used {paper[0]:.0e} for {paper[1]}"
+    extrapolated = params < min(sizes.values())
+    if extrapolated:
+        reason += (f"; extrapolated: this model is {min(sizes.values()) / params:,.0f}x smaller than the sweep's "
+                   "smallest, so check it on your data (`tunewise pilot`, or the plan step's check)")
+    return _round_sig(value), reason, extrapolated
+
+
+def preference_learning_rate(method: str, params: int, stage: str) -> tuple[float, str]:
+    """DPO (and the online RL stages): the DPO paper's 1e-6 for full fine-tuning of GPT-J 6B, moved to this
+    size by the same 1/sqrt(parameters) transfer as SFT, and x10 for LoRA (LoRA Without Regret)."""
+    full = DPO_PAPER_LR * math.sqrt(DPO_PAPER_PARAMS / params)
+    value = full if method == "full" else full * LORA_LR_OVER_FULL
+    reason = (f"{DPO_PAPER}: 1e-6 for full fine-tuning up to GPT-J 6B (TRL's DPOConfig default too), x sqrt(6.1B / "
+              f"{_size(params)}) for this model (Tinker's transfer) -> {full:.1e}")
+    if method != "full":
+        reason += f", x10 for LoRA ({LWR}) -> {value:.1e}"
+    if stage == "ppo":
+        reason += "; neither the guide nor these sources give a PPO rate: Tunewise starts online RL at the DPO rate"
+    reason += "; guide: no rate for preference stages (its LR ranges are for SFT)"
+    return _round_sig(value), reason
+
+
+def learning_rate_for(method: str, rank: int | None, inputs: AdvisorInputs, params: int | None = None,
+                      alpha: float | None = None) -> tuple[float, str]:
+    """The SFT learning rate: a pilot's measurement when there is one, else the evidence
+    (`evidence_learning_rate`), halved when forgetting is a concern; the guide's value is shown beside it."""
+    if params is None:
+        from advisor import specs
+
+        params = specs.param_counts(specs.resolve_model(inputs.model)).total
+    guide_value, guide_reason = guide_learning_rate(method, rank, inputs)
+    value, reason, _ = evidence_learning_rate(method, params, alpha)
+    if inputs.preserve_original:
+        value = _round_sig(value / 2)
+        reason += f"; halved to limit forgetting (guide: lower learning rate, less forgetting) -> {value:.1e}"
+    if method != "full":
+        tail = (f" (the guide's lower rate for higher ranks matches its alpha = 2 x rank, which grows the update with "
+                f"the rank; alpha {EVIDENCE_ALPHA:g} keeps it level)")
+    else:
+        tail = ""
+    rules_text = f"evidence: {reason}; {guide_reason}{tail}"
+    if inputs.measured_lr is not None:
+        return inputs.measured_lr, f"{inputs.measured_lr_reason or 'measured'}; rules gave {value:.1e} ({rules_text})"
+    return value, rules_text
 
 
 def epochs_for(inputs: AdvisorInputs) -> tuple[float, str]:
@@ -622,27 +844,69 @@ def seq_len_for(inputs: AdvisorInputs) -> tuple[int, str]:
     return 512, "Tunewise default: no token counts given; profile the dataset (`tunewise profile`) for a measured length"
 
 
-def targets_for(inputs: AdvisorInputs, module_sets: Mapping[str, list[str]]) -> tuple[tuple[str, ...], str, str]:
-    """The guide's minimum / recommended / maximum target sets, by task, moved one step by the priority.
+def targets_for(inputs: AdvisorInputs, module_sets: Mapping[str, list[str]], experts: int = 0) -> tuple[tuple[str, ...], str, str]:
+    """Every linear layer of the blocks (the evidence), with the guide's set for this task shown beside it.
 
-    Returns (module names, set name, reason).
-    """
+    The guide picks minimum / recommended / maximum by task, one step up for quality and down for memory;
+    LoRA Without Regret found attention-only LoRA behind even at a matched parameter count, and the QLoRA paper
+    needed all linear layers to match full fine-tuning. A memory priority lowers the rank instead (rank_for).
+
+    Returns (module names, set name, reason)."""
     level = TARGET_SETS.index(TARGET_SET_BY_TASK[inputs.task])
     why = f"{TARGET_SET_BY_TASK[inputs.task]} for {inputs.task}"
     if inputs.priority == "quality" and level < 2:
         level += 1
-        why += ", one step up for quality (more modules = more capacity)"
+        why += ", one step up for quality"
     elif inputs.priority == "memory" and level > 0:
         level -= 1
-        why += ", one step down for memory (fewer modules = fewer adapter weights, faster)"
-    name = TARGET_SETS[level]
-    modules = tuple(module_sets[name])
+        why += ", one step down for memory"
     guide_sets = {
         "minimum": "Minimum (query, value projections)",
         "recommended": "Recommended (all attention)",
         "maximum": "Maximum (attention + MLP)",
     }
-    return modules, name, f"guide: target modules, {guide_sets[name]} ({why}), as this architecture names them: {', '.join(modules)}"
+    guide_name = TARGET_SETS[level]
+    modules = tuple(module_sets["maximum"])
+    reason = (f"evidence: all linear layers, MLP included ({LWR}: attention-only LoRA underperforms even at a "
+              f"matched parameter count, MLP and MoE layers matter most; {QLORA_PAPER}: LoRA on all linear layers "
+              f"is needed to match full fine-tuning), as this architecture names them: {', '.join(modules)}")
+    if experts and not any(name not in module_sets["recommended"] for name in modules):
+        reason += (f"; its {experts} experts are fused tensors in transformers, not linear modules, so LoRA by "
+                   "name cannot reach them: attention only here")
+    if guide_name == "maximum":
+        reason += f"; the guide agrees: {guide_sets['maximum']} ({why})"
+    else:
+        reason += (f"; guide: {guide_sets[guide_name]} ({why}) -> {', '.join(module_sets[guide_name])}"
+                   + ("; for less memory the evidence keeps all layers at a lower rank" if inputs.priority == "memory" else ""))
+    return modules, "maximum", reason
+
+
+def lora_alpha_for(rank: int, inputs: AdvisorInputs) -> tuple[float, str]:
+    """The evidence's fixed alpha 32, the guide's alpha = 2 x rank (or = rank) shown beside it."""
+    if inputs.preserve_original or inputs.domain_shift == "low":
+        why = "forgetting is a concern" if inputs.preserve_original else "the task is close to pretraining"
+        guide = f"guide: alpha = rank (scaling 1) when {why} -> {rank}"
+    else:
+        guide = f"guide: typical alpha = 2 x rank (scaling 2) -> {2 * rank}"
+    return EVIDENCE_ALPHA, (
+        f"evidence: alpha fixed at {EVIDENCE_ALPHA:g} ({LWR}, {TINKER_PRIMER}): PEFT scales the update by alpha / rank "
+        f"({EVIDENCE_ALPHA / rank:g} at rank {rank}), so the best learning rate stays put when the rank changes; "
+        f"{guide}, which grows the update with the rank (why the guide lowers the LR for higher ranks)")
+
+
+def lora_capacity(spec, rank: int, targets, tokens: int | None, exact: bool) -> tuple[int, str, bool]:
+    """Does a rank hold the data? The Tinker primer: LoRA does well while its parameters are at least the
+    completion tokens (the tokens with a loss). Returns (adapter parameters, sentence, fits)."""
+    from advisor import specs
+
+    params = specs.lora_trainable_params(spec, rank, targets)
+    if tokens is None:
+        return params, f"rank {rank} trains {params:,} parameters; profile the data to check them against its tokens", True
+    what = "completion tokens" if exact else "tokens (all of them: completions alone are not known)"
+    fits = params >= tokens
+    verdict = "hold" if fits else "do not hold"
+    return params, (f"{TINKER_PRIMER}: LoRA does well while its parameters are at least the completion tokens; "
+                    f"rank {rank} trains {params:,}, which {verdict} the data's {tokens:,} {what}"), fits
 
 
 def _params(count: int) -> str:
@@ -837,9 +1101,17 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
                   f"{specs.rope_factor_for(window, seq_len, None):g} (LLaMA-Factory's rule)",
                   "rope_factor_from_data")
     effective, effective_reason = effective_batch_for(inputs)
+    measured = measured_advice(inputs.model, inputs.dataset) if inputs.pipeline == "none" and inputs.stage == "sft" else None
+    if measured:
+        effective, effective_reason = measured["effective_batch"], (
+            f"measured on this model and data: {measured['effective_batch']} per step trained best ({effective_reason.split(':')[0]} "
+            f"would give {effective})")
 
     # 2. Method, by the guide's "when to use" rules, then the fallbacks memory forces.
     wanted, method_reason = preferred_method(inputs)
+    if measured:
+        method_reason = f"measured on this model and data: {measured['summary']}; rules: {method_reason}"
+        wanted = measured["method"]
     if "method" in overrides:
         order = [overrides["method"]]
     else:
@@ -848,16 +1120,16 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
         # TRL's PPOTrainer does not train a quantized policy (see advisor.plan.Plan).
         if "qlora" in order and len(order) > 1:
             order.remove("qlora")
-    rank = None
-    rank_reason = ""
-    if inputs.task in RANK_TABLE:
-        rank, rank_reason = rank_for(inputs)
-    rank_value = overrides.get("lora_rank", rank)
     module_sets = specs.target_module_sets(spec)
-    targets, target_set, targets_reason = targets_for(inputs, module_sets)
+    targets, target_set, targets_reason = targets_for(inputs, module_sets, spec.num_experts or 0)
     targets_value = tuple(overrides["lora_targets"]) if "lora_targets" in overrides else targets
     if isinstance(overrides.get("lora_targets"), str):
         targets_value = tuple(t.strip() for t in overrides["lora_targets"].split(",") if t.strip())
+    rank, rank_reason, capacity_warning = rank_with_evidence(inputs, spec, targets_value)
+    if measured and measured.get("lora_rank") and measured["method"] != "full":
+        rank, rank_reason = measured["lora_rank"], (f"measured on this model and data: rank {measured['lora_rank']} "
+                                                    f"trained best at the measured rate; rules: {rank} ({rank_reason})")
+    rank_value = overrides.get("lora_rank", rank)
 
     chosen: _Candidate | None = None
     last: _Candidate | None = None
@@ -943,14 +1215,14 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
             rules.put(name, None, not_used, "not_applicable")
     else:
         rank_value = rules.put("lora_rank", rank, rank_reason, "lora_rank_table")
-        if inputs.preserve_original or inputs.domain_shift == "low":
-            why = "forgetting is a concern" if inputs.preserve_original else "the task is close to pretraining"
-            alpha_value, alpha_reason = float(rank_value), f"guide: alpha = rank (scaling = 1), the conservative default, because {why}"
-        else:
-            alpha_value, alpha_reason = float(2 * rank_value), f"guide: typical alpha = 2 x rank (scaling 2) -> {2 * rank_value}"
-        if rules.fixed("lora_rank") and not rules.fixed("lora_alpha"):
-            alpha_reason += " (follows your rank)"
-        rules.put("lora_alpha", alpha_value, alpha_reason, "lora_alpha")
+        if capacity_warning and not rules.fixed("lora_rank"):
+            rules.warnings.append(capacity_warning)
+        elif rules.fixed("lora_rank"):
+            _, sentence, holds = lora_capacity(spec, int(rank_value), targets_value,
+                                               inputs.completion_tokens or inputs.tokens, inputs.completion_tokens is not None)
+            if not holds:
+                rules.warnings.append(f"your rank {rank_value} may be too small for the data: {sentence}")
+        rules.put("lora_alpha", *lora_alpha_for(int(rank_value), inputs), "lora_alpha")
         rules.put("lora_targets", targets, targets_reason, "target_modules")
         rules.put("lora_dropout", *dropout_for(counts.total), "lora_dropout")
         if method == "qlora":
@@ -984,12 +1256,52 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
     accum = max(1, math.ceil(effective / (micro * inputs.world_size)))
     accum = rules.put("grad_accum", accum, f"{effective} examples per step / ({micro} per micro-batch x {inputs.world_size} GPU{'s' if inputs.world_size > 1 else ''}) -> {accum}", "grad_accum")
     effective_actual = micro * accum * inputs.world_size
+    if method in ("lora", "qlora") and effective_actual <= LORA_LARGE_BATCH:
+        effective_reason += f"; small enough for LoRA, which pays more than full fine-tuning for large batches ({LWR})"
     rules.put("effective_batch", effective_actual, effective_reason + (f"; {micro} x {accum} x {inputs.world_size} = {effective_actual}" if effective_actual != effective else ""), "effective_batch")
+    if method in ("lora", "qlora") and effective_actual > LORA_LARGE_BATCH:
+        rules.warnings.append(
+            f"effective batch {effective_actual} with {method}: {LWR} and the {TINKER_PRIMER} found that LoRA pays a larger "
+            "loss penalty than full fine-tuning as the batch grows, and a higher rank does not remove it; prefer "
+            f"{LORA_LARGE_BATCH} or fewer examples per optimizer step (more, smaller steps)")
 
     # 6. Optimisation schedule.
-    lr, lr_reason = learning_rate_for(method, rank_value if method != "full" else None, inputs)
-    rules.put("learning_rate", lr, lr_reason, "learning_rate_range")
-    epochs_value = rules.put("epochs", *epochs_for(inputs), "epochs_by_size")
+    if inputs.measured_lr is not None and inputs.measured_lr_method not in (None, method):
+        rules.notes.append(f"the pilot measured the learning rate for {inputs.measured_lr_method}, not {method}: "
+                           "check it again for this method")
+    lr_inputs = inputs if inputs.measured_lr_method in (None, method) else dataclasses.replace(
+        inputs, measured_lr=None, measured_lr_reason=None)
+    alpha_now = rules.values["lora_alpha"].value if method != "full" else None
+    solo_preference = inputs.pipeline == "none" and inputs.stage in ("dpo", "ppo")
+    if solo_preference:
+        lr, lr_reason = preference_learning_rate(method, counts.total, inputs.stage)
+        if lr_inputs.measured_lr is not None:
+            lr, lr_reason = lr_inputs.measured_lr, f"{lr_inputs.measured_lr_reason or 'measured'}; rules gave {lr:.1e} ({lr_reason})"
+    else:
+        lr, lr_reason = learning_rate_for(method, rank_value if method != "full" else None, lr_inputs, counts.total, alpha_now)
+    lr_rule = ("measured_lr" if lr_inputs.measured_lr is not None else "preference_lr" if solo_preference
+               else "learning_rate_evidence")
+    if measured and lr_inputs.measured_lr is None and method == measured["method"]:
+        lr, lr_reason, lr_rule = measured["learning_rate"], (f"measured on this model and data: {measured['summary']}; "
+                                                             f"rules gave {lr:.1e} ({lr_reason})"), "measured_lr"
+    rules.put("learning_rate", lr, lr_reason, lr_rule)
+    preference_steps = [name for name in ("dpo", "ppo") if name in inputs.preference_stages]
+    if solo_preference:
+        rules.put("preference_lr", None, "not needed: this run is one preference stage, trained at the learning rate above",
+                  "not_applicable")
+    elif preference_steps:
+        rules.put("preference_lr", *preference_learning_rate(method, counts.total, "ppo" if "ppo" in preference_steps else "dpo"),
+                  "preference_lr")
+    else:
+        rules.put("preference_lr", None, "not used: no DPO or PPO step", "not_applicable")
+    epochs_value, epochs_reason = epochs_for(inputs)
+    if measured:
+        # The measured steps, as passes over the data (the eval split is held out first).
+        train_examples = max(1, round(inputs.examples * 0.9))
+        epochs_value = round(measured["steps"] * effective_actual / train_examples, 2)
+        epochs_reason = (f"measured on this model and data: {measured['steps']} steps of {effective_actual} examples "
+                         f"({epochs_value:g} passes over ~{train_examples:,} training examples) learn the task; {epochs_reason}")
+    epochs_value = rules.put("epochs", epochs_value, epochs_reason, "epochs_by_size")
     steps_per_epoch = max(1, math.ceil(inputs.examples / effective_actual))
     total_steps = max(1, math.ceil(steps_per_epoch * float(epochs_value)))
     rules.put("total_steps", total_steps, f"{inputs.examples:,} examples / {effective_actual} per step = {steps_per_epoch} steps per epoch x {float(epochs_value):g} epochs (before the eval split)", "steps")
@@ -999,7 +1311,7 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
     else:
         warmup, warmup_reason = WARMUP_RANGE[0], f"guide: short warmup (5-10% of steps); 5% of {total_steps} steps is {max(1, round(0.05 * total_steps))} steps"
     rules.put("warmup_ratio", warmup, warmup_reason, "warmup_range")
-    run_steps = min(total_steps, inputs.max_steps) if inputs.max_steps else total_steps
+    run_steps = inputs.max_steps or total_steps  # max steps, when set, replace the epochs (HF Trainer's rule)
     eval_every = rules.put("eval_steps", *eval_interval(run_steps, effective_actual, inputs.examples), "eval_cost")
     rules.put("early_stopping_patience", 0,
               f"off: Tunewise runs the planned steps; set 3-5 to stop once the eval loss has not improved (by the "
@@ -1054,7 +1366,8 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
             beta, why = 0.25, ("few preference pairs (< 5k): stay closer to the reference" if small else "forgetting is a concern: stay closer to the reference")
         else:
             beta, why = 0.1, "low end: enough pairs to move further from the reference"
-        rules.put("beta", beta, f"guide: DPO beta typical 0.1-0.5, higher beta = stay closer to reference; {why}", "dpo_beta")
+        rules.put("beta", beta, f"guide: DPO beta typical 0.1-0.5, higher beta = stay closer to reference; {why} "
+                  f"({DPO_PAPER} and TRL default to {DPO_PAPER_BETA:g})", "dpo_beta")
     else:
         rules.put("beta", None, "not used: no DPO stage", "not_applicable")
     if "ppo" in pref:
@@ -1062,7 +1375,8 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
             kl, why = 0.1, "top of the range: a reward model from few pairs is easy to hack, and a strong KL penalty keeps the policy near the reference"
         else:
             kl, why = 0.05, "middle of the range; raise it if KL explodes or the reward looks hacked, lower it if the reward stays flat"
-        rules.put("kl_coef", kl, f"guide: PPO, typical KL coefficient 0.01-0.1 to prevent reward hacking; {why}", "ppo_kl")
+        rules.put("kl_coef", kl, f"guide: PPO, typical KL coefficient 0.01-0.1 to prevent reward hacking; {why} "
+                  f"({INSTRUCTGPT} used {INSTRUCTGPT_KL:g})", "ppo_kl")
     else:
         rules.put("kl_coef", None, "not used: no PPO stage", "not_applicable")
     if pref:
@@ -1107,10 +1421,16 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
         low, high = RANK_TABLE[inputs.task]
         if not low <= rank_now <= high:
             rules.warnings.append(f"rank {rank_now} is outside the guide's {low}-{high} for {inputs.task}")
-    lr_now = rules.values["learning_rate"].value
+    lr_advice = rules.values["learning_rate"]
     lr_low, lr_high = LR_RANGES[method]
-    if not lr_low <= lr_now <= lr_high:
-        rules.warnings.append(f"learning rate {lr_now:g} is outside the guide's {lr_low:g}-{lr_high:g} for {method}")
+    if not solo_preference and not lr_low <= lr_advice.value <= lr_high:
+        if lr_advice.overridden:
+            rules.warnings.append(f"learning rate {lr_advice.value:g} is outside the guide's {lr_low:g}-{lr_high:g} for {method}")
+        else:
+            rules.notes.append(
+                f"learning rate {lr_advice.value:.1e} is outside the guide's {lr_low:g}-{lr_high:g} for {method}: "
+                + ("measured on your data (see its reason)" if lr_advice.rule == "measured_lr" else
+                   "the published evidence for a model of this size (see its reason); check it with the pilot"))
 
     # 10. The memory verdict for the final values (overrides included).
     memory_check = _final_check(spec, rules, setup, gpu_text, gpu_bytes, fits, inputs, chosen, target_set)

@@ -274,8 +274,10 @@ def widgets_from_plan(plan: Plan) -> dict[str, Any]:
 class DemoLimits:
     """What a public demo (a Hugging Face Space, or `--demo-mode`) lets a visitor run."""
 
-    max_steps: int = 40
-    """Training steps per run at most (longer plans are cut to this)."""
+    # bench/advice_quality.py: on the demo model, 600 steps of 8 examples (about 1.5 minutes on 2 shared cores)
+    # are what full fine-tuning needs to answer the demo's dates right; 40 steps learnt nothing visible.
+    max_steps: int = 600
+    """Training steps per run at most (longer plans are cut to this); the demo model's default run length."""
     models: tuple[str, ...] = ("demo",)
     """The only models that may be trained."""
     keep_runs: int = 8
@@ -688,6 +690,8 @@ def run_what(status: Any) -> str:
     if status.stage is None:
         return status.summary or "(plan unreadable)"
     what = status.stage if status.pipeline in (None, "none") else f"{status.pipeline} pipeline"
+    if (status.summary or "").startswith("learning-rate pilot"):  # trainer/pilot.py: a rate search, not a training run
+        what = f"learning-rate pilot of {what}"
     return f"{what} {status.method} on {status.model} with {dataset_label(status.dataset)}"
 
 
@@ -849,10 +853,12 @@ def user_changes(values: Mapping[str, Any], advice: Mapping[str, Any] | None) ->
 
 
 def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
-           overrides: Mapping[str, Any] | None = None, max_steps: int | None = None) -> Advised:
+           overrides: Mapping[str, Any] | None = None, max_steps: int | None = None,
+           measured_lr: Mapping[str, Any] | None = None) -> Advised:
     """Ask the advisor for the page's model, data, goal and hardware (`values` by widget name: model,
     dataset, goal, gpu, num_gpus, num_nodes, task, domain, priority, quantized_inference). `profile` is the dataset
-    profile's dict when known; `overrides` (widget name -> value) are kept as "set by you"."""
+    profile's dict when known; `overrides` (widget name -> value) are kept as "set by you"; `measured_lr`
+    ({"rate", "reason"}, a pilot's result) replaces the learning-rate rules."""
     from advisor import recommend as rec_mod
     from advisor import specs
 
@@ -865,6 +871,7 @@ def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
     if profile and profile.get("tokens", {}).get("estimated_total"):
         tokens = int(profile["tokens"]["estimated_total"]) or None
     seq_len = int(profile["recommended_seq_len"]) if profile and profile.get("recommended_seq_len") else None
+    completion = (profile or {}).get("tokens", {}).get("estimated_completion") or None
     inputs = rec_mod.AdvisorInputs(
         model=str(values.get("model") or "demo").strip(),
         examples=examples,
@@ -880,6 +887,11 @@ def advise(values: Mapping[str, Any], profile: Mapping[str, Any] | None = None,
         pipeline=pipeline,
         seq_len=seq_len,
         max_steps=int(_whole(max_steps)) if not _blank(max_steps) and _whole(max_steps) else None,
+        completion_tokens=int(completion) if completion else None,
+        dataset=None if _blank(values.get("dataset")) else str(values["dataset"]).strip(),
+        measured_lr=float(measured_lr["rate"]) if measured_lr else None,
+        measured_lr_reason=str(measured_lr["reason"]) if measured_lr else None,
+        measured_lr_method=str(measured_lr["method"]) if measured_lr and measured_lr.get("method") else None,
         original_data=None if _blank(values.get("original_data")) else str(values["original_data"]).strip(),
     )
     kept = {}
@@ -957,8 +969,9 @@ class PlanView:
     """How each component of the plan's own method was computed."""
 
 
-def plan_view(plan: Plan) -> PlanView:
-    """Memory of `plan` for full / LoRA / QLoRA, and how the plan's own setup fits every known GPU."""
+def plan_view(plan: Plan, measured_lr: float | None = None) -> PlanView:
+    """Memory of `plan` for full / LoRA / QLoRA, and how the plan's own setup fits every known GPU
+    (`measured_lr`: the rate the pilot measured on this data, which the status does not question)."""
     import dataclasses
 
     from advisor import gpus, memory, specs
@@ -967,6 +980,7 @@ def plan_view(plan: Plan) -> PlanView:
 
     spec = specs.resolve_model(plan.model.name)
     specs.check_seq_len(spec, plan.training.seq_len, plan.training.rope_scaling, plan.training.rope_factor)
+    params = None if spec.rough else specs.param_counts(spec).total
     setup = memory.setup_from_plan(plan)
     peak_stage = PIPELINE_PEAK_STAGE.get(plan.pipeline)
     if peak_stage:  # a pipeline is sized by its heaviest step, as the advice is
@@ -1024,7 +1038,7 @@ def plan_view(plan: Plan) -> PlanView:
         gpu_label=gpu.name if gpu is not None else "",
         fit=fit_rows(rows),
         status_markdown=need + verdict + estimate_markdown(plan, spec, setup, own)
-        + "".join(f"\n\n**Check this:** {w}" for w in plausibility_warnings(plan)),
+        + "".join(f"\n\n**Check this:** {w}" for w in plausibility_warnings(plan, params, measured_lr)),
         explanations=explanation_rows(own),
     )
 
@@ -1077,14 +1091,38 @@ IMPLAUSIBLE_LR = {"full": 1e-3, "lora": 1e-2, "qlora": 1e-2}
 IMPLAUSIBLE_BATCH = 8192
 
 
-def plausibility_warnings(plan: Plan) -> list[str]:
-    """Values the plan accepts (they are in range) but that a practitioner would not mean: said, not refused."""
+#: ...or this many times the evidence's rate for the model's size and alpha (advisor.recommend.evidence_learning_rate),
+#: where that is higher: the fixed ceilings above were set for 7B-class models, and a small model trains best at
+#: far higher rates (Tinker's transfer: LR proportional to 1/sqrt(parameters); the demo model's LoRA rate is 0.028).
+IMPLAUSIBLE_OVER_EVIDENCE = 10
+
+
+def implausible_lr(method: str, params: int | None = None, alpha: float | None = None) -> float:
+    """The learning rate above which the plan status says "Check this" for `method` on a `params` model."""
+    from advisor.recommend import evidence_learning_rate
+
+    ceiling = IMPLAUSIBLE_LR[method]
+    if params:
+        evidence = evidence_learning_rate(method, params, None if method == "full" else alpha)[0]
+        ceiling = max(ceiling, IMPLAUSIBLE_OVER_EVIDENCE * evidence)
+    return ceiling
+
+
+def plausibility_warnings(plan: Plan, params: int | None = None, measured_lr: float | None = None) -> list[str]:
+    """Values the plan accepts (they are in range) but that a practitioner would not mean: said, not refused.
+    `params` (the model's parameter count, when known) scales the learning-rate ceiling with the model's size;
+    a rate the pilot measured on this data (`measured_lr`) is not questioned."""
     warnings = []
     t, method = plan.training, plan.method.method
-    if t.learning_rate > IMPLAUSIBLE_LR[method]:
+    ceiling = implausible_lr(method, params, plan.method.lora_alpha)
+    measured = measured_lr is not None and math.isclose(t.learning_rate, measured_lr, rel_tol=1e-6)
+    if t.learning_rate > ceiling and not measured:
+        usual = "the guide: " + ("1e-5 to 5e-5" if method == "full" else "1e-4 to 3e-4")
+        if ceiling > IMPLAUSIBLE_LR[method]:
+            usual = f"{ceiling / IMPLAUSIBLE_OVER_EVIDENCE:.1e} is the evidence's rate for this model's size; {usual}"
         warnings.append(f"a learning rate of {t.learning_rate:g} for {METHOD_LABELS[method]} is far above the usual "
-                        f"range (the guide: {'1e-5 to 5e-5' if method == 'full' else '1e-4 to 3e-4'}); most runs "
-                        "diverge there. Press Re-advise, or check the rate with a short run first.")
+                        f"range ({usual}); most runs diverge there. Press Re-advise, or check the rate on your data "
+                        "(Check the learning rate on my data) first.")
     gpus = plan.hardware.num_gpus * plan.hardware.num_nodes
     batch = t.micro_batch * t.grad_accum * gpus
     if batch > IMPLAUSIBLE_BATCH:

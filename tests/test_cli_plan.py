@@ -85,7 +85,10 @@ def test_recommend_prints_values_with_reasons():
     out = json.loads(result.stdout)
     assert out["values"]["lora_rank"]["value"] == 4
     assert out["values"]["lora_rank"]["reason"].startswith("guide: LoRA rank table, simple (classification) -> 4-8")
-    assert out["values"]["lora_targets"]["value"] == ["c_attn"]
+    # Every linear layer (the evidence), the guide's minimum set shown beside it, in the CLI's JSON too.
+    assert out["values"]["lora_targets"]["value"] == ["c_attn", "c_proj", "c_fc"]
+    assert "guide: Minimum (query, value projections)" in out["values"]["lora_targets"]["reason"]
+    assert "attention-only LoRA underperforms" in out["values"]["lora_targets"]["reason"]
     assert out["memory"]["fits"] is True
     text = tunewise("recommend", "--model", "gpt2", "--examples", "5000", "--task", "classification",
                     "--set", "lora_rank=8")
@@ -104,3 +107,5 @@ def test_profile_json_and_bad_row(tmp_path):
     profile = json.loads(good.stdout)
     assert profile["format"] == "prompt_completion" and profile["examples"] == 2
     assert profile["tokens_exact"] is False and profile["recommended_seq_len"] == 64
+    # ~4 characters per token: "b" and "dd" are one token each, the loss-carrying tokens of the two rows.
+    assert profile["tokens"]["completion_total"] == 2 and profile["tokens"]["estimated_completion"] == 2

@@ -410,3 +410,26 @@ def test_a_non_finite_loss_fails_every_stage_with_an_alert_and_no_output(stage, 
     assert len(alerts) == 1 and alerts[0]["step"] == 1 and alerts[0]["message"] == failed["error"]
     assert not (run_dir / "output").exists()
     assert not list((run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def test_a_pipelines_preference_steps_train_at_their_own_rate(tmp_path):
+    """`preference.learning_rate` reaches the DPO and PPO steps' TRL configs; SFT and the reward model keep the
+    plan's learning rate (the advisor's preference rule sets it far lower, advisor.recommend)."""
+    from trl import DPOConfig, RewardConfig
+
+    from trainer.context import RunContext
+    from trainer.events import EventWriter
+    from trainer.training_args import trl_args
+
+    base = Plan.from_dict({"training": {"learning_rate": 1e-3}, "preference": {"learning_rate": 2e-6},
+                           "hardware": {"device": "cpu"}, "method": {"precision": "fp32"}})
+
+    def rate(stage: str, config_cls) -> float:
+        ctx = RunContext(plan=base.with_overrides({"stage": stage}), run_dir=tmp_path, events=EventWriter(tmp_path / "e"))
+        return trl_args(ctx, False, config_cls)["learning_rate"]
+
+    assert rate("dpo", DPOConfig) == 2e-6 and rate("ppo", DPOConfig) == 2e-6
+    assert rate("rm", RewardConfig) == 1e-3
+    unset = RunContext(plan=Plan.from_dict({"stage": "dpo", "training": {"learning_rate": 1e-3}}), run_dir=tmp_path,
+                       events=EventWriter(tmp_path / "e"))
+    assert trl_args(unset, False, DPOConfig)["learning_rate"] == 1e-3

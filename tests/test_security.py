@@ -350,7 +350,9 @@ def test_demo_limits_are_enforced_by_the_server(demo_app):
     try:
         (run_dir,) = [p for p in runs.iterdir() if (p / "run.json").is_file()]
         plan = yaml.safe_load((run_dir / "plan.yaml").read_text())
-        assert plan["model"]["name"] == "demo" and plan["training"]["max_steps"] == 40
+        from advisor.wizard import DemoLimits
+
+        assert plan["model"]["name"] == "demo" and plan["training"]["max_steps"] == DemoLimits().max_steps
         assert plan["model"]["trust_remote_code"] is False and plan["output"] is None
     finally:
         for run in supervisor.list_runs(runs):

@@ -1,4 +1,4 @@
-"""The training subcommands of `tunewise`: train, launch, runs, status, stop, resume, merge, job, build-demo.
+"""The training subcommands of `tunewise`: train, launch, pilot, runs, status, stop, resume, merge, job, build-demo.
 
 `register(subparsers)` adds them to the parser in `cli.py`. A plan comes from
 a PLAN.yaml, from flags, or both (flags override the file), so one line runs
@@ -8,7 +8,9 @@ the demo without a plan file:
 
 `train` runs in the foreground with a progress bar driven by the run's
 events (Ctrl-C stops it cleanly: a checkpoint is saved); `launch` starts
-the same thing detached and prints the run id. `runs`, `status`, `stop`,
+the same thing detached and prints the run id; `pilot` measures the
+learning rate first (trainer/pilot.py) and `--save` writes the plan with
+it. `runs`, `status`, `stop`,
 `resume`, `merge` take `--json` for scripts. Mistakes raise `TunewiseError`
 (printed as `error: ...`, exit 2). Nothing here imports torch except `merge`
 and `build-demo`, which need it.
@@ -119,6 +121,11 @@ def _show(event: dict, bar) -> None:
         write(f"step {event.get('step')}: checkpoint {event.get('path')}")
     elif kind == "stage":
         write(f"stage: {json.dumps({k: v for k, v in event.items() if k not in ('event', 'time')})}")
+    elif kind == "candidate" and event.get("status") != "started":
+        loss = event.get("eval_loss")
+        shown = f"eval loss {loss:.4f}" if isinstance(loss, (int, float)) else event.get("status")
+        write(f"candidate {event.get('candidate')} (round {event.get('round')}): learning rate {event.get('rate'):.2e}, "
+              f"{event.get('steps')} steps: {shown} ({event.get('seconds', 0):.0f} s)")
 
 
 def _finish(current, as_json: bool) -> int:
@@ -161,6 +168,77 @@ def cmd_launch(args: argparse.Namespace) -> int:
         _print_json(supervisor.status(run_id, args.runs_dir).to_dict())
     else:
         print(run_id)
+    return 0
+
+
+# -- pilot: measure the learning rate on this model, data and hardware --------------------------------
+
+
+def plan_with_rate(plan: Plan, rate: float) -> Plan:
+    """`plan` training at the pilot's chosen rate (a DPO run: its stage's rate, which is the plan's)."""
+    return plan.with_overrides({"training.learning_rate": rate})
+
+
+def _pilot_table(result: dict) -> list[str]:
+    lines = ["rate       round  steps  held-out loss  seconds"]
+    for entry in sorted(result.get("candidates") or [], key=lambda r: (r["round"], r["rate"])):
+        loss = entry.get("eval_loss")
+        shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else entry.get("status", "?")
+        mark = "  <- chosen" if entry.get("rate") == result.get("chosen_rate") and entry["round"] == max(
+            r["round"] for r in result["candidates"]) else ""
+        lines.append(f"{entry['rate']:<10.2e} {entry['round']:>5}  {entry['steps']:>5}  {shown:>13}  "
+                     f"{entry.get('seconds', 0):>7.1f}{mark}")
+    return lines
+
+
+def cmd_pilot(args: argparse.Namespace) -> int:
+    from advisor.pilot import minutes
+    from trainer import supervisor
+    from trainer.pilot import pilot_design, read_result
+
+    plan = plan_from_args(args)
+    design = pilot_design(plan, args.budget_minutes, args.share)
+    if not args.json:
+        print(f"pilot: {design.describe()}", flush=True)
+    run_id = supervisor.launch(plan, runs_dir=args.runs_dir, name=plan.name and f"pilot-{plan.name}",
+                               pilot=design.to_dict())
+    run_dir = rundir.find_run_dir(run_id, args.runs_dir)
+    if args.background:
+        if args.json:
+            _print_json(supervisor.status(run_id, args.runs_dir).to_dict())
+        else:
+            print(run_id)
+        return 0
+    if not args.json:
+        print(f"run {run_id} in {run_dir}", flush=True)
+    current = follow(run_id, args.runs_dir, quiet=args.json)
+    result = read_result(run_dir)
+    if current.state == "failed" and not result.get("candidates"):
+        return _finish(current, args.json)
+    saved = None
+    refusal = None
+    if args.save:
+        if result.get("status") == "finished" and result.get("chosen_rate"):
+            saved = str(plan_with_rate(plan, result["chosen_rate"]).save(args.save))
+        else:
+            refusal = (f"not saved to {args.save}: the pilot {result.get('status') or current.state} before it finished "
+                       "its search, so its best rate so far may not be the best (run it again to measure all of them)")
+    if args.json:
+        _print_json({"run_id": run_id, "state": current.state, "result": result, "saved": saved, "not_saved": refusal})
+        return 0 if current.state in ("finished", "stopped") else 1
+    for line in _pilot_table(result):
+        print(line)
+    if result.get("note"):
+        print(f"note: {result['note']}")
+    if result.get("reason"):
+        print(f"learning rate {result['chosen_rate']:.2e}: {result['reason']}")
+    print(f"spent {minutes(result.get('spent_s') or 0)} of a {minutes(design.budget_s)} budget ({design.budget_source})")
+    if saved:
+        print(f"plan written to {saved} (learning rate {result['chosen_rate']:.2e}); `tunewise train {saved}` runs it")
+    if refusal:
+        print(refusal)
+    if current.state == "failed":
+        return _finish(current, False)
     return 0
 
 
@@ -304,6 +382,23 @@ def register(subparsers) -> None:
     _add_plan_flags(launch)
     launch.add_argument("--json", action="store_true", help="print the run's status as JSON")
     launch.set_defaults(func=cmd_launch)
+
+    pilot = subparsers.add_parser(
+        "pilot",
+        help="measure the learning rate on your model, data and hardware: short runs at 5 rates, the best kept",
+        description="A short learning-rate search for a plan (file and/or flags, as for `train`; --max-steps or "
+                    "--epochs say how long the real run will be): five rates half a decade apart around the plan's, "
+                    "then the best two for twice as long, scored by held-out loss. SFT (full, LoRA, QLoRA) and DPO; "
+                    "a reward model, PPO / RLOO / GRPO and pipelines are refused with what to pilot instead. It runs "
+                    "in its own run directory like any run (`tunewise stop` ends it, keeping what it measured).",
+    )
+    _add_plan_flags(pilot)
+    pilot.add_argument("--budget-minutes", type=float, help="spend at most this long (default: --share of the run's time)")
+    pilot.add_argument("--share", type=float, help="the pilot's share of the planned run's training time (default 0.1)")
+    pilot.add_argument("--save", metavar="PLAN.yaml", help="write the plan with the chosen learning rate to this file")
+    pilot.add_argument("--background", action="store_true", help="start it detached and print its run id")
+    pilot.add_argument("--json", action="store_true", help="no progress bar; print the result as JSON")
+    pilot.set_defaults(func=cmd_pilot)
 
     runs = subparsers.add_parser("runs", help="list runs, newest first (or delete ended ones)")
     _add_runs_dir(runs)

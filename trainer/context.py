@@ -33,6 +33,9 @@ class RunContext:
     """A checkpoint directory to continue from (None: start fresh)."""
     rank: int = 0
     """Process rank under `accelerate launch` (only rank 0 writes events)."""
+    measure_only: bool = False
+    """A learning-rate pilot's candidate (trainer/pilot.py): train and evaluate, but save no output and take
+    no policy samples; the held-out loss is the result."""
     _signalled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property

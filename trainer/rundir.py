@@ -20,6 +20,9 @@ the layout is written down once:
         steps/           pipelines only: <n>-<stage>/, one run directory per step, each with its
                          own plan.yaml, events.jsonl, checkpoints/, output/ and result.json
         comparison.json  the compare pipeline's side-by-side report
+        pilot.json       learning-rate pilots only: the design (advisor.pilot); the runner then runs the pilot
+        pilot_result.json  the pilot's candidates, their held-out losses and the chosen rate (after each one)
+        candidates/      the pilot's candidates: <n>-lr<rate>/ with plan.yaml and events.jsonl (no weights)
         job/             cluster jobs only: the job folder `tunewise job` writes (trainer/jobs.py)
         .run.json.lock   cluster jobs only: flock'd while a machine reads and rewrites run.json (the
                          submitter and the job's first node both write it)
@@ -59,6 +62,9 @@ OUTPUT_DIR = "output"
 STEPS_DIR = "steps"
 RESULT_FILE = "result.json"
 COMPARISON_FILE = "comparison.json"
+PILOT_FILE = "pilot.json"
+PILOT_RESULT_FILE = "pilot_result.json"
+CANDIDATES_DIR = "candidates"
 ACCELERATE_CONFIG_FILE = "accelerate_config.yaml"
 RUNS_DIR_ENV = "TUNEWISE_RUNS_DIR"
 JOB_DIR = "job"

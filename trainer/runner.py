@@ -10,7 +10,8 @@ Runs one plan inside its run directory and reports through events.jsonl:
    that keep a token with loss after the cut to seq_len), so a bad
    plan fails in seconds with a `failed` event naming the problem;
 3. the stage (`trainer.stages.get_stage(plan.stage)`) or, for a pipeline,
-   `trainer.pipeline.run_pipeline(ctx)`;
+   `trainer.pipeline.run_pipeline(ctx)`, or for a learning-rate pilot (pilot.json
+   in the run directory) `trainer.pilot.run_pilot(ctx)`;
 4. exactly one terminal event: `finished` (result metrics), `stopped` (with
    the reason) or `failed` (the message; for a bug also the last traceback
    lines; a user error carries `user_error: true` and no traceback).
@@ -50,7 +51,8 @@ from advisor.profile import config_max_length
 from trainer.context import RunContext
 from trainer.events import EVENTS_FILE, EventWriter, is_disk_full
 from trainer.procs import rank_from_env, record_rank_pid, world_size_from_env
-from trainer.rundir import DISK_FULL_BYTES, EXIT_DISK_FULL, PLAN_FILE, checkpoint_step, drop_partial_checkpoints
+from trainer.rundir import (DISK_FULL_BYTES, EXIT_DISK_FULL, PILOT_FILE, PLAN_FILE, checkpoint_step,
+                            drop_partial_checkpoints)
 
 TRACEBACK_LINES = 12
 #: Exit code of a run that ran out of GPU memory or host RAM (its `failed` event says which and what to do).
@@ -179,6 +181,10 @@ def _device(plan: Plan) -> str:
 
 
 def _dispatch(ctx: RunContext) -> dict:
+    if (ctx.run_dir / PILOT_FILE).is_file():  # a learning-rate pilot (trainer/pilot.py), not a training run
+        from trainer.pilot import run_pilot
+
+        return run_pilot(ctx)
     if ctx.plan.pipeline != "none":
         from trainer.pipeline import run_pipeline
 

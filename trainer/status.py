@@ -28,7 +28,7 @@ from advisor.errors import TunewiseError
 from advisor.plan import Plan
 from trainer.events import EVENTS_FILE, TERMINAL_EVENTS, read_events
 from trainer.procs import pid_alive, rank_processes
-from trainer.rundir import (DISK_FULL_BYTES, read_meta, EXIT_DISK_FULL, PLAN_FILE, RUN_FILE, STDOUT_FILE, WATCHER_LOG,
+from trainer.rundir import (DISK_FULL_BYTES, read_meta, EXIT_DISK_FULL, PILOT_FILE, PLAN_FILE, RUN_FILE, STDOUT_FILE, WATCHER_LOG,
                             default_runs_dir, find_run_dir, is_int, is_number, is_run_dir, tail_lines)
 from trainer.scheduler import scheduler_state
 
@@ -480,6 +480,8 @@ def derive_status(run: str | Path, runs_dir: str | Path | None = None) -> RunSta
     problems += digest.problems
     plan_fields = _plan_fields(run_dir / PLAN_FILE) or {"summary": info.get("summary", "")}
     meta = read_meta(run_dir)
+    if (run_dir / PILOT_FILE).is_file() and not plan_fields["summary"].startswith("learning-rate pilot"):
+        plan_fields["summary"] = "learning-rate pilot: " + plan_fields["summary"]  # trainer/pilot.py's run
 
     started_at = attempt.get("started_at")
     terminal = digest.terminal

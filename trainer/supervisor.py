@@ -68,7 +68,7 @@ from advisor.plan import Plan
 from trainer import jobs
 from trainer.events import EVENTS_FILE, TERMINAL_EVENTS, EventWriter, make_reserve, read_events
 from trainer.procs import child_env, is_recorded_trainer, pid_alive, rank_processes
-from trainer.rundir import (ACCELERATE_CONFIG_FILE, CHECKPOINTS_DIR, DATA_DIR, PLAN_FILE, RESULT_FILE, RUN_FILE,
+from trainer.rundir import (ACCELERATE_CONFIG_FILE, CHECKPOINTS_DIR, DATA_DIR, PILOT_FILE, PLAN_FILE, RESULT_FILE, RUN_FILE,
                             STOP_FILE, WATCHER_LOG, absolute_paths, default_runs_dir, find_run_dir, new_run_id,
                             read_json, resumable_checkpoint, run_lock, step_dirs, write_json_atomic)
 from trainer.status import (ACTIVE_STATES, LAUNCH_WAIT_S, RunStatus, current_attempt, derive_status, digest_events,
@@ -197,12 +197,13 @@ def _start_attempt(run_dir: Path, plan: Plan, resume_from: Path | None) -> int:
 
 
 def launch(plan: Plan, runs_dir: str | Path | None = None, name: str | None = None,
-           copy_dataset: bool = False) -> str:
+           copy_dataset: bool = False, pilot: dict | None = None) -> str:
     """Create a run directory for `plan` and start training it in the background; return the run id.
 
     With `copy_dataset` the plan's dataset file is copied into the run directory (`data/`) and the
     plan points at the copy, so the run keeps its data when the original goes (the app does this for
-    uploads, which demo mode cleans up)."""
+    uploads, which demo mode cleans up). With `pilot` (an `advisor.pilot.PilotDesign.to_dict()`) the run
+    is a learning-rate pilot of `plan` (trainer/pilot.py) instead of its training."""
     if not isinstance(plan, Plan):
         raise TypeError(f"launch() needs a Plan, got {type(plan).__name__}")
     if plan.hardware.num_nodes > 1:
@@ -212,7 +213,7 @@ def launch(plan: Plan, runs_dir: str | Path | None = None, name: str | None = No
     plan = absolute_paths(plan)
     base = Path(runs_dir).expanduser() if runs_dir else default_runs_dir()
     base.mkdir(parents=True, exist_ok=True)
-    run_id = new_run_id(plan, name)
+    run_id = new_run_id(plan, name or (f"pilot-{plan.stage}-{plan.method.method}" if pilot else None))
     run_dir = (base / run_id).resolve()
     run_dir.mkdir()
     with run_lock(run_dir, "started"):
@@ -223,13 +224,15 @@ def launch(plan: Plan, runs_dir: str | Path | None = None, name: str | None = No
             shutil.copyfile(source, copy)
             plan = plan.with_overrides({"data.dataset": str(copy)})
         plan.save(run_dir / PLAN_FILE)
+        if pilot is not None:
+            write_json_atomic(run_dir / PILOT_FILE, {"design": pilot})
         write_json_atomic(
             run_dir / RUN_FILE,
             {
                 "run_id": run_id,
                 "name": name or plan.name,
                 "created_at": time.time(),
-                "summary": plan.summary(),
+                "summary": ("learning-rate pilot: " if pilot is not None else "") + plan.summary(),
                 "attempts": [],
             },
         )
@@ -269,6 +272,9 @@ def resume_run(run: str | Path, runs_dir: str | Path | None = None) -> Resumed:
     at the same moment, from any process, is refused instead of starting a second trainer."""
     run_dir = find_run_dir(run, runs_dir)
     _refuse_resume(status(run_dir))  # a refusal changes nothing in the run directory, not even its lock file
+    if (run_dir / PILOT_FILE).is_file():
+        raise TunewiseError(f"run {run_dir.name} is a learning-rate pilot: it is not resumed, and what it measured is "
+                            f"kept (`tunewise status {run_dir.name}`); start a new pilot to measure again")
     # Wait a moment for another holder (the watcher recording how the last attempt ended, a launch in
     # progress): then the state is settled, and a second resume is refused because the run is running.
     with run_lock(run_dir, "resumed", wait_s=LOCK_WAIT_S):

@@ -5,7 +5,8 @@ from `training_kwargs(ctx, precision, has_eval)` plus its own fields, so the
 learning rate, schedule, batch shape, precision, optimizer, seed and the
 logging / eval / checkpoint intervals mean the same thing in every stage.
 The preference stages use `trl_args(ctx, has_eval, config_cls)`: the same
-mapping, kept to the fields their config class has.
+mapping, kept to the fields their config class has, with DPO and PPO at
+`preference.learning_rate` when the plan sets one.
 
 Pure mapping: imports transformers only to ask which checkpointing option name it has.
 """
@@ -185,6 +186,9 @@ def trl_args(ctx: RunContext, has_eval: bool, config_cls) -> dict:
     GRPOConfig): `training_kwargs` for this machine's precision, keeping only the fields
     `config_cls` has."""
     args = training_kwargs(ctx, resolve_precision(ctx.plan), has_eval)
+    if ctx.plan.stage in ("dpo", "ppo") and ctx.plan.preference.learning_rate is not None:
+        # A pipeline's preference steps train at their own (much smaller) rate; its SFT and RM steps do not.
+        args["learning_rate"] = ctx.plan.preference.learning_rate
     # TRL's preference collators need their own columns (prompt/chosen/rejected, chosen_ids, ...).
     args["remove_unused_columns"] = False
     known = {f.name for f in dataclasses.fields(config_cls)}

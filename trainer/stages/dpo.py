@@ -61,7 +61,9 @@ def run(ctx) -> dict:
                                   model_name=str(reward_model_dir(ctx)), adapters=False)
 
     forgetting = setup_forgetting(ctx, model, tokenizer, train_dataset, replay=PAIRS_NO_REPLAY)
-    sampler = SampleCallback(ctx, tokenizer, [r["prompt"] for r in heldout], pairs=heldout, reference=reference,
+    # A pilot's candidate is scored by its held-out DPO loss alone: no policy samples.
+    prompts = [] if ctx.measure_only else [r["prompt"] for r in heldout]
+    sampler = SampleCallback(ctx, tokenizer, prompts, pairs=heldout, reference=reference,
                              reward_model=reward_model, beta=plan.preference.beta)
     config = DPOConfig(
         **trl_args(ctx, eval_dataset is not None, DPOConfig),
@@ -87,10 +89,11 @@ def run(ctx) -> dict:
     if eval_dataset is not None:
         trainer.evaluate()
 
-    # -- save -------------------------------------------------------------------------------------
-    ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    trainer.save_model(str(ctx.output_dir))
-    tokenizer.save_pretrained(str(ctx.output_dir))
+    # -- save (not for a pilot's candidate) ---------------------------------------------------------
+    if not ctx.measure_only:
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        trainer.save_model(str(ctx.output_dir))
+        tokenizer.save_pretrained(str(ctx.output_dir))
 
     history = trainer.state.log_history
     losses = metric_history(history, "loss")

@@ -16,7 +16,8 @@ setup -> train -> save:
   (`trainer.callbacks.with_penalty`, once per optimizer step).
 - save: the adapter (LoRA / QLoRA) or the whole model, with the tokenizer,
   in `ctx.output_dir`, also when stopped early (a checkpoint for resuming is
-  written then too).
+  written then too); a learning-rate pilot's candidate (`ctx.measure_only`)
+  saves nothing.
 
 Returns {"status": "finished" | "stopped", "reason", "output_dir", "step",
 "first_loss", "last_loss", "train_loss", eval metrics, forgetting summary}.
@@ -110,6 +111,8 @@ def run(ctx: RunContext) -> dict:
     summary.update(best_checkpoint(ctx, trainer, eval_dataset is not None))
 
     # -- save -------------------------------------------------------------------------------------
+    if ctx.measure_only:  # a pilot's candidate: the held-out loss is the result, not the weights
+        return {"status": "stopped" if reason else "finished", "reason": reason, **summary}
     output_dir = ctx.output_dir
     trainer.save_model(str(output_dir))  # the adapter for LoRA / QLoRA, the whole model for full
     if trainer.is_world_process_zero():
