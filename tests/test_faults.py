@@ -684,7 +684,7 @@ def test_twenty_concurrent_planner_requests_all_get_their_own_right_answer(demo_
     assert elapsed < 120, elapsed
     totals = set()
     for values, answer in zip(asks, answers):
-        memory, _chart, fits, _recs, status, _explained, _cli, plan_yaml = answer
+        memory, _chart, fits, _recs, status, _explained, _cli, plan_yaml, _pilot_cost = answer
         plan = Plan.from_yaml(plan_yaml)
         assert (plan.model.name, plan.training.micro_batch) == (values["model"], values["micro_batch"])
         direct = wizard.plan_view(plan)  # the same question asked of the advisor directly

@@ -43,9 +43,16 @@ def of_kind(events, kind):
 
 @pytest.fixture(scope="module")
 def measured_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
-    run_dir = tmp_path_factory.mktemp("measured") / "run"
-    code, events = run_in_process(tiny_plan(tiny_model_dir, tiny_data_dir, {"training.max_steps": 4}), run_dir)
-    return run_dir, code, events
+    """A real run in its own process, as the product launches it: its peak RSS is the run's alone (in this
+    process it would be pytest's peak over every earlier test)."""
+    from trainer import supervisor
+
+    runs = tmp_path_factory.mktemp("measured")
+    run_id = supervisor.launch(tiny_plan(tiny_model_dir, tiny_data_dir, {"training.max_steps": 4}), runs_dir=runs)
+    status = supervisor.wait(run_id, timeout=300, runs_dir=runs)
+    run_dir = runs / run_id
+    code = 0 if status.state == "finished" else (status.exit_code or 1)
+    return run_dir, code, read_all_events(run_dir / "events.jsonl")
 
 
 def test_started_carries_the_estimate_and_every_log_the_measured_peak(measured_run):

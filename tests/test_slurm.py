@@ -189,7 +189,7 @@ def test_a_job_exported_by_the_wizard_trains_under_slurm_and_is_watched_stopped_
         # The wizard's plan over two 8-GPU nodes: the plan step shows what each node needs.
         status_md = client.predict(model="llama-2-7b", gpu="H100-80GB", num_gpus=8, num_nodes=2, method="full",
                                    shard="zero3", api_name="/estimate")[4]
-        assert "per GPU (2 nodes x 8 GPUs, zero3)" in status_md and "GB of host RAM" in status_md
+        assert "per GPU (2 nodes x 8 GPUs, everything sharded (ZeRO-3 / FSDP))" in status_md and "GB of host RAM" in status_md
         # "Export a cluster job" for the demo model on the CPU (what this test cluster has).
         note = client.predict("slurm", model="demo", dataset="demo-sft", gpu="none", method="lora", max_steps=100000,
                               micro_batch=4, seq_len=128, api_name="/export_job")

@@ -166,9 +166,10 @@ def test_every_flag_is_listed_with_its_help_and_accepted():
     for setting in settings():
         if setting.flag:
             value = _other_value(setting)
-            # (--shard first: CPU offload needs sharding; --eval-steps: early stopping compares evaluations)
+            # (--shard first: CPU offload needs sharding; --eval-steps: early stopping compares evaluations;
+            # --rope-scaling: a RoPE factor stretches a scaling)
             plan = plan_from_args(parser.parse_args(["launch", "--shard", "zero3", "--eval-steps", "5",
-                                                     *flag_argv(setting, value)]))
+                                                     "--rope-scaling", "yarn", *flag_argv(setting, value)]))
             assert setting.value(plan) == value, setting.dotted
 
 
