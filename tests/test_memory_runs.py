@@ -15,26 +15,11 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, tiny_plan, wait_for
+from test_trainer_sft import run_in_process  # the runner in this process, one torch thread
 
 from trainer.events import read_all_events
 
 pytestmark = pytest.mark.slow
-
-
-def run_in_process(plan, run_dir: Path) -> tuple[int, list[dict]]:
-    import torch
-
-    from trainer.runner import run
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    plan.save(run_dir / "plan.yaml")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = run(run_dir)
-    finally:
-        torch.set_num_threads(threads)
-    return code, read_all_events(run_dir / "events.jsonl")
 
 
 def of_kind(events, kind):
