@@ -493,10 +493,10 @@ def _wire(page: Page, h: Handlers) -> None:
 
     # After each event that moves the page or edits the plan, the browser keeps the wizard (a reload finds it).
     # One at a time, in the order they were asked for: the newest state is the one the browser keeps.
-    remember_io = dict(inputs=[p.saved, p.plan_state, p.monitor_state], inputs_kwargs=p.saved_widgets,
+    remember_io = dict(inputs=[p.plan_state, p.monitor_state], inputs_kwargs=p.saved_widgets,
                        outputs=p.saved, show_progress="hidden", concurrency_limit=1, concurrency_id="remember")
 
-    def remember(dependency, at: int | None = None, after: str = ""):
+    def remember(dependency, at: int, after: str):
         # Private but for the launch's (which tests drive): each has every widget as an input, and the API's
         # description (/gradio_api/info, read by every client) would otherwise grow by megabytes.
         visibility = "public" if after == "launch" else "private"

@@ -363,16 +363,15 @@ class Handlers:
 
     # -- a reload keeps the wizard -------------------------------------------------------------------------
 
-    def remember_at(self, step: int | None) -> Callable:
-        """The handler that saves the wizard in the browser (gr.BrowserState) after an event; `step` is where
-        the event left the page (None: where it was)."""
+    def remember_at(self, step: int) -> Callable:
+        """The handler that saves the wizard in the browser (gr.BrowserState) after an event that leaves the
+        page on `step`."""
 
-        def on_remember(saved, plan_state, monitor_state, **values):
-            last = saved.get("step") if isinstance(saved, dict) else None
+        def on_remember(plan_state, monitor_state, **values):
             record = wizard.session_record(
-                values, wizard.user_changes(values, plan_state.get("advice")) if plan_state.get("advice") else (),
-                step or (last if isinstance(last, int) else 1), self.secret, own=monitor_state.get("own") or [],
-                uploads=plan_state.get("uploads") or {}, run_id=monitor_state.get("run_id"))
+                values, wizard.user_changes(values, plan_state.get("advice")), step, self.secret,
+                own=monitor_state.get("own") or [], uploads=plan_state.get("uploads") or {},
+                run_id=monitor_state.get("run_id"))
             return {self.page.saved: record}
 
         return on_remember

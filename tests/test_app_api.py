@@ -406,7 +406,7 @@ def test_a_reload_keeps_the_wizard_and_the_demo_visitors_own_runs_but_a_forged_r
     first.predict(model="demo", dataset="demo-sft", method="lora", max_steps=5, seq_len=64, micro_batch=4,
                   api_name="/launch")
     try:
-        record = first.predict(saved={}, model="demo", dataset="demo-sft", method="lora", lora_rank=12, max_steps=5,
+        record = first.predict(model="demo", dataset="demo-sft", method="lora", lora_rank=12, max_steps=5,
                                api_name="/remember_after_launch")
         assert record["step"] == 4 and len(record["own"]) == 1 and record["values"]["lora_rank"] == 12, record
         (run_id,) = record["own"]

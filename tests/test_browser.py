@@ -65,6 +65,16 @@ def _loss_points(page) -> int:
 
 
 @pytest.mark.timeout(1200)  # two trainings, a pipeline, a preview and a chat: past the suite's 600 s on a loaded machine
+def _stop_runs_and_app(runs: Path, proc) -> None:
+    """Stop what a walk-through left training in `runs`, then its app."""
+    from trainer import supervisor
+
+    for status in supervisor.list_runs(runs):
+        if status.state in ("queued", "running"):
+            supervisor.stop(status.run_id, runs_dir=runs, timeout=20)
+    stop_app(proc)
+
+
 def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
     _require_browser()
     assert DEMO_MODEL.is_file(), "the bundled demo model (assets/demo-model) is missing"
@@ -282,12 +292,7 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
             finally:
                 browser.close()
     finally:
-        from trainer import supervisor
-
-        for status in supervisor.list_runs(runs):
-            if status.state in ("queued", "running"):
-                supervisor.stop(status.run_id, runs_dir=runs, timeout=20)
-        stop_app(proc)
+        _stop_runs_and_app(runs, proc)
 
     if os.environ.get("TUNEWISE_SCREENSHOTS") == "1":
         DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -358,12 +363,7 @@ def test_the_demo_learns_visibly_on_the_wizards_defaults(tmp_path):
             finally:
                 browser.close()
     finally:
-        from trainer import supervisor
-
-        for status in supervisor.list_runs(runs):
-            if status.state in ("queued", "running"):
-                supervisor.stop(status.run_id, runs_dir=runs, timeout=20)
-        stop_app(proc)
+        _stop_runs_and_app(runs, proc)
 
     # The numbers behind what the page showed: the run's own time and the monitor's share of it.
     events = read_all_events(runs / run_id / "events.jsonl")
