@@ -803,7 +803,8 @@ def pilot_loss_figure(events: Sequence[Mapping], title: str = "Pilot: training l
 
 def pilot_rate_figure(events: Sequence[Mapping], title: str = "Pilot: held-out loss against the rate") -> go.Figure:
     """Each finished candidate's held-out loss against its rate on a log axis (round 1 circles, round 2
-    diamonds), diverged or failed rates as crosses along the top, the chosen rate starred."""
+    diamonds), diverged or failed rates as crosses along the top, the chosen rate starred (with the best rate
+    at the pilot's horizon it was moved from, when the transfer moved it)."""
     candidates = [c for c in pilot_candidates(events) if c.get("status") not in (None, "started")]
     if not candidates:
         return empty_figure(title, "Waiting for the first candidate to finish...")
@@ -828,7 +829,16 @@ def pilot_rate_figure(events: Sequence[Mapping], title: str = "Pilot: held-out l
     chosen = result.get("chosen_rate") if result else None
     if isinstance(chosen, (int, float)):
         chosen_loss = result.get("chosen_eval_loss")
-        fig.add_trace(go.Scatter(x=[chosen], y=[chosen_loss], mode="markers", name=f"chosen {_rate_label(chosen)}",
+        measured = result.get("measured") or {}
+        name = f"chosen {_rate_label(chosen)}"
+        if isinstance(measured.get("measured_rate"), (int, float)) and measured["measured_rate"] != chosen:
+            # The best at the pilot's horizon, moved to the run's: drawn at the loss it was measured with.
+            fig.add_trace(go.Scatter(
+                x=[measured["measured_rate"], chosen], y=[chosen_loss, chosen_loss], mode="lines+markers",
+                name=f"best at {measured.get('measured_steps')} steps {_rate_label(measured['measured_rate'])}",
+                line={"color": COLORS["reward"], "width": 1.5, "dash": "dot"}, marker={"size": 9, "symbol": "circle-open"}))
+            name += f" for the run's {measured.get('run_steps')} steps"
+        fig.add_trace(go.Scatter(x=[chosen], y=[chosen_loss], mode="markers", name=name,
                                  marker={"size": 18, "symbol": "star", "color": COLORS["reward"],
                                          "line": {"width": 1, "color": "#14532d"}}))
     _base_layout(fig, title, x_title="peak learning rate (log scale)", y_title="held-out loss")
@@ -849,9 +859,16 @@ def pilot_markdown(events: Sequence[Mapping], state: str | None = None) -> str:
     result = next((e for e in reversed(events) if e.get("event") == "pilot_result"), None)
     if result:
         if result.get("chosen_rate"):
+            measured = result.get("measured") or {}
+            moved = ""
+            if isinstance(measured.get("measured_rate"), (int, float)) and measured["measured_rate"] != result["chosen_rate"]:
+                moved = (f", moved from the best at {measured.get('measured_steps')} steps "
+                         f"({_rate_label(measured['measured_rate'])}) to the run's {measured.get('run_steps')} steps "
+                         f"by ({measured.get('measured_steps')}/{measured.get('run_steps')})^{measured.get('exponent', 0):.2g}")
             lines.append(f"**{'Chosen' if result.get('status') == 'finished' else 'Best so far'}: "
-                         f"{_rate_label(result['chosen_rate'])}** (held-out loss {result.get('chosen_eval_loss'):.3f}); "
-                         f"spent {format_duration(result.get('spent_s'))} of a {format_duration(result.get('budget_s'))} budget.")
+                         f"{_rate_label(result['chosen_rate'])}**{moved} (held-out loss at the pilot's horizon "
+                         f"{result.get('chosen_eval_loss'):.3f}); spent {format_duration(result.get('spent_s'))} of a "
+                         f"{format_duration(result.get('budget_s'))} budget.")
         if result.get("note"):
             lines.append(f"*{result['note']}*")
     failed = next((e for e in reversed(events) if e.get("event") == "failed"), None)

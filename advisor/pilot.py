@@ -8,11 +8,21 @@ bench/advice_quality.py, which compares it with a plain grid at the same cost):
    so they span a factor of 100: wider than the gap between the guide and the evidence;
 2. round 1: each trains `steps` optimizer steps from the same start, with the plan's own schedule
    compressed to those steps, and is scored by its loss on a held-out split;
-3. round 2 (successive halving): the best two train twice as long; when the best of round 1 sits at an
-   end of the ladder, the rate beyond that end replaces the runner-up, so a rule that is far off still
-   finds its optimum;
-4. the lowest held-out loss of the last round wins; a run that diverges (NaN, infinite loss) scores
-   as infinitely bad, so a known-bad rate is never chosen.
+3. round 2 (successive halving): the best rate and its two neighbours train twice as long; when the best
+   of round 1 sits at an end of the ladder, the rate beyond that end joins it, so a rule that is far off
+   still finds its optimum;
+4. the best rate at each round's horizon is the vertex of a parabola in log(rate) through the best
+   candidate and its two neighbours (`horizon_optimum`; the best candidate itself when it sits at an end);
+   a run that diverges (NaN, infinite loss) scores as infinitely bad, so a known-bad rate is never chosen;
+5. the horizon transfer (`transfer`): the pilot's candidates train a few dozen steps, and the best rate of
+   a short run is higher than the best rate of a long one (measured on the demo in bench/RESULTS.md: full
+   fine-tuning's best is ~2e-3 at 17-68 steps and ~1e-3 at 600). Bjorck et al., "Scaling Optimal LR Across
+   Token Horizons" (ICLR 2025) fit LR* = C N^-0.23 D^-0.32: at a fixed model the best rate falls as the
+   horizon D to the power 0.32. The pilot moves the best rate of its longest round to the run's length:
+   rate x (pilot steps / run steps) ** 0.32. It fits the exponent on the user's own rounds only when they
+   are far enough apart to resolve one (`fit_exponent`; its two rounds, 2x apart, are not: on the demo
+   such fits were noise, and the reason says what they gave). A pilot as long as the run moves nothing;
+   the chosen rate need not be one of the candidates.
 
 Its cost is bounded: by default `DEFAULT_SHARE` of the planned run's training time (at least a minute), or
 `budget_minutes`;
@@ -47,8 +57,24 @@ MIN_STEPS = 5
 #: pilot buys mostly model loading (bench/advice_quality.py: on the demo, a 1.5-minute run's 10% is 9 s).
 DEFAULT_SHARE = 0.10
 MIN_BUDGET_S = 60.0
-#: Round 2 keeps this many rates and trains each this many times longer.
-KEEP, STRETCH = 2, 2
+#: Round 2 keeps this many rates (the best and its two neighbours: enough to place the optimum again at the
+#: longer horizon) and trains each this many times longer.
+KEEP, STRETCH = 3, 2
+#: Bjorck et al. (ICLR 2025), "Scaling Optimal LR Across Token Horizons": LR* = C N^-0.23 D^-0.32, so at a
+#: fixed model the best peak rate scales as the token horizon to the -0.32 (the same fixed batch: steps).
+HORIZON_EXPONENT = 0.32
+HORIZON_SOURCE = "Bjorck et al. 2025"
+#: An exponent fitted on the pilot's own rounds is used only when they are at least MIN_FIT_SPAN times apart in
+#: steps and it falls inside FIT_RANGE. Measured on the demo (bench/RESULTS.md): fits over a factor 2 in steps
+#: ranged from -0.09 to 1.0 (a factor 2 moves the optimum by only 2 ** 0.32 = 1.25x, within the noise of a
+#: vertex), while 0.32 moved the optimum of every horizon from 6 to 68 steps to within 1.5x of the same rate
+#: at 600. So the default pilot (rounds 2x apart) reports its own exponent and uses the published one.
+MIN_FIT_SPAN = 4
+#: Below this the rounds do not disagree; above it the fit is noise (published exponents: 0.28-0.32).
+FIT_RANGE = (0.1, 0.6)
+#: A vertex is trusted only when both neighbours' losses rise above the best by at least this share: a flat
+#: bottom puts the vertex anywhere between them.
+MIN_RISE = 0.005
 #: At most this many held-out examples score a candidate (a fixed split, the same for every candidate):
 #: enough for a loss to two decimals on the demo, and cheap next to the training steps on large data.
 MAX_EVAL_EXAMPLES = 256
@@ -243,17 +269,20 @@ def design_pilot(plan, *, params: int, train_examples: int | None, tokens_per_ex
 
 
 def second_round(rates: tuple[float, ...], losses: list[float], keep: int = KEEP) -> list[float]:
-    """Round 2's rates from round 1's held-out losses (inf for a failed candidate): the best `keep`, but when
-    the best is at an end of the ladder, the rung beyond that end instead of the runner-up (the optimum may
-    lie outside the range the rule suggested)."""
+    """Round 2's rates from round 1's held-out losses (inf for a failed candidate): the best and its
+    neighbours on the ladder, `keep` in all. When the best is at an end of the ladder, the rung beyond that
+    end comes first (the optimum may lie outside the range the rule suggested), then the neighbour with the
+    lower loss; a neighbour that failed in round 1 is left out."""
     order = sorted(range(len(rates)), key=lambda index: (losses[index], index))
     best = order[0]
     if not math.isfinite(losses[best]):
         return []
-    if best in (0, len(rates) - 1) and keep >= 2:
-        beyond = rung_rate(rung_of(rates[best]) + (-1 if best == 0 else 1))
-        return [rates[best], beyond] + [rates[index] for index in order[1:keep - 1]]
-    return [rates[index] for index in order[:keep] if math.isfinite(losses[index])]
+    measured = {rung_of(rate): loss for rate, loss in zip(rates, losses)}
+    rung = rung_of(rates[best])
+    neighbours = [r for r in (rung - 1, rung + 1) if math.isfinite(measured.get(r, 0.0))]
+    # Beyond the ladder (not measured) first, then the lower loss.
+    neighbours.sort(key=lambda r: (r in measured, measured.get(r, 0.0)))
+    return [rates[best]] + [rung_rate(r) for r in neighbours][:keep - 1]
 
 
 def choose(results: list[dict]) -> dict | None:
@@ -270,17 +299,147 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def lr_reason(design: PilotDesign, results: list[dict], chosen: dict, eval_examples: int, spent_s: float) -> str:
-    """The learning rate's reason after a pilot: what was measured, and what was chosen."""
+def _vertex(points: list[tuple[float, float]]) -> float | None:
+    """log10 of the vertex of the parabola in log10(rate) through three (rate, loss) points; None when the
+    three are not convex (no minimum between them)."""
+    (x1, y1), (x2, y2), (x3, y3) = [(math.log10(rate), loss) for rate, loss in points]
+    denominator = (x1 - x2) * (x1 - x3) * (x2 - x3)
+    a = (x3 * (y2 - y1) + x2 * (y1 - y3) + x1 * (y3 - y2)) / denominator
+    b = (x3 * x3 * (y1 - y2) + x2 * x2 * (y3 - y1) + x1 * x1 * (y2 - y3)) / denominator
+    return -b / (2 * a) if a > 0 else None
+
+
+def horizon_optimum(points: list[tuple[float, float]]) -> tuple[float, bool]:
+    """The best rate of one round, from its (rate, held-out loss) points (inf: failed): (rate, bracketed).
+    Bracketed: the best candidate has a finite neighbour on each side, each at least `MIN_RISE` worse, and
+    the rate is the vertex of the parabola in log(rate) through the three, kept between the neighbours.
+    Otherwise (the best at an end, a neighbour failed, a flat bottom) the best candidate's own rate."""
+    ordered = sorted(points)
+    finite = [index for index, (_, loss) in enumerate(ordered) if math.isfinite(loss)]
+    if not finite:
+        raise ValueError("no finite loss to place an optimum by")
+    best = min(finite, key=lambda index: (ordered[index][1], index))
+    rate, loss = ordered[best]
+    if best in (0, len(ordered) - 1):
+        return rate, False
+    left, right = ordered[best - 1], ordered[best + 1]
+    if not (math.isfinite(left[1]) and math.isfinite(right[1])) or min(left[1], right[1]) < loss * (1 + MIN_RISE):
+        return rate, False
+    vertex = _vertex([left, ordered[best], right])
+    if vertex is None:
+        return rate, False
+    low, high = math.log10(left[0]), math.log10(right[0])
+    return float(f"{10 ** min(max(vertex, low), high):.3g}"), True
+
+
+def fit_exponent(short: tuple[int, float], long: tuple[int, float]) -> float | None:
+    """The horizon exponent of two (steps, best rate) measurements, LR* proportional to steps ** -exponent;
+    None (use the published one) when the horizons are under `MIN_FIT_SPAN` apart (too close to resolve) or
+    the exponent is outside `FIT_RANGE` (the rounds do not disagree, or the fit is noise)."""
+    (steps1, rate1), (steps2, rate2) = sorted([short, long])
+    if steps2 < MIN_FIT_SPAN * steps1 or rate1 <= 0 or rate2 <= 0:
+        return None
+    exponent = measured_exponent(short, long)
+    return exponent if FIT_RANGE[0] <= exponent <= FIT_RANGE[1] else None
+
+
+def measured_exponent(short: tuple[int, float], long: tuple[int, float]) -> float:
+    """-log(rate2 / rate1) / log(steps2 / steps1) of two (steps, best rate) measurements at different steps."""
+    (steps1, rate1), (steps2, rate2) = short, long
+    return -math.log(rate2 / rate1) / math.log(steps2 / steps1)
+
+
+def transfer(rate: float, measured_steps: int, run_steps: int, exponent: float = HORIZON_EXPONENT) -> float:
+    """`rate`, the best at `measured_steps`, moved to a run of `run_steps`: rate x (measured / run) ** exponent
+    (3 significant figures). A pilot as long as the run (or longer) moves nothing."""
+    if run_steps <= measured_steps:
+        return rate
+    return float(f"{rate * (measured_steps / run_steps) ** exponent:.3g}")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What the pilot measured at its own horizon and the rate it moved to the run's."""
+
+    measured_rate: float
+    """The best rate of the pilot's longest round (the vertex when bracketed, else its best candidate)."""
+    measured_steps: int
+    """That round's steps per candidate."""
+    measured_loss: float
+    """The held-out loss of that round's best candidate."""
+    bracketed: bool
+    """The measured rate is a vertex between two worse neighbours (not the best candidate at an end)."""
+    exponent: float
+    """The horizon exponent used."""
+    exponent_source: str
+    """Where the exponent comes from, in words."""
+    run_steps: int
+    """The planned run's optimizer steps."""
+    rate: float
+    """The chosen rate for the run."""
+
+    def text(self) -> str:
+        """"best at 34 steps 2.1e-03 (...); moved to the run's 600 steps by (34/600)^0.32 (...) -> 8.2e-04"."""
+        how = "vertex of the parabola through the best 3" if self.bracketed else "the best candidate"
+        text = f"best at {self.measured_steps} steps {self.measured_rate:.1e} ({how})"
+        if self.rate == self.measured_rate:
+            return text + f"; the pilot was as long as the run's {self.run_steps} steps, so it moves nothing"
+        return (text + f"; moved to the run's {self.run_steps} steps by ({self.measured_steps}/{self.run_steps})"
+                f"^{self.exponent:.2g} ({self.exponent_source}) -> {self.rate:.1e}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def transfer_choice(results: list[dict], run_steps: int) -> Transfer | None:
+    """The pilot's rate for a run of `run_steps`: the best rate of its longest round (`horizon_optimum`), moved
+    by `transfer` with the exponent fitted on its two rounds when both bracket an optimum and the fit is
+    within `FIT_RANGE`, else `HORIZON_EXPONENT`. None when no candidate finished with a finite loss."""
+    best = choose(results)
+    if best is None:
+        return None
+    rounds = {}
+    for r in results:
+        if r.get("status") in ("finished", "diverged", "failed"):
+            loss = r["eval_loss"] if r.get("status") == "finished" and _finite(r.get("eval_loss")) else math.inf
+            rounds.setdefault(r["round"], {"steps": r["steps"], "points": []})["points"].append((r["rate"], loss))
+    optima = {}
+    for number, data in rounds.items():
+        if any(math.isfinite(loss) for _, loss in data["points"]):
+            optima[number] = (data["steps"], *horizon_optimum(data["points"]))
+    last = best["round"]
+    steps, rate, bracketed = optima[last]
+    exponent, source = HORIZON_EXPONENT, HORIZON_SOURCE
+    earlier = [optima[n] for n in sorted(optima) if n < last and optima[n][2] and optima[n][0] != steps]
+    if bracketed and earlier:
+        short_steps, short_rate, _ = earlier[-1]
+        fitted = fit_exponent((short_steps, short_rate), (steps, rate))
+        found = measured_exponent((short_steps, short_rate), (steps, rate))
+        if fitted is not None:
+            exponent, source = fitted, (f"fitted on this pilot's rounds: {short_rate:.1e} at {short_steps} steps, "
+                                        f"{rate:.1e} at {steps}")
+        else:
+            why = (f"{steps / short_steps:g}x apart, too close to fit one" if steps < MIN_FIT_SPAN * short_steps else
+                   f"outside {FIT_RANGE[0]:g}-{FIT_RANGE[1]:g}")
+            source = (f"{HORIZON_SOURCE}; this pilot's own rounds ({short_rate:.1e} at {short_steps} steps, {rate:.1e} "
+                      f"at {steps}) give {found:.2f}, {why}")
+    return Transfer(measured_rate=rate, measured_steps=steps, measured_loss=best["eval_loss"], bracketed=bracketed,
+                    exponent=exponent, exponent_source=source, run_steps=run_steps,
+                    rate=transfer(rate, steps, run_steps, exponent))
+
+
+def lr_reason(design: PilotDesign, results: list[dict], chosen: Transfer, eval_examples: int, spent_s: float) -> str:
+    """The learning rate's reason after a pilot: what was measured, what was moved to the run, and what was
+    chosen."""
     first = sorted((r for r in results if r["round"] == 1), key=lambda r: r["rate"])
     losses = ", ".join(f"{r['rate']:.1e}: {_loss_text(r)}" for r in first)
     text = (f"pilot: {len(first)} rates x {design.steps} steps on {eval_examples} held-out examples, eval loss "
             f"{losses}")
     second = sorted((r for r in results if r["round"] == 2), key=lambda r: r["rate"])
     if second:
-        text += "; best " + " and ".join(f"{r['rate']:.1e}" for r in second) + f" x {second[0]['steps']} steps: " + ", ".join(
-            _loss_text(r) for r in second)
-    return text + f"; chosen {chosen['rate']:.1e} (spent {minutes(spent_s)})"
+        text += f"; best {len(second)} x {second[0]['steps']} steps: " + ", ".join(
+            f"{r['rate']:.1e}: {_loss_text(r)}" for r in second)
+    return text + f"; {chosen.text()}; chosen {chosen.rate:.1e} (spent {minutes(spent_s)})"
 
 
 def _loss_text(result: dict) -> str:

@@ -1,10 +1,14 @@
 """The learning-rate pilot: its design (pure), and real pilots on the tiny model in their own processes.
 
 - the design: rates half a decade apart around the plan's, steps from the budget, round 2's finalists
-  (the rung beyond the ladder's end when the best sits there), a clear refusal for a budget too small for
-  two candidates, for data too small to hold out a split, for stages and pipelines it does not measure;
-- `tunewise pilot --save` on SFT LoRA: a known-bad rate (1.0) is never chosen, the chosen rate has the
-  lowest held-out loss of the last round, the run directory has the events the charts read, and the saved
+  (the best and its neighbours, the rung beyond the ladder's end when the best sits there), a clear refusal
+  for a budget too small for two candidates, for data too small to hold out a split, for stages and
+  pipelines it does not measure;
+- the horizon transfer (pure): the best rate of a round as a vertex in log(rate), moved to the run's length
+  by (pilot steps / run steps) ** 0.32 (nothing for a pilot as long as the run), and an exponent fitted on
+  the pilot's own rounds only when they are far enough apart and it is plausible;
+- `tunewise pilot --save` on SFT LoRA: a known-bad rate (1.0) is never chosen, the chosen rate is the best
+  of the last round moved to the run's length (never above the best candidate's bracket), the run directory has the events the charts read, and the saved
   plan is one `tunewise train` runs;
 - a DPO pilot with full fine-tuning;
 - a stopped pilot keeps what it measured and says so, and is not resumed.
@@ -22,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from advisor.errors import TunewiseError
-from advisor.pilot import MIN_STEPS, choose, design_pilot, ladder, second_round
+from advisor.pilot import (HORIZON_EXPONENT, MIN_STEPS, choose, design_pilot, fit_exponent, horizon_optimum, ladder,
+                           second_round, transfer, transfer_choice)
 from advisor.plan import Plan
 from conftest import REPO_ROOT, wait_for
 
@@ -41,11 +46,11 @@ def test_rates_are_half_a_decade_apart_around_the_plans():
     plan = Plan().with_overrides({"training.max_steps": 60_000, "training.learning_rate": 1e-3})
     common = dict(params=1_585_440, train_examples=1800, tokens_per_example=35, weight_bytes=6_000_000)
     design = design_pilot(plan, share=0.1, **common)
-    # 10% of the run's time buys 5 x s + 2 x 2s steps, plus each candidate's loading and evaluation.
+    # 10% of the run's time buys 5 x s + 3 x 2s steps, plus each candidate's loading and evaluation.
     assert design.budget_s == pytest.approx(0.1 * 60_000 * design.step_s)
     assert design.budget_source.startswith("10% of the run's")
-    assert design.keep == 2 and design.steps >= MIN_STEPS and len(design.rates) == 5
-    assert design.train_steps == 5 * design.steps + 2 * 2 * design.steps
+    assert design.keep == 3 and design.steps >= MIN_STEPS and len(design.rates) == 5
+    assert design.train_steps == 5 * design.steps + 3 * 2 * design.steps
     assert design.expected_s <= design.budget_s + 1e-9
     two = design_pilot(plan, budget_minutes=2, **common)
     assert two.budget_s == 120 and two.steps < design.steps and two.budget_source == "--budget-minutes"
@@ -57,12 +62,15 @@ def test_rates_are_half_a_decade_apart_around_the_plans():
     assert lean.keep == 0 and len(lean.rates) in (2, 3, 5) and lean.expected_s <= 9 + 1e-9
 
 
-def test_round_two_keeps_the_best_two_or_looks_past_the_end():
+def test_round_two_keeps_the_best_and_its_neighbours_or_looks_past_the_end():
     rates = ladder(1e-3)
-    assert second_round(rates, [5.0, 4.0, 3.0, 3.5, 9.0]) == [1e-03, 3.16e-03]
-    # The best is the highest rate: the rung beyond it replaces the runner-up.
-    assert second_round(rates, [5.0, 4.0, 3.0, 2.5, 2.0]) == [1e-02, 3.16e-02]
-    assert second_round(rates, [1.0, 4.0, 3.0, 2.5, 2.0]) == [1e-04, 3.16e-05]
+    assert second_round(rates, [5.0, 4.0, 3.0, 3.5, 9.0]) == [1e-03, 3.16e-03, 3.16e-04]  # lower loss first
+    # The best is the highest rate: the rung beyond it comes first.
+    assert second_round(rates, [5.0, 4.0, 3.0, 2.5, 2.0]) == [1e-02, 3.16e-02, 3.16e-03]
+    assert second_round(rates, [1.0, 4.0, 3.0, 2.5, 2.0]) == [1e-04, 3.16e-05, 3.16e-04]
+    # A neighbour that diverged is not trained again; a trimmed round keeps the better neighbour.
+    assert second_round(rates, [5.0, 4.0, 3.0, math.inf, 9.0]) == [1e-03, 3.16e-04]
+    assert second_round(rates, [5.0, 4.0, 3.0, 3.5, 9.0], keep=2) == [1e-03, 3.16e-03]
     assert second_round(rates, [math.inf] * 5) == []
     results = [{"rate": 1e-3, "round": 1, "status": "finished", "eval_loss": 1.0},
                {"rate": 3.16e-3, "round": 2, "status": "finished", "eval_loss": 1.2},
@@ -70,6 +78,68 @@ def test_round_two_keeps_the_best_two_or_looks_past_the_end():
                {"rate": 1e-2, "round": 2, "status": "diverged", "eval_loss": None}]
     assert choose(results)["rate"] == 1e-3 and choose(results)["round"] == 2  # the last round decides
     assert choose([{"rate": 1.0, "round": 1, "status": "diverged", "eval_loss": None}]) is None
+
+
+def _round(number: int, steps: int, points) -> list[dict]:
+    return [{"rate": rate, "round": number, "steps": steps, "eval_loss": None if loss is None else loss,
+             "status": "diverged" if loss is None else "finished"} for rate, loss in points]
+
+
+#: Full fine-tuning of the demo model at 17 and 34 steps (bench/RESULTS.md, horizon table): the best rate is
+#: ~2e-3 at both, and ~1e-3 after 600 steps.
+DEMO_17 = [(3.16e-4, 2.2149), (1e-3, 1.7906), (3.16e-3, 1.7363), (1e-2, 2.3824), (3.16e-2, None)]
+DEMO_34 = [(1e-3, 1.4342), (3.16e-3, 1.354), (1e-2, 1.9045)]
+
+
+def test_the_best_rate_of_a_round_is_the_vertex_between_worse_neighbours():
+    # Symmetric neighbours: the middle; a worse right neighbour pulls the vertex left, inside the bracket.
+    assert horizon_optimum([(1e-4, 2.0), (1e-3, 1.0), (1e-2, 2.0)]) == (1e-3, True)
+    rate, bracketed = horizon_optimum([(p, loss) for p, loss in DEMO_17 if loss is not None])
+    assert bracketed and rate == pytest.approx(1.94e-3) and 1e-3 < rate < 3.16e-3
+    # The best at an end, next to a failed rate, or on a flat bottom: the best candidate itself, unbracketed.
+    assert horizon_optimum([(1e-4, 1.0), (1e-3, 2.0), (1e-2, 3.0)]) == (1e-4, False)
+    assert horizon_optimum([(1e-4, 2.0), (1e-3, 1.0), (1e-2, math.inf)]) == (1e-3, False)
+    assert horizon_optimum([(1e-4, 1.001), (1e-3, 1.0), (1e-2, 2.0)]) == (1e-3, False)
+
+
+def test_transfer_moves_the_rate_by_the_horizon_and_a_pilot_as_long_as_the_run_moves_nothing():
+    assert HORIZON_EXPONENT == 0.32  # Bjorck et al. 2025: LR* = C N^-0.23 D^-0.32
+    assert transfer(2e-3, 600, 600) == 2e-3 and transfer(2e-3, 900, 600) == 2e-3
+    assert transfer(2e-3, 34, 600) == pytest.approx(2e-3 * (34 / 600) ** 0.32, rel=1e-3)  # 8.0e-4
+    assert transfer(2e-3, 60, 600, exponent=0.5) == pytest.approx(2e-3 / math.sqrt(10), rel=1e-3)
+    results = _round(1, 17, DEMO_17) + _round(2, 34, DEMO_34)
+    moved = transfer_choice(results, 600)
+    assert (moved.measured_rate, moved.measured_steps, moved.bracketed) == (2.06e-3, 34, True)
+    assert moved.measured_loss == 1.354 and moved.exponent == 0.32 and moved.rate == 8.22e-4
+    text = moved.text()
+    assert "best at 34 steps 2.1e-03" in text and "(34/600)^0.32 (Bjorck et al. 2025" in text and text.endswith("-> 8.2e-04")
+    assert "own rounds (1.9e-03 at 17 steps, 2.1e-03 at 34) give -0.09, 2x apart, too close to fit one" in text
+    same = transfer_choice(results, 34)
+    assert same.rate == same.measured_rate == 2.06e-3 and "moves nothing" in same.text()
+    # Round 1 only: its own vertex at its own steps.
+    assert transfer_choice(_round(1, 17, DEMO_17), 600).rate == transfer(1.94e-3, 17, 600)
+    # The known-bad rate (diverged at 3.16e-2) is never chosen, and the transfer only lowers the rate.
+    assert moved.rate < moved.measured_rate < 3.16e-3
+    assert transfer_choice(_round(1, 17, [(1.0, None)]), 600) is None
+
+
+def test_the_exponent_is_fitted_only_on_rounds_far_apart_and_falls_back_when_noisy():
+    # 4x apart, a plausible exponent: used.
+    assert fit_exponent((17, 2e-3), (68, 1.3e-3)) == pytest.approx(0.311, abs=1e-3)
+    # 2x apart (the default pilot's rounds): too close to resolve, whatever it gives.
+    assert fit_exponent((17, 2e-3), (34, 1.6e-3)) is None
+    # The rounds agree (no measurable drift) or disagree wildly (noise, or the wrong sign): the published one.
+    assert fit_exponent((17, 2e-3), (68, 1.99e-3)) is None
+    assert fit_exponent((17, 2e-3), (68, 1e-4)) is None
+    assert fit_exponent((17, 2e-3), (68, 4e-3)) is None
+    # In a pilot: rounds 4x apart fit their own exponent; an unbracketed round falls back.
+    far = _round(1, 10, [(1e-3, 2.0), (3.16e-3, 1.5), (1e-2, 2.0)]) + _round(2, 40, [(3.16e-4, 1.6), (1e-3, 1.3), (3.16e-3, 1.35)])
+    fitted = transfer_choice(far, 400)  # 3.16e-3 at 10 steps (symmetric), 1.51e-3 at 40: exponent 0.53
+    assert fitted.measured_rate == 1.51e-3 and fitted.exponent == pytest.approx(0.533, abs=1e-3)
+    assert "fitted on this pilot's rounds: 3.2e-03 at 10 steps, 1.5e-03 at 40" in fitted.exponent_source
+    assert fitted.rate == transfer(1.51e-3, 40, 400, fitted.exponent) == pytest.approx(1.51e-3 / 10 ** 0.533, rel=1e-2)
+    edge = _round(1, 10, [(1e-3, 2.0), (3.16e-3, 1.5), (1e-2, 2.0)]) + _round(2, 40, [(3.16e-4, 1.1), (1e-3, 1.2)])
+    assert transfer_choice(edge, 400).exponent == HORIZON_EXPONENT
 
 
 def test_refusals_name_the_problem_and_the_way_out():
@@ -112,14 +182,23 @@ def test_sft_pilot_never_picks_a_bad_rate_writes_its_events_and_saves_a_plan_tra
     rates = sorted({c["rate"] for c in pilot["candidates"] if c["round"] == 1})
     assert rates == [0.01, 0.0316, 0.1, 0.316, 1.0]
     chosen = pilot["chosen_rate"]
-    assert chosen != 1.0
     last_round = [c for c in pilot["candidates"] if c["round"] == max(c["round"] for c in pilot["candidates"])]
     finished = [c for c in last_round if c["status"] == "finished"]
-    assert chosen == min(finished, key=lambda c: c["eval_loss"])["rate"]
+    best = min(finished, key=lambda c: c["eval_loss"])
     worst = next(c for c in pilot["candidates"] if c["rate"] == 1.0)
     best_first = min(c["eval_loss"] for c in pilot["candidates"] if c["round"] == 1 and c["status"] == "finished")
     assert worst["status"] == "diverged" or worst["eval_loss"] > best_first
+    # The chosen rate is the last round's best, placed between its neighbours and moved to the run's 200
+    # steps: never above the best candidate's upper neighbour, so never the known-bad 1.0.
+    assert best["rate"] != 1.0 and chosen <= best["rate"] * 10 ** 0.5 < 1.0
+    measured = pilot["measured"]
+    assert measured["measured_steps"] == best["steps"] and measured["run_steps"] == 200
+    assert chosen == transfer(measured["measured_rate"], best["steps"], 200, measured["exponent"])
+    assert pilot["chosen_eval_loss"] == best["eval_loss"]
     assert pilot["reason"].startswith("pilot: 5 rates x ") and f"chosen {chosen:.1e}" in pilot["reason"]
+    assert f"best at {best['steps']} steps {measured['measured_rate']:.1e}" in pilot["reason"]
+    if best["steps"] < 200:
+        assert chosen < measured["measured_rate"] and f"moved to the run's 200 steps by ({best['steps']}/200)^" in pilot["reason"]
     assert pilot["spent_s"] <= 120  # inside 1 min plus loading (the budget bounds the steps)
 
     # The run directory has what the charts read; the charts draw one line per candidate and the chosen star.
@@ -155,7 +234,9 @@ def test_dpo_pilot_with_full_fine_tuning(tmp_path, make_plan, runs_dir):
     assert pilot["status"] == "finished" and pilot["design"]["stage"] == "dpo"
     losses = [c["eval_loss"] for c in pilot["candidates"] if c["status"] == "finished"]
     assert len(losses) >= 5 and all(math.isfinite(loss) for loss in losses)
-    assert pilot["chosen_rate"] in {c["rate"] for c in pilot["candidates"]}
+    measured = pilot["measured"]
+    assert pilot["chosen_rate"] == transfer(measured["measured_rate"], measured["measured_steps"], 100,
+                                            measured["exponent"]) <= max(c["rate"] for c in pilot["candidates"])
 
 
 def test_bad_input_gets_a_clear_message(tmp_path, make_plan, runs_dir):
@@ -188,7 +269,7 @@ def test_a_stopped_pilot_keeps_what_it_measured(tmp_path, make_plan, runs_dir):
     assert status.state == "stopped" and result["status"] == "stopped"
     measured = [c for c in result["candidates"] if c["status"] == "finished"]
     assert measured and all(math.isfinite(c["eval_loss"]) for c in measured)
-    assert result["note"].startswith(f"stopped after {len(measured)} of 7 candidates; what was measured is kept")
+    assert result["note"].startswith(f"stopped after {len(measured)} of 8 candidates; what was measured is kept")
     assert "stopped after" in status.reason
     with pytest.raises(TunewiseError, match="is a learning-rate pilot: it is not resumed"):
         supervisor.resume(run_id, runs_dir)

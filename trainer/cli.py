@@ -184,8 +184,11 @@ def _pilot_table(result: dict) -> list[str]:
     for entry in sorted(result.get("candidates") or [], key=lambda r: (r["round"], r["rate"])):
         loss = entry.get("eval_loss")
         shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else entry.get("status", "?")
-        mark = "  <- chosen" if entry.get("rate") == result.get("chosen_rate") and entry["round"] == max(
-            r["round"] for r in result["candidates"]) else ""
+        best = (result.get("measured") or {}).get("measured_rate", result.get("chosen_rate"))
+        last = entry["round"] == max(r["round"] for r in result["candidates"])
+        mark = "  <- chosen" if entry.get("rate") == result.get("chosen_rate") and last else (
+            "  <- best at this horizon" if last and best is not None and isinstance(entry.get("eval_loss"), (int, float))
+            and entry.get("eval_loss") == result.get("chosen_eval_loss") else "")
         lines.append(f"{entry['rate']:<10.2e} {entry['round']:>5}  {entry['steps']:>5}  {shown:>13}  "
                      f"{entry.get('seconds', 0):>7.1f}{mark}")
     return lines

@@ -20,7 +20,8 @@ Events (for `figures.pilot_loss_figure` / `pilot_rate_figure` and the monitor): 
 `train_begin` (the pilot's total steps), each candidate's `log` and `eval` copied with `candidate`,
 `rate`, `round` and `local_step` added (`step` counts the pilot's steps so far), `candidate` (status
 started / finished / diverged / stopped, eval_loss, steps, seconds) and `pilot_result` (every candidate,
-the chosen rate and its reason, seconds spent). pilot_result.json holds the same, rewritten after each
+`measured`: the best rate at the pilot's horizon and how it was moved to the run's (advisor.pilot.Transfer),
+the chosen rate for the run and its reason, seconds spent). pilot_result.json holds the same, rewritten after each
 candidate so that even a killed pilot keeps its measurements.
 """
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from advisor.errors import TunewiseError
 from advisor.pilot import (KEEP, MAX_EVAL_EXAMPLES, STRETCH, FALLBACK_EVAL_FRACTION, PilotDesign, check_split, choose,
-                           eval_held_out, lr_reason, minutes, second_round)
+                           eval_held_out, lr_reason, minutes, second_round, transfer_choice)
 from advisor.plan import Plan
 from trainer.context import RunContext
 from trainer.events import EVENTS_FILE, EventWriter
@@ -162,10 +163,13 @@ def run_pilot(ctx: RunContext) -> dict:
         return time.monotonic() - started
 
     def save(status: str, chosen: dict | None, note: str = "") -> dict:
-        reason = lr_reason(design, results, chosen, held_out, spent()) if chosen else None
+        # The chosen rate is the best measured at the pilot's horizon moved to the run's (advisor.pilot.transfer).
+        moved = transfer_choice(results, design.run_steps) if chosen else None
+        reason = lr_reason(design, results, moved, held_out, spent()) if moved else None
         summary = {"status": status, "design": design.to_dict(), "examples": examples, "eval_examples": held_out,
-                   "candidates": results, "chosen_rate": chosen["rate"] if chosen else None,
-                   "chosen_eval_loss": chosen["eval_loss"] if chosen else None, "reason": reason,
+                   "candidates": results, "chosen_rate": moved.rate if moved else None,
+                   "chosen_eval_loss": chosen["eval_loss"] if chosen else None,
+                   "measured": moved.to_dict() if moved else None, "reason": reason,
                    "spent_s": round(spent(), 1), "budget_s": round(design.budget_s, 1), "note": note}
         write_json_atomic(ctx.run_dir / PILOT_RESULT_FILE, summary)
         return summary
@@ -204,7 +208,8 @@ def run_pilot(ctx: RunContext) -> dict:
         chosen = choose(results)
         measured = sum(1 for r in results if r.get("status") == "finished")
         note = (f"stopped after {measured} of {design.candidates} candidates; what was measured is kept"
-                + (f"; the best so far is {chosen['rate']:.1e} (eval loss {chosen['eval_loss']:.3f})" if chosen else ""))
+                + (f"; the best so far is {chosen['rate']:.1e} at {chosen['steps']} steps (eval loss "
+                   f"{chosen['eval_loss']:.3f})" if chosen else ""))
         summary = save("stopped", chosen, note)
         ctx.emit("pilot_result", **summary)
         return {"status": "stopped", "reason": note, "chosen_rate": summary["chosen_rate"],
@@ -233,7 +238,7 @@ def run_pilot(ctx: RunContext) -> dict:
     rates = [r["rate"] for r in first]
     losses = [r["eval_loss"] if r["status"] == "finished" and r["eval_loss"] is not None else math.inf for r in first]
 
-    # -- round 2: the best two, twice as long (trimmed to the budget) -----------------------------------
+    # -- round 2: the best and its neighbours, twice as long (trimmed to the budget) ------------------------
     if design.keep and any(math.isfinite(loss) for loss in losses):
         finalists = second_round(tuple(rates), losses, KEEP)
         steps2 = design.steps * STRETCH
@@ -267,6 +272,6 @@ def run_pilot(ctx: RunContext) -> dict:
                             "the learning rate, or check the data and the model", field="training.learning_rate")
     summary = save("finished", chosen, "; ".join(notes))
     ctx.emit("pilot_result", **summary)
-    return {"status": "finished", "chosen_rate": chosen["rate"], "chosen_eval_loss": chosen["eval_loss"],
+    return {"status": "finished", "chosen_rate": summary["chosen_rate"], "chosen_eval_loss": chosen["eval_loss"],
             "lr_reason": summary["reason"], "spent_s": summary["spent_s"], "budget_s": summary["budget_s"],
             "candidates": len(results)}
