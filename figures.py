@@ -861,10 +861,10 @@ def pilot_markdown(events: Sequence[Mapping], state: str | None = None) -> str:
         if result.get("chosen_rate"):
             measured = result.get("measured") or {}
             moved = ""
-            if isinstance(measured.get("measured_rate"), (int, float)) and measured["measured_rate"] != result["chosen_rate"]:
-                moved = (f", moved from the best at {measured.get('measured_steps')} steps "
-                         f"({_rate_label(measured['measured_rate'])}) to the run's {measured.get('run_steps')} steps "
-                         f"by ({measured.get('measured_steps')}/{measured.get('run_steps')})^{measured.get('exponent', 0):.2g}")
+            rate, steps, run = measured.get("measured_rate"), measured.get("measured_steps"), measured.get("run_steps")
+            if isinstance(rate, (int, float)) and rate != result["chosen_rate"]:
+                moved = (f", moved from the best at {steps} steps ({_rate_label(rate)}) to the run's {run} steps "
+                         f"by ({steps}/{run})^{measured.get('exponent', 0):.2g}")
             lines.append(f"**{'Chosen' if result.get('status') == 'finished' else 'Best so far'}: "
                          f"{_rate_label(result['chosen_rate'])}**{moved} (held-out loss at the pilot's horizon "
                          f"{result.get('chosen_eval_loss'):.3f}); spent {format_duration(result.get('spent_s'))} of a "

@@ -8,8 +8,8 @@
   by (pilot steps / run steps) ** 0.32 (nothing for a pilot as long as the run), and an exponent fitted on
   the pilot's own rounds only when they are far enough apart and it is plausible;
 - `tunewise pilot --save` on SFT LoRA: a known-bad rate (1.0) is never chosen, the chosen rate is the best
-  of the last round moved to the run's length (never above the best candidate's bracket), the run directory has the events the charts read, and the saved
-  plan is one `tunewise train` runs;
+  of the last round moved to the run's length (never above the best candidate's bracket), the run directory
+  has the events the charts read, and the saved plan is one `tunewise train` runs;
 - a DPO pilot with full fine-tuning;
 - a stopped pilot keeps what it measured and says so, and is not resumed.
 """
@@ -133,7 +133,8 @@ def test_the_exponent_is_fitted_only_on_rounds_far_apart_and_falls_back_when_noi
     assert fit_exponent((17, 2e-3), (68, 1e-4)) is None
     assert fit_exponent((17, 2e-3), (68, 4e-3)) is None
     # In a pilot: rounds 4x apart fit their own exponent; an unbracketed round falls back.
-    far = _round(1, 10, [(1e-3, 2.0), (3.16e-3, 1.5), (1e-2, 2.0)]) + _round(2, 40, [(3.16e-4, 1.6), (1e-3, 1.3), (3.16e-3, 1.35)])
+    far = (_round(1, 10, [(1e-3, 2.0), (3.16e-3, 1.5), (1e-2, 2.0)])
+           + _round(2, 40, [(3.16e-4, 1.6), (1e-3, 1.3), (3.16e-3, 1.35)]))
     fitted = transfer_choice(far, 400)  # 3.16e-3 at 10 steps (symmetric), 1.51e-3 at 40: exponent 0.53
     assert fitted.measured_rate == 1.51e-3 and fitted.exponent == pytest.approx(0.533, abs=1e-3)
     assert "fitted on this pilot's rounds: 3.2e-03 at 10 steps, 1.5e-03 at 40" in fitted.exponent_source
