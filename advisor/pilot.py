@@ -377,10 +377,16 @@ class Transfer:
     """The planned run's optimizer steps."""
     rate: float
     """The chosen rate for the run."""
+    edge: str = ""
+    """"top" or "bottom" when the measured rate is the highest or lowest that round tried (the optimum may lie
+    beyond it), else ""."""
 
     def text(self) -> str:
         """"best at 34 steps 2.1e-03 (...); moved to the run's 600 steps by (34/600)^0.32 (...) -> 8.2e-04"."""
         how = "vertex of the parabola through the best 3" if self.bracketed else "the best candidate"
+        if self.edge:
+            how += (f", the {'highest' if self.edge == 'top' else 'lowest'} rate it tried: the best may lie "
+                    f"{'higher' if self.edge == 'top' else 'lower'}")
         text = f"best at {self.measured_steps} steps {self.measured_rate:.1e} ({how})"
         if self.rate == self.measured_rate:
             return text + f"; the pilot was as long as the run's {self.run_steps} steps, so it moves nothing"
@@ -423,9 +429,11 @@ def transfer_choice(results: list[dict], run_steps: int) -> Transfer | None:
                    f"outside {FIT_RANGE[0]:g}-{FIT_RANGE[1]:g}")
             source = (f"{HORIZON_SOURCE}; this pilot's own rounds ({short_rate:.1e} at {short_steps} steps, {rate:.1e} "
                       f"at {steps}) give {found:.2f}, {why}")
+    tried = [point_rate for point_rate, _ in rounds[last]["points"]]
+    edge = "" if bracketed or len(tried) < 2 else "top" if rate == max(tried) else "bottom" if rate == min(tried) else ""
     return Transfer(measured_rate=rate, measured_steps=steps, measured_loss=best["eval_loss"], bracketed=bracketed,
                     exponent=exponent, exponent_source=source, run_steps=run_steps,
-                    rate=transfer(rate, steps, run_steps, exponent))
+                    rate=transfer(rate, steps, run_steps, exponent), edge=edge)
 
 
 def lr_reason(design: PilotDesign, results: list[dict], chosen: Transfer, eval_examples: int, spent_s: float) -> str:

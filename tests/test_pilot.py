@@ -140,7 +140,10 @@ def test_the_exponent_is_fitted_only_on_rounds_far_apart_and_falls_back_when_noi
     assert "fitted on this pilot's rounds: 3.2e-03 at 10 steps, 1.5e-03 at 40" in fitted.exponent_source
     assert fitted.rate == transfer(1.51e-3, 40, 400, fitted.exponent) == pytest.approx(1.51e-3 / 10 ** 0.533, rel=1e-2)
     edge = _round(1, 10, [(1e-3, 2.0), (3.16e-3, 1.5), (1e-2, 2.0)]) + _round(2, 40, [(3.16e-4, 1.1), (1e-3, 1.2)])
-    assert transfer_choice(edge, 400).exponent == HORIZON_EXPONENT
+    at_edge = transfer_choice(edge, 400)
+    assert at_edge.exponent == HORIZON_EXPONENT and (at_edge.measured_rate, at_edge.edge) == (3.16e-4, "bottom")
+    assert "(the best candidate, the lowest rate it tried: the best may lie lower)" in at_edge.text()
+    assert transfer_choice(_round(1, 17, DEMO_17), 600).edge == ""
 
 
 def test_refusals_name_the_problem_and_the_way_out():
