@@ -18,6 +18,8 @@ seed, and is scored by its held-out loss (SFT: the eval split's loss; DPO: the h
   and added);
 - the pilot's method: successive halving (5 rates, then the best 3 twice as long) against a plain grid of
   5 rates at the same cost, both at the product's default budget, with the cost each spent;
+- a second seed for the grid's best rate and the pilots' chosen rates on the grid's best method (how much of a
+  gap is the seed), and rates between the rungs near full fine-tuning's best (NEAR_BEST);
 - the horizon study that chose the transfer (skip with --no-horizons): full fine-tuning and LoRA r64 at 4
   rates each, trained 6-150 steps with the schedule compressed as a pilot's candidate is, the best rate at
   each horizon (the vertex advisor.pilot.horizon_optimum places), where 0.32 moves it at the run's length,
@@ -189,7 +191,7 @@ class Bench:
                             budget_minutes=budget)
         cached = self.cache.get(tag)
         if cached and cached.get("design") == design.describe() and cached.get("measured"):
-            return cached  # the same design, measured with the horizon transfer: reused
+            return {**cached, "trained_steps": trained_steps(self.root / tag)}  # the same design: reused
         run_dir = self.root / tag
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
@@ -200,9 +202,18 @@ class Bench:
         result = read_result(run_dir)
         record = {"tag": tag, "design": design.describe(), "chosen": result["chosen_rate"], "spent_s": result["spent_s"],
                   "budget_s": result["budget_s"], "reason": result["reason"], "note": result.get("note"),
-                  "measured": result.get("measured"), "train_steps": design.train_steps, "run_steps": design.run_steps}
+                  "measured": result.get("measured"), "train_steps": design.train_steps, "run_steps": design.run_steps,
+                  "trained_steps": trained_steps(run_dir)}
         self._note(record)
         return record
+
+
+def trained_steps(run_dir: Path) -> int | None:
+    """The steps a pilot's candidates trained (its design's plan, less what the budget guard trimmed)."""
+    from trainer.pilot import read_result
+
+    candidates = read_result(run_dir).get("candidates") if Path(run_dir).is_dir() else None
+    return sum(int(c.get("steps") or 0) for c in candidates) if candidates else None
 
 
 def date_accuracy(run_dir: str, fresh: int = 40) -> dict:
@@ -590,8 +601,10 @@ def measured_text(pilot: dict) -> str:
 
 def cost_text(pilot: dict) -> str:
     """Seconds spent now, and the steps it trained against the run's (machine-independent)."""
-    steps = pilot.get("train_steps")
+    planned, steps = pilot.get("train_steps"), pilot.get("trained_steps") or pilot.get("train_steps")
     share = f"; {steps} steps = {steps / pilot['run_steps']:.0%} of the run's {pilot['run_steps']}" if steps else ""
+    if planned and steps and steps < planned:
+        share += f" (of {planned} planned: the budget guard trimmed the rest)"
     return f"{pilot['spent_s']:.0f} s{share}"
 
 
