@@ -614,6 +614,7 @@ class Handlers:
                 raise TunewiseError(wizard.machine_busy_message(active[0], plan), field="queue")
             # An upload goes into the run's own folder: the run keeps its data when old uploads are cleaned.
             uploaded = runs.is_upload(plan.data.dataset, self.config.uploads_dir)
+            chat.close_sessions()  # kept chat models would share the run's GPU (or the CPU demo's RAM)
             run_id = supervisor.launch(plan, self.config.runs_dir, copy_dataset=uploaded)
         if self.config.warm_worker:  # the worker may have gone (idle, or orphaned by a restart): ready one for next time
             threading.Thread(target=warm.ready_for, args=(self.config.runs_dir, os.getpid()), daemon=True).start()
@@ -779,7 +780,7 @@ class Handlers:
                                     "outputs, logs)? This cannot be undone."}
 
     def on_delete_confirm(self, run_id, monitor_state):
-        self.run_dir(monitor_state, run_id)
+        chat.close_sessions(self.run_dir(monitor_state, run_id))  # its kept chat worker has its files open
         deleted = supervisor.delete(run_id, self.runs_dir_of(monitor_state, run_id))
         own = [r for r in (monitor_state.get("own") or []) if r != deleted]
         monitor_state = {**monitor_state, "own": own}
@@ -859,7 +860,7 @@ class Handlers:
                     p.chat_base: gr.update(value=shown["base"] or [], visible=bool(compare)),
                     p.chat_note: self.shown(note)}
 
-        yield update("Loading the models (a process of their own)...")
+        yield update("Asking the model (its process loads the models for the first message)...")
         for event in events:
             kind, model = event.get("event"), event.get("model", "tuned")
             if kind == "token" and shown.get(model) is not None:
@@ -880,7 +881,11 @@ class Handlers:
             elif kind == "error":
                 raise TunewiseError(str(event.get("message")), field="chat")
             elif kind == "end":
-                yield update(" ".join(notes) + f" Models loaded in {event.get('load_s', 0):.1f} s.")
+                kept = f"kept loaded for {chat.SESSION_IDLE_S / 60:g} min between messages"
+                where = f" on the {event['device'].upper()}" if event.get("device") else ""
+                loaded = (f"Models already loaded{where} ({kept})." if event.get("reused") else
+                          f"Models loaded{where} in {event.get('load_s', 0):.1f} s ({kept}).")
+                yield update(" ".join(notes) + " " + loaded)
 
     def on_chat_clear(self):
         p = self.page
