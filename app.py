@@ -84,6 +84,11 @@ class Page(SimpleNamespace):
         return {name: getattr(self, name) for name in wizard.ADVISED_WIDGETS}
 
     @property
+    def moves(self) -> list:
+        """What moving to another step changes: the walkthrough and the step bar above it (Handlers.go)."""
+        return [self.walkthrough, *self.step_bar]
+
+    @property
     def plan_outputs(self) -> list:
         return self.group("memory_table", "memory_plot", "fit_table", "recommendations", "plan_status",
                           "explanations", "cli_text", "yaml_text", "pilot_cost")
@@ -464,11 +469,19 @@ def _layout(config: AppConfig) -> Page:
         if config.demo_mode:
             gr.HTML(f"<div class='tw-demo'>Public demo: training is limited to the bundled demo model, "
                     f"{config.demo_max_steps} steps, one run at a time. Planning works for any model.</div>")
+        # The step bar: Gradio's own stepper opens only the steps before the current one; this one opens every
+        # step reached so far (and the history), and a jump forward runs Next's checks (Handlers.step_bar_to).
+        with gr.Row(elem_id="tw-steps", elem_classes=["tw-steps"]):
+            step_bar = [gr.Button(wizard.step_bar_label(number), elem_id=f"step-bar-{number}", size="sm",
+                                  variant="primary" if number == 1 else "secondary",
+                                  interactive=number in wizard.open_steps(1, 1), elem_classes=["tw-step"])
+                        for number in wizard.STEPS]
+        step_at = gr.Number(value=1, visible=False, elem_id="step-at")  # the step on screen, as a jump reads it
         with gr.Walkthrough(selected=1, elem_id="wizard") as walkthrough:
             widgets = {**_step_model(gr, Number, wizard), **_step_data(gr, wizard), **_step_plan(gr, Number),
                        **_step_monitor(gr, figures, config.poll_seconds), **_step_results(gr, wizard, config.demo_mode)}
     page = Page(blocks=blocks, walkthrough=walkthrough, plan_state=plan_state, monitor_state=monitor_state, saved=saved,
-                start_over=start_over,
+                start_over=start_over, step_bar=step_bar, step_at=step_at,
                 **widgets)
     assert set(wizard.PLAN_WIDGETS) <= set(widgets), "every plan widget is on the page"
     return page
@@ -483,7 +496,7 @@ def _wire(page: Page, h: Handlers) -> None:
     ev = functools.partial(shows_errors_in_page, shown=h.shown)  # every handler's errors reach the page as messages
 
     def step(number: int):
-        return lambda: gr.Walkthrough(selected=number)
+        return lambda: h.go(number)
 
     # Moving to another step starts at its top (the page would otherwise stay scrolled where the button was).
     top = "window.scrollTo({top: 0, behavior: 'smooth'})"
@@ -493,7 +506,7 @@ def _wire(page: Page, h: Handlers) -> None:
 
     # After each event that moves the page or edits the plan, the browser keeps the wizard (a reload finds it).
     # One at a time, in the order they were asked for: the newest state is the one the browser keeps.
-    remember_io = dict(inputs=[p.plan_state, p.monitor_state], inputs_kwargs=p.saved_widgets,
+    remember_io = dict(inputs=[p.plan_state, p.monitor_state, p.saved], inputs_kwargs=p.saved_widgets,
                        outputs=p.saved, show_progress="hidden", concurrency_limit=1, concurrency_id="remember")
 
     def remember(dependency, at: int, after: str):
@@ -504,13 +517,34 @@ def _wire(page: Page, h: Handlers) -> None:
                            api_visibility=visibility)
         return dependency
 
-    remember(p.next_1.click(ev(h.on_next_model), inputs=p.model, outputs=p.walkthrough, api_name="go_data", **nav_1), 2, "go_data")
-    remember(p.back_2.click(step(1), outputs=p.walkthrough, api_name="go_model", **nav_0), 1, "go_model")
-    remember(p.back_3.click(step(2), outputs=p.walkthrough, api_name="back_to_data", **nav_0), 2, "back_to_data")
-    remember(p.history_1.click(step(5), outputs=p.walkthrough, api_name="go_history", **nav_0), 5, "go_history").then(
+    remember(p.next_1.click(ev(h.on_next_model), inputs=p.model, outputs=p.moves, api_name="go_data", **nav_1), 2, "go_data")
+    remember(p.back_2.click(step(1), outputs=p.moves, api_name="go_model", **nav_0), 1, "go_model")
+    remember(p.back_3.click(step(2), outputs=p.moves, api_name="back_to_data", **nav_0), 2, "back_to_data")
+    remember(p.history_1.click(step(5), outputs=p.moves, api_name="go_history", **nav_0), 5, "go_history").then(
         ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs, api_name="runs_after_history")
-    remember(p.to_results.click(step(5), outputs=p.walkthrough, api_name="go_results", **nav_0), 5, "go_results").then(
+    remember(p.to_results.click(step(5), outputs=p.moves, api_name="go_results", **nav_0), 5, "go_results").then(
         ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs, api_name="runs_after_nav")
+
+    # The step bar: any step reached so far, in one click. The page says which step is on screen (the jump's
+    # `at`); going forward runs Next's checks and, past step 2, the advice and the plan's memory, as Next does.
+    on_screen = ("(...args) => { const ids = ['step-model', 'step-data', 'step-plan', 'step-monitor', 'step-results'];"
+                 " const shown = ids.findIndex((id) => { const el = document.getElementById(id);"
+                 " return el !== null && el.offsetParent !== null; });"
+                 f" args[0] = shown + 1 || 1; {top}; return args; }}")
+    for number, button in zip(wizard.STEPS, p.step_bar):
+        jumped = button.click(ev(h.step_bar_to(number)), inputs=[p.step_at, p.plan_state, p.dataset, p.model],
+                              outputs=[*p.moves, p.step_at, p.plan_state, p.profile_table, p.histogram],
+                              api_name=f"step_{number}", js=on_screen, show_progress="hidden")
+        on_the_way = dict(api_visibility="private", show_progress="hidden")
+        advised = jumped.success(ev(h.advise_on_the_way(number)), inputs=[p.step_at, p.plan_state],
+                                 inputs_kwargs={**p.plan_widgets, **p.advisor_widgets}, outputs=p.recommend_outputs,
+                                 api_name=f"advise_after_step_{number}", **on_the_way).success(
+            ev(h.estimate_on_the_way(number)), inputs=[p.step_at, p.plan_state], inputs_kwargs=p.plan_widgets,
+            outputs=p.plan_outputs, api_name=f"estimate_after_step_{number}", **on_the_way)
+        remember(advised, number, f"step_{number}")
+        if number == wizard.ALWAYS_OPEN_STEP:
+            jumped.success(ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs,
+                           api_name="runs_after_step_bar")
 
     # Steps 1-3: the model card, the upload and the dataset profile, the advice, the plan's memory.
     profile_io = dict(inputs=[p.plan_state, p.dataset, p.model], outputs=[p.plan_state, p.profile_table, p.histogram])
@@ -524,7 +558,7 @@ def _wire(page: Page, h: Handlers) -> None:
     p.dataset.change(ev(h.on_profile), **profile_io, api_name="profile").failure(ev(h.profile_problem), **profile_io,
                                                                                  **quiet)
     p.next_2.click(ev(h.on_next_data), inputs=[p.plan_state, p.dataset, p.model],
-                   outputs=[p.walkthrough, p.plan_state, p.profile_table, p.histogram], api_name="go_plan", **nav_n).success(
+                   outputs=[*p.moves, p.plan_state, p.profile_table, p.histogram], api_name="go_plan", **nav_n).success(
         ev(h.on_recommend), **advice_io, api_name="recommend").success(
         ev(h.on_estimate), **estimate_io, api_name="estimate").success(
         ev(h.remember_at(3)), **remember_io, api_name="remember_plan")
@@ -559,7 +593,7 @@ def _wire(page: Page, h: Handlers) -> None:
     # Step 4: launch, the live monitor, stop, resume, the log.
     monitor = dict(inputs=p.monitor_state, outputs=p.monitor_outputs)
     remember(p.launch_btn.click(ev(h.on_launch), inputs=[p.monitor_state, p.plan_state], inputs_kwargs=p.plan_widgets,
-                                outputs=[p.walkthrough, *p.monitor_outputs], api_name="launch"), 4, "launch")
+                                outputs=[*p.moves, *p.monitor_outputs], api_name="launch"), 4, "launch")
     p.export_job_btn.click(ev(h.on_export_job), inputs=[p.job_scheduler], inputs_kwargs=p.plan_widgets,
                            outputs=p.job_note, api_name="export_job")
     p.timer.tick(ev(h.poll), **monitor, api_name="poll", show_progress="hidden", trigger_mode="always_last")
@@ -570,8 +604,8 @@ def _wire(page: Page, h: Handlers) -> None:
     # Step 5: the history, curves compared, samples, export.
     overlay_io = dict(inputs=[p.compare_runs, p.compare_metric, p.monitor_state], outputs=p.overlay_plot)
     p.refresh_btn.click(ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs, api_name="runs")
-    p.watch_btn.click(ev(h.on_watch), inputs=[p.monitor_state, p.open_run], outputs=[p.walkthrough, *p.monitor_outputs],
-                      api_name="watch")
+    remember(p.watch_btn.click(ev(h.on_watch), inputs=[p.monitor_state, p.open_run],
+                               outputs=[*p.moves, *p.monitor_outputs], api_name="watch"), 4, "watch")
     p.compare_runs.change(ev(h.on_overlay), **overlay_io, api_name="overlay")
     p.compare_metric.change(ev(h.on_overlay), **overlay_io, api_name="overlay_metric")
     p.open_run.change(ev(h.on_pick_run), inputs=[p.open_run, p.monitor_state],
@@ -615,7 +649,7 @@ def _wire(page: Page, h: Handlers) -> None:
                                 api_name="load_plan").success(ev(h.on_estimate), **estimate_io,
                                                               api_name="estimate_after_load"), 3, "load_plan")
     remember(p.load_run_plan_btn.click(ev(h.on_load_run_plan), inputs=[p.plan_state, p.open_run, p.monitor_state],
-                                       outputs=[*loaded_io, p.walkthrough], api_name="load_run_plan").success(
+                                       outputs=[*loaded_io, *p.moves], api_name="load_run_plan").success(
         ev(h.on_estimate), **estimate_io, api_name="estimate_after_run_plan"), 3, "load_run_plan")
     p.save_plan_btn.click(ev(h.on_save_plan), inputs=[p.plan_state], inputs_kwargs=p.plan_widgets,
                           outputs=[p.plan_download, p.plan_io_note], api_name="save_plan")
@@ -638,13 +672,13 @@ def _wire(page: Page, h: Handlers) -> None:
     # own (one failing does not block the others): the model card; the dataset profile, then the advice
     # (keeping the user's own changes) and the plan's memory; the run to watch and the history.
     restore = p.blocks.load(ev(h.on_restore), inputs=[p.saved, p.plan_state, p.monitor_state],
-                            outputs=[*p.saved_widgets.values(), p.plan_state, p.monitor_state, p.walkthrough],
+                            outputs=[*p.saved_widgets.values(), p.plan_state, p.monitor_state, *p.moves],
                             api_name="restore")
     restore.then(ev(h.on_model), inputs=p.model, outputs=p.model_card, api_name="load_model_info")
     restore.then(ev(h.on_profile), **profile_io, api_name="load_profile").then(
         ev(h.on_load_recommend), **advice_io, api_name="load_recommend").then(
         ev(h.on_estimate), **estimate_io, api_name="load_estimate")
-    restore.then(ev(h.on_attach), inputs=p.monitor_state, outputs=[p.walkthrough, *p.monitor_outputs],
+    restore.then(ev(h.on_attach), inputs=p.monitor_state, outputs=[*p.moves, *p.monitor_outputs],
                  api_name="attach").then(
         ev(h.on_runs), inputs=p.history_inputs, outputs=p.history_outputs, api_name="load_runs")
 

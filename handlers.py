@@ -255,15 +255,15 @@ class Handlers:
         """Step 1 -> 2, only for a model the planner can read (the message says what to fix otherwise)."""
         self.demo_guard(model=model)
         wizard.model_summary(model)
-        return {self.page.walkthrough: gr.Walkthrough(selected=2)}
+        return self.go(2)
 
     def on_next_data(self, plan_state, dataset, model):
         """Step 2 -> 3, only for a dataset that was read and checked (its profile is the current one)."""
         profiled = (plan_state.get("profile") or {}).get("dataset_label")
         if profiled != wizard.dataset_label(dataset):
             update = self.on_profile(plan_state, dataset, model)  # raises with the problem (the row) named
-            return {**update, self.page.walkthrough: gr.Walkthrough(selected=3)}
-        return {self.page.walkthrough: gr.Walkthrough(selected=3)}
+            return {**update, **self.go(3)}
+        return self.go(3)
 
     def on_upload(self, plan_state, upload):
         if not upload:
@@ -361,17 +361,70 @@ class Handlers:
         kept = {name: values[name] for name in restored if name in values}
         return self.recommend({**plan_state, "restored_changes": None}, False, values, overrides=kept)
 
+    # -- moving between steps: the walkthrough and the step bar above it -----------------------------------
+
+    def go(self, step: int, furthest: int = 1) -> dict:
+        """The page on `step`: the walkthrough, and the step bar with `step` marked and every step up to the
+        furthest reached (`furthest`, or `step`) open. (A step opened before stays open: the bar's buttons
+        keep what they are not told.)"""
+        p = self.page
+        opened = wizard.open_steps(step, furthest)
+        updates = {p.walkthrough: gr.Walkthrough(selected=step)}
+        for number, button in zip(wizard.STEPS, p.step_bar):
+            updates[button] = gr.update(variant="primary" if number == step else "secondary",
+                                        **({"interactive": True} if number in opened else {}))
+        return updates
+
+    def step_bar_to(self, target: int) -> Callable:
+        """The handler of the step bar's button for `target`, given the step the page is on (`at`, read from
+        the page): Next's checks on the way forward (the model leaving step 1, the data leaving step 2; each
+        refusal names what to fix, and the page stays), nothing going back."""
+
+        def on_step_bar(at, plan_state, dataset, model):
+            at = int(at) if isinstance(at, (int, float)) and 1 <= at <= 5 else 1
+            checks = wizard.checks_on_the_way(at, target)
+            updates = {}
+            if "model" in checks:
+                self.on_next_model(model)
+            if "data" in checks:
+                updates = self.on_next_data(plan_state, dataset, model)
+            return {**updates, **self.go(target), self.page.step_at: at}
+
+        return on_step_bar
+
+    def advise_on_the_way(self, target: int) -> Callable:
+        """After a step-bar jump from `at` to `target`: the advice for steps 1 and 2's choices when the jump
+        went past step 2 (as Next into the plan step does; the user's own plan edits stay theirs)."""
+
+        def on_advise(at, plan_state, **values):
+            if "data" not in wizard.checks_on_the_way(int(at or 1), target):
+                return {self.page.plan_state: plan_state}  # (an empty dict would leave the API call without an answer)
+            return self.on_recommend(plan_state, **values)
+
+        return on_advise
+
+    def estimate_on_the_way(self, target: int) -> Callable:
+        """After `advise_on_the_way`: the plan's memory for the new advice (nothing when none was made)."""
+
+        def on_estimate(at, plan_state, **values):
+            if "data" not in wizard.checks_on_the_way(int(at or 1), target):
+                return {self.page.plan_status: gr.update()}  # (leaves the plan as it is)
+            return self.on_estimate(plan_state, **values)
+
+        return on_estimate
+
     # -- a reload keeps the wizard -------------------------------------------------------------------------
 
     def remember_at(self, step: int) -> Callable:
         """The handler that saves the wizard in the browser (gr.BrowserState) after an event that leaves the
-        page on `step`."""
+        page on `step` (with the furthest step reached, which the step bar opens again after a reload)."""
 
-        def on_remember(plan_state, monitor_state, **values):
+        def on_remember(plan_state, monitor_state, saved, **values):
+            _, furthest = wizard.saved_step(saved)
             record = wizard.session_record(
                 values, wizard.user_changes(values, plan_state.get("advice")), step, self.secret,
                 own=monitor_state.get("own") or [], uploads=plan_state.get("uploads") or {},
-                run_id=monitor_state.get("run_id"))
+                run_id=monitor_state.get("run_id"), furthest=furthest)
             return {self.page.saved: record}
 
         return on_remember
@@ -406,7 +459,7 @@ class Handlers:
             if restored.run_id and (not self.config.demo_mode or restored.run_id in restored.own):
                 monitor_state = monitoring(monitor_state, restored.run_id)
         return {**updates, p.plan_state: plan_state, p.monitor_state: monitor_state,
-                p.walkthrough: gr.Walkthrough(selected=restored.step)}
+                **self.go(restored.step, restored.furthest)}
 
     def on_estimate(self, plan_state, **values):
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
@@ -546,7 +599,7 @@ class Handlers:
 
     def watch(self, monitor_state: dict, run_id: str) -> dict:
         """Watch `run_id` in step 4 from its first event."""
-        return {self.page.walkthrough: gr.Walkthrough(selected=4), **self.poll(monitoring(monitor_state, run_id))}
+        return {**self.go(4), **self.poll(monitoring(monitor_state, run_id))}
 
     def on_launch(self, monitor_state, plan_state, **values):
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
@@ -561,6 +614,7 @@ class Handlers:
                 raise TunewiseError(wizard.machine_busy_message(active[0], plan), field="queue")
             # An upload goes into the run's own folder: the run keeps its data when old uploads are cleaned.
             uploaded = runs.is_upload(plan.data.dataset, self.config.uploads_dir)
+            chat.close_sessions()  # kept chat models would share the run's GPU (or the CPU demo's RAM)
             run_id = supervisor.launch(plan, self.config.runs_dir, copy_dataset=uploaded)
         if self.config.warm_worker:  # the worker may have gone (idle, or orphaned by a restart): ready one for next time
             threading.Thread(target=warm.ready_for, args=(self.config.runs_dir, os.getpid()), daemon=True).start()
@@ -726,7 +780,7 @@ class Handlers:
                                     "outputs, logs)? This cannot be undone."}
 
     def on_delete_confirm(self, run_id, monitor_state):
-        self.run_dir(monitor_state, run_id)
+        chat.close_sessions(self.run_dir(monitor_state, run_id))  # its kept chat worker has its files open
         deleted = supervisor.delete(run_id, self.runs_dir_of(monitor_state, run_id))
         own = [r for r in (monitor_state.get("own") or []) if r != deleted]
         monitor_state = {**monitor_state, "own": own}
@@ -806,7 +860,7 @@ class Handlers:
                     p.chat_base: gr.update(value=shown["base"] or [], visible=bool(compare)),
                     p.chat_note: self.shown(note)}
 
-        yield update("Loading the models (a process of their own)...")
+        yield update("Asking the model (its process loads the models for the first message)...")
         for event in events:
             kind, model = event.get("event"), event.get("model", "tuned")
             if kind == "token" and shown.get(model) is not None:
@@ -827,7 +881,11 @@ class Handlers:
             elif kind == "error":
                 raise TunewiseError(str(event.get("message")), field="chat")
             elif kind == "end":
-                yield update(" ".join(notes) + f" Models loaded in {event.get('load_s', 0):.1f} s.")
+                kept = f"kept loaded for {chat.SESSION_IDLE_S / 60:g} min between messages"
+                where = f" on the {event['device'].upper()}" if event.get("device") else ""
+                loaded = (f"Models already loaded{where} ({kept})." if event.get("reused") else
+                          f"Models loaded{where} in {event.get('load_s', 0):.1f} s ({kept}).")
+                yield update(" ".join(notes) + " " + loaded)
 
     def on_chat_clear(self):
         p = self.page
@@ -873,7 +931,7 @@ class Handlers:
             raise TunewiseError("run: pick a run in the list first", field="run")
         run_dir = self.run_dir(monitor_state, run_id)
         plan = wizard.plan_from_file_text((run_dir / rundir.PLAN_FILE).read_text(encoding="utf-8"), f"run {run_id}")
-        return {**self.show_plan(plan_state, plan, f"run {run_id}"), self.page.walkthrough: gr.Walkthrough(selected=3)}
+        return {**self.show_plan(plan_state, plan, f"run {run_id}"), **self.go(3)}
 
     def on_save_plan(self, plan_state, **values):
         """The plan.yaml of what the page shows (the text "Show as YAML" shows), as a file to download."""

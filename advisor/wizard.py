@@ -560,9 +560,21 @@ def recommendation_rows(advice: Mapping[str, Any], current: Mapping[str, Any] | 
     return rows
 
 
+def _as_number(value: Any) -> Any:
+    """An optional number's text box holds text ("100"): the number it says, else the value itself."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip().replace(",", ""))
+        except ValueError:
+            return value
+    return value
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
         return list(a or []) == list(b or [])
+    if isinstance(a, str) != isinstance(b, str) and (a not in (None, "") and b not in (None, "")):
+        a, b = _as_number(a), _as_number(b)  # a text box's "100" is the advised 100
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
         return abs(float(a) - float(b)) <= 1e-12 + 1e-9 * abs(float(b))
     if a in (None, "") and b in (None, ""):
@@ -756,6 +768,57 @@ SAVED_WIDGETS = tuple(dict.fromkeys((*ADVISOR_WIDGETS, *PLAN_WIDGETS)))
 SESSION_VERSION = 1
 
 
+# -- the step bar: which steps a click may reach, and what Next would check on the way ----------------------
+
+#: The wizard's steps by number, as the step bar names them.
+STEPS = {1: "Model & hardware", 2: "Data & goal", 3: "Plan", 4: "Launch & monitor", 5: "Results & runs"}
+#: Results & runs (the history) is open from every step, as step 1's "Run history" button is.
+ALWAYS_OPEN_STEP = 5
+
+
+def _step_number(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 5 else default
+
+
+def furthest_step(step: int, furthest: int = 1) -> int:
+    """The furthest of steps 1 to 4 reached once the page is on `step` (the history, step 5, is open from
+    anywhere and does not open the steps before it)."""
+    step, furthest = _step_number(step, 1), _step_number(furthest, 1)
+    return max(min(furthest, 4), step if step != ALWAYS_OPEN_STEP else 1)
+
+
+def saved_step(saved: Any) -> tuple[int, int]:
+    """The step a browser's record is on and the furthest step it reached (1, 1 for no usable record).
+    (Unsigned: a forged step only opens steps on that browser's own page, and leaving step 1 or 2 forward
+    still runs Next's checks, see `checks_on_the_way`.)"""
+    if not isinstance(saved, Mapping):
+        return 1, 1
+    step = _step_number(saved.get("step"), 1)
+    return step, furthest_step(step, _step_number(saved.get("furthest"), 1))
+
+
+def open_steps(at: int, furthest: int) -> tuple[int, ...]:
+    """The steps the step bar lets a click reach from `at`: every step up to the furthest reached, and the
+    history. Gradio's own stepper allows only steps before the current one; going back to change the data
+    and then forward to the plan again is the common path."""
+    top = furthest_step(at, furthest)
+    return tuple(step for step in STEPS if step <= top or step == ALWAYS_OPEN_STEP)
+
+
+def checks_on_the_way(at: int, target: int) -> tuple[str, ...]:
+    """What the page checks when the step bar goes from step `at` to `target`, as Next would: "model" to go
+    past step 1, "data" to go past step 2 (and the plan is then advised for them). Going back checks nothing,
+    nor does moving between the plan and the monitor, nor opening the history; coming from the history
+    (where step 1's model may have been changed on the way) checks what the target step builds on."""
+    if target == ALWAYS_OPEN_STEP or (target <= at != ALWAYS_OPEN_STEP) or (at in (3, 4) and target in (3, 4)):
+        return ()
+    return tuple(check for past, check in ((1, "model"), (2, "data")) if target > past)
+
+
+def step_bar_label(step: int) -> str:
+    return f"{step} · {STEPS[step]}"
+
+
 def _json_safe(value: Any) -> Any:
     """A widget value as the browser may keep it (JSON scalars, or a list of strings); else None."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -770,14 +833,16 @@ def _mac(signed: Mapping[str, Any], secret: bytes) -> str:
 
 
 def session_record(values: Mapping[str, Any], changed: Iterable[str], step: int, secret: bytes, *,
-                   own: Sequence[str] = (), uploads: Mapping[str, str] | None = None, run_id: str | None = None) -> dict:
+                   own: Sequence[str] = (), uploads: Mapping[str, str] | None = None, run_id: str | None = None,
+                   furthest: int = 1) -> dict:
     """What the browser keeps so that a reload finds the wizard as it was: the widgets' values, which of the
-    advised ones are the user's own (`changed`: re-advised as "set by you"), the step, and, signed with the
-    server's `secret` (the browser can read it but not forge it), the runs this session launched, its
-    uploads by name (the public demo's ownership) and the run it watches."""
+    advised ones are the user's own (`changed`: re-advised as "set by you"), the step and the furthest step
+    reached (`furthest_step`), and, signed with the server's `secret` (the browser can read it but not forge
+    it), the runs this session launched, its uploads by name (the public demo's ownership) and the run it
+    watches."""
     signed = {"own": [str(run) for run in own], "uploads": {str(k): str(v) for k, v in (uploads or {}).items()},
               "run_id": run_id}
-    return {"version": SESSION_VERSION, "step": int(step),
+    return {"version": SESSION_VERSION, "step": int(step), "furthest": furthest_step(step, furthest),
             "values": {name: _json_safe(values[name]) for name in SAVED_WIDGETS if name in values},
             "changed": sorted(name for name in changed if name in ADVISED_WIDGETS), **signed, "mac": _mac(signed, secret)}
 
@@ -794,6 +859,8 @@ class Restored:
     run_id: str | None = None
     trusted: bool = False
     """Whether the signed part (own runs, uploads, watched run) verified; False: only the values are used."""
+    furthest: int = 1
+    """The furthest of steps 1 to 4 reached (the step bar lets the user jump back to it)."""
 
 
 def restore_session(saved: Any, secret: bytes) -> Restored | None:
@@ -804,15 +871,14 @@ def restore_session(saved: Any, secret: bytes) -> Restored | None:
         return None
     values = {name: _json_safe(value) for name, value in saved["values"].items() if name in SAVED_WIDGETS}
     changed = tuple(name for name in saved.get("changed") or () if name in ADVISED_WIDGETS and name in values)
-    step = saved.get("step")
-    step = step if isinstance(step, int) and not isinstance(step, bool) and 1 <= step <= 5 else 1
+    step, furthest = saved_step(saved)
     signed = {key: saved.get(key) for key in ("own", "uploads", "run_id")}
     mac = saved.get("mac")
     trusted = isinstance(mac, str) and hmac.compare_digest(mac, _mac(signed, secret))
     if not trusted:
-        return Restored(values, changed, min(step, 3))
+        return Restored(values, changed, min(step, 3), furthest=min(furthest, 3))
     return Restored(values, changed, step, tuple(signed["own"] or ()), dict(signed["uploads"] or {}),
-                    signed["run_id"], True)
+                    signed["run_id"], True, furthest)
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,15 @@
 
     python bench/chat_latency.py [--rounds 3] [--max-new-tokens 48] [--no-write]
 
-Trains a short LoRA SFT run of the demo model on demo-sft (or takes `--run RUN_DIR`), then asks
-`trainer.chat.stream_chat` for a reply `--rounds` times, exactly as the page does (a worker process
-per reply), and splits each wait:
+Trains a short LoRA SFT run of the demo model on demo-sft (or takes `--run RUN_DIR`), then, `--rounds`
+times, closes the run's kept chat worker and asks `trainer.chat.stream_chat` for two replies in a row,
+exactly as the page does: the first starts the worker, the next goes to it with the models loaded. Each
+wait is split:
 
-    request -> first token     what the user waits for: process start, torch / transformers / PEFT
-                               imports, tokenizer, base and adapter loading, prompt, first token
-      of which: in the worker  the worker's own load time (its "end" event's load_s)
+    request -> first token     what the user waits for: (first message) process start, torch /
+                               transformers / PEFT imports, tokenizer, base and adapter loading; then
+                               the prompt and the first token
+      of which: loading        the worker's own load time (its "end" event's load_s; 0 when kept)
       of which: generation     request to the first decoded piece inside generate (first_token_s)
     reply                      the whole reply of --max-new-tokens tokens (greedy)
     with compare               the same request with the base model's reply streamed after it
@@ -80,26 +82,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md as it is")
     args = parser.parse_args(argv)
 
+    from trainer.chat import close_sessions
+
+    def pair(run_dir: Path, compare: bool) -> tuple[dict, dict]:
+        close_sessions()
+        return one_reply(run_dir, args.max_new_tokens, compare), one_reply(run_dir, args.max_new_tokens, compare)
+
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = Path(args.run) if args.run else train_demo_run(Path(scratch) / "runs")
-        plain = [one_reply(run_dir, args.max_new_tokens, compare=False) for _ in range(args.rounds)]
-        compared = [one_reply(run_dir, args.max_new_tokens, compare=True) for _ in range(args.rounds)]
+        plain = [pair(run_dir, compare=False) for _ in range(args.rounds)]
+        compared = [pair(run_dir, compare=True) for _ in range(args.rounds)]
+        close_sessions()
 
     def med(rows: list[dict], key: str) -> str:
         values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
         return f"{statistics.median(values):.2f}" if values else "-"
 
+    def cells(key: str) -> list[str]:
+        return [med([first for first, _ in plain], key), med([kept for _, kept in plain], key),
+                med([first for first, _ in compared], key), med([kept for _, kept in compared], key)]
+
     rows = [
-        ["request -> first token (what the user waits for)", med(plain, "first"), med(compared, "first")],
-        ["  of which: worker start, imports and model loading", med(plain, "load_s"), med(compared, "load_s")],
-        ["  of which: prompt to first token inside generate", med(plain, "first_token_s"), med(compared, "first_token_s")],
-        [f"tuned reply complete ({plain[0].get('new_tokens')} new tokens)", med(plain, "reply"), med(compared, "reply")],
-        ["request -> stream ended", med(plain, "total"), med(compared, "total")],
+        ["request -> first token (what the user waits for)", *cells("first")],
+        ["  of which: worker start, imports and model loading", *cells("load_s")],
+        ["  of which: prompt to first token inside generate", *cells("first_token_s")],
+        [f"tuned reply complete ({plain[0][0].get('new_tokens')} new tokens)", *cells("reply")],
+        ["request -> stream ended", *cells("total")],
     ]
-    table = markdown_table(["seconds (median of %d)" % args.rounds, "tuned only", "with compare (base too)"], rows)
+    table = markdown_table(["seconds (median of %d)" % args.rounds, "first message", "next message",
+                            "first, with compare (base too)", "next, with compare"], rows)
     body = (f"Chat tab on the demo model (a 10-step LoRA run on demo-sft), greedy, {args.max_new_tokens} new tokens at "
-            f"most, one worker process per reply (`trainer.chat`):\n\n{table}\n\nThe first token waits on the worker's "
-            "start: its imports and loading dominate; generating it takes a few milliseconds on this model.")
+            f"most; the run's chat worker (`trainer.chat --serve`) starts for the first message and is kept for the "
+            f"next ones:\n\n{table}\n\nThe first message waits on the worker's start (imports and loading); the "
+            "next ones only on generation.")
     print(body)
     if not args.no_write:
         print(f"\nwrote {write_section('chat_latency', body)}")

@@ -406,9 +406,10 @@ def test_a_reload_keeps_the_wizard_and_the_demo_visitors_own_runs_but_a_forged_r
     first.predict(model="demo", dataset="demo-sft", method="lora", max_steps=5, seq_len=64, micro_batch=4,
                   api_name="/launch")
     try:
-        record = first.predict(model="demo", dataset="demo-sft", method="lora", lora_rank=12, max_steps=5,
+        record = first.predict(model="demo", dataset="demo-sft", method="lora", lora_rank=12, max_steps=5, saved={},
                                api_name="/remember_after_launch")
         assert record["step"] == 4 and len(record["own"]) == 1 and record["values"]["lora_rank"] == 12, record
+        assert record["furthest"] == 4  # the step bar opens steps 1 to 4 again after the reload
         (run_id,) = record["own"]
         # A reload: a new session that brings the browser's record. The values, the step and the run come back.
         again = Client(client.src, verbose=False)
@@ -469,3 +470,63 @@ def test_the_data_steps_preview_shows_the_loss_tokens_and_names_rows_cut_out_of_
     assert shown.count("class='tw-row'") == 2 and "tw-tok tw-loss" in shown
     note, _ = client.predict(dataset="demo-sft", model="demo", seq_len=8, rows=1, api_name="/preview")
     assert "**Check this:** Rows 1, 2, 3" in note and "raise training.seq_len to" in note
+
+
+def test_the_step_bar_opens_every_step_reached_and_checks_what_next_checks_on_the_way():
+    """The rules of the step bar (advisor.wizard): steps up to the furthest reached stay open (Gradio's own
+    stepper opens only those before the current one), the history always; forward jumps check what Next
+    checks, going back checks nothing; the furthest step survives a reload, and a forged one opens no more
+    than the unsigned part of a record may (step 3)."""
+    from advisor import wizard
+
+    assert wizard.open_steps(1, 1) == (1, 5)  # a fresh page: step 1 and the history
+    assert wizard.open_steps(2, 4) == (1, 2, 3, 4, 5)  # back at step 2 after launching: 3 and 4 stay open
+    assert wizard.open_steps(5, 2) == (1, 2, 5)  # the history does not open the steps before it
+    assert wizard.furthest_step(5, 1) == 1 and wizard.furthest_step(3, 2) == 3 and wizard.furthest_step(2, 4) == 4
+    assert wizard.checks_on_the_way(1, 3) == ("model", "data") and wizard.checks_on_the_way(1, 2) == ("model",)
+    assert wizard.checks_on_the_way(2, 4) == ("model", "data")
+    for at, target in ((3, 1), (4, 2), (3, 4), (4, 3), (1, 5), (3, 5), (5, 1)):
+        assert wizard.checks_on_the_way(at, target) == (), (at, target)
+    assert wizard.checks_on_the_way(5, 3) == ("model", "data")  # the model may have changed before the history
+
+    secret = b"k" * 32
+    record = wizard.session_record({"model": "demo"}, (), 2, secret, furthest=4)
+    assert wizard.saved_step(record) == (2, 4)
+    assert wizard.restore_session(record, secret).furthest == 4
+    assert wizard.restore_session({**record, "mac": "forged"}, secret).furthest == 3
+    assert wizard.saved_step({"step": "3", "furthest": 99}) == (1, 1) and wizard.saved_step(None) == (1, 1)
+
+
+def test_a_step_bar_jump_forward_is_refused_as_next_is_and_going_back_checks_nothing(server):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(server[0].src, verbose=False)
+    with pytest.raises(AppError, match="unknown model 'no-such-model-xyz'"):
+        client.predict(at=1, model="no-such-model-xyz", dataset="demo-sft", api_name="/step_3")
+    with pytest.raises(AppError, match="data.dataset"):
+        client.predict(at=2, model="demo", dataset="not-a-bundled-name", api_name="/step_4")
+    # Back from the plan to step 1 with a model that cannot be read: going back is never refused.
+    assert client.predict(at=3, model="no-such-model-xyz", dataset="not-a-bundled-name", api_name="/step_1") is not None
+    # Forward with readable choices: the jump profiles the dataset (as Next into the plan does).
+    outputs = client.predict(at=1, model="demo", dataset="demo-sft", api_name="/step_3")
+    assert any(isinstance(out, dict) and any("2,000" in str(cell) for row in out.get("data", []) for cell in row)
+               for out in outputs), outputs
+
+
+def test_advice_shown_unchanged_is_not_called_the_users_own_when_the_plan_step_is_reached_again(server):
+    """Next into the plan step re-advises keeping the user's edits; values the page shows as advised are not
+    edits, including those in text boxes (an optional number such as "Evaluate every" holds "100", not 100)."""
+    from gradio_client import Client
+
+    from advisor import wizard
+
+    client = Client(server[0].src, verbose=False)
+    n = len(wizard.ADVISED_WIDGETS)
+    shown = dict(zip(wizard.ADVISED_WIDGETS, client.predict(api_name="/recommend")[:n]))
+    shown["lora_targets"] = shown["lora_targets"]["value"] if isinstance(shown["lora_targets"], dict) else shown["lora_targets"]
+    assert isinstance(shown["eval_steps"], str) and shown["eval_steps"].strip(), shown["eval_steps"]  # a text box
+    client.predict(**shown, api_name="/recommend")  # reaching the plan step again, nothing edited
+    recommendations = client.predict(**shown, api_name="/estimate")[3]
+    mine = [row[0] for row in recommendations["data"] if "set by you" in row[2]]
+    assert mine == [], mine

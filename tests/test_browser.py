@@ -131,7 +131,16 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 expect(page.locator("#cli-text")).to_contain_text("--epochs")
                 expect(page.locator("#cli-text")).not_to_contain_text("--max-steps")
                 page.locator("#show-yaml").get_by_text("Show as YAML / CLI").click()  # closed again
-                page.locator("#back-3").click()
+                # The step bar: back to step 1, then straight to the plan again (Gradio's own stepper opens only
+                # the steps before the current one); step 4 is not reached yet.
+                page.locator("#step-bar-1").click()
+                expect(page.locator("#next-1")).to_be_visible()
+                expect(page.locator("#step-bar-4")).to_be_disabled()
+                page.locator("#step-bar-3").click()
+                expect(page.locator("#launch")).to_be_visible()
+                expect(page.locator("#step-bar-3")).to_have_class(re.compile("primary"))
+                expect(page.locator("#recommendations")).to_contain_text("LoRA rank")
+                page.locator("#step-bar-2").click()
 
                 # A malformed upload: the profile names the row, and Next stays on step 2.
                 bad = tmp_path / "broken.jsonl"
@@ -140,6 +149,9 @@ def test_new_user_plans_launches_watches_stops_and_finds_the_run(tmp_path):
                 expect(page.locator("#profile-table")).to_contain_text("problem", timeout=60_000)
                 expect(page.locator("#profile-table")).to_contain_text("broken.jsonl")
                 page.locator("#next-2").click()
+                time.sleep(1)
+                expect(page.locator("#launch")).to_be_hidden()
+                page.locator("#step-bar-3").click()  # the step bar checks what Next checks
                 time.sleep(1)
                 expect(page.locator("#launch")).to_be_hidden()
                 pick("dataset", "demo-sft")

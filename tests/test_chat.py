@@ -154,3 +154,49 @@ def _text(message: dict) -> str:
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return content
+
+
+def _serving_workers(run_dir: Path) -> list[str]:
+    return [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_has(pid, str(run_dir))
+            and _cmdline_has(pid, "--serve")]
+
+
+def test_the_next_message_reuses_the_loaded_worker_until_it_idles_out_or_is_closed(tuned_run, monkeypatch):
+    """The first reply starts the run's chat worker (imports, model loading); the next ones go to the same
+    process with the models loaded. A prompt that cannot fit is refused without losing the worker; an idle
+    worker exits by itself and the next message starts a fresh one; close_sessions (a launch, a delete)
+    ends it."""
+    from trainer import chat
+
+    runs, run_id = tuned_run
+    run_dir = runs / run_id
+    chat.close_sessions()
+    ask = {"tuned": [{"role": "user", "content": "What colour is the sky?"}], "temperature": 0.0, "max_new_tokens": 6}
+    first = list(chat.stream_chat(run_dir, ask, timeout_s=120))
+    assert first[-1]["event"] == "end" and first[-1]["reused"] is False and first[-1]["load_s"] > 0, first[-1]
+    (worker,) = _serving_workers(run_dir)
+    second = list(chat.stream_chat(run_dir, ask, timeout_s=120))
+    assert second[-1]["event"] == "end" and second[-1]["reused"] is True and second[-1]["load_s"] == 0, second[-1]
+    assert _serving_workers(run_dir) == [worker]
+    # The same question, greedy: the same answer from the kept models.
+    assert [e["text"] for e in first if e["event"] == "done"] == [e["text"] for e in second if e["event"] == "done"]
+    # Too long for the model's context at this reply length: refused, and the worker stays for the next one.
+    huge = {**ask, "tuned": [{"role": "user", "content": "sky " * 900}], "max_new_tokens": 200}
+    refused = list(chat.stream_chat(run_dir, huge, timeout_s=120))
+    assert refused[-1]["event"] == "error" and "shorten them" in refused[-1]["message"], refused[-1]
+    assert list(chat.stream_chat(run_dir, ask, timeout_s=120))[-1]["reused"] is True
+    assert _serving_workers(run_dir) == [worker]
+    assert chat.close_sessions(run_dir) == 1
+    time.sleep(0.5)
+    assert _serving_workers(run_dir) == []
+
+    # An idle worker exits by itself; the next message starts a fresh one.
+    monkeypatch.setattr(chat, "SESSION_IDLE_S", 1.0)
+    assert list(chat.stream_chat(run_dir, ask, timeout_s=120))[-1]["event"] == "end"
+    deadline = time.monotonic() + 30
+    while _serving_workers(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _serving_workers(run_dir) == [], "the idle chat worker did not exit"
+    again = list(chat.stream_chat(run_dir, ask, timeout_s=120))
+    assert again[-1]["event"] == "end" and again[-1]["reused"] is False
+    chat.close_sessions()

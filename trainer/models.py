@@ -212,6 +212,17 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def inference_placement():
+    """(dtype, device) for generating with a tuned model (samples, chat): the GPU in bfloat16 (float16 where
+    the GPU has no bfloat16) when CUDA is there, else the CPU in float32. An 8B model in float32 on the CPU
+    needs about 32 GB of RAM and gives about a token a second; half precision on the CPU is slower still."""
+    import torch
+
+    if _cuda_available():
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), "cuda"
+    return torch.float32, "cpu"
+
+
 def resolve_precision(plan: Plan) -> Precision:
     """Map plan.method.precision onto this machine.
 

@@ -77,12 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.models import base_of_adapter, resolve_model_path
+    from trainer.models import base_of_adapter, inference_placement, resolve_model_path
 
     base_name = resolve_model_path(plan.model.name)
     trust = plan.model.trust_remote_code
+    dtype, device = inference_placement()
     tokenizer = AutoTokenizer.from_pretrained(base_name, trust_remote_code=trust)
-    base = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32, trust_remote_code=trust)
+    base = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype, trust_remote_code=trust).to(device)
     base.eval()
 
     def complete(model, prompt: str) -> str:
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 return_tensors="pt", return_dict=True)["input_ids"]
         else:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = ids.to(device)
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -103,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # A pipeline's PPO or DPO adapter sits on the merged SFT model, not on the plan's base.
         under = base if resolve_model_path(adapter_base) == base_name else AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(adapter_base), dtype=torch.float32, trust_remote_code=trust)
-        model = PeftModel.from_pretrained(under, str(tuned.path))
+            resolve_model_path(adapter_base), dtype=dtype, trust_remote_code=trust).to(device)
+        model = PeftModel.from_pretrained(under, str(tuned.path)).to(device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(tuned.path), dtype=torch.float32, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(str(tuned.path), dtype=dtype, trust_remote_code=trust).to(device)
     model.eval()
     tuned_out = [complete(model, prompt) for prompt in args.prompt]
     print(json.dumps({"base": base_out, "tuned": tuned_out, "tuned_from": tuned.label}))
