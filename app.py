@@ -119,6 +119,7 @@ class Page(SimpleNamespace):
 
 
 def _step_model(gr, Number, wizard) -> dict:  # noqa: N803 (Number stands for gr.Number)
+    local_gpu, local_count = wizard.default_hardware()  # this machine's GPUs, when it has any
     with gr.Step("Model & hardware", id=1, elem_id="step-model"):
         with gr.Row():
             with gr.Column(scale=3):
@@ -127,9 +128,10 @@ def _step_model(gr, Number, wizard) -> dict:  # noqa: N803 (Number stands for gr
                     filterable=True, elem_id="model",
                     info="Search the catalogue, or type a hub id (owner/name), a local folder, or a size like 7B.")
                 with gr.Row():
-                    gpu = gr.Dropdown(choices=wizard.gpu_choices(), value=wizard.NO_GPU, label="GPU", elem_id="gpu",
-                                      info="What you will train on; the plan is sized for it.")
-                    num_gpus = Number("num_gpus", value=1, precision=0, label="Number of GPUs", elem_id="num_gpus",
+                    gpu = gr.Dropdown(choices=wizard.gpu_choices(), value=local_gpu, label="GPU", elem_id="gpu",
+                                      info="What you will train on (this machine's, to start with); the plan is "
+                                           "sized for it.")
+                    num_gpus = Number("num_gpus", value=local_count, precision=0, label="Number of GPUs", elem_id="num_gpus",
                                       info="per node when Nodes is above 1")
                     num_nodes = Number("num_nodes", value=1, precision=0, label="Nodes", elem_id="num_nodes",
                                        info="machines; above 1: export a cluster job")

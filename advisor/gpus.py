@@ -125,6 +125,65 @@ def this_machine() -> Machine:
     return Machine(int(ram) if ram else None, has_gpu)
 
 
+def local_gpus(timeout_s: float = 5.0) -> tuple[tuple[str, int | None], ...]:
+    """The NVIDIA GPUs on this machine as (model name, total memory in MiB or None), from `nvidia-smi` when it
+    is installed, else the driver's /proc/driver/nvidia/gpus/*/information (names only); () without any.
+    No torch, no CUDA context: the page's process stays light."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if not this_machine().has_nvidia_gpu:
+        return ()
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            done = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                                  capture_output=True, text=True, timeout=timeout_s, check=False)
+        except (OSError, subprocess.SubprocessError):
+            done = None
+        if done is not None and done.returncode == 0:
+            found = []
+            for line in done.stdout.splitlines():
+                name, _, mib = line.rpartition(",")
+                if name.strip():
+                    found.append((name.strip(), int(float(mib)) if mib.strip().replace(".", "", 1).isdigit() else None))
+            if found:
+                return tuple(found)
+    found = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        try:
+            for line in info.read_text(errors="replace").splitlines():
+                if line.startswith("Model:"):
+                    found.append((line.split(":", 1)[1].strip(), None))
+        except OSError:
+            continue
+    return tuple(found)
+
+
+def match_gpu(model_name: str, memory_mib: int | None = None) -> GPU | None:
+    """The catalogue GPU a driver's model name is ("NVIDIA H100 80GB HBM3" -> H100-80GB, "NVIDIA A100-SXM4-40GB"
+    -> A100-40GB, "Tesla T4" -> T4, "NVIDIA GeForce RTX 4090" -> RTX-4090), by the type's own word in the name
+    and, between sizes of one type, the memory nearest `memory_mib` (or the size the name says); None for a
+    card the catalogue lacks."""
+    import re
+
+    words = {word.lower() for word in re.split(r"[^A-Za-z0-9]+", model_name or "") if word}
+    said_gb = [int(word[:-2]) for word in words if word.endswith("gb") and word[:-2].isdigit()]
+    candidates = []
+    for gpu in GPUS:
+        kind = _key(gpu.name).split("-")
+        word = kind[1] if kind[0] == "rtx" else kind[0]  # RTX-4090: "4090"; A100-80GB: "a100"; L40S: "l40s"
+        if word in words:
+            candidates.append(gpu)
+    if not candidates:
+        return None
+    target = memory_mib * MIB if memory_mib else (said_gb[0] * GB if said_gb else None)
+    if target is None:
+        return max(candidates, key=lambda gpu: gpu.memory_bytes)
+    return min(candidates, key=lambda gpu: abs(gpu.memory_bytes - target))
+
+
 def max_gpus_per_node(gpu_name: str | None) -> tuple[int, str]:
     """(the most GPUs one node holds, that limit in words) for a GPU type by name, or for any GPU."""
     if gpu_name:

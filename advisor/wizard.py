@@ -737,6 +737,22 @@ def gpu_choices() -> list[tuple[str, str]]:
     return [("No GPU: demo on the CPU", NO_GPU)] + [(f"{g.name} ({g.memory_gb:.0f} GB)", g.name) for g in gpus.GPUS]
 
 
+def default_hardware(found: Sequence[tuple[str, int | None]] | None = None) -> tuple[str, int]:
+    """Step 1's GPU and GPU count before the user picks: the GPUs this machine has (`gpus.local_gpus`, or
+    `found`), the most common type among them and how many of it, so that a plan made on a GPU box trains on
+    its GPUs by default; "No GPU" and 1 on a machine without one, or with a card the catalogue lacks (its
+    memory goes in Advanced settings)."""
+    from advisor import gpus
+
+    found = gpus.local_gpus() if found is None else found
+    matched = [gpus.match_gpu(name, mib) for name, mib in found]
+    kinds = [gpu.name for gpu in matched if gpu is not None]
+    if not kinds:
+        return NO_GPU, 1
+    common = max(dict.fromkeys(kinds), key=kinds.count)
+    return common, kinds.count(common)
+
+
 def dataset_choices() -> list[tuple[str, str]]:
     """(label, value) for the dataset menu."""
     return [(f"{name}: {what}", name) for name, what in BUNDLED_DATASETS.items()]

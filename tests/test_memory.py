@@ -386,3 +386,27 @@ def test_dora_extra_activations_match_what_autograd_saves():
     assert measured[True] - measured[False] == pytest.approx(planned, rel=0.05)
     full = setup.with_(method="full")
     assert estimate(TINY, full.with_(use_dora=True)).components == estimate(TINY, full).components
+
+
+def test_the_wizard_starts_on_this_machines_gpus_named_as_the_driver_names_them():
+    """Step 1's GPU default is the machine's own (nvidia-smi's names and totals, matched to the catalogue),
+    so a plan made on a GPU box trains on its GPUs unless the user picks otherwise; "No GPU" without one."""
+    from advisor import gpus, wizard
+
+    seen = {  # names as nvidia-smi prints them, with their totals in MiB
+        ("NVIDIA H100 80GB HBM3", 81559): "H100-80GB", ("NVIDIA H100 PCIe", 81559): "H100-80GB",
+        ("NVIDIA A100-SXM4-40GB", 40960): "A100-40GB", ("NVIDIA A100-SXM4-80GB", None): "A100-80GB",
+        ("NVIDIA A100 80GB PCIe", 81920): "A100-80GB", ("Tesla T4", 15360): "T4", ("NVIDIA L4", 23034): "L4",
+        ("NVIDIA L40S", 46068): "L40S", ("NVIDIA A10G", 23028): "A10G", ("NVIDIA GeForce RTX 4090", 24564): "RTX-4090",
+        ("NVIDIA GeForce RTX 3090", 24576): "RTX-3090", ("NVIDIA H200", 143771): "H200",
+    }
+    for (name, mib), expected in seen.items():
+        assert gpus.match_gpu(name, mib).name == expected, name
+    assert gpus.match_gpu("NVIDIA RTX A6000", 49140) is None  # not in the catalogue: not guessed
+    assert wizard.default_hardware([("NVIDIA H100 80GB HBM3", 81559)] * 8) == ("H100-80GB", 8)
+    assert wizard.default_hardware([("NVIDIA L4", 23034), ("NVIDIA L4", 23034), ("NVIDIA RTX A6000", 49140)]) == ("L4", 2)
+    assert wizard.default_hardware([]) == (wizard.NO_GPU, 1)
+    assert wizard.default_hardware([("NVIDIA RTX A6000", 49140)]) == (wizard.NO_GPU, 1)
+    # This machine: what its driver says (no NVIDIA driver: nothing, and the wizard starts on "No GPU").
+    if not gpus.this_machine().has_nvidia_gpu:
+        assert gpus.local_gpus() == () and wizard.default_hardware() == (wizard.NO_GPU, 1)
