@@ -25,7 +25,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 import figures
-from advisor import wizard
+from advisor import gpus, wizard
 from advisor.errors import TunewiseError, user_message
 from advisor.plan import is_demo_model
 from advisor.profile import profile_dataset
@@ -614,7 +614,10 @@ class Handlers:
                 raise TunewiseError(wizard.machine_busy_message(active[0], plan), field="queue")
             # An upload goes into the run's own folder: the run keeps its data when old uploads are cleaned.
             uploaded = runs.is_upload(plan.data.dataset, self.config.uploads_dir)
-            chat.close_sessions()  # kept chat models would share the run's GPU (or the CPU demo's RAM)
+            if not self.config.demo_mode or gpus.this_machine().has_nvidia_gpu:
+                # Kept chat models would share the run's GPU (or, on a CPU box, its RAM); the CPU demo's tiny
+                # model leaves other visitors' chats alone.
+                chat.close_sessions()
             run_id = supervisor.launch(plan, self.config.runs_dir, copy_dataset=uploaded)
         if self.config.warm_worker:  # the worker may have gone (idle, or orphaned by a restart): ready one for next time
             threading.Thread(target=warm.ready_for, args=(self.config.runs_dir, os.getpid()), daemon=True).start()
