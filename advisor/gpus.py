@@ -14,6 +14,7 @@ Pure Python.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from advisor.errors import TunewiseError
@@ -125,10 +126,11 @@ def this_machine() -> Machine:
     return Machine(int(ram) if ram else None, has_gpu)
 
 
+@functools.lru_cache(maxsize=1)
 def local_gpus(timeout_s: float = 5.0) -> tuple[tuple[str, int | None], ...]:
     """The NVIDIA GPUs on this machine as (model name, total memory in MiB or None), from `nvidia-smi` when it
     is installed, else the driver's /proc/driver/nvidia/gpus/*/information (names only); () without any.
-    No torch, no CUDA context: the page's process stays light."""
+    No torch, no CUDA context: the page's process stays light. Asked once per process (cached)."""
     import shutil
     import subprocess
     from pathlib import Path

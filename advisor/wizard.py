@@ -258,7 +258,8 @@ def widgets_from_plan(plan: Plan) -> dict[str, Any]:
         for part in dotted.split("."):
             node = node[part]
         if name == "gpu" and node is None:
-            node = NO_GPU
+            # No GPU named: "auto" (or cuda) means this machine's GPU when it has one, "cpu" the CPU.
+            node = NO_GPU if plan.hardware.device == "cpu" else default_hardware()[0]
         if name == "lora_targets":
             node = list(node)
         if name in NUMBER_TEXT_WIDGETS:
