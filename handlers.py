@@ -470,7 +470,7 @@ class Handlers:
         p = self.page
         return {
             p.memory_table: {"headers": headers, "data": memory_rows},
-            p.memory_plot: figures.memory_figure(view.stacked, view.gpu_bytes, view.gpu_label),
+            p.memory_plot: figures.memory_figure(view.stacked, view.gpu_bytes, view.gpu_label, title=view.chart_title),
             p.fit_table: {"headers": fit_headers, "data": fit_rows},
             p.recommendations: wizard.recommendation_rows(plan_state.get("advice") or {}, wizard.widgets_from_plan(plan)),
             p.plan_status: view.status_markdown,

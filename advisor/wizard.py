@@ -1050,6 +1050,8 @@ class PlanView:
     """One paragraph: what the plan needs and whether it fits the chosen GPU, or the cheapest fix."""
     explanations: list[list[str]]
     """How each component of the plan's own method was computed."""
+    chart_title: str = "Memory per GPU by component"
+    """The chart's title: per GPU, or (no GPU chosen) the tensors in host memory."""
 
 
 def plan_view(plan: Plan, measured_lr: float | None = None) -> PlanView:
@@ -1116,7 +1118,11 @@ def plan_view(plan: Plan, measured_lr: float | None = None) -> PlanView:
         verdict += " *(Rough mode: the model's shape is guessed from its size.)*"
     return PlanView(
         memory=memory_rows(estimates),
-        stacked={label: _stack(est) for label, est in estimates.items()},
+        # No GPU: the chart shows the tensors a step holds (in host memory here), not a CUDA context that a
+        # CPU does not have; the GPU total is in the table and the status.
+        stacked={label: _stack(est, on_gpu=hw.gpu is not None) for label, est in estimates.items()},
+        chart_title=("Memory per GPU by component" if hw.gpu is not None else
+                     "Tensors at the peak by component (no GPU: in host memory)"),
         gpu_bytes=int(gpu.memory_bytes) if gpu is not None else None,
         gpu_label=gpu.name if gpu is not None else "",
         fit=fit_rows(rows),
@@ -1215,11 +1221,12 @@ def plausibility_warnings(plan: Plan, params: int | None = None, measured_lr: fl
     return warnings
 
 
-def _stack(estimate: Any) -> dict[str, int]:
+def _stack(estimate: Any, on_gpu: bool = True) -> dict[str, int]:
     """Components for the stacked bar, topped up to the total the GPU must hold: what the components do
-    not cover (the CUDA context, the allocator's slack, and any gap between their sum and the peak)."""
+    not cover (the CUDA context, the allocator's slack, and any gap between their sum and the peak). Not on a
+    GPU (`on_gpu` False): topped up to the peak of the tensors only."""
     parts = dict(estimate.components)
-    rest = int(estimate.total_bytes) - sum(parts.values())
+    rest = (int(estimate.total_bytes) if on_gpu else int(estimate.peak_allocated_bytes)) - sum(parts.values())
     if rest > 0:
         parts["context_and_slack"] = rest
     return parts

@@ -341,3 +341,23 @@ def test_the_wizards_plan_step_says_the_phase_the_moe_warning_and_host_ram():
     with pytest.raises(TunewiseError) as info:
         wizard.plan_view(Plan().with_overrides({"model.name": "llama-2-7b", "training.seq_len": 8192}))
     assert "training.rope_scaling" in str(info.value)
+
+
+def test_the_plan_chart_shows_no_cuda_context_when_no_gpu_is_chosen():
+    """On "No GPU" the chart is the tensors a step holds (in host memory on the CPU), not a bar that is 90% a
+    CUDA context the CPU does not have; with a GPU it is what the card must hold, context and slack included."""
+    from advisor import wizard
+    from advisor.plan import Plan
+
+    cpu = wizard.plan_view(Plan.from_dict({"model": {"name": "demo"}, "training": {"seq_len": 64, "micro_batch": 8}}))
+    assert "host memory" in cpu.chart_title and cpu.gpu_bytes is None
+    assert all("context_and_slack" not in parts for parts in cpu.stacked.values())
+    gpu = wizard.plan_view(Plan.from_dict({"model": {"name": "demo"}, "hardware": {"gpu": "L4"},
+                                           "training": {"seq_len": 64, "micro_batch": 8}}))
+    assert gpu.chart_title == "Memory per GPU by component"
+    assert all(parts.get("context_and_slack", 0) > 0 for parts in gpu.stacked.values())
+    # The same tensors either way: the GPU's bar adds the context and slack on top of them.
+    for label, parts in cpu.stacked.items():
+        on_gpu = dict(gpu.stacked[label])
+        on_gpu.pop("context_and_slack")
+        assert sum(on_gpu.values()) <= sum(parts.values()) + 1
