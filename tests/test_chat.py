@@ -198,5 +198,10 @@ def test_the_next_message_reuses_the_loaded_worker_until_it_idles_out_or_is_clos
         time.sleep(0.2)
     assert _serving_workers(run_dir) == [], "the idle chat worker did not exit"
     again = list(chat.stream_chat(run_dir, ask, timeout_s=120))
-    assert again[-1]["event"] == "end" and again[-1]["reused"] is False
+    assert again[-1]["event"] == "end" and again[-1]["reused"] is False, again[-1]
+    # A message that reaches a worker just as its idle time runs out (it is leaving) goes to a new one.
+    monkeypatch.setattr(chat, "SESSION_IDLE_S", 0.05)
+    for _ in range(2):
+        reply = list(chat.stream_chat(run_dir, ask, timeout_s=120))
+        assert reply[-1]["event"] == "end", reply[-1]
     chat.close_sessions()

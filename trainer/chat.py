@@ -257,12 +257,22 @@ def stream_chat(run_dir: Path, request: dict, timeout_s: float, step: str | None
     deadline = started + timeout_s
     timed_out = {"event": "timeout", "message": f"the reply took longer than {timeout_s:g} s and was cut off there; "
                                                 "ask for fewer new tokens"}
-    session = _session_for(Path(run_dir), step, tuned.path)
-    if not session.lock.acquire(timeout=max(timeout_s, 0.001)):
-        yield {**timed_out, "message": f"the model was still answering another message after {timeout_s:g} s; "
-                                       "try again when it is done"}
-        return
-    ended = False
+    for last_try in (False, True):
+        session = _session_for(Path(run_dir), step, tuned.path)
+        if not session.lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
+            yield {**timed_out, "message": f"the model was still answering another message after {timeout_s:g} s; "
+                                           "try again when it is done"}
+            return
+        outcome = yield from _reply_from(session, request, deadline, timed_out, last_try)
+        if outcome != "left":
+            return
+
+
+def _reply_from(session: _Session, request: dict, deadline: float, timed_out: dict, last_try: bool):
+    """One reply's events from `session` (whose lock the caller holds; released here). Returns "left" when
+    the worker had left on its own before answering (its idle time ran out as the request came: a new worker
+    answers, unless `last_try`), else None."""
+    ended, answered = False, False
     try:
         try:
             session.proc.stdin.write(json.dumps(request) + "\n")
@@ -274,7 +284,7 @@ def stream_chat(run_dir: Path, request: dict, timeout_s: float, step: str | None
                 line = session.lines.get(timeout=max(deadline - time.monotonic(), 0.001))
             except queue.Empty:
                 yield timed_out
-                return
+                return None
             if line is None:  # the worker closed its output: it exited
                 break
             try:
@@ -282,23 +292,27 @@ def stream_chat(run_dir: Path, request: dict, timeout_s: float, step: str | None
             except ValueError:
                 continue
             if isinstance(event, dict):
+                answered = True
                 if event.get("event") in ("end", "error"):
                     ended = event.get("event") == "end" or not event.get("fatal")
                     session.replies += event.get("event") == "end"
                     yield event
-                    return
+                    return None
                 yield event
         try:
             session.proc.wait(timeout=max(deadline - time.monotonic(), 0.001))
         except subprocess.TimeoutExpired:
             yield timed_out
-            return
+            return None
+        if not answered and session.proc.returncode == 0 and not last_try:
+            return "left"
         last = ([line.strip() for line in session.errors if line.strip()] or [f"exit code {session.proc.returncode}"])[-1]
         yield {"event": "error", "message": f"chat: the model process failed: {last}"}
+        return None
     finally:
         session.used = time.monotonic()
         session.lock.release()
-        if not ended:  # timed out, failed, or the page stopped reading mid-reply: this worker is not reused
+        if not ended:  # timed out, failed, left, or the page stopped reading mid-reply: not reused
             with _SESSIONS_LOCK:
                 for key, other in list(_SESSIONS.items()):
                     if other is session:
