@@ -280,7 +280,32 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
+    """A port free on every address, picked below the kernel's ephemeral range: a port the kernel hands out
+    (bind to 0) is also what it hands the next outgoing connection as its source port, so a daemon that
+    binds it a second later can find it taken (CI saw slurmctld fail with "Address already in use")."""
+    low, _ = _ephemeral_range()
+    ports = [port for port in range(max(1024, low - 12000), low) if port not in _HANDED_OUT]
+    random.SystemRandom().shuffle(ports)  # not the global generator, which a test may have seeded
+    for port in ports[:200]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)  # two calls in a row (slurmctld's and slurmd's ports) never get the same one
+        return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -74,37 +74,40 @@ def slurm_cluster(tmp_path_factory):
     host = socket.gethostname().split(".")[0]
     hardware = _node_hardware()
     conf = base / "slurm.conf"
-    conf.write_text("\n".join([
-        "ClusterName=tunewise-test",
-        f"SlurmctldHost={host}(127.0.0.1)",
-        f"SlurmctldPort={free_port()}",
-        f"SlurmdPort={free_port()}",
-        "SlurmUser=root",
-        "SlurmdUser=root",
-        "AuthType=auth/munge",
-        "CredType=cred/munge",
-        f"AuthInfo=socket={sock}",
-        f"StateSaveLocation={base / 'state'}",
-        f"SlurmdSpoolDir={base / 'spool'}",
-        f"SlurmctldPidFile={base / 'slurmctld.pid'}",
-        f"SlurmdPidFile={base / 'slurmd.pid'}",
-        f"SlurmctldLogFile={base / 'log' / 'slurmctld.log'}",
-        f"SlurmdLogFile={base / 'log' / 'slurmd.log'}",
-        # No cgroups in a container: track processes by their parent pid, bind no tasks.
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "MpiDefault=none",
-        "ReturnToService=2",
-        "SchedulerType=sched/builtin",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_CPU",
-        "JobAcctGatherType=jobacct_gather/none",
-        "AccountingStorageType=accounting_storage/none",
-        "KillWait=10",
-        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={hardware['CPUs']} RealMemory={hardware['RealMemory']} State=UNKNOWN",
-        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
-        "",
-    ]))
+
+    def write_conf():  # fresh ports on every call
+        conf.write_text("\n".join([
+            "ClusterName=tunewise-test",
+            f"SlurmctldHost={host}(127.0.0.1)",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={sock}",
+            f"StateSaveLocation={base / 'state'}",
+            f"SlurmdSpoolDir={base / 'spool'}",
+            f"SlurmctldPidFile={base / 'slurmctld.pid'}",
+            f"SlurmdPidFile={base / 'slurmd.pid'}",
+            f"SlurmctldLogFile={base / 'log' / 'slurmctld.log'}",
+            f"SlurmdLogFile={base / 'log' / 'slurmd.log'}",
+            # No cgroups in a container: track processes by their parent pid, bind no tasks.
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "SchedulerType=sched/builtin",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "KillWait=10",
+            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={hardware['CPUs']} RealMemory={hardware['RealMemory']} State=UNKNOWN",
+            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ]))
+
     saved = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)  # for sbatch, squeue, scancel here and in every subprocess
     logs = {name: open(base / "log" / f"{name}.out", "w") for name in ("munged", "slurmctld", "slurmd")}
@@ -146,22 +149,34 @@ def slurm_cluster(tmp_path_factory):
         else:
             os.environ["SLURM_CONF"] = saved
 
+    def idle():
+        for name, proc in daemons.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited with {proc.returncode}: "
+                                     f"{(base / 'log' / f'{name}.out').read_text()[-2000:]}")
+        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=10)
+        return done.returncode == 0 and f"{host} idle" in done.stdout
+
     try:
-        for name in ("munged", "slurmctld", "slurmd"):
-            daemons[name] = subprocess.Popen(commands[name], stdout=logs[name], stderr=subprocess.STDOUT,
+        daemons["munged"] = subprocess.Popen(commands["munged"], stdout=logs["munged"], stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True)
-            if name == "munged":
-                wait_for(sock.exists, 20, "munged's socket")
-
-        def idle():
-            for name, proc in daemons.items():
-                if proc.poll() is not None:
-                    raise AssertionError(f"{name} exited with {proc.returncode}: "
-                                         f"{(base / 'log' / f'{name}.out').read_text()[-2000:]}")
-            done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=10)
-            return done.returncode == 0 and f"{host} idle" in done.stdout
-
-        wait_for(idle, 60, "the Slurm node to be idle")
+        wait_for(sock.exists, 20, "munged's socket")
+        for attempt in range(3):
+            # A port found free can still be taken before the daemon binds it: then start both on new ports.
+            write_conf()
+            for name in ("slurmctld", "slurmd"):
+                daemons[name] = subprocess.Popen(commands[name], stdout=logs[name], stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                wait_for(idle, 60, "the Slurm node to be idle")
+                break
+            except AssertionError as failed:
+                if attempt == 2 or "Address already in use" not in str(failed):
+                    raise
+                for name in ("slurmd", "slurmctld"):
+                    if daemons[name].poll() is None:
+                        daemons[name].terminate()
+                        daemons[name].wait(timeout=20)
         yield {"conf": conf, "host": host, "base": base}
     finally:
         teardown()
