@@ -538,10 +538,10 @@ def _wire(page: Page, h: Handlers) -> None:
                               outputs=[*p.moves, p.step_at, p.plan_state, p.profile_table, p.histogram],
                               api_name=f"step_{number}", js=on_screen, show_progress="hidden")
         on_the_way = dict(api_visibility="private", show_progress="hidden")
-        advised = jumped.success(ev(h.advise_on_the_way(number)), inputs=[p.step_at, p.plan_state],
+        advised = jumped.success(ev(h.past_the_data_step(number, "advise")), inputs=[p.step_at, p.plan_state],
                                  inputs_kwargs={**p.plan_widgets, **p.advisor_widgets}, outputs=p.recommend_outputs,
                                  api_name=f"advise_after_step_{number}", **on_the_way).success(
-            ev(h.estimate_on_the_way(number)), inputs=[p.step_at, p.plan_state], inputs_kwargs=p.plan_widgets,
+            ev(h.past_the_data_step(number, "estimate")), inputs=[p.step_at, p.plan_state], inputs_kwargs=p.plan_widgets,
             outputs=p.plan_outputs, api_name=f"estimate_after_step_{number}", **on_the_way)
         remember(advised, number, f"step_{number}")
         if number == wizard.ALWAYS_OPEN_STEP:

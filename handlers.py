@@ -117,6 +117,11 @@ def _streams_errors_in_page(fn: Callable, shown: Callable[[str], str]) -> Callab
     return wrapper
 
 
+def _step_of(at) -> int:
+    """The wizard step the page says it is on (a hidden number the page's script sets): 1 when unreadable."""
+    return int(at) if isinstance(at, (int, float)) and 1 <= at <= len(wizard.STEPS) else 1
+
+
 def problem_markdown(title: str, message: str) -> str:
     """A panel's text for a problem: what cannot be shown, and the message (plain text, every character kept)."""
     return f"#### {title}\n\n{html.escape(message, quote=False)}"
@@ -381,7 +386,7 @@ class Handlers:
         refusal names what to fix, and the page stays), nothing going back."""
 
         def on_step_bar(at, plan_state, dataset, model):
-            at = int(at) if isinstance(at, (int, float)) and 1 <= at <= 5 else 1
+            at = _step_of(at)
             checks = wizard.checks_on_the_way(at, target)
             updates = {}
             if "model" in checks:
@@ -392,26 +397,19 @@ class Handlers:
 
         return on_step_bar
 
-    def advise_on_the_way(self, target: int) -> Callable:
-        """After a step-bar jump from `at` to `target`: the advice for steps 1 and 2's choices when the jump
-        went past step 2 (as Next into the plan step does; the user's own plan edits stay theirs)."""
+    def past_the_data_step(self, target: int, then: str) -> Callable:
+        """After a step-bar jump from `at` to `target`: when the jump went past step 2, what Next into the plan
+        step runs (`then`: "advise", the advice for steps 1 and 2's choices, the user's own plan edits staying
+        theirs; "estimate", the plan's memory for that advice); otherwise nothing changes."""
+        handler = {"advise": self.on_recommend, "estimate": self.on_estimate}[then]
 
-        def on_advise(at, plan_state, **values):
-            if "data" not in wizard.checks_on_the_way(int(at or 1), target):
-                return {self.page.plan_state: plan_state}  # (an empty dict would leave the API call without an answer)
-            return self.on_recommend(plan_state, **values)
+        def on_the_way(at, plan_state, **values):
+            if "data" in wizard.checks_on_the_way(_step_of(at), target):
+                return handler(plan_state, **values)
+            # (an empty dict would leave the API call without an answer)
+            return {self.page.plan_state: plan_state} if then == "advise" else {self.page.plan_status: gr.update()}
 
-        return on_advise
-
-    def estimate_on_the_way(self, target: int) -> Callable:
-        """After `advise_on_the_way`: the plan's memory for the new advice (nothing when none was made)."""
-
-        def on_estimate(at, plan_state, **values):
-            if "data" not in wizard.checks_on_the_way(int(at or 1), target):
-                return {self.page.plan_status: gr.update()}  # (leaves the plan as it is)
-            return self.on_estimate(plan_state, **values)
-
-        return on_estimate
+        return on_the_way
 
     # -- a reload keeps the wizard -------------------------------------------------------------------------
 
