@@ -72,8 +72,9 @@ HORIZON_SOURCE = "Bjorck et al. 2025"
 MIN_FIT_SPAN = 4
 #: Below this the rounds do not disagree; above it the fit is noise (published exponents: 0.28-0.32).
 FIT_RANGE = (0.1, 0.6)
-#: A vertex is trusted only when both neighbours' losses rise above the best by at least this share: a flat
-#: bottom puts the vertex anywhere between them.
+#: A vertex is trusted only when a neighbour's loss rises above the best by at least this share: a bottom
+#: flat on both sides puts the vertex anywhere between them. One neighbour tying the best (within this share)
+#: while the other rises puts it between the two that tie, where the optimum is (not on the one noise picked).
 MIN_RISE = 0.005
 #: At most this many held-out examples score a candidate (a fixed split, the same for every candidate):
 #: enough for a loss to two decimals on the demo, and cheap next to the training steps on large data.
@@ -311,9 +312,10 @@ def _vertex(points: list[tuple[float, float]]) -> float | None:
 
 def horizon_optimum(points: list[tuple[float, float]]) -> tuple[float, bool]:
     """The best rate of one round, from its (rate, held-out loss) points (inf: failed): (rate, bracketed).
-    Bracketed: the best candidate has a finite neighbour on each side, each at least `MIN_RISE` worse, and
-    the rate is the vertex of the parabola in log(rate) through the three, kept between the neighbours.
-    Otherwise (the best at an end, a neighbour failed, a flat bottom) the best candidate's own rate."""
+    Bracketed: the best candidate has a finite neighbour on each side, at least one of them `MIN_RISE` worse,
+    and the rate is the vertex of the parabola in log(rate) through the three, kept between the neighbours
+    (a neighbour that ties the best draws the vertex towards itself). Otherwise (the best at an end, a
+    neighbour failed, a bottom flat on both sides) the best candidate's own rate."""
     ordered = sorted(points)
     finite = [index for index, (_, loss) in enumerate(ordered) if math.isfinite(loss)]
     if not finite:
@@ -323,7 +325,7 @@ def horizon_optimum(points: list[tuple[float, float]]) -> tuple[float, bool]:
     if best in (0, len(ordered) - 1):
         return rate, False
     left, right = ordered[best - 1], ordered[best + 1]
-    if not (math.isfinite(left[1]) and math.isfinite(right[1])) or min(left[1], right[1]) < loss * (1 + MIN_RISE):
+    if not (math.isfinite(left[1]) and math.isfinite(right[1])) or max(left[1], right[1]) < loss * (1 + MIN_RISE):
         return rate, False
     vertex = _vertex([left, ordered[best], right])
     if vertex is None:

@@ -96,10 +96,16 @@ def test_the_best_rate_of_a_round_is_the_vertex_between_worse_neighbours():
     assert horizon_optimum([(1e-4, 2.0), (1e-3, 1.0), (1e-2, 2.0)]) == (1e-3, True)
     rate, bracketed = horizon_optimum([(p, loss) for p, loss in DEMO_17 if loss is not None])
     assert bracketed and rate == pytest.approx(1.94e-3) and 1e-3 < rate < 3.16e-3
-    # The best at an end, next to a failed rate, or on a flat bottom: the best candidate itself, unbracketed.
+    # A neighbour tying the best while the other rises: the optimum lies between the two that tie, not on the one
+    # noise made best (a pilot's round 2 on the demo: 1e-3: 1.269, 3.16e-3: 1.268, 1e-2: 1.534 -> 1.8e-3).
+    rate, bracketed = horizon_optimum([(1e-3, 1.2690), (3.16e-3, 1.2682), (1e-2, 1.5342)])
+    assert bracketed and 1.6e-3 < rate < 2.0e-3
+    rate, bracketed = horizon_optimum([(1e-4, 1.001), (1e-3, 1.0), (1e-2, 2.0)])
+    assert bracketed and 2.8e-4 < rate < 3.6e-4  # (about the geometric middle of 1e-4 and 1e-3)
+    # The best at an end, next to a failed rate, or on a bottom flat on both sides: the best candidate itself.
     assert horizon_optimum([(1e-4, 1.0), (1e-3, 2.0), (1e-2, 3.0)]) == (1e-4, False)
     assert horizon_optimum([(1e-4, 2.0), (1e-3, 1.0), (1e-2, math.inf)]) == (1e-3, False)
-    assert horizon_optimum([(1e-4, 1.001), (1e-3, 1.0), (1e-2, 2.0)]) == (1e-3, False)
+    assert horizon_optimum([(1e-4, 1.001), (1e-3, 1.0), (1e-2, 1.002)]) == (1e-3, False)
 
 
 def test_transfer_moves_the_rate_by_the_horizon_and_a_pilot_as_long_as_the_run_moves_nothing():
