@@ -244,6 +244,9 @@ def _pilot_panel(gr, figures) -> dict:
     with gr.Accordion("Check the learning rate on my data", open=False, elem_id="pilot"):
         w["pilot_cost"] = gr.Markdown(elem_id="pilot-cost")
         with gr.Row():
+            w["pilot_budget"] = gr.Textbox(label=wizard.PILOT_BUDGET_LABEL, placeholder="10% of the run", scale=0,
+                                           min_width=200, elem_id="pilot-budget",
+                                           info="empty: 10% of the planned run's training time, at least 1 minute")
             w["pilot_btn"] = gr.Button("Check the learning rate on my data", elem_id="pilot-btn", scale=0, min_width=280)
             w["pilot_stop_btn"] = gr.Button("Stop the check (keeps what it measured)", elem_id="pilot-stop", scale=0,
                                             min_width=260)
@@ -584,8 +587,11 @@ def _wire(page: Page, h: Handlers) -> None:
 
     # Step 3's learning-rate check: launched like a run, polled by its own timer; its result fills in the rate.
     pilot_outputs = [p.pilot_state, p.pilot_status, p.pilot_loss_plot, p.pilot_rate_plot, p.pilot_timer]
-    p.pilot_btn.click(ev(h.on_pilot), inputs=[p.pilot_state, p.monitor_state, p.plan_state], inputs_kwargs=p.plan_widgets,
-                      outputs=[*pilot_outputs, p.monitor_state], api_name="pilot")
+    p.pilot_btn.click(ev(h.on_pilot), inputs=[p.pilot_state, p.monitor_state, p.plan_state, p.pilot_budget],
+                      inputs_kwargs=p.plan_widgets, outputs=[*pilot_outputs, p.monitor_state], api_name="pilot")
+    p.pilot_budget.input(ev(h.on_pilot_budget), inputs=[p.plan_state, p.pilot_budget], inputs_kwargs=p.plan_widgets,
+                         outputs=[p.plan_state, p.pilot_cost], api_name="pilot_budget", show_progress="hidden",
+                         trigger_mode="always_last")
     p.pilot_timer.tick(ev(h.pilot_poll), inputs=[p.pilot_state, p.plan_state], inputs_kwargs=p.plan_widgets,
                        outputs=[*pilot_outputs, p.plan_state, p.learning_rate, p.recommendations, p.plan_status, p.cli_text,
                                 p.yaml_text],

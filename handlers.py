@@ -475,19 +475,21 @@ class Handlers:
             p.explanations: view.explanations,
             p.cli_text: wizard.train_command(plan),
             p.yaml_text: wizard.plan_yaml(plan),
-            p.pilot_cost: self.pilot_cost(plan, plan_state.get("profile")),
+            p.pilot_cost: self.pilot_cost(plan, plan_state.get("profile"), plan_state.get("pilot_budget")),
         }
 
     # -- step 3: the learning-rate pilot (trainer/pilot.py) ---------------------------------------------------
 
-    def pilot_cost(self, plan, profile: dict | None) -> str:
-        """What the check would do and cost, shown before the click (or why it cannot run for this plan)."""
+    def pilot_cost(self, plan, profile: dict | None, budget_minutes: float | None = None) -> str:
+        """What the check would do and cost, shown before the click (or why it cannot run for this plan), for
+        the budget in the page's box (None: the default share of the run)."""
         from advisor.pilot import plan_pilot
 
         profile = profile or {}
         try:
-            design = plan_pilot(plan, examples=profile.get("examples") or None,
-                                tokens=(profile.get("tokens") or {}).get("estimated_total") or None)
+            design = plan_pilot(plan, examples=profile.get("examples") or None, budget_minutes=budget_minutes,
+                                tokens=(profile.get("tokens") or {}).get("estimated_total") or None,
+                                budget_name=f'"{wizard.PILOT_BUDGET_LABEL}"')
         except TunewiseError as exc:
             return f"The check cannot run for this plan: {user_message(exc)}"
         return (f"Short runs at {len(design.rates)} learning rates on your model and data, scored by held-out loss: "
@@ -498,16 +500,26 @@ class Handlers:
         return {p.pilot_status: self.shown(figures.pilot_markdown(events, state)),
                 p.pilot_loss_plot: figures.pilot_loss_figure(events), p.pilot_rate_plot: figures.pilot_rate_figure(events)}
 
-    def on_pilot(self, pilot_state, monitor_state, plan_state, **values):
+    def on_pilot_budget(self, plan_state, pilot_budget, **values):
+        """The check's budget box edited: the budget kept for this page and the expected cost shown for it (a
+        value that is not a budget is refused with the box's name, and the previous budget stays)."""
+        minutes = wizard.pilot_budget(pilot_budget, self.demo_limits if self.config.demo_mode else None)
+        plan_state = {**plan_state, "pilot_budget": minutes}
+        plan = self.page_plan(plan_state, values)
+        return {self.page.plan_state: plan_state,
+                self.page.pilot_cost: self.pilot_cost(plan, plan_state.get("profile"), minutes)}
+
+    def on_pilot(self, pilot_state, monitor_state, plan_state, pilot_budget=None, **values):
         from trainer.pilot import pilot_design
 
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
+        minutes = wizard.pilot_budget(pilot_budget, self.demo_limits if self.config.demo_mode else None)
         plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
         with self.launch_lock:
             if self.config.demo_mode:
                 plan, _ = wizard.admit_demo_run(plan, self.demo_limits, runs.active_runs(self.config.runs_dir),
                                                 monitor_state.get("own") or [])
-            design = pilot_design(plan)
+            design = pilot_design(plan, budget_minutes=minutes, budget_name=f'"{wizard.PILOT_BUDGET_LABEL}"')
             run_id = supervisor.launch(plan, self.config.runs_dir, pilot=design.to_dict())
         gr.Info(f"Checking the learning rate: {design.describe()}")
         state = {"run_id": run_id, "offset": 0, "events": [], "model": values.get("model"),

@@ -204,9 +204,11 @@ def step_seconds(plan, params: int, tokens_per_example: float, gpu_tflops: float
 
 def design_pilot(plan, *, params: int, train_examples: int | None, tokens_per_example: float,
                  weight_bytes: int, gpu_tflops: float | None = None, budget_minutes: float | None = None,
-                 share: float = DEFAULT_SHARE, measured_step_s: float | None = None, rounds: int = 2) -> PilotDesign:
+                 share: float = DEFAULT_SHARE, measured_step_s: float | None = None, rounds: int = 2,
+                 budget_name: str = "--budget-minutes") -> PilotDesign:
     """The pilot for `plan`: its rates, steps and expected cost (`rounds=1`: a plain grid, no halving; the
-    benchmark compares the two at the same cost). TunewiseError (naming the field) for a stage
+    benchmark compares the two at the same cost; `budget_name`: what the messages call the budget, the CLI's
+    flag or the page's box). TunewiseError (naming the field) for a stage
     the pilot does not measure, a run whose length is unknown without a budget, or a budget too small for
     two candidates."""
     if plan.pipeline != "none":
@@ -232,10 +234,10 @@ def design_pilot(plan, *, params: int, train_examples: int | None, tokens_per_ex
         step_s, source = step_seconds(plan, params, tokens_per_example, gpu_tflops)
     candidate_s = CANDIDATE_FIXED_S + LOAD_S_PER_GB * weight_bytes / 1e9
     if budget_minutes is not None:
-        budget_s, budget_source = float(budget_minutes) * 60, "--budget-minutes"
+        budget_s, budget_source = float(budget_minutes) * 60, budget_name
     elif run_steps is None:
         raise TunewiseError("budget_minutes: the run's length is unknown (no max steps and no example count): give "
-                            "--budget-minutes, or --max-steps for the run", field="budget_minutes")
+                            f"{budget_name}, or --max-steps for the run", field="budget_minutes")
     else:
         budget_s = share * run_steps * step_s
         budget_source = f"{share:.0%} of the run's ~{minutes(run_steps * step_s)} of training"
@@ -257,7 +259,7 @@ def design_pilot(plan, *, params: int, train_examples: int | None, tokens_per_ex
         raise TunewiseError(
             f"budget_minutes: {minutes(budget_s)} ({budget_source}) is too small for two candidates: each needs at least "
             f"{MIN_STEPS} steps ({minutes(MIN_STEPS * step_s + candidate_s)} with loading and evaluation, {source}); "
-            f"give it at least {math.ceil(needed / 6) / 10:g} minutes (--budget-minutes), or plan a longer run",
+            f"give it at least {math.ceil(needed / 6) / 10:g} minutes ({budget_name}), or plan a longer run",
             field="budget_minutes")
     if run_steps is not None:
         # Never train a candidate longer than the run itself.
@@ -460,7 +462,7 @@ def _loss_text(result: dict) -> str:
 
 def plan_pilot(plan, *, budget_minutes: float | None = None, share: float = DEFAULT_SHARE,
                examples: int | None = None, tokens: int | None = None, measured_step_s: float | None = None,
-               rounds: int = 2) -> PilotDesign:
+               rounds: int = 2, budget_name: str = "--budget-minutes") -> PilotDesign:
     """`design_pilot` for a plan, filling in what it needs from the model's description and the plan's data
     record (or `examples` / `tokens` counted by the caller, e.g. from the dataset profile)."""
     from advisor import gpus, specs
@@ -481,7 +483,7 @@ def plan_pilot(plan, *, budget_minutes: float | None = None, share: float = DEFA
         tflops = gpus.get_gpu(plan.hardware.gpu).dense_tflops if plan.hardware.gpu else None
     return design_pilot(plan, params=params, train_examples=train_examples, tokens_per_example=per_example,
                         weight_bytes=int(params * bytes_per_param), gpu_tflops=tflops, budget_minutes=budget_minutes,
-                        share=share, measured_step_s=measured_step_s, rounds=rounds)
+                        share=share, measured_step_s=measured_step_s, rounds=rounds, budget_name=budget_name)
 
 
 def eval_held_out(examples: int, fraction: float) -> int:

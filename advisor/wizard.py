@@ -285,6 +285,38 @@ class DemoLimits:
     """Finished runs kept on disk; older ones are deleted when a new run starts."""
     max_upload_bytes: int = 20_000_000
     """Largest dataset file a visitor may upload."""
+    max_pilot_minutes: float = 3.0
+    """Longest learning-rate check a visitor may ask for (the default, 10% of a demo run with a 1-minute
+    floor, is about a minute)."""
+
+
+#: The plan step's box for the learning-rate check's budget (the CLI's --budget-minutes).
+PILOT_BUDGET_LABEL = "Check budget (minutes)"
+#: Six seconds to a week: what a budget in minutes can sensibly be.
+PILOT_BUDGET_LIMITS = (0.1, 7 * 24 * 60)
+
+
+def pilot_budget(value: Any, limits: DemoLimits | None = None) -> float | None:
+    """The learning-rate check's budget in minutes from its box: None when empty (the default: a share of the
+    planned run's training time), else a number within `PILOT_BUDGET_LIMITS` (and, in the public demo,
+    `limits.max_pilot_minutes`); TunewiseError (field "pilot_budget") naming the box otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().replace(",", ""))
+        except ValueError:
+            raise TunewiseError(f"pilot_budget: {PILOT_BUDGET_LABEL} must be a number of minutes (or empty: 10% of the "
+                                f"run's training time), got {_short(value)}", field="pilot_budget") from None
+    low, high = PILOT_BUDGET_LIMITS
+    if limits is not None:
+        high = min(high, limits.max_pilot_minutes)
+    problem = number_problem(value, low, high)
+    if problem:
+        cap = (f"; the public demo checks for at most {_show_number(limits.max_pilot_minutes)} minutes"
+               if limits is not None and isinstance(value, (int, float)) and value > high else "")
+        raise TunewiseError(f"pilot_budget: {PILOT_BUDGET_LABEL} {problem}{cap}", field="pilot_budget")
+    return float(value)
 
 
 def check_demo_inputs(model: Any, dataset: Any, uploads: Iterable[Any] = ()) -> None:

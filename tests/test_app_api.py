@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -274,11 +275,22 @@ def test_runs_are_renamed_tagged_filtered_and_deleted_after_asking(server):
 def test_the_learning_rate_check_shows_its_cost_then_fills_in_the_measured_rate(server):
     """The plan step's "Check the learning rate on my data": its cost is shown before the click; the pilot then
     runs in the background, its charts fill, and its chosen rate goes into the plan with what was measured."""
+    from gradio_client.exceptions import AppError
+
     client, runs = server
     plan = dict(model="demo", dataset="demo-sft", method="lora", max_steps=600, micro_batch=8, seq_len=64)
     cost = client.predict(**plan, api_name="/estimate")[-1]
-    assert "Expected cost: about" in cost and "rates x" in cost
-    client.predict(**plan, learning_rate=1e-2, api_name="/pilot")
+    assert "Expected cost: about" in cost and "rates x" in cost and "budget 60 s (the 60 s floor" in cost
+    # The budget box: what it buys is shown before the click, and what is not a budget is refused by its name.
+    cost = client.predict(pilot_budget="0.5", **plan, api_name="/pilot_budget")  # (the page state is not returned)
+    assert 'budget 30 s ("Check budget (minutes)")' in cost and "Expected cost: about" in cost
+    for bad, why in (("soon", "must be a number of minutes"), ("0", "out of range")):
+        with pytest.raises(AppError, match=re.escape("Check budget (minutes)") + ".*" + why):
+            client.predict(pilot_budget=bad, **plan, api_name="/pilot_budget")
+        with pytest.raises(AppError, match=re.escape("Check budget (minutes)")):
+            client.predict(**plan, pilot_budget=bad, learning_rate=1e-2, api_name="/pilot")
+    assert not any((p / "pilot.json").is_file() for p in runs.iterdir())  # a refused budget starts nothing
+    client.predict(**plan, pilot_budget="0.5", learning_rate=1e-2, api_name="/pilot")
     (pilot_dir,) = [p for p in runs.iterdir() if (p / "pilot.json").is_file()]
     status, outputs, deadline = "", [], time.time() + 600
     while time.time() < deadline and "**Chosen:" not in status:
@@ -287,6 +299,7 @@ def test_the_learning_rate_check_shows_its_cost_then_fills_in_the_measured_rate(
         time.sleep(2)
     assert "**Chosen:" in status, status
     result = json.loads((pilot_dir / "pilot_result.json").read_text())
+    assert result["budget_s"] == 30 and result["design"]["budget_source"] == '"Check budget (minutes)"'
     rate = result["chosen_rate"]
     assert rate in [value for value in outputs if isinstance(value, (int, float)) and not isinstance(value, bool)]
     recommendations = next(value for value in outputs if isinstance(value, dict) and value.get("headers") == ["setting", "value", "why"])

@@ -355,6 +355,11 @@ def test_the_demo_learns_visibly_on_the_wizards_defaults(tmp_path):
             # The learning-rate check's cost is shown before any click on it (its panel opened, nothing started).
             page.locator("#pilot").get_by_text("Check the learning rate on my data").first.click()
             expect(page.locator("#pilot-cost")).to_contain_text("Expected cost")
+            # Its budget box: the cost shown follows what is typed (the demo's cap is 3 minutes).
+            box = page.locator("#pilot-budget textarea, #pilot-budget input").first
+            box.click()
+            box.press_sequentially("2")  # (typed: Gradio's input event does not fire on a programmatic fill)
+            expect(page.locator("#pilot-cost")).to_contain_text('budget 2.0 min ("Check budget (minutes)")')
             page.locator("#launch").click()
             expect(page.locator("#run-header .tw-badge")).to_have_text("finished", timeout=1_200_000)  # ~2 min idle
             launched = time.time()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -158,6 +159,8 @@ def test_refusals_name_the_problem_and_the_way_out():
     with pytest.raises(TunewiseError, match="too small for two candidates") as small:
         design_pilot(plan, budget_minutes=0.02, **common)
     assert small.value.field == "budget_minutes" and "minutes (--budget-minutes), or plan a longer run" in str(small.value)
+    with pytest.raises(TunewiseError, match=re.escape('minutes ("Check budget (minutes)"), or plan a longer run')):
+        design_pilot(plan, budget_minutes=0.02, budget_name='"Check budget (minutes)"', **common)  # the page's box
     with pytest.raises(TunewiseError, match="not a rlhf pipeline: pilot its SFT step"):
         design_pilot(plan.with_overrides({"pipeline": "rlhf"}), **common)
     with pytest.raises(TunewiseError, match="not ppo .online RL has no held-out loss"):
@@ -297,3 +300,20 @@ def test_the_history_names_a_pilot_as_one(tmp_path, make_plan, runs_dir):
     status = supervisor.status(run_dir.name, runs_dir)
     assert status.summary.startswith("learning-rate pilot: sft lora")
     assert run_what(status).startswith("learning-rate pilot of sft lora on ")
+
+
+def test_the_pages_budget_box_reads_minutes_and_names_itself_when_it_cannot():
+    from advisor.wizard import PILOT_BUDGET_LABEL, DemoLimits, pilot_budget
+
+    assert pilot_budget("") is None and pilot_budget(None) is None and pilot_budget("  ") is None  # the default share
+    assert pilot_budget("2.5") == 2.5 and pilot_budget("1,440") == 1440.0 and pilot_budget(20) == 20.0
+    for bad, why in (("soon", "must be a number of minutes"), ("0", "out of range"), ("-3", "out of range"),
+                     ("nan", "finite"), ("1e9", "out of range")):
+        with pytest.raises(TunewiseError) as refused:
+            pilot_budget(bad)
+        assert refused.value.field == "pilot_budget" and PILOT_BUDGET_LABEL in str(refused.value) and why in str(refused.value)
+    # The public demo: at most its cap, said as such.
+    limits = DemoLimits()
+    assert pilot_budget("3", limits) == 3.0
+    with pytest.raises(TunewiseError, match="the public demo checks for at most 3 minutes"):
+        pilot_budget("30", limits)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from advisor.errors import TunewiseError
-from advisor.pilot import (KEEP, MAX_EVAL_EXAMPLES, STRETCH, FALLBACK_EVAL_FRACTION, PilotDesign, check_split, choose,
+from advisor.pilot import (KEEP, STRETCH, FALLBACK_EVAL_FRACTION, PilotDesign, check_split, choose,
                            eval_held_out, lr_reason, minutes, second_round, transfer_choice)
 from advisor.plan import Plan
 from trainer.context import RunContext
@@ -95,7 +95,8 @@ def read_result(run_dir: Path) -> dict:
     return read_json(Path(run_dir) / PILOT_RESULT_FILE)
 
 
-def pilot_design(plan: Plan, budget_minutes: float | None = None, share: float | None = None):
+def pilot_design(plan: Plan, budget_minutes: float | None = None, share: float | None = None,
+                 budget_name: str = "--budget-minutes"):
     """The pilot's design for `plan` (advisor.pilot.plan_pilot), counting the dataset's examples and tokens
     with the profiler when the plan does not record them; refuses data too small to hold out a split.
     Reads the data only (no torch): the CLI and the app call it before launching."""
@@ -112,7 +113,7 @@ def pilot_design(plan: Plan, budget_minutes: float | None = None, share: float |
     if examples is not None:
         check_split(examples, eval_held_out(examples, plan.data.eval_fraction or FALLBACK_EVAL_FRACTION))
     return plan_pilot(plan, budget_minutes=budget_minutes, share=DEFAULT_SHARE if share is None else share,
-                      examples=examples, tokens=tokens)
+                      examples=examples, tokens=tokens, budget_name=budget_name)
 
 
 def candidate_plan(plan: Plan, rate: float, steps: int, eval_fraction: float) -> Plan:
