@@ -544,6 +544,14 @@ EVAL_POINTS = 5
 EVAL_SHARE = 0.1
 
 
+def train_examples_of(examples: int, share: float = EVAL_SHARE) -> int:
+    """The examples a run trains on once `share` of `examples` is held out for evaluation, counted as the trainer
+    splits them (trainer.data.split_heldout: at least one held out, at least one left)."""
+    if share <= 0 or examples < 2:
+        return examples
+    return examples - min(examples - 1, max(1, round(examples * share)))
+
+
 def eval_interval(total_steps: int, effective_batch: int, examples: int, share: float = EVAL_SHARE) -> tuple[int, str]:
     """Steps between evaluations: within the compute budget (10%) on a long run, yet at least 5 a run."""
     held_out = max(1, round(examples * share))
@@ -1295,16 +1303,19 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
     else:
         rules.put("preference_lr", None, "not used: no DPO or PPO step", "not_applicable")
     epochs_value, epochs_reason = epochs_for(inputs)
+    train_examples = train_examples_of(inputs.examples)  # what the run trains on: the eval split is held out first
     if measured:
-        # The measured steps, as passes over the data (the eval split is held out first).
-        train_examples = max(1, round(inputs.examples * 0.9))
+        # The measured steps, as passes over the training examples.
         epochs_value = round(measured["steps"] * effective_actual / train_examples, 2)
         epochs_reason = (f"measured on this model and data: {measured['steps']} steps of {effective_actual} examples "
                          f"({epochs_value:g} passes over ~{train_examples:,} training examples) learn the task; {epochs_reason}")
     epochs_value = rules.put("epochs", epochs_value, epochs_reason, "epochs_by_size")
-    steps_per_epoch = max(1, math.ceil(inputs.examples / effective_actual))
+    steps_per_epoch = max(1, math.ceil(train_examples / effective_actual))
     total_steps = max(1, math.ceil(steps_per_epoch * float(epochs_value)))
-    rules.put("total_steps", total_steps, f"{inputs.examples:,} examples / {effective_actual} per step = {steps_per_epoch} steps per epoch x {float(epochs_value):g} epochs (before the eval split)", "steps")
+    split = ("" if train_examples == inputs.examples else
+             f" (of {inputs.examples:,}, after the {EVAL_SHARE:.0%} eval split the run holds out)")
+    rules.put("total_steps", total_steps, f"{train_examples:,} training examples{split} / {effective_actual} per step = "
+              f"{steps_per_epoch} steps per epoch x {float(epochs_value):g} epochs", "steps")
     if method == "full" or total_steps < 100:
         why = "full fine-tuning updates every weight" if method == "full" else f"only {total_steps} steps"
         warmup, warmup_reason = WARMUP_RANGE[1], f"guide: short warmup (5-10% of steps); the long end, 10%, because {why}"

@@ -3,6 +3,8 @@ source's numbers), the memory fit, fallbacks, warnings and overrides."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from advisor.errors import TunewiseError
@@ -398,3 +400,21 @@ def test_advice_measured_on_a_model_and_dataset_replaces_the_rules_for_that_data
     entry["lora_rank"] = "eight"
     (model / MEASURED_ADVICE_FILE).write_text(json.dumps({"datasets": {"my-data": entry}}), encoding="utf-8")
     assert recommend(inputs)["learning_rate"].value == 0.028  # malformed: ignored, the rules apply
+
+
+def test_the_advised_run_length_counts_the_examples_the_run_trains_on_after_its_eval_split():
+    """The trainer holds out the eval split before training (trainer.data.split_heldout), so the advised steps,
+    and the intervals sized by them, count what is left: 20,000 examples at 32 a step train 563 steps an epoch."""
+    from advisor.recommend import train_examples_of
+    from trainer.data import split_heldout
+
+    for count in (1, 2, 3, 9, 10, 11, 2000, 20_001):
+        train, _ = split_heldout(list(range(count)), 0.1, seed=0)
+        assert train_examples_of(count) == len(train), count
+    advice = recommend(AdvisorInputs(model="meta-llama/Llama-3.1-8B", examples=20_000, task="instruction", gpu="A100-80GB"))
+    batch, epochs = advice.values["effective_batch"].value, advice.values["epochs"].value
+    steps = advice.values["total_steps"]
+    assert steps.value == math.ceil(math.ceil(18_000 / batch) * epochs)
+    assert "18,000 training examples (of 20,000, after the 10% eval split" in steps.reason
+    every = advice.values["eval_steps"].value
+    assert steps.value // every >= 5  # the eval interval's "at least 5 evaluations" holds for the real run
