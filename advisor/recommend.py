@@ -1306,7 +1306,9 @@ def recommend(inputs: AdvisorInputs, overrides: Mapping[str, Any] | None = None)
     train_examples = train_examples_of(inputs.examples)  # what the run trains on: the eval split is held out first
     if measured:
         # The measured steps, as passes over the training examples.
-        epochs_value = round(measured["steps"] * effective_actual / train_examples, 2)
+        # Rounded down at 3 decimals: the trainer takes ceil(epochs x steps per epoch), which then gives the
+        # measured steps exactly (2.67 epochs of 225 steps would be 601).
+        epochs_value = math.floor(measured["steps"] / math.ceil(train_examples / effective_actual) * 1000) / 1000
         epochs_reason = (f"measured on this model and data: {measured['steps']} steps of {effective_actual} examples "
                          f"({epochs_value:g} passes over ~{train_examples:,} training examples) learn the task; {epochs_reason}")
     epochs_value = rules.put("epochs", epochs_value, epochs_reason, "epochs_by_size")

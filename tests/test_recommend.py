@@ -418,3 +418,7 @@ def test_the_advised_run_length_counts_the_examples_the_run_trains_on_after_its_
     assert "18,000 training examples (of 20,000, after the 10% eval split" in steps.reason
     every = advice.values["eval_steps"].value
     assert steps.value // every >= 5  # the eval interval's "at least 5 evaluations" holds for the real run
+    # The demo's measured 600 steps come out as 600 (the trainer takes ceil(epochs x steps per epoch)).
+    demo = recommend(AdvisorInputs(model="demo", dataset="demo-sft", examples=2000, task="instruction"))
+    assert demo.values["total_steps"].value == 600 and "measured on this model and data" in demo.values["epochs"].reason
+    assert math.ceil(demo.values["epochs"].value * math.ceil(1800 / demo.values["effective_batch"].value)) == 600
