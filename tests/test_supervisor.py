@@ -181,7 +181,14 @@ def test_a_stop_saves_before_it_measures_and_waits_as_long_as_the_run_needs(make
     (checkpoint,) = [e for e in events if e["event"] == "checkpoint"]
     at_stop = [e for e in events if e.get("step") == checkpoint["step"]]
     kinds = [e["event"] for e in at_stop]
-    # The step's log, then its checkpoint; the one measurement at that step (final) comes after the save.
-    assert kinds.index("checkpoint") < kinds.index("forgetting"), kinds
-    assert [e for e in at_stop if e["event"] == "forgetting"][0].get("final") is True
+    # One measurement at that step. Made after the stop was asked for, it is the final one and comes after the
+    # save; a stop that arrives just after the step's own measurement (on_step_end ran before it) finds that
+    # step measured already and measures nothing more (CI caught that order: forgetting, log, checkpoint).
+    measured = [(i, e) for i, e in enumerate(at_stop) if e["event"] == "forgetting"]
+    assert len(measured) == 1, kinds
+    index, measurement = measured[0]
+    if measurement.get("final"):
+        assert kinds.index("checkpoint") < index, kinds
+    else:
+        assert index < kinds.index("checkpoint"), kinds
     assert rundir.last_checkpoint(runs_dir / run_id).name == f"checkpoint-{checkpoint['step']}"
