@@ -117,6 +117,10 @@ def _streams_errors_in_page(fn: Callable, shown: Callable[[str], str]) -> Callab
     return wrapper
 
 
+#: What the pilot's messages call its budget on the page (the CLI's say --budget-minutes).
+PILOT_BUDGET_NAME = f'"{wizard.PILOT_BUDGET_LABEL}"'
+
+
 def _step_of(at) -> int:
     """The wizard step the page says it is on (a hidden number the page's script sets): 1 when unreadable."""
     return int(at) if isinstance(at, (int, float)) and 1 <= at <= len(wizard.STEPS) else 1
@@ -489,7 +493,7 @@ class Handlers:
         try:
             design = plan_pilot(plan, examples=profile.get("examples") or None, budget_minutes=budget_minutes,
                                 tokens=(profile.get("tokens") or {}).get("estimated_total") or None,
-                                budget_name=f'"{wizard.PILOT_BUDGET_LABEL}"')
+                                budget_name=PILOT_BUDGET_NAME)
         except TunewiseError as exc:
             return f"The check cannot run for this plan: {user_message(exc)}"
         return (f"Short runs at {len(design.rates)} learning rates on your model and data, scored by held-out loss: "
@@ -500,10 +504,15 @@ class Handlers:
         return {p.pilot_status: self.shown(figures.pilot_markdown(events, state)),
                 p.pilot_loss_plot: figures.pilot_loss_figure(events), p.pilot_rate_plot: figures.pilot_rate_figure(events)}
 
+    def pilot_minutes(self, pilot_budget) -> float | None:
+        """The budget box's minutes (None: the default share), within the public demo's cap in demo mode."""
+        return wizard.pilot_budget(pilot_budget, self.demo_limits if self.config.demo_mode else None)
+
     def on_pilot_budget(self, plan_state, pilot_budget, **values):
         """The check's budget box edited: the budget kept for this page and the expected cost shown for it (a
         value that is not a budget is refused with the box's name, and the previous budget stays)."""
-        minutes = wizard.pilot_budget(pilot_budget, self.demo_limits if self.config.demo_mode else None)
+        self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
+        minutes = self.pilot_minutes(pilot_budget)
         plan_state = {**plan_state, "pilot_budget": minutes}
         plan = self.page_plan(plan_state, values)
         return {self.page.plan_state: plan_state,
@@ -513,13 +522,13 @@ class Handlers:
         from trainer.pilot import pilot_design
 
         self.demo_guard(values.get("model"), values.get("dataset"), plan_state)
-        minutes = wizard.pilot_budget(pilot_budget, self.demo_limits if self.config.demo_mode else None)
+        minutes = self.pilot_minutes(pilot_budget)
         plan = wizard.plan_from_widgets({**values, "dataset": self.dataset_path(plan_state, values.get("dataset"))})
         with self.launch_lock:
             if self.config.demo_mode:
                 plan, _ = wizard.admit_demo_run(plan, self.demo_limits, runs.active_runs(self.config.runs_dir),
                                                 monitor_state.get("own") or [])
-            design = pilot_design(plan, budget_minutes=minutes, budget_name=f'"{wizard.PILOT_BUDGET_LABEL}"')
+            design = pilot_design(plan, budget_minutes=minutes, budget_name=PILOT_BUDGET_NAME)
             run_id = supervisor.launch(plan, self.config.runs_dir, pilot=design.to_dict())
         gr.Info(f"Checking the learning rate: {design.describe()}")
         state = {"run_id": run_id, "offset": 0, "events": [], "model": values.get("model"),

@@ -347,6 +347,8 @@ def test_demo_limits_are_enforced_by_the_server(demo_app):
     # A learning-rate check longer than the demo allows is refused before it starts.
     with pytest.raises(AppError, match=r"the public demo checks for at most 3 minutes"):
         client.predict(model="demo", dataset="demo-sft", pilot_budget="30", api_name="/pilot")
+    with pytest.raises(AppError, match="model.name"):  # the budget box's cost reads no folder on the server either
+        client.predict(model=str(REPO / "assets" / "demo-model"), pilot_budget="1", api_name="/pilot_budget")
     assert not [p for p in runs.iterdir() if (p / "run.json").is_file()]
     # Too many steps: cut to the demo's bound on the server, whatever the page sent.
     client.predict(model="demo", dataset="demo-sft", method="lora", max_steps=100_000, api_name="/launch")
