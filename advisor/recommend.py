@@ -544,17 +544,22 @@ EVAL_POINTS = 5
 EVAL_SHARE = 0.1
 
 
-def train_examples_of(examples: int, share: float = EVAL_SHARE) -> int:
-    """The examples a run trains on once `share` of `examples` is held out for evaluation, counted as the trainer
-    splits them (trainer.data.split_heldout: at least one held out, at least one left)."""
+def held_out_of(examples: int, share: float = EVAL_SHARE) -> int:
+    """The examples a run holds out for evaluation, counted as the trainer splits them
+    (trainer.data.split_heldout: at least one held out, at least one left to train on)."""
     if share <= 0 or examples < 2:
-        return examples
-    return examples - min(examples - 1, max(1, round(examples * share)))
+        return 0
+    return min(examples - 1, max(1, round(examples * share)))
+
+
+def train_examples_of(examples: int, share: float = EVAL_SHARE) -> int:
+    """The examples a run trains on once its eval split (`held_out_of`) is held out."""
+    return examples - held_out_of(examples, share)
 
 
 def eval_interval(total_steps: int, effective_batch: int, examples: int, share: float = EVAL_SHARE) -> tuple[int, str]:
     """Steps between evaluations: within the compute budget (10%) on a long run, yet at least 5 a run."""
-    held_out = max(1, round(examples * share))
+    held_out = max(1, held_out_of(examples, share))
     per_eval = _eval_cost_in_steps(effective_batch, held_out)
     budget_every = max(_nice_up(per_eval * (1 - EVAL_BUDGET) / EVAL_BUDGET), _nice_up(total_steps / MAX_MEASUREMENTS))
     curve_cap = max(1, total_steps // EVAL_POINTS)
